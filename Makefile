@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each installs first if needed).
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+BIN         := $(VENV)/bin
+CONSTRAINTS ?= constraints.txt
+SHARED      ?= ../shared
+STAMP       := $(VENV)/.fedbridge-installed
+
+# Real ImageNet weights usable offline, when the team folder is present.
+ifneq ($(wildcard $(SHARED)/weights/*.safetensors),)
+export FEDBRIDGE_WEIGHTS_DIR ?= $(abspath $(SHARED)/weights)
+endif
+# The demo runs on real chest X-rays when present, else on a generated SYNTHETIC phantom set.
+ifneq ($(wildcard $(SHARED)/data/cxr),)
+DEMO_DATA ?= --data $(SHARED)/data/cxr
+endif
+DEMO_ARGS ?= --quick $(DEMO_DATA) --out runs/demo
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
+	$(PY) -m pip check
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fedbridge demo $(DEMO_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""fedbridge_client."""

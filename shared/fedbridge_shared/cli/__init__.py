@@ -1,0 +1,53 @@
+"""The ``fedbridge`` command: a typer app whose command groups import heavy libraries lazily."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from fedbridge_shared.cli import data, demo, stages
+from fedbridge_shared.errors import FedbridgeError
+
+app = typer.Typer(
+    name="fedbridge",
+    help="Federated bridge transfer learning for small medical image datasets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data.app, name="data")
+stages.register(app)
+demo.register(app)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Build accurate medical image classifiers from small datasets without pooling patient data."""
+    _state["debug"] = debug
+
+
+def main() -> None:
+    """Entry point: user-facing errors become one line on stderr and exit code 2."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        app()
+    except FedbridgeError as e:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+    except OSError as e:
+        if _state["debug"]:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        err.print(f"[bold red]error:[/] {where}{e.strerror or e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,103 @@
+"""``fedbridge data``: check, split and import datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedbridge_shared.cli.options import Manifest, Seed
+
+app = typer.Typer(help="Check, split and import image datasets.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def check(
+    data: Annotated[Path, typer.Argument(help="Folder of class folders.")],
+    manifest: Manifest = None,
+) -> None:
+    """Count images per class, find unreadable files, duplicates and patient leakage."""
+    from rich.progress import Progress
+
+    from fedbridge_shared.data.checks import check_folder
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("checking images", total=None)
+        report = check_folder(
+            data, manifest, progress=lambda i, n: bar.update(task, completed=i, total=n)
+        )
+    index = report.index
+    table = Table(title=f"{data} — {len(index.samples)} images, {len(index.labels)} classes")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("patients", justify="right")
+    for label in index.labels:
+        samples = index.by_label(label)
+        table.add_row(label, str(len(samples)), str(len({s.patient_id for s in samples})))
+    out.print(table)
+    out.print(f"patient ids: {index.patient_source}")
+    ipp = report.images_per_patient
+    if ipp:
+        out.print(
+            "images per patient: "
+            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in ipp.items())
+        )
+    for f in report.findings:
+        colour = "red" if f.level == "error" else "yellow"
+        where = f"{f.path}: " if f.path else ""
+        out.print(f"[{colour}]{f.level}[/]: {where}{f.message}", soft_wrap=True, highlight=False)
+    out.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def split(
+    data: Annotated[Path, typer.Argument(help="Folder of class folders.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New folder for the parts.")],
+    sites: Annotated[int, typer.Option(help="Number of hospital sites.")] = 3,
+    bridge_fraction: Annotated[float, typer.Option(help="Share of patients for bridge.")] = 0.0,
+    test_fraction: Annotated[float, typer.Option(help="Share of patients for test.")] = 0.2,
+    seed: Seed = 0,
+    manifest: Manifest = None,
+) -> None:
+    """Patient-disjoint, class-stratified split into bridge / site-1..N / test folders."""
+    from fedbridge_shared.data.split import split_folder
+
+    result = split_folder(data, out_dir, sites, bridge_fraction, test_fraction, seed, manifest)
+    table = Table(title=f"split of {data} → {result.out}")
+    labels = sorted({s.label for part in result.parts.values() for s in part})
+    table.add_column("part")
+    for label in labels:
+        table.add_column(label, justify="right")
+    table.add_column("images", justify="right")
+    table.add_column("patients", justify="right")
+    for name, samples in result.parts.items():
+        counts = [sum(s.label == label for s in samples) for label in labels]
+        table.add_row(name, *map(str, counts), str(len(samples)),
+                      str(len({s.patient_id for s in samples})))
+    out.print(table)
+    out.print(f"wrote {result.out / 'split.csv'}")
+
+
+@app.command("import-npz")
+def import_npz(
+    npz: Annotated[Path, typer.Argument(help="MedMNIST-format .npz file.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New folder of class folders.")],
+    labels: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Comma-separated class names in label-index order."),
+    ] = None,
+) -> None:
+    """Convert MedMNIST arrays to class folders with a MANIFEST.csv."""
+    from fedbridge_shared.data.npz import import_npz as run
+
+    names = [x.strip() for x in labels.split(",")] if labels else None
+    counts = run(npz, out_dir, names)
+    out.print(f"wrote {sum(counts.values())} images to {out_dir}: {counts}")

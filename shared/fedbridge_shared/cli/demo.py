@@ -1,0 +1,31 @@
+"""``fedbridge demo``: the whole pipeline on a phantom set or on real class folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from fedbridge_shared.cli.options import Seed
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def demo(
+        data: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option(help="Real class folders; default: a generated SYNTHETIC phantom set."),
+        ] = None,
+        out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/demo"),
+        quick: Annotated[bool, typer.Option(help="Small budget: minutes on a CPU.")] = False,
+        init: Annotated[str, typer.Option(help="none | imagenet | FILE.safetensors")] = "imagenet",
+        model: Annotated[str, typer.Option(help="timm model name.")] = "mobilenetv2_100",
+        augment: Annotated[str, typer.Option(help="Augmentation preset: cxr | oct | none.")] = "cxr",
+        seed: Seed = 0,
+    ) -> None:
+        """Split → bridge → target → evaluate, then a summary table."""
+        from fedbridge_shared.demo import run_demo
+
+        run_demo(out_dir, data, quick, init, model, augment, seed, Console())

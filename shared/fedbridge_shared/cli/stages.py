@@ -1,0 +1,151 @@
+"""``fedbridge bridge | train | evaluate``: the central stages and the assessment."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from fedbridge_shared.cli.options import Device, Manifest, Seed
+
+out = Console()
+err = Console(stderr=True)
+
+
+class Preset(str, Enum):
+    cpu = "cpu"
+    paper = "paper"
+
+
+class Augment(str, Enum):
+    cxr = "cxr"
+    oct = "oct"
+    none = "none"
+
+
+Data = Annotated[Path, typer.Argument(help="Folder of class folders.")]
+Out = Annotated[Path, typer.Option("--out", help="Bundle folder to write.")]
+Model = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--model", help="timm model name (default mobilenetv2_100; paper: inception_v4)."),
+]
+Init = Annotated[
+    str, typer.Option(help="none | imagenet | FILE.safetensors | BUNDLE folder to start from.")
+]
+ImageSize = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Input size in px (default: the model's or the bundle's)."),
+]
+Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping on validation).")]
+BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
+Lr = Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")]
+AugmentPerSample = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Offline expansion: N augmented variants per image (paper: 10)."),
+]
+AugmentPreset = Annotated[Augment, typer.Option("--augment", help="Augmentation preset.")]
+PresetOpt = Annotated[
+    Preset, typer.Option(help="cpu: MobileNetV2 @224; paper: Inception-V4 @299, ×10 expansion.")
+]
+ValFraction = Annotated[float, typer.Option(help="Share of patients held out for validation.")]
+Patience = Annotated[int, typer.Option(help="Epochs without validation improvement to stop.")]
+
+
+def _stage(
+    stage: str, data, out_dir, init, model, image_size, epochs, batch_size, lr,
+    augment_per_sample, augment, preset, val_fraction, patience, seed, manifest, device,
+    default_augment_per_sample: int,
+) -> None:
+    from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
+
+    if preset is Preset.paper:
+        model = model or PAPER_PRESET["arch"]
+        image_size = image_size or PAPER_PRESET["image_size"]
+        default_augment_per_sample = PAPER_PRESET["augment_per_sample"]
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr,
+        augment_per_sample=(
+            default_augment_per_sample if augment_per_sample is None else augment_per_sample
+        ),
+        preset=augment.value, val_fraction=val_fraction, patience=patience, seed=seed,
+    )
+    bundle, metrics = run_stage(
+        stage, data, out_dir, init, config, model, image_size, manifest, device, err
+    )
+    line = f"wrote {bundle}"
+    if metrics:
+        line += (f" (validation: accuracy {metrics['accuracy']:.3f}, "
+                 f"macro AUC {_fmt(metrics.get('macro_auc'))}, n={metrics['n']})")
+    out.print(line)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bridge(
+        data: Data, out_dir: Out, init: Init = "imagenet", model: Model = None,
+        image_size: ImageSize = None, epochs: Epochs = 8, batch_size: BatchSize = 16,
+        lr: Lr = 5e-4, augment_per_sample: AugmentPerSample = None,
+        augment: AugmentPreset = Augment.cxr, preset: PresetOpt = Preset.cpu,
+        val_fraction: ValFraction = 0.15, patience: Patience = 3, seed: Seed = 0,
+        manifest: Manifest = None, device: Device = "auto",
+    ) -> None:
+        """Stage 2: fine-tune on a large public dataset of the same modality."""
+        _stage("bridge", data, out_dir, init, model, image_size, epochs, batch_size, lr,
+               augment_per_sample, augment, preset, val_fraction, patience, seed, manifest,
+               device, default_augment_per_sample=0)
+
+    @app.command()
+    def train(
+        data: Data, out_dir: Out, init: Init = "imagenet", model: Model = None,
+        image_size: ImageSize = None, epochs: Epochs = 8, batch_size: BatchSize = 16,
+        lr: Lr = 5e-4, augment_per_sample: AugmentPerSample = None,
+        augment: AugmentPreset = Augment.cxr, preset: PresetOpt = Preset.cpu,
+        val_fraction: ValFraction = 0.15, patience: Patience = 3, seed: Seed = 0,
+        manifest: Manifest = None, device: Device = "auto",
+    ) -> None:
+        """Stage 3 (central) or a local-only baseline: train on the small target set."""
+        _stage("train", data, out_dir, init, model, image_size, epochs, batch_size, lr,
+               augment_per_sample, augment, preset, val_fraction, patience, seed, manifest,
+               device, default_augment_per_sample=10)
+
+    @app.command()
+    def evaluate(
+        bundle: Annotated[Path, typer.Argument(help="Model bundle folder.")],
+        data: Data,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+        out_dir: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option("--out", help="Write metrics.json, confusion_matrix.png, roc.png."),
+        ] = None,
+        bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.")] = 1000,
+        manifest: Manifest = None,
+        device: Device = "auto",
+    ) -> None:
+        """Assess a bundle on unseen patients with the paper's metrics and 95 % CIs."""
+        from fedbridge_shared.metrics import format_metrics_table
+        from fedbridge_shared.report import write_metrics
+        from fedbridge_shared.training import evaluate_bundle
+
+        metrics, y, probs = evaluate_bundle(
+            bundle, data, manifest, n_bootstrap=bootstrap, device=device, console=err
+        )
+        if out_dir is not None:
+            paths = write_metrics(metrics, out_dir, y, probs)
+            err.print("wrote " + ", ".join(str(p) for p in paths.values()))
+        if as_json:
+            typer.echo(json.dumps(metrics))
+        else:
+            for renderable in _as_list(format_metrics_table(metrics)):
+                out.print(renderable)
+
+
+def _as_list(x):
+    return x if isinstance(x, list | tuple) else [x]

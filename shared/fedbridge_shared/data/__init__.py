@@ -1,0 +1,1 @@
+"""Datasets, checks, patient-level splits and augmentation."""

@@ -1,0 +1,184 @@
+"""Read PNG, JPEG and DICOM files as 2-D uint8 greyscale arrays (single-channel luminance)."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fedbridge_shared.errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+MAX_PIXELS = 100_000_000  # larger images are refused as possible decompression bombs
+MIN_SIDE = 8  # smaller images carry no usable detail
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file fully and return it as a 2-D uint8 greyscale array (H, W)."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise DataError(f"{path}: not a file")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file")
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({_one_line(e)})") from e
+    is_dicom = head[128:132] == b"DICM"
+    if is_dicom or path.suffix.lower() in DICOM_SUFFIXES:
+        arr = _read_dicom(path, has_preamble=is_dicom)
+    else:
+        arr = _read_pil(path)
+    if min(arr.shape) < MIN_SIDE:
+        height, width = arr.shape
+        raise DataError(
+            f"{path}: image too small ({width}x{height} px; each side needs at least {MIN_SIDE} px)"
+        )
+    return arr
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as fh:
+            while chunk := fh.read(chunk_size):
+                digest.update(chunk)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({_one_line(e)})") from e
+    return digest.hexdigest()
+
+
+def _one_line(exc: BaseException) -> str:
+    """Return an exception's text collapsed onto one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_pixel_count(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise DataError(
+            f"{path}: image has {width}x{height} pixels, more than the limit of {MAX_PIXELS:,} "
+            "(possible decompression bomb)"
+        )
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    """Open with PIL, decode every byte (so truncation is caught) and convert to luminance."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above its own limit; MAX_PIXELS below is the limit that applies here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_pixel_count(path, *img.size)
+                img.load()
+                return _pil_to_grey(img)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large, possible decompression bomb ({_one_line(e)})") from e
+    except Image.UnidentifiedImageError as e:
+        raise DataError(f"{path}: not a readable image (unknown or unsupported format)") from e
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        raise DataError(f"{path}: truncated or corrupt image ({_one_line(e)})") from e
+
+
+def _pil_to_grey(img: Image.Image) -> np.ndarray:
+    """Convert any PIL mode to 8-bit luminance; alpha is composited on black."""
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8).copy()
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        if values.min() >= 0 and values.max() <= 65535:
+            # 16-bit data: map 0..65535 linearly onto 0..255 with rounding.
+            return ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return _minmax_uint8(values)
+    if mode == "F":
+        return _minmax_uint8(np.asarray(img, dtype=np.float64))
+    if mode == "P":
+        return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8).copy()
+    if "A" in img.getbands():  # RGBA, LA, PA, ...: composite on black
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return np.asarray(Image.alpha_composite(black, rgba).convert("L"), dtype=np.uint8).copy()
+    if mode in ("1", "RGB"):
+        return np.asarray(img.convert("L"), dtype=np.uint8).copy()
+    # CMYK, YCbCr, LAB, HSV, RGBX, ...: go through RGB so each mode's own conversion applies.
+    return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8).copy()
+
+
+def _minmax_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale an array linearly so its minimum is 0 and its maximum 255."""
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _read_dicom(path: Path, *, has_preamble: bool) -> np.ndarray:
+    """Decode the first frame of a DICOM file and map it to display greyscale."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable DICOM file ({_one_line(e)})") from e
+    if "PixelData" not in ds:
+        if not has_preamble:
+            raise DataError(f"{path}: not a readable DICOM file (no DICM header, no pixel data)")
+        raise DataError(f"{path}: DICOM has no pixel data")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_pixel_count(path, cols, rows)
+    try:
+        arr = pixel_array(ds, index=0)
+    except Exception as e:
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        name = f"{syntax.name} ({syntax})" if syntax else "unknown transfer syntax"
+        raise DataError(f"{path}: cannot decode DICOM pixel data in {name} ({_one_line(e)})") from e
+    try:
+        return _dicom_to_grey(arr, ds)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot apply the DICOM pixel transforms ({_one_line(e)})") from e
+
+
+def _dicom_to_grey(arr: np.ndarray, ds) -> np.ndarray:
+    """Apply modality LUT/rescale, VOI LUT/window and MONOCHROME1 inversion; scale to uint8."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    if arr.ndim == 3:  # colour (RGB after pydicom's YBR conversion): ITU-R 601 luminance
+        rgb = arr[..., :3].astype(np.float64)
+        return _minmax_uint8(rgb @ np.array([0.299, 0.587, 0.114]))
+    values = apply_modality_lut(arr, ds)
+    out_range: tuple[float, float] | None = None
+    if ds.get("VOILUTSequence"):
+        values = apply_voi(values, ds)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            windowed = apply_windowing(values, ds)
+            ends = apply_windowing(np.array([-np.inf, np.inf]), ds)
+        except ValueError:
+            pass  # a malformed window (e.g. width 0) is ignored: full range shown instead
+        else:
+            values, out_range = windowed, (float(ends[0]), float(ends[1]))
+    if out_range is not None and out_range[0] != out_range[1]:
+        # Scale by the window's output range, not the image's, so the window is honoured.
+        low, high = out_range
+        unit = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+    else:
+        unit = _minmax_uint8(values).astype(np.float64) / 255.0
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return np.rint(unit * 255.0).astype(np.uint8)

@@ -1,0 +1,165 @@
+"""The one training loop: bridge, central target and federated site training all call these."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedbridge_shared.errors import FedbridgeError
+
+BatchHook = Callable[[int], None]
+"""Called after each batch with the number of images it held (drives progress bars)."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    accuracy: float
+    n: int
+    seconds: float
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    label_smoothing: float = 0.0,
+    on_batch: BatchHook | None = None,
+) -> EpochStats:
+    """One pass over ``loader``; raises if the loss stops being finite."""
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    total_loss, correct, n, start = 0.0, 0, 0, time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss = criterion(logits, y)
+        if not torch.isfinite(loss):
+            raise FedbridgeError(
+                f"training diverged: loss is {loss.item()} after {n} images; lower --lr"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+        if on_batch:
+            on_batch(len(y))
+    n = max(n, 1)
+    return EpochStats(total_loss / n, correct / n, n, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, on_batch: BatchHook | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """True class indices and softmax probabilities (N, K) for every item of ``loader``."""
+    model.eval()
+    ys, ps = [], []
+    for x, y in loader:
+        ps.append(torch.softmax(model(x.to(device)), dim=1).cpu())
+        ys.append(torch.as_tensor(y))
+        if on_batch:
+            on_batch(len(y))
+    return torch.cat(ys).numpy(), torch.cat(ps).double().numpy()
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> EpochStats:
+    """Mean cross-entropy and accuracy over ``loader``."""
+    start = time.perf_counter()
+    y, p = predict(model, loader, device)
+    loss = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()) if len(y) else 0.0
+    acc = float((p.argmax(1) == y).mean()) if len(y) else 0.0
+    return EpochStats(loss, acc, len(y), time.perf_counter() - start)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    device: torch.device,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 1e-4,
+    patience: int = 3,
+    label_smoothing: float = 0.0,
+    on_batch: BatchHook | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Train for ``epochs`` with cosine LR; keep the weights of the best validation loss.
+
+    Stops early when the validation loss has not improved for ``patience`` epochs. Without a
+    validation loader every epoch runs and the last weights are kept.
+    """
+    model.to(device)
+    optimizer = make_optimizer(model, lr, weight_decay)
+    steps = max(1, epochs * len(train_loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    result = FitResult()
+    best_loss, best_state, stale = math.inf, None, 0
+    for epoch in range(1, epochs + 1):
+        dataset = train_loader.dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        train = train_one_epoch(
+            model, train_loader, optimizer, device, scheduler, label_smoothing, on_batch
+        )
+        row = {"epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy,
+               "seconds": train.seconds}
+        if val_loader is not None:
+            val = evaluate(model, val_loader, device)
+            row.update(val_loss=val.loss, val_accuracy=val.accuracy)
+            if val.loss < best_loss - 1e-6:
+                best_loss, stale, result.best_epoch = val.loss, 0, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+        else:
+            result.best_epoch = epoch
+        result.history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if val_loader is not None and stale >= patience:
+            result.stopped_early = True
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result

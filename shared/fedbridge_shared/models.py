@@ -1,0 +1,255 @@
+"""Model factory over timm, and the ``--init`` rules (none | imagenet | FILE.safetensors | BUNDLE)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.models import register_model
+from timm.models.efficientnet import _gen_mobilenet_v1
+from torch import nn
+
+from fedbridge_shared.data.images import file_sha256
+from fedbridge_shared.errors import ConfigError
+from fedbridge_shared.spec import ModelSpec, is_bundle, load_bundle
+
+WEIGHTS_DIR_ENV = "FEDBRIDGE_WEIGHTS_DIR"
+
+
+_MOBILENETV1_025_CFG = {
+    "input_size": (3, 128, 128),
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "classifier": "classifier",
+    "num_classes": 1000,
+}
+
+
+@register_model
+def mobilenetv1_025(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """MobileNet-V1 x0.25 (0.47 M params), the tiny ImageNet model in ../shared/weights."""
+    kwargs.setdefault("pretrained_cfg", _MOBILENETV1_025_CFG)
+    return _gen_mobilenet_v1("mobilenetv1_025", 0.25, pretrained=pretrained, **kwargs)
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """A freshly initialised timm model for ``spec`` (weights are loaded separately)."""
+    try:
+        return timm.create_model(
+            spec.arch,
+            pretrained=False,
+            num_classes=spec.num_classes,
+            in_chans=spec.in_chans,
+            **spec.timm_kwargs,
+        )
+    except RuntimeError as e:  # timm raises RuntimeError for unknown names
+        raise ConfigError(f"unknown timm model {spec.arch!r}: {e}") from e
+
+
+def init_model(
+    init: str,
+    labels: Sequence[str],
+    arch: str | None = None,
+    image_size: int | None = None,
+) -> tuple[nn.Module, ModelSpec]:
+    """Create a model for ``labels`` starting from ``init``; returns the model and its spec.
+
+    ``init`` is ``none`` (random), ``imagenet`` (a local weights file for ``arch`` if one is
+    found in ``$FEDBRIDGE_WEIGHTS_DIR``, else timm's hub), a ``.safetensors`` file (with an
+    optional sidecar ``.json`` giving arch, timm kwargs, input size, mean/std) or a bundle folder.
+    A new classification head is created whenever the class labels differ from the source's.
+    """
+    labels = tuple(labels)
+    if len(labels) < 2:
+        raise ConfigError(f"need at least 2 classes, got {list(labels)}")
+    if init == "none":
+        return _init_none(labels, arch or "mobilenetv2_100", image_size)
+    if init == "imagenet":
+        arch = arch or "mobilenetv2_100"
+        local = find_local_imagenet_weights(arch)
+        if local is not None:
+            return _init_from_file(local, labels, arch, image_size)
+        return _init_from_hub(labels, arch, image_size)
+    path = Path(init)
+    if is_bundle(path):
+        return _init_from_bundle(path, labels, arch, image_size)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ConfigError(f"{path}: --init weights file not found")
+        return _init_from_file(path, labels, arch, image_size)
+    if path.exists():
+        raise ConfigError(f"{path}: --init must be a bundle folder or a .safetensors file")
+    raise ConfigError(
+        f"--init {init!r}: not 'none', 'imagenet', an existing bundle or a .safetensors file"
+    )
+
+
+def find_local_imagenet_weights(arch: str) -> Path | None:
+    """A ``.safetensors`` with a sidecar JSON naming ``arch`` in ``$FEDBRIDGE_WEIGHTS_DIR``."""
+    folder = os.environ.get(WEIGHTS_DIR_ENV)
+    if not folder or not Path(folder).is_dir():
+        return None
+    for sidecar in sorted(Path(folder).glob("*.json")):
+        weights = sidecar.with_suffix(".safetensors")
+        if weights.is_file() and _read_sidecar(weights).get("arch") == arch:
+            return weights
+    return None
+
+
+def _timm_defaults(arch: str, **kwargs: Any) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """Input size and mean/std from timm's pretrained config for ``arch``."""
+    try:
+        cfg = timm.get_pretrained_cfg(arch)
+    except (RuntimeError, KeyError):
+        cfg = None
+    if cfg is None:
+        return 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std)
+
+
+def _init_none(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+    size, mean, std = _timm_defaults(arch)
+    spec = ModelSpec(
+        arch=arch,
+        labels=labels,
+        image_size=image_size or size,
+        mean=mean,
+        std=std,
+        init={"kind": "none"},
+    )
+    return build_model(spec), spec
+
+
+def _init_from_hub(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+    try:
+        model = timm.create_model(arch, pretrained=True, num_classes=len(labels))
+    except Exception as e:  # network and hub errors come in many types
+        raise ConfigError(
+            f"could not get ImageNet weights for {arch!r} from the Hugging Face hub ({e}); "
+            f"when offline, set {WEIGHTS_DIR_ENV} to a folder of weights or pass "
+            "--init PATH.safetensors"
+        ) from e
+    cfg = model.pretrained_cfg
+    spec = ModelSpec(
+        arch=arch,
+        labels=labels,
+        image_size=image_size or int(cfg["input_size"][-1]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        init={"kind": "imagenet", "source": f"timm hub: {cfg.get('hf_hub_id') or arch}"},
+    )
+    return model, spec
+
+
+def _read_sidecar(weights: Path) -> dict[str, Any]:
+    sidecar = weights.with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{sidecar}: unreadable sidecar JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{sidecar}: sidecar JSON must be an object")
+    return data
+
+
+def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+    side = _read_sidecar(weights)
+    if arch and side.get("arch") and side["arch"] != arch:
+        raise ConfigError(
+            f"{weights}: holds {side['arch']!r} weights (sidecar JSON) but --model is {arch!r}"
+        )
+    arch = arch or side.get("arch")
+    if not arch:
+        raise ConfigError(f"{weights}: no sidecar JSON naming the arch; pass --model")
+    size, mean, std = _timm_defaults(arch)
+    if "input_size" in side:
+        size = int(side["input_size"][-1])
+    spec = ModelSpec(
+        arch=arch,
+        labels=labels,
+        image_size=image_size or size,
+        mean=tuple(side.get("mean", mean)),
+        std=tuple(side.get("std", std)),
+        timm_kwargs=dict(side.get("timm_kwargs", {})),
+        init={
+            "kind": "imagenet" if side else "file",
+            "source": str(weights.resolve()),
+            "sha256": file_sha256(weights),
+            "description": side.get("source", ""),
+        },
+    )
+    model = build_model(spec)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{weights}: unreadable safetensors file ({e})") from e
+    load_backbone(model, state, source=str(weights))
+    return model, spec
+
+
+def _init_from_bundle(path: Path, labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+    bundle = load_bundle(path)
+    src = bundle.spec
+    if arch and arch != src.arch:
+        raise ConfigError(f"{path}: bundle holds {src.arch!r} but --model is {arch!r}")
+    spec = ModelSpec(
+        arch=src.arch,
+        labels=labels,
+        image_size=image_size or src.image_size,
+        in_chans=src.in_chans,
+        mean=src.mean,
+        std=src.std,
+        timm_kwargs=src.timm_kwargs,
+        init={
+            "kind": "bundle",
+            "source": str(path.resolve()),
+            "sha256": bundle.sha256,
+            "source_labels": list(src.labels),
+            "head": "kept" if src.labels == labels else "new",
+            "previous_init": src.init,
+        },
+    )
+    model = build_model(spec)
+    load_backbone(model, bundle.state_dict, source=str(path))
+    return model, spec
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load ``state`` into ``model``, skipping only the head when its class count differs.
+
+    Returns the names of the skipped (re-initialised) tensors. Any other missing or unexpected
+    tensor means the weights belong to another architecture: refused with an error.
+    """
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    head = _head_prefixes(model)
+    if any(not k.startswith(head) for k in skipped):
+        bad = [k for k in skipped if not k.startswith(head)][:3]
+        raise ConfigError(f"{source}: tensor shapes do not fit {type(model).__name__}: {bad}")
+    result = model.load_state_dict(
+        {k: v for k, v in state.items() if k not in skipped}, strict=False
+    )
+    missing = [k for k in result.missing_keys if k not in skipped]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"{source}: weights do not fit this architecture "
+            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    return skipped
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the classification head (from timm's pretrained cfg)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier") or "classifier"
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{n}." for n in names)

@@ -1,0 +1,239 @@
+"""Central stages (bridge, target, local-only) and evaluation of a bundle on a class-folder tree."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from fedbridge_shared.data.augment import PRESETS
+from fedbridge_shared.data.samples import FolderIndex, Sample, scan_folder
+from fedbridge_shared.data.split import assign_parts
+from fedbridge_shared.data.tensors import ImageDataset, load_images
+from fedbridge_shared.engine import fit, predict
+from fedbridge_shared.errors import ConfigError, DataError
+from fedbridge_shared.metrics import compute_metrics
+from fedbridge_shared.models import build_model, init_model
+from fedbridge_shared.spec import ModelSpec, is_bundle, load_bundle, save_bundle
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training stage; saved in the bundle as the resolved config."""
+
+    epochs: int = 8
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    patience: int = 3
+    val_fraction: float = 0.15
+    augment_per_sample: int = 0
+    online_augment: bool = True
+    preset: str = "cxr"
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "patience": self.patience >= 1,
+            "val_fraction": 0 <= self.val_fraction < 1,
+            "augment_per_sample": self.augment_per_sample >= 0,
+            "preset": self.preset in PRESETS,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid {bad[0]}={getattr(self, bad[0])!r}")
+
+
+PAPER_PRESET = {"arch": "inception_v4", "image_size": 299, "augment_per_sample": 10}
+"""The paper's settings (Carr, Sami, Sanderson): Inception-V4 at 299 px, ×10 expansion."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"invalid --device {name!r}: {e}") from e
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
+
+
+def usable_index(data: Path, manifest: Path | None = None) -> FolderIndex:
+    """Scan a training folder, refusing empty class folders."""
+    index = scan_folder(Path(data), manifest)
+    if index.empty_classes:
+        raise DataError(f"{Path(data) / index.empty_classes[0]}: empty class folder")
+    return index
+
+
+def decode(samples: Sequence[Sample], size: int, console: Console, what: str) -> list[np.ndarray]:
+    """Decode and resize every image with a progress bar; a bad file stops with DataError."""
+    with _progress(console) as bar:
+        task = bar.add_task(f"reading {what}", total=len(samples), info="")
+        return load_images(samples, size, on_image=lambda: bar.advance(task))
+
+
+def run_stage(
+    stage: str,
+    data: Path,
+    out: Path,
+    init: str,
+    config: TrainConfig,
+    arch: str | None = None,
+    image_size: int | None = None,
+    manifest: Path | None = None,
+    device: str = "auto",
+    console: Console | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Train one central stage on a class-folder tree and write a bundle to ``out``.
+
+    Validation images are held out by patient; early stopping keeps the best validation loss.
+    Nothing is written unless training finishes. Returns the bundle path and validation metrics.
+    """
+    console = console or Console(stderr=True)
+    out = Path(out)
+    if out.exists() and not is_bundle(out) and any(out.iterdir()):
+        raise ConfigError(f"{out}: exists and is not a bundle; choose another --out")
+    started = time.perf_counter()
+    index = usable_index(data, manifest)
+    seed_everything(config.seed)
+    model, spec = init_model(init, index.labels, arch, image_size)
+    target_of = {label: i for i, label in enumerate(spec.labels)}
+
+    parts = {"train": list(index.samples), "val": []}
+    if config.val_fraction > 0:
+        parts = assign_parts(
+            index.samples, {"train": 1 - config.val_fraction, "val": config.val_fraction},
+            config.seed,
+        )
+    if len(parts["val"]) < 2:
+        parts = {"train": list(index.samples), "val": []}
+    train_imgs = decode(parts["train"], spec.image_size, console, f"{stage} training images")
+    val_imgs = decode(parts["val"], spec.image_size, console, "validation images")
+
+    train_ds = ImageDataset(
+        train_imgs, [target_of[s.label] for s in parts["train"]], spec, config.preset,
+        config.augment_per_sample, config.online_augment, config.seed,
+    )
+    val_ds = ImageDataset(val_imgs, [target_of[s.label] for s in parts["val"]], spec)
+    gen = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        train_ds, batch_size=config.batch_size, shuffle=True, generator=gen,
+        drop_last=len(train_ds) > config.batch_size,
+    )
+    val_loader = DataLoader(val_ds, batch_size=config.batch_size) if len(val_ds) else None
+    dev = resolve_device(device)
+    console.print(
+        f"[bold]{stage}[/]: {spec.arch} @ {spec.image_size}px, init {spec.init.get('kind')}, "
+        f"{len(parts['train'])} training images (×{1 + config.augment_per_sample} = "
+        f"{len(train_ds)}), {len(parts['val'])} validation, device {dev}"
+    )
+    with _progress(console) as bar:
+        task = bar.add_task(f"{stage} epoch 1/{config.epochs}", total=len(train_ds), info="")
+
+        def on_epoch(row: dict) -> None:
+            info = f"loss {row['train_loss']:.3f}"
+            if "val_loss" in row:
+                info += f"  val loss {row['val_loss']:.3f} acc {row['val_accuracy']:.3f}"
+            nxt = min(row["epoch"] + 1, config.epochs)
+            bar.update(task, completed=0, description=f"{stage} epoch {nxt}/{config.epochs}",
+                       info=info)
+            console.print(f"  epoch {row['epoch']}: {info}")
+
+        result = fit(
+            model, train_loader, val_loader, dev, config.epochs, config.lr, config.weight_decay,
+            config.patience, config.label_smoothing,
+            on_batch=lambda n: bar.advance(task, n), on_epoch=on_epoch,
+        )
+    val_metrics: dict[str, Any] = {}
+    if val_loader is not None:
+        y, probs = predict(model, val_loader, dev)
+        val_metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=200, seed=config.seed)
+    training = {
+        "stage": stage,
+        "data": str(Path(data).resolve()),
+        "patient_ids": index.patient_source,
+        "counts": {k: dict(Counter(s.label for s in v)) for k, v in parts.items()},
+        "patients": {k: len({s.patient_id for s in v}) for k, v in parts.items()},
+        "config": asdict(config),
+        "device": str(dev),
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    save_bundle(out, spec, model.state_dict(), training, {"validation": val_metrics})
+    return out, val_metrics
+
+
+def evaluate_bundle(
+    bundle_path: Path,
+    data: Path,
+    manifest: Path | None = None,
+    batch_size: int = 32,
+    n_bootstrap: int = 1000,
+    device: str = "auto",
+    console: Console | None = None,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Predict every image of ``data`` and compute the paper's metrics with bootstrap CIs."""
+    console = console or Console(stderr=True)
+    bundle = load_bundle(bundle_path)
+    spec = bundle.spec
+    index = scan_folder(Path(data), manifest)
+    check_labels(index, spec, Path(data))
+    if not index.samples:
+        raise DataError(f"{data}: no images to evaluate")
+    model = build_model(spec)
+    model.load_state_dict(bundle.state_dict)
+    target_of = {label: i for i, label in enumerate(spec.labels)}
+    images = decode(index.samples, spec.image_size, console, "evaluation images")
+    ds = ImageDataset(images, [target_of[s.label] for s in index.samples], spec)
+    y, probs = predict(model, DataLoader(ds, batch_size=batch_size), resolve_device(device))
+    metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
+    metrics["bundle"] = {"path": str(Path(bundle_path).resolve()), "sha256": bundle.sha256}
+    metrics["data"] = {"path": str(Path(data).resolve()), "patient_ids": index.patient_source}
+    return metrics, y, probs
+
+
+def check_labels(index: FolderIndex, spec: ModelSpec, data: Path) -> None:
+    """Refuse a dataset with class folders the model does not know."""
+    unknown = [c for c in index.labels if c not in spec.labels]
+    if unknown:
+        raise DataError(
+            f"{data}: class folders {unknown} are not among the model's labels "
+            f"{list(spec.labels)}"
+        )
+

@@ -1,0 +1,172 @@
+"""Generated test inputs: broken image files, valid-but-unusual ones, and small class-folder trees.
+
+Everything is written into a directory the caller owns (a pytest ``tmp_path``); nothing from
+``../shared/data`` is modified. Reuse ``make_class_tree`` for CLI tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+
+# Files read_image must refuse with a DataError (key -> words expected in the message).
+BAD_KEYS = {
+    "truncated_jpeg": "truncated or corrupt",
+    "empty_png": "empty file",
+    "text_png": "not a readable image",
+    "dicom_no_pixels": "no pixel data",
+    "tiny_png": "too small",
+}
+# Valid files in unusual encodings that read_image must decode.
+UNUSUAL_KEYS = ("png16", "rgba_png", "palette_png", "cmyk_jpeg", "dicom_mono1")
+
+# The MONOCHROME1 DICOM: stored = source_grey * 16 (12 bits), modality = stored * SLOPE + INTERCEPT,
+# displayed through a LINEAR window (CENTER, WIDTH), then inverted.
+DICOM_SLOPE = 2.0
+DICOM_INTERCEPT = -1000.0
+DICOM_CENTER = 3000.0
+DICOM_WIDTH = 4000.0
+
+
+def default_source() -> Path | None:
+    """Return one real greyscale JPEG from ../shared/data, or None when the folder is absent."""
+    folder = DATA / "cxr" / "NORMAL"
+    if not folder.is_dir():
+        return None
+    jpegs = sorted(folder.glob("kermany_*.jp*g"))
+    return jpegs[0] if jpegs else None
+
+
+def source_grey(source: Path | None = None, size: tuple[int, int] = (96, 80)) -> np.ndarray:
+    """Return the source image as uint8 greyscale resized to ``size`` (W, H); synthetic if None."""
+    source = source or default_source()
+    if source is None:
+        yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+        return ((xx * 7 + yy * 3) % 256).astype(np.uint8)
+    with Image.open(source) as img:
+        return np.asarray(img.convert("L").resize(size, Image.Resampling.BILINEAR))
+
+
+def alpha_ramp(shape: tuple[int, int]) -> np.ndarray:
+    """Return the alpha channel used by the RGBA PNG: 0 at the left edge, 255 at the right."""
+    height, width = shape
+    ramp = np.rint(np.linspace(0, 255, width)).astype(np.uint8)
+    return np.broadcast_to(ramp, (height, width)).copy()
+
+
+def dicom_oracle(grey: np.ndarray) -> np.ndarray:
+    """Return the uint8 display a correct reader must produce for ``write_dicom(..., grey)``."""
+    modality = grey.astype(np.float64) * 16 * DICOM_SLOPE + DICOM_INTERCEPT
+    # DICOM PS3.3 C.11.2.1.2.1 (LINEAR): c' = c - 0.5, w' = w - 1, output in [0, 1].
+    center, width = DICOM_CENTER - 0.5, DICOM_WIDTH - 1
+    unit = np.clip((modality - center) / width + 0.5, 0.0, 1.0)
+    return np.rint((1.0 - unit) * 255).astype(np.uint8)
+
+
+def write_dicom(path: Path, grey: np.ndarray | None, *, monochrome1: bool = True) -> Path:
+    """Write an uncompressed 12-bit DICOM (rescale + window); ``grey=None`` omits pixel data."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "TEST-0001"
+    ds.Modality = "DX"
+    if grey is not None:
+        stored = grey.astype(np.uint16) * 16
+        ds.Rows, ds.Columns = stored.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+        ds.RescaleSlope = DICOM_SLOPE
+        ds.RescaleIntercept = DICOM_INTERCEPT
+        ds.WindowCenter = DICOM_CENTER
+        ds.WindowWidth = DICOM_WIDTH
+        ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_bad_inputs(directory: Path, source: Path | None = None) -> dict[str, Path]:
+    """Write every file in BAD_KEYS and UNUSUAL_KEYS into ``directory``; return key -> path.
+
+    ``source`` is a real JPEG (default: one from ../shared/data; a synthetic pattern if absent).
+    The unusual files all hold ``source_grey(source)`` (96x80), so a reader can be checked against it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    source = source or default_source()
+    grey = source_grey(source)
+    files: dict[str, Path] = {}
+
+    jpeg_bytes = source.read_bytes() if source else _jpeg_bytes(grey)
+    files["truncated_jpeg"] = directory / "truncated.jpg"
+    files["truncated_jpeg"].write_bytes(jpeg_bytes[: len(jpeg_bytes) // 2])
+    files["empty_png"] = directory / "empty.png"
+    files["empty_png"].write_bytes(b"")
+    files["text_png"] = directory / "notes.png"
+    files["text_png"].write_text("this is a text file, not an image\n")
+    files["dicom_no_pixels"] = write_dicom(directory / "no_pixels.dcm", None)
+    files["tiny_png"] = directory / "tiny.png"
+    Image.new("L", (1, 1), 128).save(files["tiny_png"])
+
+    files["png16"] = directory / "sixteen_bit.png"
+    Image.fromarray(grey.astype(np.uint16) * 257).save(files["png16"])  # 8-bit v -> 16-bit v*257
+    files["rgba_png"] = directory / "rgba.png"
+    rgba = np.dstack([grey, grey, grey, alpha_ramp(grey.shape)])
+    Image.fromarray(rgba, mode="RGBA").save(files["rgba_png"])
+    files["palette_png"] = directory / "palette.png"
+    Image.fromarray(grey).convert("RGB").quantize(256).save(files["palette_png"])
+    files["cmyk_jpeg"] = directory / "cmyk.jpg"
+    Image.fromarray(grey).convert("RGB").convert("CMYK").save(files["cmyk_jpeg"], quality=98)
+    files["dicom_mono1"] = write_dicom(directory / "mono1.dcm", grey)
+    return files
+
+
+def _jpeg_bytes(grey: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_class_tree(
+    directory: Path,
+    src_root: Path,
+    per_class: int = 4,
+    bad: bool = False,
+    empty_class: str | None = None,
+) -> Path:
+    """Copy the first ``per_class`` images of each class folder of ``src_root`` into ``directory``.
+
+    ``bad=True`` adds the BAD_KEYS files (named ``bad_<key>.<ext>``) to the first class;
+    ``empty_class`` adds an empty class folder of that name. Returns ``directory``.
+    """
+    classes = sorted(p for p in src_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for cls in classes:
+        target = directory / cls.name
+        target.mkdir(parents=True, exist_ok=True)
+        images = sorted(p for p in cls.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        for image in images[:per_class]:
+            shutil.copy(image, target / image.name)
+    if bad:
+        files = make_bad_inputs(directory / ".bad-tmp")
+        for key in BAD_KEYS:
+            shutil.move(files[key], directory / classes[0].name / f"bad_{key}{files[key].suffix}")
+        shutil.rmtree(directory / ".bad-tmp")
+    if empty_class:
+        (directory / empty_class).mkdir(parents=True, exist_ok=True)
+    return directory

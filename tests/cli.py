@@ -1,0 +1,37 @@
+"""Run the real ``fedbridge`` command in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def fedbridge(*args: str | Path, cwd: Path | None = None, timeout: int = 600):
+    """Run ``fedbridge ARGS…``; returns the CompletedProcess (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedbridge_shared", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout,
+    )
+
+
+def ok(*args: str | Path, **kw):
+    result = fedbridge(*args, **kw)
+    assert result.returncode == 0, f"fedbridge {args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def json_out(*args: str | Path, **kw) -> dict:
+    return json.loads(ok(*args, **kw).stdout)
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """Exit ≠ 0, no traceback, and one 'error:' line on stderr containing every needle."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

@@ -1,0 +1,66 @@
+"""Bundle save/load: round trip, integrity check, atomic writes."""
+
+import json
+
+import pytest
+import torch
+
+from fedbridge_shared.errors import BundleError
+from fedbridge_shared.spec import ModelSpec, load_bundle, save_bundle
+
+SPEC = ModelSpec(arch="test_efficientnet", labels=("A", "B"), image_size=64)
+
+
+def _state():
+    return {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor(3)}
+
+
+def test_round_trip_keeps_spec_weights_and_records(tmp_path):
+    # Prepare / Execute
+    out = save_bundle(tmp_path / "b", SPEC, _state(), {"stage": "x"}, {"val": {"accuracy": 0.5}})
+    bundle = load_bundle(out)
+    # Assert
+    assert bundle.spec == SPEC
+    assert torch.equal(bundle.state_dict["w"], _state()["w"])
+    assert bundle.training == {"stage": "x"}
+    assert bundle.metrics["val"]["accuracy"] == 0.5
+    record = json.loads((out / "model.json").read_text())
+    assert record["weights_sha256"] == bundle.sha256 and len(bundle.sha256) == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temp folders left
+
+
+def test_modified_weights_are_refused(tmp_path):
+    out = save_bundle(tmp_path / "b", SPEC, _state())
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256.*does not match"):
+        load_bundle(out)
+
+
+def test_missing_model_json_and_nan_weights_are_refused(tmp_path):
+    out = save_bundle(tmp_path / "b", SPEC, _state())
+    (out / "model.json").unlink()
+    with pytest.raises(BundleError, match="model.json: missing"):
+        load_bundle(out)
+    bad = save_bundle(tmp_path / "nan", SPEC, {"w": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(BundleError, match="tensor w contains NaN"):
+        load_bundle(bad)
+
+
+def test_overwrite_replaces_a_bundle_but_not_another_folder(tmp_path):
+    save_bundle(tmp_path / "b", SPEC, _state())
+    save_bundle(tmp_path / "b", SPEC, {"w": torch.zeros(1)})
+    assert list(load_bundle(tmp_path / "b").state_dict) == ["w"]
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(BundleError, match="not a fedbridge bundle"):
+        save_bundle(other, SPEC, _state())
+    assert (other / "keep.txt").read_text() == "x"
+
+
+def test_unknown_spec_keys_are_refused():
+    d = SPEC.to_dict() | {"colour": "red"}
+    with pytest.raises(BundleError, match="unknown keys: colour"):
+        ModelSpec.from_dict(d)
