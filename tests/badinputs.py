@@ -104,7 +104,7 @@ def make_bad_inputs(directory: Path, source: Path | None = None) -> dict[str, Pa
     """Write every file in BAD_KEYS and UNUSUAL_KEYS into ``directory``; return key -> path.
 
     ``source`` is a real JPEG (default: one from ../shared/data; a synthetic pattern if absent).
-    The unusual files all hold ``source_grey(source)`` (96x80), so a reader can be checked against it.
+    The unusual files all hold ``source_grey(source)`` (96x80) so a reader can be checked.
     """
     directory.mkdir(parents=True, exist_ok=True)
     source = source or default_source()

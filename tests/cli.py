@@ -12,7 +12,10 @@ def fedbridge(*args: str | Path, cwd: Path | None = None, timeout: int = 600):
     """Run ``fedbridge ARGS…``; returns the CompletedProcess (text output)."""
     return subprocess.run(
         [sys.executable, "-m", "fedbridge_shared", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
     )
 
 

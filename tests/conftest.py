@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the team folder ../shared (real images, weights) and generated bad inputs."""
+"""Fixtures: paths into the team folder ../shared (real images, weights) and bad inputs."""
 
 from __future__ import annotations
 

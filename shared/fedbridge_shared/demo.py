@@ -65,19 +65,32 @@ def run_demo(
             f"[yellow]no local ImageNet weights for {arch} (set FEDBRIDGE_WEIGHTS_DIR); "
             "trying timm's hub[/]"
         )
-    split = split_folder(data, out / "split", sites=1, bridge_fraction=0.5, test_fraction=0.2,
-                         seed=seed)
+    split = split_folder(
+        data, out / "split", sites=1, bridge_fraction=0.5, test_fraction=0.2, seed=seed
+    )
     stage_config = TrainConfig(epochs=plan.bridge_epochs, preset=augment, seed=seed)
     bridge, bridge_val = run_stage(
-        "bridge", split.out / "bridge", out / "bridge-bundle", init, stage_config, arch,
-        plan.image_size, console=console,
+        "bridge",
+        split.out / "bridge",
+        out / "bridge-bundle",
+        init,
+        stage_config,
+        arch,
+        plan.image_size,
+        console=console,
     )
     target_config = TrainConfig(
-        epochs=plan.target_epochs, augment_per_sample=plan.augment_per_sample, preset=augment,
+        epochs=plan.target_epochs,
+        augment_per_sample=plan.augment_per_sample,
+        preset=augment,
         seed=seed,
     )
     target, target_val = run_stage(
-        "train", split.out / "site-1", out / "target-bundle", str(bridge), target_config,
+        "train",
+        split.out / "site-1",
+        out / "target-bundle",
+        str(bridge),
+        target_config,
         console=console,
     )
     rows = []
@@ -88,10 +101,26 @@ def run_demo(
         metrics["synthetic"] = synthetic
         report_dir = out / ("report-" + bundle.name.removesuffix("-bundle"))
         write_metrics(metrics, report_dir, y, probs)
-        rows.append({"model": name, "bundle": str(bundle), "report": str(report_dir),
-                     **{k: metrics[k] for k in ("accuracy", "macro_auc", "sensitivity_mean",
-                                                "sensitivity_sd", "f1_mean", "f1_sd", "n")},
-                     "accuracy_ci95": metrics["ci95"]["accuracy"]})
+        rows.append(
+            {
+                "model": name,
+                "bundle": str(bundle),
+                "report": str(report_dir),
+                **{
+                    k: metrics[k]
+                    for k in (
+                        "accuracy",
+                        "macro_auc",
+                        "sensitivity_mean",
+                        "sensitivity_sd",
+                        "f1_mean",
+                        "f1_sd",
+                        "n",
+                    )
+                },
+                "accuracy_ci95": metrics["ci95"]["accuracy"],
+            }
+        )
     summary = {
         "synthetic": synthetic,
         "data": str(Path(data).resolve()),
@@ -113,7 +142,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
         lo, hi = r["accuracy_ci95"]
         auc = "n/a" if r["macro_auc"] is None else f"{r['macro_auc']:.3f}"
         table.add_row(
-            r["model"], str(r["n"]), f"{r['accuracy']:.3f} ({lo:.3f}–{hi:.3f})", auc,
+            r["model"],
+            str(r["n"]),
+            f"{r['accuracy']:.3f} ({lo:.3f}–{hi:.3f})",
+            auc,
             f"{r['sensitivity_mean']:.3f} ± {r['sensitivity_sd']:.3f}",
             f"{r['f1_mean']:.3f} ± {r['f1_sd']:.3f}",
         )

@@ -142,8 +142,12 @@ def fit(
         train = train_one_epoch(
             model, train_loader, optimizer, device, scheduler, label_smoothing, on_batch
         )
-        row = {"epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy,
-               "seconds": train.seconds}
+        row = {
+            "epoch": epoch,
+            "train_loss": train.loss,
+            "train_accuracy": train.accuracy,
+            "seconds": train.seconds,
+        }
         if val_loader is not None:
             val = evaluate(model, val_loader, device)
             row.update(val_loss=val.loss, val_accuracy=val.accuracy)

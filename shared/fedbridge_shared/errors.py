@@ -1,4 +1,4 @@
-"""User-facing errors: the CLI prints ``str(error)`` as one line and exits non-zero, no traceback."""
+"""User-facing errors: the CLI prints ``str(error)`` as one line and exits non-zero."""
 
 
 class FedbridgeError(Exception):

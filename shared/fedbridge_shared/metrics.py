@@ -64,12 +64,12 @@ def validate_predictions(
         raise ValueError(f"y_true must be 1-D, got shape {y.shape}")
     if y.size == 0:
         raise ValueError("y_true is empty: no samples to evaluate")
-    if y.dtype.kind in "iu":
-        y = y.astype(np.int64)
-    elif y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-        y = y.astype(np.int64)
-    else:
+    integral_floats = (
+        y.dtype.kind == "f" and bool(np.all(np.isfinite(y))) and bool(np.all(y == np.round(y)))
+    )
+    if y.dtype.kind not in "iub" and not integral_floats:
         raise ValueError(f"y_true must hold integer class indices, got dtype {y.dtype}")
+    y = y.astype(np.int64)
     if y.min() < 0 or y.max() >= k:
         raise ValueError(
             f"y_true must hold class indices in [0, {k}) for {k} labels, "

@@ -1,4 +1,4 @@
-"""Model factory over timm, and the ``--init`` rules (none | imagenet | FILE.safetensors | BUNDLE)."""
+"""Model factory over timm and the ``--init`` rules: none | imagenet | FILE | BUNDLE."""
 
 from __future__ import annotations
 
@@ -130,6 +130,7 @@ def _init_none(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
 def _init_from_hub(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
     try:
         model = timm.create_model(arch, pretrained=True, num_classes=len(labels))
+        zero_head(model)
     except Exception as e:  # network and hub errors come in many types
         raise ConfigError(
             f"could not get ImageNet weights for {arch!r} from the Hugging Face hub ({e}); "
@@ -244,7 +245,20 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str)
             f"{source}: weights do not fit this architecture "
             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
+    if skipped:
+        zero_head(model)
     return skipped
+
+
+def zero_head(model: nn.Module) -> None:
+    """Zero a new classification head so fine-tuning starts from uniform predictions.
+
+    timm's default head init scales with 1/sqrt(num_classes); with pretrained features that
+    gives initial logits in the tens and a loss several times ln(K).
+    """
+    head = model.get_classifier()
+    for p in head.parameters():
+        nn.init.zeros_(p)
 
 
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:

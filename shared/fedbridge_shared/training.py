@@ -136,7 +136,8 @@ def run_stage(
     parts = {"train": list(index.samples), "val": []}
     if config.val_fraction > 0:
         parts = assign_parts(
-            index.samples, {"train": 1 - config.val_fraction, "val": config.val_fraction},
+            index.samples,
+            {"train": 1 - config.val_fraction, "val": config.val_fraction},
             config.seed,
         )
     if len(parts["val"]) < 2:
@@ -145,13 +146,21 @@ def run_stage(
     val_imgs = decode(parts["val"], spec.image_size, console, "validation images")
 
     train_ds = ImageDataset(
-        train_imgs, [target_of[s.label] for s in parts["train"]], spec, config.preset,
-        config.augment_per_sample, config.online_augment, config.seed,
+        train_imgs,
+        [target_of[s.label] for s in parts["train"]],
+        spec,
+        config.preset,
+        config.augment_per_sample,
+        config.online_augment,
+        config.seed,
     )
     val_ds = ImageDataset(val_imgs, [target_of[s.label] for s in parts["val"]], spec)
     gen = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(
-        train_ds, batch_size=config.batch_size, shuffle=True, generator=gen,
+        train_ds,
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=gen,
         drop_last=len(train_ds) > config.batch_size,
     )
     val_loader = DataLoader(val_ds, batch_size=config.batch_size) if len(val_ds) else None
@@ -168,15 +177,27 @@ def run_stage(
             info = f"loss {row['train_loss']:.3f}"
             if "val_loss" in row:
                 info += f"  val loss {row['val_loss']:.3f} acc {row['val_accuracy']:.3f}"
-            nxt = min(row["epoch"] + 1, config.epochs)
-            bar.update(task, completed=0, description=f"{stage} epoch {nxt}/{config.epochs}",
-                       info=info)
+            bar.update(task, info=info)
+            if row["epoch"] < config.epochs:
+                bar.update(
+                    task,
+                    completed=0,
+                    description=f"{stage} epoch {row['epoch'] + 1}/{config.epochs}",
+                )
             console.print(f"  epoch {row['epoch']}: {info}")
 
         result = fit(
-            model, train_loader, val_loader, dev, config.epochs, config.lr, config.weight_decay,
-            config.patience, config.label_smoothing,
-            on_batch=lambda n: bar.advance(task, n), on_epoch=on_epoch,
+            model,
+            train_loader,
+            val_loader,
+            dev,
+            config.epochs,
+            config.lr,
+            config.weight_decay,
+            config.patience,
+            config.label_smoothing,
+            on_batch=lambda n: bar.advance(task, n),
+            on_epoch=on_epoch,
         )
     val_metrics: dict[str, Any] = {}
     if val_loader is not None:
@@ -233,7 +254,5 @@ def check_labels(index: FolderIndex, spec: ModelSpec, data: Path) -> None:
     unknown = [c for c in index.labels if c not in spec.labels]
     if unknown:
         raise DataError(
-            f"{data}: class folders {unknown} are not among the model's labels "
-            f"{list(spec.labels)}"
+            f"{data}: class folders {unknown} are not among the model's labels {list(spec.labels)}"
         )
-

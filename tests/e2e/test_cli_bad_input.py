@@ -1,4 +1,4 @@
-"""Bad input: `data check` lists every broken file; `train`/`bridge` refuse in one line, write nothing."""
+"""Bad input: `data check` lists each broken file; `train`/`bridge` refuse, write nothing."""
 
 import pytest
 from badinputs import BAD_KEYS, make_class_tree
@@ -9,8 +9,7 @@ TINY = ["--model", "test_efficientnet", "--init", "none", "--image-size", "64", 
 
 @pytest.fixture
 def bad_tree(cxr_root, tmp_path):
-    return make_class_tree(tmp_path / "data", cxr_root, per_class=3, bad=True,
-                           empty_class="EMPTY")
+    return make_class_tree(tmp_path / "data", cxr_root, per_class=3, bad=True, empty_class="EMPTY")
 
 
 def test_check_lists_each_bad_file_and_fails(bad_tree):

@@ -14,14 +14,56 @@ def pipeline(cxr_root, tmp_path_factory):
     """Run the three stages once; tests below inspect the results."""
     root = tmp_path_factory.mktemp("pipeline")
     split = root / "split"
-    ok("data", "split", cxr_root, "--out", split, "--sites", "2", "--bridge-fraction", "0.5",
-       "--test-fraction", "0.2", "--seed", "1")
-    ok("bridge", split / "bridge", "--out", root / "bridge", *TINY, "--epochs", "2",
-       "--batch-size", "32")
-    ok("train", split / "site-1", "--out", root / "target", "--init", root / "bridge",
-       "--augment-per-sample", "2", "--epochs", "2", "--batch-size", "32")
-    metrics = json_out("evaluate", root / "target", split / "test", "--json", "--out",
-                       root / "report", "--bootstrap", "200")
+    ok(
+        "data",
+        "split",
+        cxr_root,
+        "--out",
+        split,
+        "--sites",
+        "2",
+        "--bridge-fraction",
+        "0.5",
+        "--test-fraction",
+        "0.2",
+        "--seed",
+        "1",
+    )
+    ok(
+        "bridge",
+        split / "bridge",
+        "--out",
+        root / "bridge",
+        *TINY,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+    )
+    ok(
+        "train",
+        split / "site-1",
+        "--out",
+        root / "target",
+        "--init",
+        root / "bridge",
+        "--augment-per-sample",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+    )
+    metrics = json_out(
+        "evaluate",
+        root / "target",
+        split / "test",
+        "--json",
+        "--out",
+        root / "report",
+        "--bootstrap",
+        "200",
+    )
     return root, split, metrics
 
 
@@ -51,8 +93,18 @@ def test_bundles_record_their_stage_and_lineage(pipeline):
 
 def test_evaluate_json_has_the_paper_metrics(pipeline):
     root, split, m = pipeline
-    for key in ("accuracy", "macro_auc", "sensitivity_mean", "sensitivity_sd", "f1_mean",
-                "f1_sd", "confusion_matrix", "labels", "n", "ci95"):
+    for key in (
+        "accuracy",
+        "macro_auc",
+        "sensitivity_mean",
+        "sensitivity_sd",
+        "f1_mean",
+        "f1_sd",
+        "confusion_matrix",
+        "labels",
+        "n",
+        "ci95",
+    ):
         assert key in m, key
     n_test = sum(1 for p in (split / "test").rglob("*.jpg"))
     assert m["n"] == n_test == sum(map(sum, m["confusion_matrix"]))

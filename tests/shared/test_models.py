@@ -54,7 +54,9 @@ def test_init_from_bundle_keeps_head_for_same_labels_and_replaces_it_otherwise(t
     other, other_spec = init_model(str(bundle), ("X", "Y"))
     assert other_spec.init["head"] == "new"
     assert other.state_dict()["classifier.weight"].shape[0] == 2
-    assert torch.equal(other.state_dict()["conv_stem.weight"], model.state_dict()["conv_stem.weight"])
+    assert torch.equal(
+        other.state_dict()["conv_stem.weight"], model.state_dict()["conv_stem.weight"]
+    )
 
 
 def test_bad_init_values_name_the_problem(tmp_path):

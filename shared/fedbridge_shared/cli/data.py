@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from fedbridge_shared.cli.options import Manifest, Seed
+from fedbridge_shared.cli.options import Manifest, Seed, make_console
 
 app = typer.Typer(help="Check, split and import image datasets.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 
 @app.command()
@@ -45,8 +44,9 @@ def check(
     if ipp:
         out.print(
             "images per patient: "
-            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in ipp.items())
+            + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in ipp.items()
+            )
         )
     for f in report.findings:
         colour = "red" if f.level == "error" else "yellow"
@@ -80,8 +80,9 @@ def split(
     table.add_column("patients", justify="right")
     for name, samples in result.parts.items():
         counts = [sum(s.label == label for s in samples) for label in labels]
-        table.add_row(name, *map(str, counts), str(len(samples)),
-                      str(len({s.patient_id for s in samples})))
+        table.add_row(
+            name, *map(str, counts), str(len(samples)), str(len({s.patient_id for s in samples}))
+        )
     out.print(table)
     out.print(f"wrote {result.out / 'split.csv'}")
 

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from fedbridge_shared.cli.options import Seed
+from fedbridge_shared.cli.options import Seed, make_console
 
 
 def register(app: typer.Typer) -> None:
@@ -22,10 +21,12 @@ def register(app: typer.Typer) -> None:
         quick: Annotated[bool, typer.Option(help="Small budget: minutes on a CPU.")] = False,
         init: Annotated[str, typer.Option(help="none | imagenet | FILE.safetensors")] = "imagenet",
         model: Annotated[str, typer.Option(help="timm model name.")] = "mobilenetv2_100",
-        augment: Annotated[str, typer.Option(help="Augmentation preset: cxr | oct | none.")] = "cxr",
+        augment: Annotated[
+            str, typer.Option(help="Augmentation preset: cxr | oct | none.")
+        ] = "cxr",
         seed: Seed = 0,
     ) -> None:
         """Split → bridge → target → evaluate, then a summary table."""
         from fedbridge_shared.demo import run_demo
 
-        run_demo(out_dir, data, quick, init, model, augment, seed, Console())
+        run_demo(out_dir, data, quick, init, model, augment, seed, make_console())

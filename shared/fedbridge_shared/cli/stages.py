@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from fedbridge_shared.cli.options import Device, Manifest, Seed
+from fedbridge_shared.cli.options import Device, Manifest, Seed, make_console
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 
 class Preset(str, Enum):
@@ -56,8 +55,23 @@ Patience = Annotated[int, typer.Option(help="Epochs without validation improveme
 
 
 def _stage(
-    stage: str, data, out_dir, init, model, image_size, epochs, batch_size, lr,
-    augment_per_sample, augment, preset, val_fraction, patience, seed, manifest, device,
+    stage: str,
+    data,
+    out_dir,
+    init,
+    model,
+    image_size,
+    epochs,
+    batch_size,
+    lr,
+    augment_per_sample,
+    augment,
+    preset,
+    val_fraction,
+    patience,
+    seed,
+    manifest,
+    device,
     default_augment_per_sample: int,
 ) -> None:
     from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
@@ -67,19 +81,26 @@ def _stage(
         image_size = image_size or PAPER_PRESET["image_size"]
         default_augment_per_sample = PAPER_PRESET["augment_per_sample"]
     config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
         augment_per_sample=(
             default_augment_per_sample if augment_per_sample is None else augment_per_sample
         ),
-        preset=augment.value, val_fraction=val_fraction, patience=patience, seed=seed,
+        preset=augment.value,
+        val_fraction=val_fraction,
+        patience=patience,
+        seed=seed,
     )
     bundle, metrics = run_stage(
         stage, data, out_dir, init, config, model, image_size, manifest, device, err
     )
     line = f"wrote {bundle}"
     if metrics:
-        line += (f" (validation: accuracy {metrics['accuracy']:.3f}, "
-                 f"macro AUC {_fmt(metrics.get('macro_auc'))}, n={metrics['n']})")
+        line += (
+            f" (validation: accuracy {metrics['accuracy']:.3f}, "
+            f"macro AUC {_fmt(metrics.get('macro_auc'))}, n={metrics['n']})"
+        )
     out.print(line)
 
 
@@ -90,31 +111,85 @@ def _fmt(x: float | None) -> str:
 def register(app: typer.Typer) -> None:
     @app.command()
     def bridge(
-        data: Data, out_dir: Out, init: Init = "imagenet", model: Model = None,
-        image_size: ImageSize = None, epochs: Epochs = 8, batch_size: BatchSize = 16,
-        lr: Lr = 5e-4, augment_per_sample: AugmentPerSample = None,
-        augment: AugmentPreset = Augment.cxr, preset: PresetOpt = Preset.cpu,
-        val_fraction: ValFraction = 0.15, patience: Patience = 3, seed: Seed = 0,
-        manifest: Manifest = None, device: Device = "auto",
+        data: Data,
+        out_dir: Out,
+        init: Init = "imagenet",
+        model: Model = None,
+        image_size: ImageSize = None,
+        epochs: Epochs = 8,
+        batch_size: BatchSize = 16,
+        lr: Lr = 5e-4,
+        augment_per_sample: AugmentPerSample = None,
+        augment: AugmentPreset = Augment.cxr,
+        preset: PresetOpt = Preset.cpu,
+        val_fraction: ValFraction = 0.15,
+        patience: Patience = 3,
+        seed: Seed = 0,
+        manifest: Manifest = None,
+        device: Device = "auto",
     ) -> None:
         """Stage 2: fine-tune on a large public dataset of the same modality."""
-        _stage("bridge", data, out_dir, init, model, image_size, epochs, batch_size, lr,
-               augment_per_sample, augment, preset, val_fraction, patience, seed, manifest,
-               device, default_augment_per_sample=0)
+        _stage(
+            "bridge",
+            data,
+            out_dir,
+            init,
+            model,
+            image_size,
+            epochs,
+            batch_size,
+            lr,
+            augment_per_sample,
+            augment,
+            preset,
+            val_fraction,
+            patience,
+            seed,
+            manifest,
+            device,
+            default_augment_per_sample=0,
+        )
 
     @app.command()
     def train(
-        data: Data, out_dir: Out, init: Init = "imagenet", model: Model = None,
-        image_size: ImageSize = None, epochs: Epochs = 8, batch_size: BatchSize = 16,
-        lr: Lr = 5e-4, augment_per_sample: AugmentPerSample = None,
-        augment: AugmentPreset = Augment.cxr, preset: PresetOpt = Preset.cpu,
-        val_fraction: ValFraction = 0.15, patience: Patience = 3, seed: Seed = 0,
-        manifest: Manifest = None, device: Device = "auto",
+        data: Data,
+        out_dir: Out,
+        init: Init = "imagenet",
+        model: Model = None,
+        image_size: ImageSize = None,
+        epochs: Epochs = 8,
+        batch_size: BatchSize = 16,
+        lr: Lr = 5e-4,
+        augment_per_sample: AugmentPerSample = None,
+        augment: AugmentPreset = Augment.cxr,
+        preset: PresetOpt = Preset.cpu,
+        val_fraction: ValFraction = 0.15,
+        patience: Patience = 3,
+        seed: Seed = 0,
+        manifest: Manifest = None,
+        device: Device = "auto",
     ) -> None:
         """Stage 3 (central) or a local-only baseline: train on the small target set."""
-        _stage("train", data, out_dir, init, model, image_size, epochs, batch_size, lr,
-               augment_per_sample, augment, preset, val_fraction, patience, seed, manifest,
-               device, default_augment_per_sample=10)
+        _stage(
+            "train",
+            data,
+            out_dir,
+            init,
+            model,
+            image_size,
+            epochs,
+            batch_size,
+            lr,
+            augment_per_sample,
+            augment,
+            preset,
+            val_fraction,
+            patience,
+            seed,
+            manifest,
+            device,
+            default_augment_per_sample=10,
+        )
 
     @app.command()
     def evaluate(

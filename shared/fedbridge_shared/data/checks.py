@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fedbridge_shared.data.images import file_sha256, read_image
+from fedbridge_shared.data.images import IMAGE_SUFFIXES, file_sha256, read_image
 from fedbridge_shared.data.samples import FolderIndex, Sample, scan_folder
 from fedbridge_shared.errors import DataError
 
@@ -18,14 +18,15 @@ MAX_LISTED = 5  # how many paths one summary finding names
 
 @dataclass
 class Finding:
-    """One problem; ``message`` is a complete one-line sentence that names the file(s)."""
+    """One problem: the file or folder it concerns (if one) and a one-line message."""
 
     level: Literal["error", "warning"]
     path: Path | None
-    message: str
+    message: str  # does not repeat ``path``; print as ``f"{path}: {message}"``
 
     def __str__(self) -> str:
-        return f"{self.level}: {self.message}"
+        where = f"{self.path}: " if self.path is not None else ""
+        return f"{self.level}: {where}{self.message}"
 
 
 @dataclass
@@ -67,7 +68,8 @@ def check_folder(
             by_hash[file_sha256(sample.path)].append(sample)
             shapes.append(read_image(sample.path).shape)
         except DataError as e:
-            findings.append(Finding("error", sample.path, str(e)))
+            message = str(e).removeprefix(f"{sample.path}: ")
+            findings.append(Finding("error", sample.path, message))
         if progress is not None:
             progress(done, total)
 
@@ -85,22 +87,20 @@ def check_folder(
 
 def _class_findings(index: FolderIndex) -> list[Finding]:
     findings = [
-        Finding("error", index.root / label, f"{index.root / label}: class folder has no images")
+        Finding("error", index.root / label, "empty class folder (no images)")
         for label in index.empty_classes
     ]
     non_empty = len(index.labels) - len(index.empty_classes)
     if non_empty < 2:
-        findings.append(
-            Finding(
-                "error",
-                index.root,
-                f"{index.root}: {non_empty} class folder(s) with images; a classifier needs at "
-                "least 2",
-            )
-        )
+        message = f"{non_empty} class folder(s) with images; a classifier needs at least 2"
+        findings.append(Finding("error", index.root, message))
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
     for path in index.skipped:
-        what = "sub-folder (not scanned)" if path.is_dir() else "not an image file (by suffix)"
-        findings.append(Finding("warning", path, f"{path}: skipped, {what}"))
+        if path.is_dir():
+            message = "skipped: sub-folder inside a class folder (only direct files are read)"
+        else:
+            message = f"skipped: not an image file (suffix not one of {suffixes})"
+        findings.append(Finding("warning", path, message))
     return findings
 
 
@@ -109,15 +109,15 @@ def _duplicate_findings(by_hash: dict[str, list[Sample]]) -> list[Finding]:
     for group in by_hash.values():
         if len(group) < 2:
             continue
-        labels = sorted({s.label for s in group})
-        if len(labels) == 1:
-            names = ", ".join(str(s.path) for s in group)
-            message = f"identical files in class {labels[0]}: {names}"
-            findings.append(Finding("warning", group[0].path, message))
+        first, others = group[0], group[1:]
+        if all(s.label == first.label for s in others):
+            names = ", ".join(str(s.path) for s in others)
+            message = f"duplicate: identical to {names} (same class {first.label})"
+            findings.append(Finding("warning", first.path, message))
         else:
-            names = ", ".join(f"{s.path} ({s.label})" for s in group)
-            message = f"identical files with conflicting labels: {names}"
-            findings.append(Finding("error", group[0].path, message))
+            names = ", ".join(f"{s.path} ({s.label})" for s in others)
+            message = f"identical files with conflicting labels: {first.label} here, {names}"
+            findings.append(Finding("error", first.path, message))
     return findings
 
 
@@ -142,8 +142,7 @@ def _manifest_findings(index: FolderIndex) -> list[Finding]:
         Finding(
             "warning",
             path,
-            f"{path}: manifest {index.manifest} says label {listed!r}, folder says {folder!r} "
-            "(the folder is used)",
+            f"manifest {index.manifest} gives label {listed!r}; the folder's {folder!r} is used",
         )
         for path, folder, listed in index.label_mismatches
     ]
@@ -178,7 +177,7 @@ def _images_per_patient(samples: tuple[Sample, ...]) -> dict[str, float]:
 def _size_summary(shapes: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
     if not shapes:
         return {}
-    heights, widths = zip(*shapes)
+    heights, widths = zip(*shapes, strict=True)
     return {
         name: {"min": min(values), "median": statistics.median(values), "max": max(values)}
         for name, values in (("width", widths), ("height", heights))

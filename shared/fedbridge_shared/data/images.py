@@ -80,7 +80,9 @@ def _read_pil(path: Path) -> np.ndarray:
     except DataError:
         raise
     except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: image too large, possible decompression bomb ({_one_line(e)})") from e
+        raise DataError(
+            f"{path}: image too large, possible decompression bomb ({_one_line(e)})"
+        ) from e
     except Image.UnidentifiedImageError as e:
         raise DataError(f"{path}: not a readable image (unknown or unsupported format)") from e
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...

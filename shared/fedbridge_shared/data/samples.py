@@ -1,4 +1,4 @@
-"""Index a class-folder dataset (``root/<label>/<image>``) and attach patient ids from a manifest."""
+"""Index a class-folder dataset (``root/<label>/<image>``); attach patient ids from a manifest."""
 
 from __future__ import annotations
 
@@ -171,7 +171,9 @@ def _safe_relative(manifest: Path, line: int, text: str) -> Path:
     if not text:
         raise DataError(f"{manifest}: line {line} has an empty path")
     if PureWindowsPath(text).anchor:  # "/x", "\\x", "C:x", "C:\\x", "\\\\server\\share"
-        raise DataError(f"{manifest}: line {line} has an absolute path {text!r}; use a relative one")
+        raise DataError(
+            f"{manifest}: line {line} has an absolute path {text!r}; use a relative one"
+        )
     parts = PureWindowsPath(text).parts  # splits on both / and \
     if ".." in parts:
         raise DataError(

@@ -1,0 +1,171 @@
+"""Patient-level, class-stratified splits of a class-folder dataset into bridge / site-N / test."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import secrets
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedbridge_shared.data.samples import Sample, scan_folder
+from fedbridge_shared.errors import ConfigError, DataError
+
+SPLIT_COLUMNS = ("path", "label", "patient_id", "part", "source")
+
+
+@dataclass
+class SplitResult:
+    """The output folder and, per part, the samples written there (paths inside ``out``)."""
+
+    out: Path
+    parts: dict[str, list[Sample]]
+
+
+def assign_parts(
+    samples: Sequence[Sample], weights: Mapping[str, float], seed: int
+) -> dict[str, list[Sample]]:
+    """Share patients between parts in proportion to ``weights``, stratified by class.
+
+    A patient's stratum is its most common label (ties: alphabetical first); all images of a
+    patient go to the same part. Deterministic for a seed; each list is sorted by path.
+    """
+    _check_weights(weights)
+    names = list(weights)
+    by_patient: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_patient[sample.patient_id].append(sample)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for patient in sorted(by_patient):
+        counts = Counter(s.label for s in by_patient[patient])
+        label = min(counts, key=lambda lab: (-counts[lab], lab))
+        strata[label].append(patient)
+
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[Sample]] = {name: [] for name in names}
+    for label in sorted(strata):
+        patients = [strata[label][i] for i in rng.permutation(len(strata[label]))]
+        quotas = _largest_remainder(len(patients), [weights[n] for n in names], rng)
+        start = 0
+        for name, quota in zip(names, quotas, strict=True):
+            for patient in patients[start : start + quota]:
+                parts[name].extend(by_patient[patient])
+            start += quota
+    return {name: sorted(members, key=lambda s: s.path) for name, members in parts.items()}
+
+
+def _check_weights(weights: Mapping[str, float]) -> None:
+    if not weights:
+        raise ConfigError("split weights are empty: give at least one part")
+    for name, weight in weights.items():
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"split weight of part {name!r} must be >= 0, got {weight}")
+    if sum(weights.values()) <= 0:
+        raise ConfigError("split weights sum to 0: at least one part needs a positive weight")
+
+
+def _largest_remainder(n: int, weights: list[float], rng: np.random.Generator) -> list[int]:
+    """Integer counts summing to ``n`` in proportion to ``weights`` (Hamilton's method).
+
+    Ties between equal remainders are broken at random so no part is always favoured.
+    """
+    total = sum(weights)
+    exact = [n * w / total for w in weights]
+    counts = [math.floor(x) for x in exact]
+    remainders = [x - c if w > 0 else -1.0 for x, c, w in zip(exact, counts, weights, strict=True)]
+    tiebreak = rng.permutation(len(weights))
+    order = sorted(range(len(weights)), key=lambda i: (-round(remainders[i], 9), tiebreak[i]))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def split_weights(sites: int, bridge_fraction: float, test_fraction: float) -> dict[str, float]:
+    """Part weights: ``bridge`` and ``test`` (each omitted at 0) and sites sharing the rest."""
+    if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
+        raise ConfigError(f"sites must be a whole number >= 1, got {sites!r}")
+    for name, value in (("bridge fraction", bridge_fraction), ("test fraction", test_fraction)):
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    rest = 1.0 - bridge_fraction - test_fraction
+    if rest <= 0:
+        raise ConfigError(
+            f"bridge fraction + test fraction must be < 1 so the sites get data, "
+            f"got {bridge_fraction} + {test_fraction}"
+        )
+    weights = {"bridge": bridge_fraction} if bridge_fraction > 0 else {}
+    weights |= {f"site-{i}": rest / sites for i in range(1, sites + 1)}
+    if test_fraction > 0:
+        weights["test"] = test_fraction
+    return weights
+
+
+def split_folder(
+    root: Path,
+    out: Path,
+    sites: int,
+    bridge_fraction: float,
+    test_fraction: float,
+    seed: int,
+    manifest: Path | None = None,
+) -> SplitResult:
+    """Split ``root/<label>/`` by patient into ``out/<part>/<label>/`` plus ``out/split.csv``.
+
+    Files are copied (never hard-linked: an edit to a split file must not reach the source
+    data). ``out`` appears complete or not at all.
+    """
+    weights = split_weights(sites, bridge_fraction, test_fraction)
+    out = Path(out)
+    index = scan_folder(root, manifest)
+    if not index.samples:
+        raise DataError(f"{index.root}: no images to split")
+    if out.resolve().is_relative_to(index.root):
+        raise ConfigError(f"{out}: the output folder must not be inside the data folder {root}")
+    parts = assign_parts(index.samples, weights, seed)
+    final = out.resolve()
+    result: dict[str, list[Sample]] = {}
+    with atomic_output_dir(out) as tmp:
+        rows = []
+        for part, members in parts.items():
+            for label in index.labels:
+                (tmp / part / label).mkdir(parents=True)
+            result[part] = []
+            for sample in members:
+                relative = Path(part, sample.label, sample.path.name)
+                shutil.copy2(sample.path, tmp / relative)
+                result[part].append(Sample(final / relative, sample.label, sample.patient_id))
+                rows.append(
+                    (relative.as_posix(), sample.label, sample.patient_id, part, sample.path)
+                )
+        with (tmp / "split.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(SPLIT_COLUMNS)
+            writer.writerows(rows)
+    return SplitResult(out=out, parts=result)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path) -> Iterator[Path]:
+    """Yield a temp sibling of ``out`` to fill; it becomes ``out`` on success, is removed on error.
+
+    Refuses (ConfigError) when ``out`` exists and is not an empty folder.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: output folder exists and is not empty; choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()  # not mkdtemp: its 0o700 mode would stick to the final folder
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
