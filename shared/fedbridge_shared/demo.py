@@ -18,6 +18,8 @@ from fedbridge_shared.models import find_local_imagenet_weights
 from fedbridge_shared.report import write_metrics
 from fedbridge_shared.training import TrainConfig, evaluate_bundle, run_stage
 
+DEMO_MARKER = ".fedbridge-demo"
+
 
 @dataclass(frozen=True)
 class DemoPlan:
@@ -33,7 +35,7 @@ class DemoPlan:
     @classmethod
     def for_mode(cls, quick: bool) -> DemoPlan:
         if quick:
-            return cls(160, 3, 3, 3, 40, 300)
+            return cls(160, 4, 4, 4, 50, 300)
         return cls(224, 8, 6, 10, 80, 1000)
 
 
@@ -52,33 +54,40 @@ def run_demo(
     plan = DemoPlan.for_mode(quick)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        if not (out / "demo.json").exists():
+        if not (out / DEMO_MARKER).exists():
             raise ConfigError(f"{out}: exists and is not a demo folder; choose another --out")
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # an earlier demo run's own folder
     out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text("written by fedbridge demo; rerunning the demo replaces it\n")
     synthetic = data is None
     if synthetic:
         console.print("[bold yellow]SYNTHETIC[/] data: generating a phantom set (no real images)")
         data = make_phantom_dataset(out / "phantom-data", plan.phantom_per_class, seed=seed)
-    if init == "imagenet" and find_local_imagenet_weights(arch) is None:
-        console.print(
-            f"[yellow]no local ImageNet weights for {arch} (set FEDBRIDGE_WEIGHTS_DIR); "
-            "trying timm's hub[/]"
-        )
     split = split_folder(
         data, out / "split", sites=1, bridge_fraction=0.5, test_fraction=0.2, seed=seed
     )
     stage_config = TrainConfig(epochs=plan.bridge_epochs, preset=augment, seed=seed)
-    bridge, bridge_val = run_stage(
-        "bridge",
-        split.out / "bridge",
-        out / "bridge-bundle",
-        init,
-        stage_config,
-        arch,
-        plan.image_size,
-        console=console,
-    )
+
+    def bridge_from(start: str):
+        return run_stage(
+            "bridge",
+            split.out / "bridge",
+            out / "bridge-bundle",
+            start,
+            stage_config,
+            arch,
+            plan.image_size,
+            console=console,
+        )
+
+    try:
+        bridge, bridge_val = bridge_from(init)
+    except ConfigError as e:
+        if init != "imagenet" or find_local_imagenet_weights(arch) is not None:
+            raise
+        console.print(f"[yellow]no ImageNet weights ({e}); the demo continues from random init[/]")
+        init = "none"
+        bridge, bridge_val = bridge_from(init)
     target_config = TrainConfig(
         epochs=plan.target_epochs,
         augment_per_sample=plan.augment_per_sample,
@@ -123,6 +132,7 @@ def run_demo(
         )
     summary = {
         "synthetic": synthetic,
+        "init": init,
         "data": str(Path(data).resolve()),
         "counts": {k: len(v) for k, v in split.parts.items()},
         "validation": {"bridge": bridge_val.get("accuracy"), "target": target_val.get("accuracy")},
