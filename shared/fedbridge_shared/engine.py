@@ -58,8 +58,12 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     label_smoothing: float = 0.0,
     on_batch: BatchHook | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``; raises if the loss stops being finite."""
+    """One pass over ``loader``; raises if the loss stops being finite.
+
+    ``penalty`` is added to every batch loss (e.g. FedProx's proximal term).
+    """
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     total_loss, correct, n, start = 0.0, 0, 0, time.perf_counter()
@@ -67,6 +71,8 @@ def train_one_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss = criterion(logits, y)
+        if penalty is not None:
+            loss = loss + penalty()
         if not torch.isfinite(loss):
             raise FedbridgeError(
                 f"training diverged: loss is {loss.item()} after {n} images; lower --lr"

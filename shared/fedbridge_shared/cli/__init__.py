@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from fedbridge_shared.cli import data, demo, stages
+from fedbridge_shared.cli import data, demo, federate, stages
 from fedbridge_shared.errors import FedbridgeError
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data.app, name="data")
+app.add_typer(federate.app, name="federate")
 stages.register(app)
 demo.register(app)
 

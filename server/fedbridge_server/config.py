@@ -1,0 +1,162 @@
+"""Federation run settings: dotted kebab-case keys in ``[tool.flwr.app.config]``.
+
+``dp.noise-multiplier = 0.5`` sets ``FederationConfig.dp.noise_multiplier``. Unknown keys and
+values of the wrong type are refused with an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from fedbridge_client.site import LocalSettings
+from fedbridge_shared.errors import ConfigError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Central differential privacy: clip each site's update, add Gaussian noise to the sum."""
+
+    enabled: bool = False
+    clipping_norm: float = 10.0
+    noise_multiplier: float = 0.1
+
+
+@dataclass(frozen=True)
+class FedAdamConfig:
+    eta: float = 1e-3
+    eta_l: float = 1e-3
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-9
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything the coordinator decides for a federated target stage."""
+
+    init: str = ""  # the bridge bundle the federation starts from
+    out: str = "runs/federated/model"  # final (best) bundle; rounds go to OUT-rounds/
+    val_data: str = ""  # optional server-side validation set for best-model selection
+    test_data: str = ""  # optional server-side test set, assessed once at the end
+    num_server_rounds: int = 3
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_sites: int = 2
+    min_evaluate_sites: int = 2
+    min_available_sites: int = 2
+    round_timeout: float = 600.0
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    augment_per_sample: int = 10
+    augment: str = "cxr"
+    val_fraction: float = 0.15
+    seed: int = 0
+    proximal_mu: float = 0.01
+    fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "strategy": self.strategy in STRATEGIES,
+            "num-server-rounds": self.num_server_rounds >= 1,
+            "fraction-train": 0 < self.fraction_train <= 1,
+            "fraction-evaluate": 0 <= self.fraction_evaluate <= 1,
+            "min-train-sites": self.min_train_sites >= 1,
+            "min-available-sites": self.min_available_sites >= 1,
+            "round-timeout": self.round_timeout > 0,
+            "local-epochs": self.local_epochs >= 1,
+            "lr": self.lr > 0,
+            "dp.clipping-norm": self.dp.clipping_norm > 0,
+            "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"run config: invalid value for {bad[0]!r}")
+
+    def local_settings(self) -> LocalSettings:
+        """The part of the config every site receives each round."""
+        names = {f.name for f in fields(LocalSettings)}
+        values = {k: v for k, v in asdict(self).items() if k in names}
+        if self.strategy != "fedprox":
+            values["proximal_mu"] = 0.0
+        return LocalSettings(**values)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted kebab-case keys, as in ``[tool.flwr.app.config]``."""
+        return _flatten(asdict(self))
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> FederationConfig:
+        return _build(cls, _unflatten(flat), prefix="")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = prefix + k.replace("_", "-")
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = str(key).split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"run config: {key!r} conflicts with a plain value")
+        node[leaf] = value
+    return tree
+
+
+def _build(cls, tree: dict[str, Any], prefix: str):
+    known = {f.name.replace("_", "-"): f for f in fields(cls)}
+    values = {}
+    for key, value in tree.items():
+        name = prefix + key
+        if key not in known:
+            raise ConfigError(f"run config: unknown key {name!r}")
+        f = known[key]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"run config: {name!r} must be a table of settings")
+            values[f.name] = _build(type(default), value, name + ".")
+        else:
+            values[f.name] = _coerce(name, value, type(default))
+    return cls(**values)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+    elif kind is int and not isinstance(value, bool):
+        try:
+            if float(value) == int(float(value)):
+                return int(float(value))
+        except (TypeError, ValueError):
+            pass
+    elif kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is str:
+        return str(value)
+    raise ConfigError(f"run config: {name!r} must be {kind.__name__}, got {value!r}")

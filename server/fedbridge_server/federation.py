@@ -1,0 +1,204 @@
+"""The coordinator's round loop: train → screen → aggregate → evaluate → checkpoint.
+
+Written out (rather than ``Strategy.start``) so a restarted server resumes after the last
+completed round, drops failing sites with a logged reason, and keeps the best round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from fedbridge_server.config import FederationConfig
+from fedbridge_server.store import RoundStore, RunState
+from fedbridge_server.strategy import (
+    build_strategy,
+    restore_strategy_state,
+    screen_replies,
+    strategy_state,
+)
+from fedbridge_shared.data.tensors import ImageDataset
+from fedbridge_shared.engine import evaluate
+from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.models import build_model
+from fedbridge_shared.spec import ModelSpec, load_bundle, save_bundle
+from fedbridge_shared.training import check_labels, decode, evaluate_bundle, usable_index
+
+log = logging.getLogger("fedbridge.server")
+_NOT_IN_FINGERPRINT = {
+    "num_server_rounds",
+    "round_timeout",
+    "out",
+    "test_data",
+    "min_train_sites",
+    "min_evaluate_sites",
+    "min_available_sites",
+}
+
+
+def fingerprint(cfg: FederationConfig, init_sha256: str) -> dict[str, Any]:
+    """Settings that change the weights: a resumed run must match them."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    return json.loads(json.dumps({**d, "init": init_sha256}))
+
+
+def _server_val(cfg: FederationConfig, spec: ModelSpec, console: Console) -> DataLoader | None:
+    if not cfg.val_data:
+        return None
+    index = usable_index(Path(cfg.val_data))
+    check_labels(index, spec, Path(cfg.val_data))
+    images = decode(index.samples, spec.image_size, console, "server validation images")
+    targets = [spec.labels.index(s.label) for s in index.samples]
+    return DataLoader(ImageDataset(images, targets, spec), batch_size=32)
+
+
+def _mean(metrics: Any, key: str) -> float | None:
+    return None if metrics is None or key not in metrics else float(metrics[key])
+
+
+def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = None) -> dict:
+    """Run (or resume) the federated target stage; returns a summary with the round history."""
+    console = console or Console(stderr=True)
+    if not cfg.init:
+        raise ConfigError("run config: 'init' must name the bridge bundle to start from")
+    init = load_bundle(Path(cfg.init))
+    spec = init.spec
+    store = RoundStore(Path(cfg.out))
+    state, resumed, saved_strategy = store.load(fingerprint(cfg, init.sha256))
+    store.dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(spec)
+    model.load_state_dict((resumed or init).state_dict)
+    reference = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    global_state = dict(reference)
+    strategy = build_strategy(cfg)
+    restore_strategy_state(strategy, saved_strategy)
+    if resumed is not None:
+        console.print(f"resuming after round {state.completed} from {store.dir}")
+    val_loader = _server_val(cfg, spec, console)
+    settings = cfg.local_settings().to_config()
+    names: dict[int, str] = {}
+    for rnd in range(state.completed + 1, cfg.num_server_rounds + 1):
+        started = time.perf_counter()
+        np.random.seed((cfg.seed * 1_000_003 + rnd) % 2**32)  # DP noise is drawn from numpy
+        config = ConfigRecord({**settings, "spec-json": json.dumps(spec.to_dict())})
+        sent = list(strategy.configure_train(rnd, ArrayRecord(global_state), config, grid))
+        replies = grid.send_and_receive(sent, timeout=cfg.round_timeout)
+        usable, dropped = screen_replies(sent, replies, reference, names)
+        arrays, train_metrics = strategy.aggregate_train(rnd, usable)
+        if arrays is None:
+            why = "; ".join(dropped) or "no site sampled"
+            raise FedbridgeError(f"round {rnd}: no site returned usable weights ({why})")
+        global_state = {
+            k: v.to(reference[k].dtype) for k, v in arrays.to_torch_state_dict().items()
+        }
+        eval_cfg = ConfigRecord({**settings, "spec-json": config["spec-json"]})
+        sent_eval = list(
+            strategy.configure_evaluate(rnd, ArrayRecord(global_state), eval_cfg, grid)
+        )
+        eval_metrics = None
+        if sent_eval:
+            eval_replies = grid.send_and_receive(sent_eval, timeout=cfg.round_timeout)
+            usable_eval, dropped_eval = screen_replies(sent_eval, eval_replies, None, names)
+            dropped += [f"{d} (evaluation)" for d in dropped_eval]
+            eval_metrics = strategy.aggregate_evaluate(rnd, usable_eval)
+        model.load_state_dict(global_state, strict=False)
+        row: dict[str, Any] = {
+            "round": rnd,
+            "sites": [n for n in map(lambda m: names.get(m.metadata.src_node_id), usable) if n],
+            "dropped": dropped,
+            "train_loss": _mean(train_metrics, "train-loss"),
+            "train_accuracy": _mean(train_metrics, "train-accuracy"),
+            "federated_val_loss": _mean(eval_metrics, "val-loss"),
+            "federated_val_accuracy": _mean(eval_metrics, "val-accuracy"),
+        }
+        if val_loader is not None:
+            stats = evaluate(model, val_loader, torch.device("cpu"))
+            row.update(server_val_loss=stats.loss, server_val_accuracy=stats.accuracy)
+        row["score"] = row.get("server_val_loss", row["federated_val_loss"])
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        state.completed = rnd
+        state.history.append(row)
+        if row["score"] is not None and (
+            state.best_score is None or row["score"] < state.best_score
+        ):
+            state.best_round, state.best_score = rnd, row["score"]
+        elif state.best_round == 0:
+            state.best_round = rnd
+        store.save_round(
+            state,
+            spec,
+            model.state_dict(),
+            {"stage": "federated", "round": rnd},
+            {"round": row},
+            strategy_state(strategy),
+        )
+        console.print(_round_line(row, cfg.num_server_rounds))
+    return _finish(cfg, store, state, spec, init.sha256, console)
+
+
+def _round_line(row: dict, total: int) -> str:
+    parts = [f"round {row['round']}/{total}", f"sites {len(row['sites'])}"]
+    for key, label in (
+        ("train_loss", "train loss"),
+        ("federated_val_accuracy", "val acc"),
+        ("server_val_accuracy", "server val acc"),
+    ):
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.3f}")
+    parts.append(f"{row['seconds']:.1f}s")
+    if row["dropped"]:
+        parts.append("[yellow]dropped: " + "; ".join(row["dropped"]) + "[/]")
+    return "  ".join(parts)
+
+
+def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: str, console):
+    """Copy the best round to ``cfg.out`` and assess it on the test set when given."""
+    best = load_bundle(store.round_dir(state.best_round))
+    training = {
+        "stage": "federated",
+        "config": cfg.to_flat(),
+        "init_sha256": init_sha,
+        "rounds": state.completed,
+        "best_round": state.best_round,
+        "history": state.history,
+    }
+    final_spec = ModelSpec(
+        **{
+            **spec.__dict__,
+            "init": {
+                "kind": "bundle",
+                "source": str(Path(cfg.init).resolve()),
+                "sha256": init_sha,
+                "head": "kept",
+                "previous_init": spec.init,
+            },
+        }
+    )
+    out = save_bundle(
+        Path(cfg.out),
+        final_spec,
+        best.state_dict,
+        training,
+        {"best_round": state.history[state.best_round - 1]},
+    )
+    summary: dict[str, Any] = {
+        "bundle": str(out),
+        "best_round": state.best_round,
+        "history": state.history,
+    }
+    console.print(f"best round {state.best_round} → {out}")
+    if cfg.test_data:
+        metrics, _, _ = evaluate_bundle(out, Path(cfg.test_data), n_bootstrap=500, console=console)
+        summary["test"] = metrics
+    return summary

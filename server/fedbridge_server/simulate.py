@@ -1,0 +1,58 @@
+"""Run a federation on one machine with Flower's simulation runtime (one SuperNode per site)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fedbridge_client.client_app import make_client_app
+from fedbridge_client.site import Site
+from fedbridge_server.config import FederationConfig
+from fedbridge_server.server_app import make_server_app
+from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.metrics import format_metrics_table
+from fedbridge_shared.spec import load_bundle
+
+
+def preflight(cfg: FederationConfig, sites: Sequence[Path]) -> None:
+    """Check the init bundle and every site's labels before starting any process."""
+    if len(sites) < 1:
+        raise ConfigError("give at least one --site")
+    spec = load_bundle(Path(cfg.init)).spec
+    for i, path in enumerate(sites, start=1):
+        site = Site(path, f"site-{i}")
+        try:
+            site.check_labels(spec)
+        except FedbridgeError as e:
+            raise type(e)(f"{path}: {e}") from e
+
+
+def simulate(
+    flat: dict[str, Any],
+    sites: Sequence[Path],
+    out: Console,
+    err: Console,
+    mods: Sequence = (),
+) -> dict[str, Any]:
+    """Run the federation; returns the server's summary (history, best round, test metrics)."""
+    from flwr.simulation import run_simulation
+
+    cfg = FederationConfig.from_flat(flat)
+    paths = [str(Path(s).resolve()) for s in sites]
+    preflight(cfg, [Path(p) for p in paths])
+    summary: dict[str, Any] = {}
+    run_simulation(
+        server_app=make_server_app(cfg, on_done=summary.update),
+        client_app=make_client_app(paths, mods=mods),
+        num_supernodes=len(paths),
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    if not summary:
+        raise FedbridgeError("the federation did not finish; see the log above")
+    out.print(f"federated bundle: {summary['bundle']} (best round {summary['best_round']})")
+    if "test" in summary:
+        out.print(format_metrics_table(summary["test"]))
+    return summary

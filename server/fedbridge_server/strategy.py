@@ -1,0 +1,121 @@
+"""Flower strategies from the run config, their resumable state, and screening of site replies."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Message
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+
+from fedbridge_server.config import FederationConfig
+from fedbridge_shared.weights import WeightsError, check_state
+
+log = logging.getLogger("fedbridge.server")
+_OPT_STATE = ("current_arrays", "m_t", "v_t")  # FedOpt's server optimizer state
+
+
+def build_strategy(cfg: FederationConfig) -> Strategy:
+    """FedAvg, FedProx or FedAdam, optionally wrapped in server-side DP (clipping + noise)."""
+    common = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": cfg.min_train_sites,
+        "min_evaluate_nodes": cfg.min_evaluate_sites if cfg.fraction_evaluate > 0 else 0,
+        "min_available_nodes": cfg.min_available_sites,
+    }
+    if cfg.strategy == "fedprox":
+        strategy: Strategy = FedProx(**common, proximal_mu=cfg.proximal_mu)
+    elif cfg.strategy == "fedadam":
+        a = cfg.fedadam
+        strategy = FedAdam(
+            **common, eta=a.eta, eta_l=a.eta_l, beta_1=a.beta_1, beta_2=a.beta_2, tau=a.tau
+        )
+    else:
+        strategy = FedAvg(**common)
+    if cfg.dp.enabled:
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy,
+            noise_multiplier=cfg.dp.noise_multiplier,
+            clipping_norm=cfg.dp.clipping_norm,
+            num_sampled_clients=cfg.min_train_sites,
+        )
+    return strategy
+
+
+def _inner(strategy: Strategy) -> Strategy:
+    return getattr(strategy, "strategy", strategy)
+
+
+def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
+    """The server optimizer's state (FedAdam moments), flattened for safetensors."""
+    inner, out = _inner(strategy), {}
+    for attr in _OPT_STATE:
+        value = getattr(inner, attr, None)
+        if isinstance(value, dict):
+            out.update({f"{attr}/{k}": torch.from_numpy(np.array(v)) for k, v in value.items()})
+    return out
+
+
+def restore_strategy_state(strategy: Strategy, saved: dict[str, torch.Tensor]) -> None:
+    inner = _inner(strategy)
+    for attr in _OPT_STATE:
+        prefix = attr + "/"
+        values = {k[len(prefix) :]: v.numpy() for k, v in saved.items() if k.startswith(prefix)}
+        if values:
+            setattr(inner, attr, values)
+
+
+def site_name(msg: Message) -> str:
+    """The name a site reports (never a path), or its node id."""
+    if msg.has_content() and "site" in msg.content.config_records:
+        return str(msg.content.config_records["site"].get("name"))
+    return f"node {msg.metadata.src_node_id}"
+
+
+def screen_replies(
+    sent: Iterable[Message],
+    replies: Iterable[Message],
+    reference: dict[str, torch.Tensor] | None,
+    names: dict[int, str],
+) -> tuple[list[Message], list[str]]:
+    """Usable replies (sorted by site, so aggregation is reproducible) and why others dropped.
+
+    A reply is dropped when the site failed, did not answer in time, or (with ``reference``)
+    sent weights that are missing, mis-shaped or not finite: one bad site cannot poison the
+    global model.
+    """
+    replies = list(replies)
+    answered = {m.metadata.src_node_id for m in replies}
+    dropped = [
+        f"{names.get(m.metadata.dst_node_id, f'node {m.metadata.dst_node_id}')}: no reply "
+        "before the round timeout"
+        for m in sent
+        if m.metadata.dst_node_id not in answered
+    ]
+    usable = []
+    for msg in replies:
+        who = names.get(msg.metadata.src_node_id, site_name(msg))
+        if msg.has_error():
+            dropped.append(f"{who}: failed ({msg.error.reason})")
+            continue
+        names[msg.metadata.src_node_id] = site_name(msg)
+        if reference is not None:
+            try:
+                (record,) = msg.content.array_records.values()
+                check_state(reference, record.to_torch_state_dict())
+            except (WeightsError, ValueError) as e:
+                dropped.append(f"{who}: update rejected ({e})")
+                continue
+        usable.append(msg)
+    for reason in dropped:
+        log.warning("site dropped: %s", reason)
+    return sorted(usable, key=site_name), dropped
