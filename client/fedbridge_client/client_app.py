@@ -14,6 +14,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedbridge_client.audit import audit_error, record
 from fedbridge_client.site import LocalSettings, Site, as_float_metrics
 from fedbridge_shared.spec import ModelSpec
 
@@ -26,8 +27,13 @@ class SiteError(RuntimeError):
 
 
 def site_for(context: Context, site_paths: Sequence[str] | None) -> Site:
-    """The Site of this SuperNode: node-config ``data-path`` or, in simulation, its partition."""
+    """The Site of this SuperNode: node-config ``data-path`` or, in simulation, its partition
+
+    (folders from ``site_paths`` or the run config's ``simulation-sites``).
+    """
     node = context.node_config
+    if not site_paths and "data-path" not in node and context.run_config.get("simulation-sites"):
+        site_paths = str(context.run_config["simulation-sites"]).split(",")
     if site_paths:
         pid = int(node["partition-id"])
         data, name = site_paths[pid], f"site-{pid + 1}"
@@ -47,16 +53,24 @@ def _redact(text: str, paths: Sequence[str]) -> str:
     return text
 
 
-def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths):
+def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_dir):
     def run(msg: Message, context: Context) -> Message:
-        paths = list(site_paths or [str(context.node_config.get("data-path", ""))])
+        node = context.node_config
+        paths = list(site_paths or [str(node.get("data-path", ""))])
+        audit = audit_dir or node.get("audit-dir")
+        who = str(node.get("partition-id", context.node_id))
         try:
             site = site_for(context, site_paths)
-            content = handler(site, msg)
+            reply = Message(content=handler(site, msg), reply_to=msg)
         except Exception as e:
             log.error("site failed: %s", e)  # local log keeps the full message
-            raise SiteError(_redact(f"{type(e).__name__}: {e}", [p for p in paths if p])) from None
-        return Message(content=content, reply_to=msg)
+            error = SiteError(_redact(f"{type(e).__name__}: {e}", [p for p in paths if p]))
+            if audit:
+                audit_error(audit, who, msg, str(error))
+            raise error from None
+        if audit:
+            record(audit, who, reply)
+        return reply
 
     return run
 
@@ -91,11 +105,17 @@ def _evaluate(site: Site, msg: Message) -> RecordDict:
     )
 
 
-def make_client_app(site_paths: Sequence[str] | None = None, mods=()) -> ClientApp:
-    """A ClientApp; ``site_paths`` maps simulation partitions to local folders."""
+def make_client_app(
+    site_paths: Sequence[str] | None = None, mods: Sequence = (), audit_dir: str | None = None
+) -> ClientApp:
+    """A ClientApp; ``site_paths`` maps simulation partitions to local folders.
+
+    With ``audit_dir`` (or node-config ``audit-dir``) every reply is described in a JSON-lines
+    audit file (see :mod:`fedbridge_client.audit`).
+    """
     app = ClientApp(mods=list(mods))
-    app.train()(_guarded(_train, site_paths))
-    app.evaluate()(_guarded(_evaluate, site_paths))
+    app.train()(_guarded(_train, site_paths, audit_dir))
+    app.evaluate()(_guarded(_evaluate, site_paths, audit_dir))
     return app
 
 

@@ -43,6 +43,7 @@ class FederationConfig:
     out: str = "runs/federated/model"  # final (best) bundle; rounds go to OUT-rounds/
     val_data: str = ""  # optional server-side validation set for best-model selection
     test_data: str = ""  # optional server-side test set, assessed once at the end
+    simulation_sites: str = ""  # comma-separated site folders for `flwr run .` in simulation
     num_server_rounds: int = 3
     strategy: str = "fedavg"
     fraction_train: float = 1.0

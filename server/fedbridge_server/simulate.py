@@ -36,6 +36,7 @@ def simulate(
     out: Console,
     err: Console,
     mods: Sequence = (),
+    audit_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run the federation; returns the server's summary (history, best round, test metrics)."""
     from flwr.simulation import run_simulation
@@ -46,7 +47,9 @@ def simulate(
     summary: dict[str, Any] = {}
     run_simulation(
         server_app=make_server_app(cfg, on_done=summary.update),
-        client_app=make_client_app(paths, mods=mods),
+        client_app=make_client_app(
+            paths, mods=mods, audit_dir=str(Path(audit_dir).resolve()) if audit_dir else None
+        ),
         num_supernodes=len(paths),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ def save_bundle(
         record = {
             "format": BUNDLE_FORMAT,
             "fedbridge_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
             "spec": spec.to_dict(),
             "training": training or {},

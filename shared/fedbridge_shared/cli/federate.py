@@ -49,6 +49,10 @@ def simulate(
         Optional[list[str]],  # noqa: UP045
         typer.Option("--set", help="Any run-config key, e.g. --set dp.enabled=true."),
     ] = None,
+    audit_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write a JSON-lines audit of every message each site sends."),
+    ] = None,
     seed: Seed = 0,
 ) -> None:
     """Run the sites on this machine through Flower's simulation runtime."""
@@ -72,4 +76,4 @@ def simulate(
         "min-available-sites": len(sites),
         **parse_overrides(settings or []),
     }
-    run(flat, sites, make_console(), make_console(stderr=True))
+    run(flat, sites, make_console(), make_console(stderr=True), audit_dir=audit_dir)

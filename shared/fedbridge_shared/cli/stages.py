@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,12 +15,12 @@ out = make_console()
 err = make_console(stderr=True)
 
 
-class Preset(str, Enum):
+class Preset(StrEnum):
     cpu = "cpu"
     paper = "paper"
 
 
-class Augment(str, Enum):
+class Augment(StrEnum):
     cxr = "cxr"
     oct = "oct"
     none = "none"

@@ -1,0 +1,196 @@
+"""Federated target stage through Flower's simulation runtime on real chest X-rays.
+
+One module-scoped split and bridge bundle; tiny model at 48 px so a round takes seconds.
+"""
+
+import json
+import sys
+
+import cloudpickle
+import pytest
+import torch
+from cli import assert_one_line_error, fedbridge, ok
+from rich.console import Console
+
+from fedbridge_server.simulate import simulate
+from fedbridge_shared.spec import load_bundle
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # mods below run in Ray actors
+
+
+@pytest.fixture(scope="module")
+def fed(cxr_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed")
+    split = root / "split"
+    ok(
+        "data",
+        "split",
+        cxr_root,
+        "--out",
+        split,
+        "--sites",
+        "3",
+        "--bridge-fraction",
+        "0.3",
+        "--test-fraction",
+        "0.2",
+        "--seed",
+        "2",
+    )
+    ok(
+        "bridge",
+        split / "bridge",
+        "--out",
+        root / "bridge",
+        "--model",
+        "test_efficientnet",
+        "--init",
+        "none",
+        "--image-size",
+        "48",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+    )
+    return root, split
+
+
+def _flat(root, out, **extra):
+    base = {
+        "init": str(root / "bridge"),
+        "out": str(out),
+        "num-server-rounds": 2,
+        "augment-per-sample": 1,
+        "batch-size": 32,
+        "min-train-sites": 3,
+        "min-evaluate-sites": 3,
+        "min-available-sites": 3,
+        "lr": 1e-3,
+        "seed": 5,
+    }
+    return {**base, **extra}
+
+
+def _sites(split):
+    return [split / f"site-{i}" for i in (1, 2, 3)]
+
+
+def _run(flat, sites, **kw):
+    quiet = Console(file=open("/dev/null", "w"))  # noqa: SIM115
+    return simulate(flat, sites, quiet, quiet, **kw)
+
+
+def crash_site_2_in_round_2(msg, context, call_next):
+    """A ClientApp mod: site-2 (partition 1) crashes while training in round 2."""
+    if (
+        int(context.node_config["partition-id"]) == 1
+        and msg.metadata.message_type == "train"
+        and int(msg.content["config"]["server-round"]) == 2
+    ):
+        raise RuntimeError("simulated crash of site-2")
+    return call_next(msg, context)
+
+
+def test_simulation_writes_rounds_and_best_bundle_and_audits_every_message(fed, tmp_path):
+    root, split = fed
+    audit = tmp_path / "audit"
+    summary = _run(
+        _flat(root, tmp_path / "fed", **{"test-data": str(split / "test")}),
+        _sites(split),
+        audit_dir=audit,
+    )
+    # rounds, best-model selection and the final bundle
+    assert [h["round"] for h in summary["history"]] == [1, 2]
+    assert all(h["sites"] == ["site-1", "site-2", "site-3"] for h in summary["history"])
+    best = min(summary["history"], key=lambda h: h["score"])["round"]
+    assert summary["best_round"] == best
+    bundle = load_bundle(tmp_path / "fed")
+    assert bundle.training["stage"] == "federated" and bundle.training["best_round"] == best
+    state = json.loads((tmp_path / "fed-rounds" / "state.json").read_text())
+    assert state["completed"] == 2
+    assert summary["test"]["n"] == sum(1 for _ in (split / "test").rglob("*.jpg"))
+    # privacy: every message each site sent holds model tensors, numbers and its name only
+    model_keys = {k: list(v.shape) for k, v in bundle.state_dict.items() if v.is_floating_point()}
+    entries = [
+        json.loads(line)
+        for f in sorted(audit.glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    assert len(entries) == 3 * 2 * 2  # 3 sites × 2 rounds × (train + evaluate)
+    data_words = [str(split), "site-1/", ".jpg", "kermany", "ieee8023", "/"]
+    for e in entries:
+        for key, rec in e["records"].items():
+            if rec["kind"] == "arrays":
+                assert {k: v["shape"] for k, v in rec["items"].items()} == model_keys
+                assert all(v["dtype"] == "float32" for v in rec["items"].values())
+            elif rec["kind"] == "metrics":
+                assert all(isinstance(v, int | float) for v in rec["items"].values())
+            else:
+                assert key == "site" and set(rec["items"]) == {"name"}
+                assert rec["items"]["name"] in {"site-1", "site-2", "site-3"}
+        text = json.dumps(e["records"])
+        assert not any(w in text for w in data_words), text
+
+
+def test_restart_resumes_and_ends_with_the_same_weights(fed, tmp_path):
+    root, split = fed
+    whole = _run(_flat(root, tmp_path / "whole"), _sites(split))
+    _run(_flat(root, tmp_path / "parts", **{"num-server-rounds": 1}), _sites(split))
+    resumed = _run(_flat(root, tmp_path / "parts"), _sites(split))
+    assert [h["round"] for h in resumed["history"]] == [1, 2]
+    for name in ("round-0002",):
+        a = load_bundle(tmp_path / "whole-rounds" / name).state_dict
+        b = load_bundle(tmp_path / "parts-rounds" / name).state_dict
+        assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
+    a, b = load_bundle(tmp_path / "whole").state_dict, load_bundle(tmp_path / "parts").state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole["best_round"] == resumed["best_round"]
+
+
+def test_a_site_crashing_mid_run_does_not_stop_the_round(fed, tmp_path):
+    root, split = fed
+    summary = _run(
+        _flat(root, tmp_path / "fed", **{"min-train-sites": 2}),
+        _sites(split),
+        mods=[crash_site_2_in_round_2],
+    )
+    r1, r2 = summary["history"]
+    assert r1["sites"] == ["site-1", "site-2", "site-3"] and r1["dropped"] == []
+    assert r2["sites"] == ["site-1", "site-3"]
+    assert any("site-2" in d and "simulated crash" in d for d in r2["dropped"])
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_other_strategies_and_dp_run(fed, tmp_path, strategy):
+    root, split = fed
+    summary = _run(
+        _flat(
+            root,
+            tmp_path / "fed",
+            strategy=strategy,
+            **{"num-server-rounds": 1, "dp.enabled": True, "dp.noise-multiplier": 0.01},
+        ),
+        _sites(split),
+    )
+    weights = load_bundle(tmp_path / "fed").state_dict
+    assert summary["history"][0]["sites"] == ["site-1", "site-2", "site-3"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_cli_refuses_a_site_with_other_labels_before_starting(fed, oct_root, tmp_path):
+    root, split = fed
+    result = fedbridge(
+        "federate",
+        "simulate",
+        "--init",
+        root / "bridge",
+        "--site",
+        split / "site-1",
+        "--site",
+        oct_root,
+        "--out",
+        tmp_path / "x",
+    )
+    assert_one_line_error(result, str(oct_root), "differ from the model's labels")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x-rounds").exists()
