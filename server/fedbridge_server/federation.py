@@ -31,6 +31,7 @@ from fedbridge_server.strategy import (
 from fedbridge_shared.data.tensors import ImageDataset
 from fedbridge_shared.engine import evaluate
 from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.metrics import format_metrics_table
 from fedbridge_shared.models import build_model
 from fedbridge_shared.spec import ModelSpec, load_bundle, save_bundle
 from fedbridge_shared.training import check_labels, decode, evaluate_bundle, usable_index
@@ -201,4 +202,6 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
     if cfg.test_data:
         metrics, _, _ = evaluate_bundle(out, Path(cfg.test_data), n_bootstrap=500, console=console)
         summary["test"] = metrics
+        console.print(f"test set {cfg.test_data}:")
+        console.print(format_metrics_table(metrics))
     return summary

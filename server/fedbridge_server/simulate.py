@@ -13,7 +13,6 @@ from fedbridge_client.site import Site
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.server_app import make_server_app
 from fedbridge_shared.errors import ConfigError, FedbridgeError
-from fedbridge_shared.metrics import format_metrics_table
 from fedbridge_shared.spec import load_bundle
 
 
@@ -56,6 +55,4 @@ def simulate(
     if not summary:
         raise FedbridgeError("the federation did not finish; see the log above")
     out.print(f"federated bundle: {summary['bundle']} (best round {summary['best_round']})")
-    if "test" in summary:
-        out.print(format_metrics_table(summary["test"]))
     return summary

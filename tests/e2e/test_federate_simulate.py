@@ -1,6 +1,6 @@
 """Federated target stage through Flower's simulation runtime on real chest X-rays.
 
-One module-scoped split and bridge bundle; tiny model at 48 px so a round takes seconds.
+The split and tiny bridge bundle come from the session fixture ``fed`` (tests/e2e/conftest.py).
 """
 
 import json
@@ -9,51 +9,13 @@ import sys
 import cloudpickle
 import pytest
 import torch
-from cli import assert_one_line_error, fedbridge, ok
+from cli import assert_one_line_error, fedbridge
 from rich.console import Console
 
 from fedbridge_server.simulate import simulate
 from fedbridge_shared.spec import load_bundle
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # mods below run in Ray actors
-
-
-@pytest.fixture(scope="module")
-def fed(cxr_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fed")
-    split = root / "split"
-    ok(
-        "data",
-        "split",
-        cxr_root,
-        "--out",
-        split,
-        "--sites",
-        "3",
-        "--bridge-fraction",
-        "0.3",
-        "--test-fraction",
-        "0.2",
-        "--seed",
-        "2",
-    )
-    ok(
-        "bridge",
-        split / "bridge",
-        "--out",
-        root / "bridge",
-        "--model",
-        "test_efficientnet",
-        "--init",
-        "none",
-        "--image-size",
-        "48",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-    )
-    return root, split
 
 
 def _flat(root, out, **extra):

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from fedbridge_shared.cli import data, demo, federate, stages
+from fedbridge_shared.cli import data, demo, deploy, edge, explain, federate, stages
 from fedbridge_shared.errors import FedbridgeError
 
 app = typer.Typer(
@@ -19,8 +19,12 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(federate.app, name="federate")
+app.add_typer(deploy.server_app, name="server")
+app.add_typer(deploy.site_app, name="site")
 stages.register(app)
 demo.register(app)
+edge.register(app)
+explain.register(app)
 
 _state = {"debug": False}
 

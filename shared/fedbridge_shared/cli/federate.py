@@ -1,15 +1,41 @@
-"""``fedbridge federate simulate``: every site on this machine through Flower's simulation."""
+"""``fedbridge federate simulate``: every site on this machine through Flower's simulation.
+
+The option types here (rounds, strategy, local training settings, ``--set``) are shared with
+``fedbridge server start`` so both commands configure a federation the same way.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from fedbridge_shared.cli.options import Seed, make_console
 
 app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is_help=True)
+
+Init = Annotated[Path, typer.Option(help="Bridge bundle to start from.")]
+Out = Annotated[Path, typer.Option("--out", help="Final (best-round) bundle.")]
+Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
+Strategy = Annotated[str, typer.Option(help="fedavg | fedprox | fedadam")]
+AugmentPerSample = Annotated[int, typer.Option(help="Offline ×N expansion per site.")]
+Augment = Annotated[str, typer.Option(help="Augmentation preset: cxr | oct | none.")]
+LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
+Lr = Annotated[float, typer.Option(help="Local AdamW learning rate.")]
+BatchSize = Annotated[int, typer.Option(help="Local batch size.")]
+Val = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="Server-side validation set for best-round selection."),
+]
+Test = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="Test set assessed with the final bundle."),
+]
+Settings = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--set", help="Any run-config key, e.g. --set dp.enabled=true."),
+]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -25,30 +51,59 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def run_config(
+    *,
+    init: Path,
+    out: Path,
+    sites: int,
+    rounds: int,
+    strategy: str,
+    augment_per_sample: int,
+    augment: str,
+    local_epochs: int,
+    lr: float,
+    batch_size: int,
+    val: Path | None,
+    test: Path | None,
+    seed: int,
+    settings: list[str] | None,
+) -> dict[str, Any]:
+    """The flat run config both commands hand to :class:`FederationConfig`."""
+    return {
+        "init": str(Path(init).resolve()),
+        "out": str(Path(out).resolve()),
+        "num-server-rounds": rounds,
+        "strategy": strategy,
+        "augment-per-sample": augment_per_sample,
+        "augment": augment,
+        "local-epochs": local_epochs,
+        "lr": lr,
+        "batch-size": batch_size,
+        "seed": seed,
+        "val-data": str(Path(val).resolve()) if val else "",
+        "test-data": str(Path(test).resolve()) if test else "",
+        "min-train-sites": sites,
+        "min-evaluate-sites": sites,
+        "min-available-sites": sites,
+        **parse_overrides(settings or []),
+    }
+
+
 @app.command()
 def simulate(
-    init: Annotated[Path, typer.Option(help="Bridge bundle to start from.")],
+    init: Init,
     sites: Annotated[list[Path], typer.Option("--site", help="A site's class folders (repeat).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Final (best-round) bundle.")],
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    strategy: Annotated[str, typer.Option(help="fedavg | fedprox | fedadam")] = "fedavg",
-    augment_per_sample: Annotated[int, typer.Option(help="Offline ×N expansion per site.")] = 10,
-    augment: Annotated[str, typer.Option(help="Augmentation preset: cxr | oct | none.")] = "cxr",
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
-    lr: Annotated[float, typer.Option(help="Local AdamW learning rate.")] = 5e-4,
-    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 16,
-    val: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(help="Server-side validation set for best-round selection."),
-    ] = None,
-    test: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(help="Test set assessed with the final bundle."),
-    ] = None,
-    settings: Annotated[
-        Optional[list[str]],  # noqa: UP045
-        typer.Option("--set", help="Any run-config key, e.g. --set dp.enabled=true."),
-    ] = None,
+    out_dir: Out,
+    rounds: Rounds = 3,
+    strategy: Strategy = "fedavg",
+    augment_per_sample: AugmentPerSample = 10,
+    augment: Augment = "cxr",
+    local_epochs: LocalEpochs = 1,
+    lr: Lr = 5e-4,
+    batch_size: BatchSize = 16,
+    val: Val = None,
+    test: Test = None,
+    settings: Settings = None,
     audit_dir: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="Write a JSON-lines audit of every message each site sends."),
@@ -58,22 +113,9 @@ def simulate(
     """Run the sites on this machine through Flower's simulation runtime."""
     from fedbridge_server.simulate import simulate as run
 
-    flat = {
-        "init": str(init),
-        "out": str(out_dir),
-        "num-server-rounds": rounds,
-        "strategy": strategy,
-        "augment-per-sample": augment_per_sample,
-        "augment": augment,
-        "local-epochs": local_epochs,
-        "lr": lr,
-        "batch-size": batch_size,
-        "seed": seed,
-        "val-data": str(val or ""),
-        "test-data": str(test or ""),
-        "min-train-sites": len(sites),
-        "min-evaluate-sites": len(sites),
-        "min-available-sites": len(sites),
-        **parse_overrides(settings or []),
-    }
+    flat = run_config(
+        init=init, out=out_dir, sites=len(sites), rounds=rounds, strategy=strategy,
+        augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
+        lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
+    )  # fmt: skip
     run(flat, sites, make_console(), make_console(stderr=True), audit_dir=audit_dir)

@@ -198,7 +198,10 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
         out_dir: Annotated[
             Optional[Path],  # noqa: UP045
-            typer.Option("--out", help="Write metrics.json, confusion_matrix.png, roc.png."),
+            typer.Option(
+                "--out",
+                help="Write metrics.json, confusion_matrix.png, roc.png and report.html.",
+            ),
         ] = None,
         bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.")] = 1000,
         manifest: Manifest = None,
@@ -214,12 +217,49 @@ def register(app: typer.Typer) -> None:
         )
         if out_dir is not None:
             paths = write_metrics(metrics, out_dir, y, probs)
+            paths["report"] = _html_report(
+                bundle, data, manifest, metrics, y, probs, out_dir, device
+            )
             err.print("wrote " + ", ".join(str(p) for p in paths.values()))
         if as_json:
             typer.echo(json.dumps(metrics))
         else:
             for renderable in _as_list(format_metrics_table(metrics)):
                 out.print(renderable)
+
+
+def _html_report(bundle, data, manifest, metrics, y, probs, out_dir, device) -> Path:
+    """report.html for ``evaluate --out``: bundle record, test counts and a saliency grid."""
+    from fedbridge_shared.data.samples import scan_folder
+    from fedbridge_shared.errors import ConfigError
+    from fedbridge_shared.explain.grid import saliency_examples
+    from fedbridge_shared.html_report import bundle_context, write_html_report
+    from fedbridge_shared.spec import load_bundle
+    from fedbridge_shared.training import resolve_device
+
+    loaded = load_bundle(bundle)
+    config, counts, rounds = bundle_context(loaded)
+    index = scan_folder(Path(data), manifest)
+    config.update(data=str(Path(data).resolve()), patient_ids=index.patient_source)
+    counts[f"test: {Path(data).name}"] = index.counts()
+    try:
+        examples = saliency_examples(
+            loaded, index.samples, y, probs, device=str(resolve_device(device))
+        )
+    except ConfigError as e:  # captum missing: the report goes without its saliency grid
+        err.print(f"[yellow]report without saliency grid: {e}[/]")
+        examples = None
+    return write_html_report(
+        out_dir,
+        title=f"fedbridge assessment: {loaded.path.name} on {Path(data).name}",
+        config=config,
+        counts=counts,
+        metrics=metrics,
+        y_true=y,
+        probs=probs,
+        rounds=rounds,
+        saliency_examples=examples,
+    )
 
 
 def _as_list(x):

@@ -1,0 +1,277 @@
+"""``fedbridge export onnx``: a bundle → one ONNX graph with ``logits``, ``cam`` and ``ood_score``.
+
+The CAM is exact for networks that end in global average pooling + linear:
+``CAM_k = Σ_c w_kc · F_c`` is a 1×1 convolution of the last feature map with the classifier
+weights (no einsum), so ``mean_hw(CAM_k) + b_k == logit_k``. It stays at feature-map resolution;
+the host upsamples the one map it shows (measured faster than a Resize in the graph, see README).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedbridge_edge import ood
+from fedbridge_edge.errors import EdgeError
+from fedbridge_edge.files import atomic_write
+from fedbridge_edge.modelfile import OUTPUTS, seal
+from fedbridge_edge.preprocess import InputSpec, list_images, load
+
+DEFAULT_OPSET = 17
+FP32_LOGITS_TOL = 1e-4
+PARITY_IMAGES = 16
+
+
+class EdgeHead(nn.Module):
+    """Backbone + classifier returning (logits, cam, ood_score) in one forward pass."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        gaussians: ood.Gaussians,
+        cam_size: int | None = None,
+        fp16: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        classifier = model.get_classifier()
+        if not isinstance(classifier, nn.Linear):
+            raise EdgeError(f"{type(model).__name__}: classifier is not a linear layer; no CAM")
+        self.register_buffer("cam_weight", classifier.weight.detach()[:, :, None, None].clone())
+        self.register_buffer("ood_means", torch.as_tensor(gaussians.means, dtype=torch.float32))
+        self.register_buffer("ood_whiten", torch.as_tensor(gaussians.whiten, dtype=torch.float32))
+        self.cam_size, self.fp16 = cam_size, fp16
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fp16:
+            x = x.half()
+        feats = self.model.forward_features(x)
+        pooled = feats.mean(dim=(2, 3))
+        logits = self.model.get_classifier()(pooled)
+        cam = F.conv2d(feats, self.cam_weight)
+        if self.cam_size:
+            cam = F.interpolate(cam, size=(self.cam_size,) * 2, mode="bilinear")
+        g = pooled.float() @ self.ood_whiten
+        dist = ((g.unsqueeze(1) - self.ood_means.unsqueeze(0)) ** 2).sum(-1)
+        score = dist.amin(dim=1) / pooled.shape[1]
+        return logits.float(), cam.float(), score
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    parity: dict[str, Any]
+    ood: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+    int8: dict[str, Any] | None = None
+
+
+def _torch_model(bundle_path: Path):
+    from fedbridge_shared.models import build_model
+    from fedbridge_shared.spec import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    model = build_model(bundle.spec)
+    model.load_state_dict(bundle.state_dict)
+    model.eval()
+    probe = torch.linspace(-1, 1, 2 * bundle.spec.in_chans * 64 * 64).reshape(
+        2, bundle.spec.in_chans, 64, 64
+    )
+    with torch.no_grad():
+        try:
+            pooled = model.forward_features(probe).mean(dim=(2, 3))
+            exact = torch.allclose(model.get_classifier()(pooled), model(probe), atol=1e-5)
+        except (RuntimeError, AttributeError):
+            exact = False
+    if not exact:
+        raise EdgeError(
+            f"{bundle_path}: {bundle.spec.arch} does not end in global average pooling + linear, "
+            "so it has no exact one-pass CAM; use e.g. mobilenetv2_100, resnet or inception_v4"
+        )
+    return bundle, model
+
+
+def _load_images(paths: list[Path], spec: InputSpec) -> np.ndarray:
+    return np.stack([load(p, spec)[0] for p in paths]).astype(np.float32)
+
+
+def _features(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    feats, logits = [], []
+    with torch.no_grad():
+        for start in range(0, len(x), 32):
+            pooled = model.forward_features(torch.from_numpy(x[start : start + 32])).mean((2, 3))
+            feats.append(pooled)
+            logits.append(model.get_classifier()(pooled))
+    return torch.cat(feats).double().numpy(), torch.cat(logits).double().numpy()
+
+
+def _val_images(val: Path | None, bundle, console) -> tuple[list[Path], str]:
+    if val is None:
+        data = Path(str(bundle.training.get("data", "")))
+        if not bundle.training.get("data") or not data.is_dir():
+            raise EdgeError(
+                f"{bundle.path}: pass --val DIR (held-out images of the trained modality, one "
+                "folder per class) to calibrate the out-of-distribution threshold"
+            )
+        console.print(f"[yellow]no --val: calibrating OOD on the training images in {data}[/]")
+        val = data
+    paths = list_images([val])
+    if not paths:
+        raise EdgeError(f"{val}: no PNG/JPEG/DICOM images to calibrate on")
+    return paths, str(Path(val).resolve())
+
+
+def export_onnx(
+    bundle_path: Path,
+    out: Path,
+    val: Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    batch: int | None = None,
+    fp16: bool = False,
+    int8_calib: Path | None = None,
+    ood_percentile: float = ood.DEFAULT_PERCENTILE,
+    cam_in_graph: bool = False,
+    console=None,
+) -> ExportResult:
+    """Export, calibrate OOD, check (onnx.checker + onnxruntime parity) and write ``out``."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True, quiet=True)
+    t0 = time.perf_counter()
+    bundle, model = _torch_model(bundle_path)
+    spec = InputSpec.from_spec(bundle.spec.to_dict())
+    paths, val_root = _val_images(val, bundle, console)
+    x_val = _load_images(paths, spec)
+    feats, logits = _features(model, x_val)
+    labels = bundle.spec.labels
+    folder = [p.parent.name for p in paths]
+    by_folder = all(f in labels for f in folder)
+    y = np.array([labels.index(f) for f in folder]) if by_folder else logits.argmax(1)
+    gaussians, _, ood_record = ood.calibrate(feats, y, len(labels), ood_percentile)
+    ood_record.update(data=val_root, class_source="folders" if by_folder else "predictions")
+    seconds = {"load_and_calibrate": time.perf_counter() - t0}
+
+    t1 = time.perf_counter()
+    head = EdgeHead(model, gaussians, spec.image_size if cam_in_graph else None, fp16).eval()
+    if fp16:
+        head = head.half()
+        head.ood_means.data, head.ood_whiten.data = (
+            head.ood_means.float(),
+            head.ood_whiten.float(),
+        )
+    onnx_model = _trace(head, spec, opset, batch)
+    seconds["export"] = time.perf_counter() - t1
+    parity_x = x_val[:PARITY_IMAGES] if batch is None else x_val[:batch]
+    with torch.no_grad():
+        reference = [t.numpy() for t in head(torch.from_numpy(parity_x))] if not fp16 else None
+        if fp16:
+            ref_head = EdgeHead(model.float(), gaussians, head.cam_size).eval()
+            reference = [t.numpy() for t in ref_head(torch.from_numpy(parity_x))]
+    edge = {
+        "outputs": list(OUTPUTS),
+        "input": "input",
+        "precision": "fp16" if fp16 else "fp32",
+        "opset": opset,
+        "batch": batch if batch else "dynamic",
+        "cam": {
+            "resolution": "input" if cam_in_graph else "features",
+            "formula": "CAM_k = sum_c w_kc F_c (1x1 conv of the classifier weights, no bias)",
+            "bias": model.get_classifier().bias.detach().tolist(),
+        },
+        "ood": ood_record,
+        "bundle_weights_sha256": bundle.sha256,
+        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    record = _bundle_record(bundle)
+    data = seal(onnx_model, record, edge)
+    parity = _parity(data, parity_x, reference, tol=None if fp16 else FP32_LOGITS_TOL)
+    edge["parity"] = parity
+    result = ExportResult(path=Path(out), parity=parity, ood=ood_record, seconds=seconds)
+    if int8_calib is not None:
+        from fedbridge_edge.quantize import quantize_int8
+
+        t2 = time.perf_counter()
+        calib = list_images([int8_calib])
+        if not calib:
+            raise EdgeError(f"{int8_calib}: no PNG/JPEG/DICOM images to calibrate INT8 on")
+        qmodel, info = quantize_int8(data, calib, spec, batch)
+        edge["precision"] = "int8"
+        edge["int8"] = info
+        data = seal(qmodel, record, edge)
+        info["vs_fp32"] = _parity(data, parity_x, reference, tol=None)
+        result.int8 = info
+        seconds["quantize"] = time.perf_counter() - t2
+    else:
+        data = seal(onnx.load_from_string(data), record, edge)  # parity recorded inside
+    atomic_write(Path(out), data)
+    seconds["total"] = time.perf_counter() - t0
+    return result
+
+
+def _bundle_record(bundle) -> dict[str, Any]:
+    """The bundle's model.json as read (spec, training, metrics) plus its weights hash."""
+    import json
+
+    from fedbridge_shared.spec import SPEC_FILE
+
+    record = json.loads((bundle.path / SPEC_FILE).read_text())
+    record["spec"] = bundle.spec.to_dict()
+    return record
+
+
+def _trace(head: nn.Module, spec: InputSpec, opset: int, batch: int | None) -> onnx.ModelProto:
+    n = batch or 2
+    dummy = torch.zeros(n, spec.in_chans, spec.image_size, spec.image_size)
+    dynamic = None if batch else {name: {0: "batch"} for name in ("input", *OUTPUTS)}
+    buffer = io.BytesIO()
+    try:
+        torch.onnx.export(
+            head,
+            (dummy,),
+            buffer,
+            input_names=["input"],
+            output_names=list(OUTPUTS),
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    except Exception as e:  # the exporter raises many types for unsupported ops / opsets
+        raise EdgeError(f"ONNX export failed at opset {opset}: {' '.join(str(e).split())}") from e
+    model = onnx.load_from_string(buffer.getvalue())
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise EdgeError(f"exported graph fails onnx.checker: {' '.join(str(e).split())}") from e
+    return model
+
+
+def _parity(
+    data: bytes, x: np.ndarray, reference: list[np.ndarray], tol: float | None
+) -> dict[str, Any]:
+    """Max abs differences between onnxruntime (CPU) and PyTorch on real images."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(list(OUTPUTS), {"input": x})
+    diffs = {
+        f"{name}_max_abs_diff": float(np.abs(g - r).max())
+        for name, g, r in zip(OUTPUTS, got, reference, strict=True)
+    }
+    parity = {"images": int(len(x)), **diffs, "logits_tolerance": tol}
+    if tol is not None and diffs["logits_max_abs_diff"] > tol:
+        raise EdgeError(
+            f"onnxruntime logits differ from PyTorch by {diffs['logits_max_abs_diff']:.2e} "
+            f"(> {tol:.0e}) on real images; not writing the model"
+        )
+    return parity

@@ -1,0 +1,245 @@
+"""The coordinator on Flower's Deployment Engine: SuperLink + one ServerApp run.
+
+``start`` launches ``flower-superlink`` (TLS and SuperNode authentication unless ``insecure``),
+registers the sites' public keys, submits the fedbridge ServerApp with ``flwr run`` and streams
+its log, then stops the SuperLink and its children. Everything Flower keeps (its database, its
+CLI config, the app folder and the logs) lives in one state folder next to the output bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from rich.console import Console
+
+from fedbridge_server.config import FederationConfig
+from fedbridge_shared import pki
+from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.processes import sigterm_as_exit, spawn, stop, tool_env, wait_for_port
+from fedbridge_shared.spec import load_bundle, read_bundle_record
+
+CONNECTION = "fedbridge"  # the SuperLink's name in Flower's CLI config
+APP_NAME = "fedbridge"  # the FAB folder's name must be a valid project name
+
+
+@dataclass
+class Coordinator:
+    """Where and how the SuperLink listens, and what it runs."""
+
+    config: FederationConfig
+    state: Path  # Flower's database, CLI config, app folder and logs
+    host: str = "0.0.0.0"
+    port: int = 9092
+    certs: Path | None = None  # folder from `fedbridge server certs`; None only when insecure
+    insecure: bool = False
+    site_keys: Sequence[Path] = field(default_factory=list)
+    ready_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.state = Path(self.state).resolve()  # Flower runs with cwd=state
+
+    @property
+    def control_address(self) -> str:
+        """How this machine reaches its own SuperLink (the certificate covers localhost)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
+
+    def tls_files(self) -> tuple[Path, Path, Path]:
+        assert self.certs is not None
+        return (self.certs / pki.CA_CERT, self.certs / pki.SERVER_CERT, self.certs / pki.SERVER_KEY)
+
+    def check(self) -> None:
+        """Refuse a plan that cannot work, before any process starts."""
+        if not self.insecure:
+            if self.certs is None:
+                raise ConfigError(
+                    "TLS is on by default: give --certs DIR (make it with "
+                    "`fedbridge server certs`) or pass --insecure explicitly"
+                )
+            pki.check_tls_files(self.tls_files())
+            if not self.site_keys:
+                raise ConfigError(
+                    "SuperNode authentication is on: give each site's public key with --site-key "
+                    "(a site makes one with `fedbridge site keys`)"
+                )
+        for key in self.site_keys:
+            pki.check_public_key(Path(key))
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port}: not a TCP port")
+        load_bundle(Path(self.config.init))  # verified before the SuperLink starts
+
+    def superlink_command(self) -> list[str]:
+        cmd = [
+            "flower-superlink",
+            "--host", self.host,
+            "--port", str(self.port),
+            "--database", str(self.state / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+        if self.insecure:
+            return [*cmd, "--insecure"]
+        ca, cert, key = self.tls_files()
+        return [
+            *cmd,
+            "--ssl-ca-certfile", str(ca.resolve()),
+            "--ssl-certfile", str(cert.resolve()),
+            "--ssl-keyfile", str(key.resolve()),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
+
+
+def write_app(folder: Path, config: FederationConfig) -> Path:
+    """A Flower app folder whose components are the installed fedbridge apps, configured."""
+    app = folder / APP_NAME
+    app.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "project": {
+            "name": APP_NAME,
+            "version": "0.1.0",
+            "description": "fedbridge federated target stage",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedbridge",
+                    "components": {
+                        "serverapp": "fedbridge_server.server_app:app",
+                        "clientapp": "fedbridge_client.client_app:app",
+                    },
+                    "config": config.to_flat(),
+                }
+            }
+        },
+    }
+    (app / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    return app
+
+
+def write_flwr_home(folder: Path, address: str, ca: Path | None) -> Path:
+    """Flower's CLI config naming this SuperLink ``fedbridge``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    conn: dict[str, Any] = {"address": address}
+    if ca is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(ca.resolve())
+    (folder / "config.toml").write_text(tomli_w.dumps({"superlink": {CONNECTION: conn}}))
+    return folder
+
+
+def _flwr(args: Sequence[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    proc = subprocess.run(
+        ["flwr", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def registered_keys(env: dict[str, str]) -> None:
+    """Raise if the SuperLink's Control API does not answer."""
+    rc, text = _flwr(["supernode", "list", CONNECTION], env)
+    if rc != 0:
+        raise FedbridgeError(f"the SuperLink does not answer `flwr supernode list`: {_last(text)}")
+
+
+def register_site(key: Path, env: dict[str, str]) -> str:
+    """Register one site's public key; an already registered key is fine (state persists)."""
+    rc, text = _flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env)
+    if rc == 0:
+        return "registered"
+    if "already" in text.lower():
+        return "already registered"
+    raise FedbridgeError(f"{key}: the SuperLink refused to register this key: {_last(text)}")
+
+
+def _last(text: str) -> str:
+    lines = [ln.strip(" │╭╮╰╯─") for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("Using SuperLink")]
+    return " ".join(lines[-3:]) or "no output"
+
+
+def start(coord: Coordinator, console: Console) -> dict[str, Any]:
+    """Run the whole federation; returns the final bundle's record."""
+    coord.check()
+    with sigterm_as_exit():
+        return _start(coord, console)
+
+
+def _start(coord: Coordinator, console: Console) -> dict[str, Any]:
+    state = coord.state
+    state.mkdir(parents=True, exist_ok=True)
+    ca = None if coord.insecure else coord.tls_files()[0]
+    home = write_flwr_home(state / "flwr-home", coord.control_address, ca)
+    env = tool_env({"FLWR_HOME": str(home)})
+    app = write_app(state / "app", coord.config)
+    mode = "INSECURE (no TLS, no SuperNode authentication)" if coord.insecure else "TLS + auth"
+    console.print(f"SuperLink on {coord.host}:{coord.port} — {mode}; logs in {state}")
+    link = spawn(coord.superlink_command(), state / "superlink.log", env, cwd=state)
+    try:
+        host, port = coord.control_address.rsplit(":", 1)
+        if not wait_for_port(host, int(port), link, coord.ready_timeout):
+            raise FedbridgeError(
+                f"the SuperLink did not start; see {state / 'superlink.log'}: "
+                f"{_last((state / 'superlink.log').read_text(errors='replace'))}"
+            )
+        _wait_control_api(env, link, coord.ready_timeout)
+        for key in coord.site_keys:
+            console.print(f"site key {Path(key).name}: {register_site(Path(key), env)}")
+        console.print(
+            f"waiting for {coord.config.min_available_sites} site(s); "
+            f"{coord.config.num_server_rounds} round(s) of {coord.config.strategy}"
+        )
+        _run_app(app, env, state / "run.log", console)
+    finally:
+        stop([link])
+    out = Path(coord.config.out)
+    if not (out / "model.json").is_file():
+        raise FedbridgeError(f"the run ended without a final bundle at {out}; see {state}")
+    return read_bundle_record(out)
+
+
+def _wait_control_api(env: dict[str, str], link: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            registered_keys(env)
+            return
+        except FedbridgeError:
+            if link.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _run_app(app: Path, env: dict[str, str], log: Path, console: Console) -> None:
+    """``flwr run APP fedbridge --stream``, echoing the ServerApp's log."""
+    cmd = ["flwr", "run", str(app), CONNECTION, "--stream"]
+    with open(log, "a") as fh, subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(line)
+                fh.flush()
+                console.print(line.rstrip("\n"), markup=False, highlight=False)
+            rc = proc.wait()
+        except BaseException:
+            stop([proc])
+            raise
+    if rc != 0:
+        raise FedbridgeError(f"`flwr run` failed (exit {rc}); see {log}")
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line about the final bundle."""
+    metrics = record.get("metrics") or {}
+    return json.dumps({k: metrics[k] for k in ("accuracy", "auc_macro") if k in metrics})

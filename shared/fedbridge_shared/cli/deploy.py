@@ -1,0 +1,171 @@
+"""``fedbridge server …`` (the coordinator) and ``fedbridge site …`` (a hospital site admin).
+
+A real federation on Flower's Deployment Engine, TLS and SuperNode authentication on unless
+``--insecure`` is passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedbridge_shared.cli.federate import (
+    Augment,
+    AugmentPerSample,
+    BatchSize,
+    Init,
+    LocalEpochs,
+    Lr,
+    Out,
+    Rounds,
+    Settings,
+    Strategy,
+    Test,
+    Val,
+    run_config,
+)
+from fedbridge_shared.cli.options import Seed, make_console
+
+server_app = typer.Typer(help="The coordinator: certificates and the federation run.")
+site_app = typer.Typer(help="A hospital site: its key pair and joining a federation.")
+
+Insecure = Annotated[
+    bool, typer.Option("--insecure", help="No TLS and no authentication (testing only).")
+]
+Force = Annotated[bool, typer.Option("--force", help="Replace existing files.")]
+
+
+@server_app.command("certs")
+def certs(
+    out: Annotated[Path, typer.Option(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
+    hosts: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--host", help="Name or IP the sites use to reach the SuperLink (repeat)."),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    force: Force = False,
+) -> None:
+    """Create a private CA and the SuperLink's TLS certificate (localhost is always included)."""
+    from fedbridge_shared import pki
+
+    files = pki.make_certs(out, [*pki.DEFAULT_HOSTS, *(hosts or [])], days=days, force=force)
+    console = make_console()
+    console.print(f"wrote {', '.join(p.name for p in files.values())} to {out}")
+    console.print(f"give {files[pki.CA_CERT]} to every site; keep ca.key and server.key private")
+
+
+@server_app.command("start")
+def start(
+    init: Init,
+    out_dir: Out,
+    certs_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--certs", help="Folder from `fedbridge server certs`."),
+    ] = None,
+    site_keys: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option("--site-key", help="A site's public key (NAME.pub) to admit (repeat)."),
+    ] = None,
+    sites: Annotated[int, typer.Option("--sites", help="Sites needed in every round.")] = 2,
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="SuperLink port (sites connect here).")] = 9092,
+    state: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Flower's database, logs and app folder (default: OUT-superlink)."),
+    ] = None,
+    rounds: Rounds = 3,
+    strategy: Strategy = "fedavg",
+    augment_per_sample: AugmentPerSample = 10,
+    augment: Augment = "cxr",
+    local_epochs: LocalEpochs = 1,
+    lr: Lr = 5e-4,
+    batch_size: BatchSize = 16,
+    val: Val = None,
+    test: Test = None,
+    settings: Settings = None,
+    insecure: Insecure = False,
+    seed: Seed = 0,
+) -> None:
+    """Start the SuperLink, admit the sites' keys and run the federation to the end.
+
+    Restarting with the same --out resumes after the last completed round.
+    """
+    from fedbridge_server.config import FederationConfig
+    from fedbridge_server.deploy import Coordinator
+    from fedbridge_server.deploy import start as run
+
+    flat = run_config(
+        init=init, out=out_dir, sites=sites, rounds=rounds, strategy=strategy,
+        augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
+        lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
+    )  # fmt: skip
+    coord = Coordinator(
+        config=FederationConfig.from_flat(flat),
+        state=state or out_dir.with_name(out_dir.name + "-superlink"),
+        host=host,
+        port=port,
+        certs=certs_dir,
+        insecure=insecure,
+        site_keys=site_keys or [],
+    )
+    record = run(coord, make_console())
+    best = (record.get("metrics") or {}).get("best_round") or {}
+    make_console().print(f"federated bundle: {out_dir} (best round {best.get('round', '?')})")
+
+
+@site_app.command("keys")
+def keys(
+    name: Annotated[str, typer.Option(help="This site's name, e.g. st-marys.")],
+    out: Annotated[Path, typer.Option(help="Folder for NAME.key and NAME.pub.")] = Path("keys"),
+    force: Force = False,
+) -> None:
+    """Create this site's key pair; send NAME.pub to the coordinator, keep NAME.key here."""
+    from fedbridge_shared import pki
+
+    private, public = pki.make_site_keys(out, name, force=force)
+    make_console().print(f"private key {private} (keep it here); public key {public} (send it)")
+
+
+@site_app.command("join")
+def join(
+    superlink: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")],
+    data: Annotated[Path, typer.Option(help="This site's class folders (never leave the site).")],
+    name: Annotated[str, typer.Option(help="This site's name (shown in the server log).")],
+    ca: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="The coordinator's ca.crt."),
+    ] = None,
+    key: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="This site's private key from `fedbridge site keys`."),
+    ] = None,
+    runtime_port: Annotated[
+        int, typer.Option(help="Local port for Flower's app runtime (one per site on a host).")
+    ] = 9094,
+    log: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="SuperNode log file (default: ./NAME-supernode.log)."),
+    ] = None,
+    audit_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write a JSON-lines audit of every message this site sends."),
+    ] = None,
+    admit_timeout: Annotated[
+        float, typer.Option(help="Seconds to keep retrying until the SuperLink admits this site.")
+    ] = 600.0,
+    insecure: Insecure = False,
+) -> None:
+    """Connect this site's data to a federation and train when the coordinator asks.
+
+    Runs until Ctrl-C or SIGTERM: the site serves every run the coordinator starts.
+    """
+    from fedbridge_client.join import SiteNode
+    from fedbridge_client.join import join as run
+
+    node = SiteNode(
+        superlink=superlink, data=data, name=name, ca=ca, key=key, insecure=insecure,
+        runtime_port=runtime_port, audit_dir=audit_dir,
+    )  # fmt: skip
+    run(node, log or Path(f"{name}-supernode.log"), make_console(), admit_timeout=admit_timeout)

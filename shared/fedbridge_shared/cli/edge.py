@@ -1,0 +1,238 @@
+"""``fedbridge export onnx`` and ``fedbridge edge build | predict | serve | bench``."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedbridge_shared.cli.options import make_console
+from fedbridge_shared.errors import ConfigError
+
+out = make_console()
+err = make_console(stderr=True)
+
+export_app = typer.Typer(help="Export a bundle for deployment.", no_args_is_help=True)
+edge_app = typer.Typer(
+    help="The bedside device: build, predict, serve, bench.", no_args_is_help=True
+)
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Backend(StrEnum):
+    auto = "auto"
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+
+
+ModelArg = Annotated[Path, typer.Argument(help="Edge model: .onnx from `export onnx` or .engine.")]
+BackendOpt = Annotated[Backend, typer.Option(help="Inference backend (auto: by file type).")]
+Threads = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="CPU threads for onnxruntime (default: all cores)."),
+]
+
+
+@export_app.command("onnx")
+def export_onnx(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (model.json + model.safetensors).")],
+    out_path: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
+    val: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="Held-out images (class folders) to calibrate the OOD threshold "
+            "(default: the bundle's training data, if present)."
+        ),
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (TensorRT 10 parses up to 20).")] = 17,
+    batch: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Fixed batch size (default: dynamic batch)."),
+    ] = None,
+    dynamic_batch: Annotated[bool, typer.Option(help="Dynamic batch axis (the default).")] = False,
+    fp16: Annotated[bool, typer.Option(help="Half-precision weights and compute.")] = False,
+    int8: Annotated[
+        bool, typer.Option(help="Static INT8 (QDQ) quantization; needs --calib.")
+    ] = False,
+    calib: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Site images to calibrate INT8 activations on."),
+    ] = None,
+    ood_percentile: Annotated[
+        float, typer.Option(help="OOD threshold: this percentile of validation scores.")
+    ] = 95.0,
+) -> None:
+    """Export BUNDLE to ONNX with `logits`, `cam` and `ood_score` outputs; checks parity."""
+    if batch is not None and dynamic_batch:
+        raise ConfigError("--batch and --dynamic-batch exclude each other")
+    if batch is not None and batch < 1:
+        raise ConfigError(f"--batch must be ≥ 1, got {batch}")
+    if int8 and calib is None:
+        raise ConfigError("--int8 needs --calib DIR (site images to calibrate on)")
+    if int8 and fp16:
+        raise ConfigError("--int8 and --fp16 exclude each other")
+    if calib is not None and not int8:
+        raise ConfigError("--calib is only used with --int8")
+    from fedbridge_edge.export import export_onnx as run_export
+
+    result = run_export(
+        bundle,
+        out_path,
+        val,
+        opset,
+        batch,
+        fp16,
+        calib if int8 else None,
+        ood_percentile,
+        console=err,
+    )
+    p = result.parity
+    out.print(f"wrote {result.path}  ({result.path.stat().st_size / 1e6:.2f} MB)")
+    out.print(
+        f"parity onnxruntime vs PyTorch on {p['images']} real images: logits max abs diff "
+        f"{p['logits_max_abs_diff']:.2e}, cam {p['cam_max_abs_diff']:.2e}, "
+        f"ood_score {p['ood_score_max_abs_diff']:.2e}"
+    )
+    o = result.ood
+    out.print(
+        f"OOD threshold {o['threshold']:.3f} (p{o['percentile']:g} of out-of-fold Mahalanobis "
+        f"scores on {o['n_val']} images in {o['data']})"
+    )
+    if result.int8:
+        q = result.int8["vs_fp32"]
+        out.print(
+            f"INT8 (QDQ, {result.int8['calib_images']} calibration images): logits max abs diff "
+            f"vs fp32 {q['logits_max_abs_diff']:.3f}, cam {q['cam_max_abs_diff']:.3f}"
+        )
+
+
+@edge_app.command("build")
+def build(
+    model: Annotated[Path, typer.Argument(help="ONNX file from `fedbridge export onnx`.")],
+    precision: Annotated[Precision, typer.Option(help="Engine precision.")] = Precision.fp16,
+    calib: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Site images for INT8 calibration of a float ONNX."),
+    ] = None,
+    workspace: Annotated[int, typer.Option(help="Builder workspace in MB.")] = 1024,
+    max_batch: Annotated[int, typer.Option(help="Largest batch of the optimisation profile.")] = 8,
+    out_path: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", help="Engine file (default: MODEL with .engine)."),
+    ] = None,
+) -> None:
+    """Build a TensorRT engine ON THIS DEVICE (engines are not portable)."""
+    from fedbridge_edge.trt import build_engine
+
+    target = out_path or model.with_suffix(".engine")
+    path, header = build_engine(model, target, precision.value, calib, workspace, max_batch)
+    d = header["device"]
+    out.print(
+        f"wrote {path} ({precision.value}) for {d['gpu_name']} sm {d['compute_capability']}, "
+        f"TensorRT {d['tensorrt_version']}"
+    )
+
+
+@edge_app.command("predict")
+def predict(
+    model: ModelArg,
+    inputs: Annotated[list[Path], typer.Argument(help="Images (PNG/JPEG/DICOM) or folders.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for JSON + overlay PNGs.")],
+    backend: BackendOpt = Backend.auto,
+    threads: Threads = None,
+) -> None:
+    """Predict each image: IMAGE.json (label, probabilities, OOD) and IMAGE.overlay.png."""
+    from fedbridge_edge.preprocess import list_images
+    from fedbridge_edge.runtime import Predictor, unique_stems, write_prediction
+    from fedbridge_shared.errors import DataError
+
+    images = list_images(inputs)
+    if not images:
+        raise ConfigError(f"no PNG/JPEG/DICOM images in {', '.join(map(str, inputs))}")
+    predictor = Predictor(model, backend.value, threads)
+    failed = 0
+    for path, stem in zip(images, unique_stems(images), strict=True):
+        try:
+            pred = predictor.predict_file(path)
+        except DataError as e:
+            if len(images) == 1:
+                raise
+            failed += 1
+            err.print(f"[red]skipped[/] {e}")
+            continue
+        write_prediction(pred, out_dir, stem)
+        flag = "  [bold yellow]OUT OF DISTRIBUTION[/]" if pred.ood else ""
+        out.print(
+            f"{path.name}: {pred.label} {pred.probabilities[pred.label]:.3f}  "
+            f"ood_score {pred.ood_score:.2f}  {pred.latency_ms:.1f} ms{flag}"
+        )
+    out.print(f"{len(images) - failed} predictions in {out_dir} ({predictor.backend})")
+    if failed:
+        raise typer.Exit(1)
+
+
+@edge_app.command("serve")
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Address to bind (keep loopback).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 8080,
+    max_bytes: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 32 << 20,
+    backend: BackendOpt = Backend.auto,
+    threads: Threads = None,
+) -> None:
+    """HTTP API: POST /predict (image bytes) → JSON with base64 overlay; GET /health."""
+    from fedbridge_edge.runtime import Predictor
+    from fedbridge_edge.serve import make_server
+
+    predictor = Predictor(model, backend.value, threads)
+    server = make_server(predictor, host, port, max_bytes)
+    out.print(
+        f"serving {model} ({predictor.backend}) on http://{host}:{server.server_port} "
+        "— POST /predict, GET /health",
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@edge_app.command("bench")
+def bench(
+    model: ModelArg,
+    backend: BackendOpt = Backend.auto,
+    threads: Threads = None,
+    iters: Annotated[int, typer.Option(help="Timed runs per batch size.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Latency p50/p95 and throughput at batch 1 and 8."""
+    from fedbridge_edge.bench import bench as run_bench
+    from fedbridge_edge.runtime import Predictor
+
+    if iters < 1:
+        raise ConfigError(f"--iters must be ≥ 1, got {iters}")
+    result = run_bench(Predictor(model, backend.value, threads), iters=iters)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(f"{model} on {result['backend']}")
+    for key, row in result.items():
+        if key.startswith("batch_"):
+            out.print(
+                f"  {key.replace('_', ' ')}: p50 {row['p50_ms']:.2f} ms  p95 {row['p95_ms']:.2f} ms"
+                f"  {row['images_per_s']:.0f} images/s"
+            )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(export_app, name="export")
+    app.add_typer(edge_app, name="edge")

@@ -1,0 +1,164 @@
+"""Start Flower's long-running processes and stop them, children included.
+
+Flower's SuperLink and SuperNode spawn ``flower-superexec`` children, some in their own session
+(found through their ``--parent-pid`` argument). Each process we start gets its own process
+group, and :func:`stop` ends the group plus every descendant found in ``/proc`` — only processes
+this program started, by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower's tools: this interpreter's ``bin`` first on PATH."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def spawn(
+    cmd: Sequence[str], log: Path, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.Popen:
+    """Start ``cmd`` in a new process group with stdout+stderr appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            list(cmd),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid → (parent pid, command line) for every visible process (Linux /proc)."""
+    table: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        table[int(entry.name)] = (ppid, cmd)
+    return table
+
+
+def descendants(pids: Iterable[int]) -> set[int]:
+    """``pids``, their descendants, and processes naming one of them as ``--parent-pid``."""
+    table = _proc_table()
+    found = set(pids)
+    while True:
+        more = {
+            pid
+            for pid, (ppid, cmd) in table.items()
+            if pid not in found
+            and (ppid in found or any(f"--parent-pid {p}" in cmd for p in found))
+        }
+        if not more:
+            return found
+        found |= more
+
+
+def alive(pid: int) -> bool:
+    """Is ``pid`` running (zombies count as gone)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still answers kill(0); treat it as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stop(procs: Iterable[subprocess.Popen], timeout: float = 15.0) -> None:
+    """SIGTERM each process group and every descendant; SIGKILL what is left after ``timeout``."""
+    procs = list(procs)
+    targets = descendants(p.pid for p in procs)
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGTERM)
+    stop_pids(targets, timeout)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=5)
+
+
+def stop_pids(pids: Iterable[int], timeout: float = 15.0) -> None:
+    """SIGTERM ``pids``, wait up to ``timeout`` s, then SIGKILL the ones still running."""
+    targets = set(pids)
+    for pid in targets:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(pid) for pid in targets):
+        time.sleep(0.2)
+    for pid in targets:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float) -> bool:
+    """True once ``host:port`` accepts connections; False if ``proc`` exits or time runs out."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit`` so ``finally`` blocks stop our children first."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
