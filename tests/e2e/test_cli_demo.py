@@ -7,15 +7,34 @@ from cli import assert_one_line_error, fedbridge, ok
 
 def test_demo_on_phantom_data_says_synthetic_everywhere(tmp_path):
     out = tmp_path / "demo"
-    result = ok("demo", "--quick", "--out", out, "--model", "test_efficientnet", "--init", "none")
+    result = ok(
+        "demo", "--quick", "--out", out, "--model", "test_efficientnet", "--init", "none",
+        "--image-size", "64",
+    )  # fmt: skip
     assert "SYNTHETIC" in result.stdout
     summary = json.loads((out / "demo.json").read_text())
     assert summary["synthetic"] is True
-    assert [r["model"] for r in summary["test"]] == ["bridge only", "bridge → target"]
+    assert [r["model"] for r in summary["test"]] == [
+        "bridge only",
+        "federated (3 sites)",
+        "central pooled",
+        "local only: site-1",
+        "local only: site-2",
+        "local only: site-3",
+    ]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] > 0 for r in summary["test"])
-    report = json.loads((out / "report-target" / "metrics.json").read_text())
-    assert report["synthetic"] is True and report["n"] == summary["test"][1]["n"]
-    assert (out / "report-target" / "confusion_matrix.png").is_file()
+    assert sum(bool(r.get("best_local")) for r in summary["test"]) == 1
+    fed, central = summary["test"][1], summary["test"][2]
+    assert summary["federated_minus_central"] == fed["accuracy"] - central["accuracy"]
+    assert "federated − central pooled" in result.stdout
+    # the federated arm really ran rounds over three sites
+    history = json.loads((out / "federated-bundle" / "model.json").read_text())["training"]
+    assert [h["sites"] for h in history["history"]] == [["site-1", "site-2", "site-3"]] * 4
+    report = json.loads((out / "report-federated" / "metrics.json").read_text())
+    assert report["synthetic"] is True and report["n"] == fed["n"]
+    assert (out / "report-federated" / "confusion_matrix.png").is_file()
+    html = (out / "report-federated" / "report.html").read_text()
+    assert "Federated rounds" in html and "data:image/png;base64," in html
     assert "README.txt" in {p.name for p in (out / "phantom-data").iterdir()}
 
 

@@ -21,12 +21,18 @@ def register(app: typer.Typer) -> None:
         quick: Annotated[bool, typer.Option(help="Small budget: minutes on a CPU.")] = False,
         init: Annotated[str, typer.Option(help="none | imagenet | FILE.safetensors")] = "imagenet",
         model: Annotated[str, typer.Option(help="timm model name.")] = "mobilenetv2_100",
+        image_size: Annotated[
+            Optional[int],  # noqa: UP045
+            typer.Option(help="Input size in pixels (default: 160 quick, 224 full)."),
+        ] = None,
         augment: Annotated[
             str, typer.Option(help="Augmentation preset: cxr | oct | none.")
         ] = "cxr",
         seed: Seed = 0,
     ) -> None:
-        """Split → bridge → target → evaluate, then a summary table."""
+        """Split → bridge → target (federated, pooled, local-only) → assess, with HTML reports."""
         from fedbridge_shared.demo import run_demo
 
-        run_demo(out_dir, data, quick, init, model, augment, seed, make_console())
+        run_demo(
+            out_dir, data, quick, init, model, augment, seed, make_console(), image_size=image_size
+        )
