@@ -34,7 +34,7 @@ h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #d0d7de;paddi
 margin-top:2rem}table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #d0d7de;
 padding:.25rem .6rem;text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f5f7}
 td:first-child,th:first-child{text-align:left}.muted{color:#57606a;font-size:.9rem}
-.grid{display:flex;flex-wrap:wrap;gap:.6rem}.cell{width:180px;font-size:.78rem}
+.grid{display:flex;flex-wrap:wrap;gap:.6rem}.cell{width:180px;font-size:.78rem;overflow-wrap:anywhere}
 .cell img{width:176px;height:176px;border:2px solid #2da44e}.cell.wrong img{border-color:#cf222e}
 .fail{color:#cf222e;font-weight:600}.pass{color:#1a7f37}pre{background:#f6f8fa;padding:.6rem;
 overflow-x:auto;font-size:.8rem}img.fig{max-width:100%}
