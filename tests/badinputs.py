@@ -6,6 +6,7 @@ Everything is written into a directory the caller owns (a pytest ``tmp_path``); 
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -170,3 +171,83 @@ def make_class_tree(
     if empty_class:
         (directory / empty_class).mkdir(parents=True, exist_ok=True)
     return directory
+
+
+# More bad inputs for the reliability suite (tests/reliability/): files and folder layouts that
+# every command reading a dataset must refuse with one line naming the file (key -> words).
+MORE_BAD_KEYS = {
+    "bomb_png": "decompression bomb",
+    "dicom_jpegls": "cannot decode DICOM pixel data",
+    "nonutf8_name": "not valid UTF-8",
+}
+BOMB_SIDE = 20_000  # 400 M pixels claimed by a PNG of under 1 kB
+
+
+def write_bomb_png(path: Path, side: int = BOMB_SIDE) -> Path:
+    """A tiny PNG whose header claims ``side`` x ``side`` greyscale pixels (a decompression bomb).
+
+    The IHDR chunk of a real 8x8 PNG is rewritten (with its CRC), so the file parses as a PNG
+    and only a reader that checks the size before decoding refuses it cheaply.
+    """
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 0).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", side, side)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def write_jpegls_dicom(path: Path, grey: np.ndarray) -> Path:
+    """A DICOM that declares JPEG-LS Lossless pixel data (garbage; no decoder is installed)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    write_dicom(path, grey)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\x00\x01" * 64])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def nonutf8_name(stem: str = "scan", suffix: str = ".jpg") -> str:
+    """A file name whose bytes are not UTF-8 (Latin-1 'é'), as Python sees it on Linux."""
+    return os.fsdecode(stem.encode() + b"-\xe9" + suffix.encode())
+
+
+def make_more_bad_inputs(directory: Path, source: Path | None = None) -> dict[str, Path]:
+    """Write every file in MORE_BAD_KEYS into ``directory``; return key -> path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    source = source or default_source()
+    grey = source_grey(source)
+    files = {
+        "bomb_png": write_bomb_png(directory / "bomb.png"),
+        "dicom_jpegls": write_jpegls_dicom(directory / "jpegls.dcm", grey),
+    }
+    files["nonutf8_name"] = directory / nonutf8_name()
+    files["nonutf8_name"].write_bytes(_jpeg_bytes(grey))
+    return files
+
+
+def add_outside_symlink(data: Path, outside: Path, label: str | None = None) -> Path:
+    """Put a symlink into a class folder of ``data`` that points at ``outside`` (a file)."""
+    label = label or sorted(p.name for p in data.iterdir() if p.is_dir())[0]
+    link = data / label / f"link-{outside.name}"
+    link.symlink_to(outside)
+    return link
+
+
+def write_manifest(data: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """``data/MANIFEST.csv`` with (path, label, patient_id) rows, e.g. a ``../`` path."""
+    lines = ["path,label,patient_id", *(",".join(r) for r in rows)]
+    manifest = data / "MANIFEST.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest

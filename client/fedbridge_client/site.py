@@ -34,6 +34,9 @@ class LocalSettings:
     val_fraction: float = 0.15
     seed: int = 0
     proximal_mu: float = 0.0
+    # torch CPU threads while training (0: torch's default). Floating-point sums depend on the
+    # thread count, so bitwise-identical reruns need the same value on the same site.
+    threads: int = 0
 
     def to_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -94,6 +97,8 @@ class Site:
         if not images:
             raise DataError(f"site {self.name}: no training images")
         seed = self._seed(settings, server_round)
+        if settings.threads > 0:
+            torch.set_num_threads(settings.threads)
         torch.manual_seed(seed)
         model = build_model(spec)
         load_shared_state(model, state)

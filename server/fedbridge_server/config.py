@@ -61,6 +61,7 @@ class FederationConfig:
     val_fraction: float = 0.15
     seed: int = 0
     proximal_mu: float = 0.01
+    threads: int = 0  # sites' torch CPU threads (0: their default); fix it for bitwise reruns
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     dp: DPConfig = field(default_factory=DPConfig)
 
@@ -75,6 +76,7 @@ class FederationConfig:
             "round-timeout": self.round_timeout > 0,
             "local-epochs": self.local_epochs >= 1,
             "lr": self.lr > 0,
+            "threads": self.threads >= 0,
             "dp.clipping-norm": self.dp.clipping_norm > 0,
             "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
         }

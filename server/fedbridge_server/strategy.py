@@ -93,8 +93,15 @@ def screen_replies(
     sent weights that are missing, mis-shaped or not finite: one bad site cannot poison the
     global model.
     """
-    replies = list(replies)
-    answered = {m.metadata.src_node_id for m in replies}
+    sent, replies = list(sent), list(replies)
+    # An error reply made by the SuperLink (e.g. "Node Unavailable") does not come from the
+    # site's node: match replies to what was sent, so the site is named once, correctly.
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+
+    def origin(m: Message) -> int:
+        return dst.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+
+    answered = {origin(m) for m in replies}
     dropped = [
         f"{names.get(m.metadata.dst_node_id, f'node {m.metadata.dst_node_id}')}: no reply "
         "before the round timeout"
@@ -103,7 +110,7 @@ def screen_replies(
     ]
     usable = []
     for msg in replies:
-        who = names.get(msg.metadata.src_node_id, site_name(msg))
+        who = names.get(origin(msg), site_name(msg))
         if msg.has_error():
             dropped.append(f"{who}: failed ({msg.error.reason})")
             continue

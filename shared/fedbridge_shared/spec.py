@@ -6,6 +6,7 @@ Everything after training reads only the bundle: the spec carries what preproces
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from fedbridge_shared import __version__
 from fedbridge_shared.data.images import file_sha256
@@ -154,14 +156,20 @@ def load_bundle(path: Path) -> Bundle:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{weights}: missing")
-    digest = file_sha256(weights)
+    # One read serves both the hash check and the tensors: no gap between checking and using,
+    # and no memory map a later in-place edit of the file could change behind our back.
+    try:
+        data = weights.read_bytes()
+    except OSError as e:
+        raise BundleError(f"{weights}: unreadable ({e.strerror})") from e
+    digest = hashlib.sha256(data).hexdigest()
     if digest != record.get("weights_sha256"):
         raise BundleError(
             f"{weights}: sha256 {digest[:12]}… does not match model.json "
             f"({str(record.get('weights_sha256'))[:12]}…); the file was modified or corrupted"
         )
     try:
-        state = load_file(str(weights))
+        state = load_safetensors(data)
     except (SafetensorError, OSError) as e:
         raise BundleError(f"{weights}: unreadable safetensors file ({e})") from e
     for name, tensor in state.items():

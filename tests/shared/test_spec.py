@@ -64,3 +64,17 @@ def test_unknown_spec_keys_are_refused():
     d = SPEC.to_dict() | {"colour": "red"}
     with pytest.raises(BundleError, match="unknown keys: colour"):
         ModelSpec.from_dict(d)
+
+
+def test_loaded_weights_do_not_change_when_the_file_is_edited_afterwards(tmp_path):
+    """The hash is checked on the very bytes the tensors come from (no memory map of the file)."""
+    save_bundle(tmp_path / "b", SPEC, _state())
+    loaded = load_bundle(tmp_path / "b")
+    before = {k: v.clone() for k, v in loaded.state_dict.items()}
+    weights = tmp_path / "b" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))  # in place: same inode
+    assert all(torch.equal(before[k], loaded.state_dict[k]) for k in before)
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(tmp_path / "b")

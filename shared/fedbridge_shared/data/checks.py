@@ -74,6 +74,7 @@ def check_folder(
             progress(done, total)
 
     findings += _class_findings(index)
+    findings += _symlink_findings(index)
     findings += _duplicate_findings(by_hash)
     findings += _patient_findings(index)
     findings += _manifest_findings(index)
@@ -101,6 +102,18 @@ def _class_findings(index: FolderIndex) -> list[Finding]:
         else:
             message = f"skipped: not an image file (suffix not one of {suffixes})"
         findings.append(Finding("warning", path, message))
+    return findings
+
+
+def _symlink_findings(index: FolderIndex) -> list[Finding]:
+    """Warn about images that are symlinks to files outside the data folder."""
+    findings = []
+    for sample in index.samples:
+        if sample.path.is_symlink():
+            target = sample.path.resolve()
+            if not target.is_relative_to(index.root):
+                message = f"symlink to {target}, outside the data folder {index.root}"
+                findings.append(Finding("warning", sample.path, message))
     return findings
 
 

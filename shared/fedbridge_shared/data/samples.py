@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -77,9 +78,11 @@ def scan_folder(root: Path, manifest: Path | None = None) -> FolderIndex:
     files: list[tuple[Path, str]] = []
     skipped: list[Path] = []
     for class_dir in class_dirs:
+        _check_name(class_dir)
         for entry in class_dir.iterdir():
             if entry.name.startswith("."):
                 continue
+            _check_name(entry)
             if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
                 files.append((entry, class_dir.name))
             else:
@@ -119,6 +122,17 @@ def scan_folder(root: Path, manifest: Path | None = None) -> FolderIndex:
         manifest=manifest_path,
         unlisted=tuple(unlisted) if manifest_path is not None else (),
     )
+
+
+def _check_name(path: Path) -> None:
+    """Refuse a file or folder name that is not valid UTF-8: no manifest can list it."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise DataError(
+            f"{shown}: file name is not valid UTF-8 (a manifest cannot list it); rename it"
+        ) from None
 
 
 def find_manifest(root: Path) -> Path | None:
