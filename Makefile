@@ -17,7 +17,7 @@ DEMO_DATA ?= --data $(SHARED)/data/cxr
 endif
 DEMO_ARGS ?= --quick $(DEMO_DATA) --out runs/demo
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean bench bench-quick
 
 install: $(STAMP)
 
@@ -37,6 +37,13 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (issue #6): scripts under bench/, JSON in bench/results/, then BENCHMARKS.md.
+bench: install
+	BENCH_MAKE_TARGET=bench $(PY) -m bench.run
+
+bench-quick: install
+	BENCH_MAKE_TARGET=bench-quick $(PY) -m bench.run --quick
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -68,6 +68,11 @@ def _mean(metrics: Any, key: str) -> float | None:
     return None if metrics is None or key not in metrics else float(metrics[key])
 
 
+def _examples(msg) -> float:
+    metrics = msg.content.metric_records.get("metrics")
+    return float(metrics.get("num-examples", 0)) if metrics is not None else 0.0
+
+
 def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = None) -> dict:
     """Run (or resume) the federated target stage; returns a summary with the round history."""
     console = console or Console(stderr=True)
@@ -112,7 +117,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             eval_replies = grid.send_and_receive(sent_eval, timeout=cfg.round_timeout)
             usable_eval, dropped_eval = screen_replies(sent_eval, eval_replies, None, names)
             dropped += [f"{d} (evaluation)" for d in dropped_eval]
-            eval_metrics = strategy.aggregate_evaluate(rnd, usable_eval)
+            # a site without validation patients has nothing to weigh in
+            usable_eval = [m for m in usable_eval if _examples(m) > 0]
+            if usable_eval:
+                eval_metrics = strategy.aggregate_evaluate(rnd, usable_eval)
         model.load_state_dict(global_state, strict=False)
         row: dict[str, Any] = {
             "round": rnd,

@@ -156,3 +156,16 @@ def test_cli_refuses_a_site_with_other_labels_before_starting(fed, oct_root, tmp
     )
     assert_one_line_error(result, str(oct_root), "differ from the model's labels")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x-rounds").exists()
+
+
+def test_sites_without_validation_patients_do_not_stop_the_run(fed, tmp_path):
+    """No site holds validation patients: federated evaluation is skipped, not divided by 0."""
+    root, split = fed
+    summary = _run(
+        _flat(root, tmp_path / "fed", **{"num-server-rounds": 1, "val-fraction": 0.0}),
+        _sites(split),
+    )
+    (row,) = summary["history"]
+    assert row["sites"] == ["site-1", "site-2", "site-3"]
+    assert row["federated_val_loss"] is None and row["score"] is None
+    assert summary["best_round"] == 1 and load_bundle(tmp_path / "fed").training["rounds"] == 1

@@ -66,11 +66,22 @@ def split(
     test_fraction: Annotated[float, typer.Option(help="Share of patients for test.")] = 0.2,
     seed: Seed = 0,
     manifest: Manifest = None,
+    skew: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--skew",
+            metavar="ALPHA",
+            help="Label-skewed sites: each site's class proportions drawn from a Dirichlet "
+            "with concentration ALPHA (0.5: strong skew). Bridge and test stay as without it.",
+        ),
+    ] = None,
 ) -> None:
     """Patient-disjoint, class-stratified split into bridge / site-1..N / test folders."""
     from fedbridge_shared.data.split import split_folder
 
-    result = split_folder(data, out_dir, sites, bridge_fraction, test_fraction, seed, manifest)
+    result = split_folder(
+        data, out_dir, sites, bridge_fraction, test_fraction, seed, manifest, skew=skew
+    )
     table = Table(title=f"split of {data} → {result.out}")
     labels = sorted({s.label for part in result.parts.values() for s in part})
     table.add_column("part")

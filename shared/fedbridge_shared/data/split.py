@@ -61,6 +61,53 @@ def assign_parts(
     return {name: sorted(members, key=lambda s: s.path) for name, members in parts.items()}
 
 
+def skew_sites(
+    parts: Mapping[str, list[Sample]], alpha: float, seed: int
+) -> dict[str, list[Sample]]:
+    """Redistribute the patients of the ``site-*`` parts with Dirichlet label skew.
+
+    The pooled site patients are dealt out again: each site draws its class proportions
+    ``q_i ~ Dirichlet(alpha, ..., alpha)`` over the K classes, and each class's patients are
+    shared between the sites in proportion to ``q_ic`` (largest remainder). Every site first
+    gets one patient of each class that has at least as many patients as there are sites, so
+    no site lacks a class its model must know. Other parts (bridge, test) are unchanged, so a
+    skewed split and the IID split with the same seed pool exactly the same site patients.
+    Small ``alpha`` (0.1) is strong skew; large (100) approaches the IID split.
+    """
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"skew (Dirichlet alpha) must be > 0, got {alpha}")
+    site_names = [n for n in parts if n.startswith("site-")]
+    if not site_names:
+        return {n: list(v) for n, v in parts.items()}
+    by_patient: dict[str, list[Sample]] = defaultdict(list)
+    for name in site_names:
+        for sample in parts[name]:
+            by_patient[sample.patient_id].append(sample)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for patient in sorted(by_patient):
+        counts = Counter(s.label for s in by_patient[patient])
+        strata[min(counts, key=lambda lab: (-counts[lab], lab))].append(patient)
+    labels = sorted(strata)
+    rng = np.random.default_rng([seed, 0x5E3])  # independent of the IID assignment's stream
+    q = rng.dirichlet([alpha] * len(labels), size=len(site_names))  # (sites, classes)
+    new: dict[str, list[Sample]] = {n: [] for n in site_names}
+    for c, label in enumerate(labels):
+        patients = [strata[label][i] for i in rng.permutation(len(strata[label]))]
+        reserve = 1 if len(patients) >= len(site_names) else 0
+        rest = len(patients) - reserve * len(site_names)
+        weights = [float(q[i, c]) + 1e-12 for i in range(len(site_names))]
+        quotas = [reserve + k for k in _largest_remainder(rest, weights, rng)]
+        start = 0
+        for name, quota in zip(site_names, quotas, strict=True):
+            for patient in patients[start : start + quota]:
+                new[name].extend(by_patient[patient])
+            start += quota
+    out = {n: list(v) for n, v in parts.items()}
+    for name in site_names:
+        out[name] = sorted(new[name], key=lambda s: s.path)
+    return out
+
+
 def _check_weights(weights: Mapping[str, float]) -> None:
     if not weights:
         raise ConfigError("split weights are empty: give at least one part")
@@ -115,13 +162,18 @@ def split_folder(
     test_fraction: float,
     seed: int,
     manifest: Path | None = None,
+    skew: float | None = None,
 ) -> SplitResult:
     """Split ``root/<label>/`` by patient into ``out/<part>/<label>/`` plus ``out/split.csv``.
 
+    With ``skew`` (a Dirichlet concentration α) the site parts are label-skewed: see
+    :func:`skew_sites`; bridge and test stay exactly those of the IID split with the same seed.
     Files are copied (never hard-linked: an edit to a split file must not reach the source
     data). ``out`` appears complete or not at all.
     """
     weights = split_weights(sites, bridge_fraction, test_fraction)
+    if skew is not None and not (math.isfinite(skew) and skew > 0):
+        raise ConfigError(f"skew (Dirichlet alpha) must be > 0, got {skew}")
     out = Path(out)
     index = scan_folder(root, manifest)
     if not index.samples:
@@ -129,6 +181,8 @@ def split_folder(
     if out.resolve().is_relative_to(index.root):
         raise ConfigError(f"{out}: the output folder must not be inside the data folder {root}")
     parts = assign_parts(index.samples, weights, seed)
+    if skew is not None:
+        parts = skew_sites(parts, skew, seed)
     final = out.resolve()
     result: dict[str, list[Sample]] = {}
     with atomic_output_dir(out) as tmp:
