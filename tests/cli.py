@@ -38,3 +38,20 @@ def assert_one_line_error(result, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def launch(*args: str | Path, log: Path) -> subprocess.Popen:
+    """Start ``fedbridge ARGS…`` in the background, in its own session, output appended to ``log``.
+
+    Stop it (and its children) with :func:`fedbridge_shared.processes.stop`.
+    """
+    fh = open(log, "a")  # noqa: SIM115 - the child keeps its own copy of the descriptor
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedbridge_shared", *map(str, args)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        fh.close()

@@ -11,25 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from cli import assert_one_line_error, fedbridge, ok
+from cli import assert_one_line_error, fedbridge, launch, ok
 
 from fedbridge_shared.processes import alive, descendants, free_port, stop
 from fedbridge_shared.spec import load_bundle
-
-
-def _launch(*args, log: Path) -> subprocess.Popen:
-    fh = open(log, "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedbridge_shared", *map(str, args)],
-        stdout=fh,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -61,7 +50,7 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
     assert oct(os.stat(tmp_path / "keys" / "site-a.key").st_mode & 0o777) == "0o600"
     port = free_port()
     server_log = tmp_path / "server.out"
-    server = _launch(
+    server = launch(
         "server", "start",
         "--init", root / "bridge",
         "--out", tmp_path / "fed",
@@ -77,7 +66,7 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
     started.append(server)
     for i, name in ((1, "site-a"), (2, "site-b")):
         started.append(
-            _launch(
+            launch(
                 "site", "join",
                 "--superlink", f"127.0.0.1:{port}",
                 "--data", split / f"site-{i}",

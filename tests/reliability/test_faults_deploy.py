@@ -16,29 +16,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from cli import ok
+from cli import launch, ok
 from rich.console import Console
 
 from fedbridge_shared.processes import alive, descendants, free_port, stop, stop_pids
 from fedbridge_shared.spec import load_bundle
 
 TIMINGS: dict[str, float] = {}
-
-
-def _launch(*args, log: Path) -> subprocess.Popen:
-    fh = open(log, "a")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedbridge_shared", *map(str, args)],
-        stdout=fh,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 def _wait(predicate, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
@@ -107,7 +96,7 @@ def _server_args(fed, creds, out: Path, port: int, names, *extra):
 
 def _join(fed, creds, tmp_path: Path, port: int, name: str) -> subprocess.Popen:
     _, split = fed
-    return _launch(
+    return launch(
         "site", "join",
         "--superlink", f"127.0.0.1:{port}",
         "--data", split / name,
@@ -126,7 +115,7 @@ def test_a_site_killed_mid_round_is_dropped_and_the_run_completes(fed, creds, tm
     log = tmp_path / "server.out"
     out = tmp_path / "fed"
     t0 = time.monotonic()
-    server = _launch(
+    server = launch(
         *_server_args(
             fed, creds, out, port, names,
             "--sites", "2",  # a run must go on with 2 of the 3 sites
@@ -174,7 +163,7 @@ def test_server_killed_after_round_1_resumes_and_matches_an_uninterrupted_run(
     # one torch thread per site, as in the simulation reference: float sums depend on it
     args = _server_args(fed, creds, out, port, names, "--sites", "2", "--set", "threads=1")
     t0 = time.monotonic()
-    server = _launch(*args, log=log)
+    server = launch(*args, log=log)
     started.append(server)
     started.extend(_join(fed, creds, tmp_path, port, name) for name in names)
     rounds_dir = tmp_path / "fed-rounds"
@@ -182,7 +171,7 @@ def test_server_killed_after_round_1_resumes_and_matches_an_uninterrupted_run(
     _kill_tree([server.pid])
     assert _completed(rounds_dir) == 1 and not out.exists()  # killed before round 2 ended
 
-    again = _launch(*args, log=log)
+    again = launch(*args, log=log)
     started.append(again)
     assert again.wait(timeout=400) == 0, log.read_text()
     TIMINGS["kill-server"] = time.monotonic() - t0
