@@ -23,9 +23,9 @@ from torch import nn
 
 from fedbridge_edge import ood
 from fedbridge_edge.errors import EdgeError
-from fedbridge_edge.files import atomic_write
 from fedbridge_edge.modelfile import OUTPUTS, seal
 from fedbridge_edge.preprocess import InputSpec, list_images, load
+from fedbridge_shared.files import atomic_write
 
 DEFAULT_OPSET = 17
 FP32_LOGITS_TOL = 1e-4

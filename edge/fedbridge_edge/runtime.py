@@ -17,9 +17,9 @@ import numpy as np
 
 from fedbridge_edge import ood, overlay
 from fedbridge_edge.errors import EdgeError
-from fedbridge_edge.files import atomic_write
 from fedbridge_edge.modelfile import OUTPUTS, EdgeModel, read_edge_model
 from fedbridge_edge.preprocess import InputSpec, normalise, resize
+from fedbridge_shared.files import atomic_write
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")

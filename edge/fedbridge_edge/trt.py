@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from fedbridge_edge.errors import EdgeError, IntegrityError
-from fedbridge_edge.files import atomic_write
 from fedbridge_edge.modelfile import OUTPUTS, EdgeModel, read_edge_model
 from fedbridge_edge.preprocess import InputSpec, batches, load
+from fedbridge_shared.files import atomic_write
 
 MAGIC = b"FBTRTENG"
 ENGINE_FORMAT = "fedbridge-trt-engine/1"

@@ -21,8 +21,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fedbridge_shared import __version__
+from fedbridge_shared.files import atomic_write
 from fedbridge_shared.metrics import CI_METRICS
-from fedbridge_shared.report import _atomic_write, plot_confusion_matrix, plot_roc
+from fedbridge_shared.report import plot_confusion_matrix, plot_roc
 
 REPORT_FILE = "report.html"
 SECTIONS = ("config", "counts", "metrics", "confusion", "roc", "rounds", "saliency", "sanity")
@@ -289,7 +290,7 @@ def write_html_report(
         sanity=sanity,
     )
     payload = text.encode("utf-8")
-    return _atomic_write(Path(out_dir) / filename, lambda fh: fh.write(payload))
+    return atomic_write(Path(out_dir) / filename, lambda fh: fh.write(payload))
 
 
 def bundle_context(bundle: Any) -> tuple[dict[str, Any], dict[str, dict[str, int]], list[dict]]:

@@ -8,16 +8,15 @@ file is written atomically: to a temporary file in the destination folder, then 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, roc_curve
 
+from fedbridge_shared.files import atomic_write
 from fedbridge_shared.metrics import ovr_auc, validate_predictions
 
 __all__ = ["DPI", "plot_confusion_matrix", "plot_roc", "write_metrics"]
@@ -25,28 +24,8 @@ __all__ = ["DPI", "plot_confusion_matrix", "plot_roc", "write_metrics"]
 DPI = 120
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write`` on a temp file beside ``path``, fsync it, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file 0600; keep an existing file's mode, else the usual 0644.
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.chmod(tmp_name, mode)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_figure(fig: Figure, path: Path) -> Path:
-    return _atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=DPI))
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=DPI))
 
 
 def plot_confusion_matrix(metrics: dict[str, Any], path: Path) -> Path:
@@ -150,5 +129,5 @@ def write_metrics(
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion_path = plot_confusion_matrix(metrics, out_dir / "confusion_matrix.png")
     roc_path = plot_roc(y, p, labels, out_dir / "roc.png")
-    metrics_path = _atomic_write(out_dir / "metrics.json", lambda handle: handle.write(payload))
+    metrics_path = atomic_write(out_dir / "metrics.json", lambda handle: handle.write(payload))
     return {"metrics": metrics_path, "confusion_matrix": confusion_path, "roc": roc_path}
