@@ -7,7 +7,6 @@ The site's images stay where they are; the SuperNode runs the fedbridge ClientAp
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +82,6 @@ class SiteNode:
             "--root-certificates", str(self.ca.resolve()),
             "--auth-supernode-private-key", str(self.key.resolve()),
         ]  # fmt: skip
-
-
-def start_node(node: SiteNode, log: Path) -> subprocess.Popen:
-    """Start the SuperNode in the background (one attempt; tests use this)."""
-    node.check()
-    return spawn(node.command(), log, tool_env())
 
 
 def _refused(log: Path, offset: int) -> bool:

@@ -8,7 +8,6 @@ CLI config, the app folder and the logs) lives in one state folder next to the o
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Sequence
@@ -143,7 +142,7 @@ def _flwr(args: Sequence[str], env: dict[str, str], timeout: float = 60) -> tupl
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def registered_keys(env: dict[str, str]) -> None:
+def check_control_api(env: dict[str, str]) -> None:
     """Raise if the SuperLink's Control API does not answer."""
     rc, text = _flwr(["supernode", "list", CONNECTION], env)
     if rc != 0:
@@ -210,7 +209,7 @@ def _wait_control_api(env: dict[str, str], link: subprocess.Popen, timeout: floa
     deadline = time.monotonic() + timeout
     while True:
         try:
-            registered_keys(env)
+            check_control_api(env)
             return
         except FedbridgeError:
             if link.poll() is not None or time.monotonic() > deadline:
@@ -237,9 +236,3 @@ def _run_app(app: Path, env: dict[str, str], log: Path, console: Console) -> Non
             raise
     if rc != 0:
         raise FedbridgeError(f"`flwr run` failed (exit {rc}); see {log}")
-
-
-def describe(record: dict[str, Any]) -> str:
-    """One line about the final bundle."""
-    metrics = record.get("metrics") or {}
-    return json.dumps({k: metrics[k] for k in ("accuracy", "auc_macro") if k in metrics})

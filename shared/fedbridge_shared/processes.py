@@ -46,7 +46,7 @@ def spawn(
         )
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
+def process_table() -> dict[int, tuple[int, str]]:
     """pid → (parent pid, command line) for every visible process (Linux /proc)."""
     table: dict[int, tuple[int, str]] = {}
     for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else []:
@@ -64,7 +64,7 @@ def _proc_table() -> dict[int, tuple[int, str]]:
 
 def descendants(pids: Iterable[int]) -> set[int]:
     """``pids``, their descendants, and processes naming one of them as ``--parent-pid``."""
-    table = _proc_table()
+    table = process_table()
     found = set(pids)
     while True:
         more = {

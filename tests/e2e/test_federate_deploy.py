@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cli import assert_one_line_error, fedbridge, launch, ok
 
-from fedbridge_shared.processes import alive, descendants, free_port, stop
+from fedbridge_shared.processes import alive, descendants, free_port, process_table, stop
 from fedbridge_shared.spec import load_bundle
 
 
@@ -113,7 +113,8 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
     sites = started[1:]
     assert all(p.poll() is None for p in sites)
     tree = descendants(p.pid for p in sites)
-    assert any("flower-supernode" in _cmd(pid) for pid in tree)
+    commands = process_table()
+    assert any("flower-supernode" in commands.get(pid, (0, ""))[1] for pid in tree)
     for p in sites:
         p.send_signal(signal.SIGTERM)
     for p in sites:
@@ -122,13 +123,6 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
     while time.monotonic() < deadline and any(alive(pid) for pid in tree):
         time.sleep(0.5)
     assert not [pid for pid in tree if alive(pid)], "processes left behind"
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def test_server_start_refuses_to_run_without_tls_or_site_keys(fed, tmp_path):

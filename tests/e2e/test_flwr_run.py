@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedbridge_shared.processes import alive, descendants, free_port, stop_pids
+from fedbridge_shared.processes import alive, descendants, free_port, process_table, stop_pids
 from fedbridge_shared.spec import load_bundle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,16 +19,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _local_superlinks(flwr_home: Path) -> list[int]:
     marker = f"{flwr_home}/local-superlink/"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "flower-superlink" in cmd and marker in cmd:
-                found.append(int(entry.name))
-    return found
+    return [
+        pid
+        for pid, (_, cmd) in process_table().items()
+        if "flower-superlink" in cmd and marker in cmd
+    ]
 
 
 def test_flwr_run_dot_simulates_three_sites(fed, tmp_path):
