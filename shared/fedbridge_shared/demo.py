@@ -207,7 +207,7 @@ def _assess(
     metrics["synthetic"] = synthetic
     report_dir = out / ("report-" + bundle.name.removesuffix("-bundle"))
     write_metrics(metrics, report_dir, y, probs)
-    _html_report(name, bundle, split, metrics, y, probs, report_dir, synthetic)
+    _html_report(name, bundle, split, metrics, y, probs, report_dir, synthetic, console)
     return {
         "model": name,
         "bundle": str(bundle),
@@ -221,29 +221,24 @@ def _assess(
     }  # fmt: skip
 
 
-def _html_report(name, bundle, split, metrics, y, probs, report_dir, synthetic) -> None:
+def _html_report(name, bundle, split, metrics, y, probs, report_dir, synthetic, console) -> None:
     from fedbridge_shared.data.samples import scan_folder
-    from fedbridge_shared.html_report import bundle_context, write_html_report
-    from fedbridge_shared.spec import load_bundle
+    from fedbridge_shared.html_report import write_bundle_report
 
-    loaded = load_bundle(bundle)
-    config, counts, rounds = bundle_context(loaded)
-    config.update(demo_arm=name, synthetic=synthetic)
-    counts.update(
-        {part: dict(Counter(s.label for s in samples)) for part, samples in split.parts.items()}
+    write_bundle_report(
+        report_dir,
+        bundle,
+        scan_folder(split.out / "test").samples,  # the order evaluate_bundle used
+        metrics,
+        y,
+        probs,
+        title=f"fedbridge demo: {name}",
+        config={"demo_arm": name, "synthetic": synthetic},
+        counts={
+            part: dict(Counter(s.label for s in samples)) for part, samples in split.parts.items()
+        },
+        warn=lambda text: console.print(f"[yellow]{text}[/]"),
     )
-    examples = None
-    try:
-        from fedbridge_shared.explain.grid import saliency_examples
-
-        samples = scan_folder(split.out / "test").samples  # the order evaluate_bundle used
-        examples = saliency_examples(loaded, samples, y, probs)
-    except ImportError:  # captum is an optional extra: the report goes without the grid
-        pass
-    write_html_report(
-        report_dir, title=f"fedbridge demo: {name}", config=config, counts=counts,
-        metrics=metrics, y_true=y, probs=probs, rounds=rounds, saliency_examples=examples,
-    )  # fmt: skip
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

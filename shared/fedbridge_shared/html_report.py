@@ -309,3 +309,49 @@ def bundle_context(bundle: Any) -> tuple[dict[str, Any], dict[str, dict[str, int
     counts = {f"training: {k}": dict(v) for k, v in (training.get("counts") or {}).items()}
     rounds = list(training.get("history") or [])
     return config, counts, rounds
+
+
+def write_bundle_report(
+    out_dir: Path,
+    bundle: Path,
+    test_samples: Sequence[Any],
+    metrics: Mapping[str, Any],
+    y_true: Any,
+    probs: Any,
+    *,
+    title: str,
+    config: Mapping[str, Any] | None = None,
+    counts: Mapping[str, Mapping[str, int]] | None = None,
+    device: str = "cpu",
+    warn: Any = None,
+) -> Path:
+    """report.html for ``bundle`` assessed on ``test_samples`` (in the order of ``y_true``).
+
+    The bundle's record gives config, training counts and curves; ``config`` and ``counts`` add
+    to them. Without captum the report is written without its saliency grid (``warn`` is told).
+    """
+    from fedbridge_shared.errors import ConfigError
+    from fedbridge_shared.explain.grid import saliency_examples
+    from fedbridge_shared.spec import load_bundle
+
+    loaded = load_bundle(bundle)
+    base_config, base_counts, rounds = bundle_context(loaded)
+    base_config.update(config or {})
+    base_counts.update(counts or {})
+    try:
+        examples = saliency_examples(loaded, test_samples, y_true, probs, device=device)
+    except ConfigError as e:  # captum missing
+        if warn is not None:
+            warn(f"report without saliency grid: {e}")
+        examples = None
+    return write_html_report(
+        out_dir,
+        title=title,
+        config=base_config,
+        counts=base_counts,
+        metrics=metrics,
+        y_true=y_true,
+        probs=probs,
+        rounds=rounds,
+        saliency_examples=examples,
+    )

@@ -231,34 +231,22 @@ def register(app: typer.Typer) -> None:
 def _html_report(bundle, data, manifest, metrics, y, probs, out_dir, device) -> Path:
     """report.html for ``evaluate --out``: bundle record, test counts and a saliency grid."""
     from fedbridge_shared.data.samples import scan_folder
-    from fedbridge_shared.errors import ConfigError
-    from fedbridge_shared.explain.grid import saliency_examples
-    from fedbridge_shared.html_report import bundle_context, write_html_report
-    from fedbridge_shared.spec import load_bundle
+    from fedbridge_shared.html_report import write_bundle_report
     from fedbridge_shared.training import resolve_device
 
-    loaded = load_bundle(bundle)
-    config, counts, rounds = bundle_context(loaded)
     index = scan_folder(Path(data), manifest)
-    config.update(data=str(Path(data).resolve()), patient_ids=index.patient_source)
-    counts[f"test: {Path(data).name}"] = index.counts()
-    try:
-        examples = saliency_examples(
-            loaded, index.samples, y, probs, device=str(resolve_device(device))
-        )
-    except ConfigError as e:  # captum missing: the report goes without its saliency grid
-        err.print(f"[yellow]report without saliency grid: {e}[/]")
-        examples = None
-    return write_html_report(
+    return write_bundle_report(
         out_dir,
-        title=f"fedbridge assessment: {loaded.path.name} on {Path(data).name}",
-        config=config,
-        counts=counts,
-        metrics=metrics,
-        y_true=y,
-        probs=probs,
-        rounds=rounds,
-        saliency_examples=examples,
+        bundle,
+        index.samples,
+        metrics,
+        y,
+        probs,
+        title=f"fedbridge assessment: {Path(bundle).name} on {Path(data).name}",
+        config={"data": str(Path(data).resolve()), "patient_ids": index.patient_source},
+        counts={f"test: {Path(data).name}": index.counts()},
+        device=str(resolve_device(device)),
+        warn=lambda text: err.print(f"[yellow]{text}[/]"),
     )
 
 
