@@ -187,8 +187,8 @@ def stage(kind: str, data: Path, out: Path, init: str, cfg: dict, aug: int, pres
         seed=seed,
     )
     run_stage(
-        kind, data, out, init, config, cfg["arch"], cfg["image_size"],
-        console=Console(stderr=True, quiet=True),
+        kind, data, out=out, init=init, config=config, arch=cfg["arch"],
+        image_size=cfg["image_size"], console=Console(stderr=True, quiet=True),
     )  # fmt: skip
     return out, time.perf_counter() - t0
 

@@ -94,8 +94,8 @@ def get_bundle(name: str, arch: str, size: int, mode: str, split: Path, pool: Pa
     if not is_bundle(out):
         log(f"edge: training a short {arch} @ {size} bundle (ImageNet → CXR target, 2 epochs)")
         cfg = TrainConfig(epochs=2, augment_per_sample=1, lr=2e-3, seed=0)
-        run_stage("train", pool, out, "imagenet", cfg, arch, size,
-                  console=Console(stderr=True, quiet=True))  # fmt: skip
+        run_stage("train", pool, out=out, init="imagenet", config=cfg, arch=arch,
+                  image_size=size, console=Console(stderr=True, quiet=True))  # fmt: skip
     return out
 
 

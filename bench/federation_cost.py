@@ -90,9 +90,10 @@ def scaling(n_sites: int, mode: str, limit_s: int) -> dict:
         split_folder(DATA / "oct", split, n_sites, 0.1, 0.05, seed=0)
     init = base / "init"
     if not is_bundle(init):
-        run_stage("bridge", split / "bridge", init, "none",
-                  TrainConfig(epochs=1, augment_per_sample=0, preset="oct", seed=0),
-                  "test_efficientnet", 32, console=Console(stderr=True, quiet=True))  # fmt: skip
+        run_stage("bridge", split / "bridge", out=init, init="none",
+                  config=TrainConfig(epochs=1, augment_per_sample=0, preset="oct", seed=0),
+                  arch="test_efficientnet", image_size=32,
+                  console=Console(stderr=True, quiet=True))  # fmt: skip
     out = base / "fed"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name("fed-rounds"), ignore_errors=True)

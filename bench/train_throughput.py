@@ -56,7 +56,14 @@ def main() -> None:
     log("throughput: fedbridge train (run_stage)")
     t0 = time.perf_counter()
     run_stage(
-        "train", pool, out, "imagenet", cfg, arch, size, console=Console(stderr=True, quiet=True)
+        "train",
+        pool,
+        out=out,
+        init="imagenet",
+        config=cfg,
+        arch=arch,
+        image_size=size,
+        console=Console(stderr=True, quiet=True),
     )
     wall = time.perf_counter() - t0
     hist = load_bundle(out).training["history"]
@@ -72,7 +79,9 @@ def main() -> None:
     train_samples = list(index.samples)
     images = load_images(train_samples, size)
     targets = [spec.labels.index(s.label) for s in train_samples]
-    ds = ImageDataset(images, targets, spec, "cxr", aug, True, 0)
+    ds = ImageDataset(
+        images, targets, spec, preset="cxr", augment_per_sample=aug, online=True, seed=0
+    )
     t0 = time.perf_counter()
     xs = torch.stack([ds[i][0] for i in range(len(ds))])
     ys = torch.tensor([ds[i][1] for i in range(len(ds))])
@@ -89,7 +98,7 @@ def main() -> None:
         for kind in ("engine", "bare"):
             model.load_state_dict(state)
             model.train()
-            opt = make_optimizer(model, 5e-4, 1e-4)
+            opt = make_optimizer(model, lr=5e-4, weight_decay=1e-4)
             dl = loader()
             t0 = time.perf_counter()
             if kind == "engine":
@@ -98,7 +107,7 @@ def main() -> None:
                     opt,
                     lambda s, steps=steps: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
                 )
-                stats = train_one_epoch(model, dl, opt, torch.device("cpu"), sched)
+                stats = train_one_epoch(model, dl, opt, torch.device("cpu"), scheduler=sched)
                 n = stats.n
             else:
                 crit = torch.nn.CrossEntropyLoss()

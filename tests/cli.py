@@ -11,7 +11,7 @@ from pathlib import Path
 def fedbridge(*args: str | Path, cwd: Path | None = None, timeout: int = 600):
     """Run ``fedbridge ARGS…``; returns the CompletedProcess (text output)."""
     return subprocess.run(
-        [sys.executable, "-m", "fedbridge_shared", *map(str, args)],
+        [sys.executable, "-m", "fedbridge", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -48,7 +48,7 @@ def launch(*args: str | Path, log: Path) -> subprocess.Popen:
     fh = open(log, "a")  # noqa: SIM115 - the child keeps its own copy of the descriptor
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "fedbridge_shared", *map(str, args)],
+            [sys.executable, "-m", "fedbridge", *map(str, args)],
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,

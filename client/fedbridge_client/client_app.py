@@ -6,7 +6,6 @@ to the server without file names or paths (the full message is logged locally).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,8 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedbridge_client.audit import audit_error, record
-from fedbridge_client.site import LocalSettings, Site, as_float_metrics
-from fedbridge_shared.spec import ModelSpec
+from fedbridge_client.site import Site
+from fedbridge_shared import protocol as P
 
 log = logging.getLogger("fedbridge.site")
 _sites: dict[tuple[str, str], Site] = {}
@@ -32,15 +31,16 @@ def site_for(context: Context, site_paths: Sequence[str] | None) -> Site:
     (folders from ``site_paths`` or the run config's ``simulation-sites``).
     """
     node = context.node_config
-    if not site_paths and "data-path" not in node and context.run_config.get("simulation-sites"):
-        site_paths = str(context.run_config["simulation-sites"]).split(",")
+    sim = context.run_config.get("simulation-sites")
+    if not site_paths and P.NODE_DATA_PATH not in node and sim:
+        site_paths = str(sim).split(",")
     if site_paths:
-        pid = int(node["partition-id"])
+        pid = int(node[P.NODE_PARTITION_ID])
         data, name = site_paths[pid], f"site-{pid + 1}"
-    elif "data-path" in node:
-        data, name = str(node["data-path"]), str(node.get("site-name", "site"))
+    elif P.NODE_DATA_PATH in node:
+        data, name = str(node[P.NODE_DATA_PATH]), str(node.get(P.NODE_SITE_NAME, "site"))
     else:
-        raise SiteError("this SuperNode has no node-config 'data-path'")
+        raise SiteError(f"this SuperNode has no node-config '{P.NODE_DATA_PATH}'")
     key = (data, name)
     if key not in _sites:
         _sites[key] = Site(Path(data), name)
@@ -56,9 +56,9 @@ def _redact(text: str, paths: Sequence[str]) -> str:
 def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_dir):
     def run(msg: Message, context: Context) -> Message:
         node = context.node_config
-        paths = list(site_paths or [str(node.get("data-path", ""))])
-        audit = audit_dir or node.get("audit-dir")
-        who = str(node.get("partition-id", context.node_id))
+        paths = list(site_paths or [str(node.get(P.NODE_DATA_PATH, ""))])
+        audit = audit_dir or node.get(P.NODE_AUDIT_DIR)
+        who = str(node.get(P.NODE_PARTITION_ID, context.node_id))
         try:
             site = site_for(context, site_paths)
             reply = Message(content=handler(site, msg), reply_to=msg)
@@ -75,34 +75,29 @@ def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_d
     return run
 
 
-def _inputs(msg: Message):
-    config = msg.content["config"]
-    spec = ModelSpec.from_dict(json.loads(str(config["spec-json"])))
-    settings = LocalSettings.from_config(dict(config))
-    return spec, msg.content["arrays"].to_torch_state_dict(), settings, int(config["server-round"])
+def _task(msg: Message) -> tuple[P.RoundTask, dict]:
+    task = P.RoundTask.from_config(dict(msg.content[P.CONFIG]))
+    return task, msg.content[P.ARRAYS].to_torch_state_dict()
+
+
+def _site_record(site: Site) -> ConfigRecord:
+    return ConfigRecord({P.SITE_NAME: site.name})
 
 
 def _train(site: Site, msg: Message) -> RecordDict:
-    spec, state, settings, server_round = _inputs(msg)
-    new_state, metrics = site.train(spec, state, settings, server_round)
+    new_state, reply = site.train(*_task(msg))
     return RecordDict(
         {
-            "arrays": ArrayRecord(new_state),
-            "metrics": MetricRecord(as_float_metrics(metrics)),
-            "site": ConfigRecord({"name": site.name}),
+            P.ARRAYS: ArrayRecord(new_state),
+            P.METRICS: MetricRecord(reply.to_metrics()),
+            P.SITE: _site_record(site),
         }
     )
 
 
 def _evaluate(site: Site, msg: Message) -> RecordDict:
-    spec, state, settings, _ = _inputs(msg)
-    metrics = site.evaluate(spec, state, settings)
-    return RecordDict(
-        {
-            "metrics": MetricRecord(as_float_metrics(metrics)),
-            "site": ConfigRecord({"name": site.name}),
-        }
-    )
+    reply = site.evaluate(*_task(msg))
+    return RecordDict({P.METRICS: MetricRecord(reply.to_metrics()), P.SITE: _site_record(site)})
 
 
 def make_client_app(

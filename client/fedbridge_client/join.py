@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedbridge_shared import pki
+from fedbridge_shared import protocol as P
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.processes import sigterm_as_exit, spawn, stop, tool_env
 from fedbridge_shared.training import usable_index
@@ -57,9 +58,9 @@ class SiteNode:
         return usable_index(self.data).counts()  # raises DataError naming the folder
 
     def node_config(self) -> str:
-        items = {"data-path": str(self.data.resolve()), "site-name": self.name}
+        items = {P.NODE_DATA_PATH: str(self.data.resolve()), P.NODE_SITE_NAME: self.name}
         if self.audit_dir is not None:
-            items["audit-dir"] = str(self.audit_dir.resolve())
+            items[P.NODE_AUDIT_DIR] = str(self.audit_dir.resolve())
         for k, v in items.items():
             if "'" in v or '"' in v:
                 raise ConfigError(f"{v}: quotes are not allowed in {k}")

@@ -3,53 +3,20 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
+from fedbridge_shared.data.samples import check_labels
 from fedbridge_shared.data.split import assign_parts
-from fedbridge_shared.data.tensors import ImageDataset, load_images
-from fedbridge_shared.engine import evaluate, make_optimizer, train_one_epoch
+from fedbridge_shared.data.tensors import load_images, make_loader
+from fedbridge_shared.engine import CosineSchedule, evaluate, fit, proximal_penalty
 from fedbridge_shared.errors import DataError
 from fedbridge_shared.models import build_model
+from fedbridge_shared.protocol import EvalReply, LocalSettings, RoundTask, TrainReply
 from fedbridge_shared.spec import ModelSpec
 from fedbridge_shared.training import resolve_device, usable_index
 from fedbridge_shared.weights import load_shared_state, shared_state
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    """What the server asks a site to do in one round (sent as kebab-case config keys)."""
-
-    local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    augment_per_sample: int = 10
-    augment: str = "cxr"
-    val_fraction: float = 0.15
-    seed: int = 0
-    proximal_mu: float = 0.0
-    # torch CPU threads while training (0: torch's default). Floating-point sums depend on the
-    # thread count, so bitwise-identical reruns need the same value on the same site.
-    threads: int = 0
-
-    def to_config(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> LocalSettings:
-        """Pick this dataclass's keys out of a round config (other keys are ignored)."""
-        values = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key in config:
-                values[f.name] = type(getattr(cls(), f.name))(config[key])
-        return cls(**values)
 
 
 class Site:
@@ -62,11 +29,7 @@ class Site:
 
     def check_labels(self, spec: ModelSpec) -> None:
         """Refuse, before any training, class folders that differ from the model's labels."""
-        if set(self.index.labels) != set(spec.labels):
-            raise DataError(
-                f"site {self.name}: class folders {list(self.index.labels)} differ from the "
-                f"model's labels {list(spec.labels)}"
-            )
+        check_labels(self.index, spec.labels, where=f"site {self.name}", exact=True)
 
     def _parts(self, spec: ModelSpec, settings: LocalSettings):
         """Decoded train/val images and targets, cached per input size and split settings."""
@@ -86,81 +49,71 @@ class Site:
         return zlib.crc32(f"{settings.seed}/{server_round}/{self.name}".encode())
 
     def train(
-        self,
-        spec: ModelSpec,
-        state: dict[str, torch.Tensor],
-        settings: LocalSettings,
-        server_round: int,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Local epochs from the global weights; returns new weights and training metrics."""
+        self, task: RoundTask, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], TrainReply]:
+        """Local epochs from the global weights, through the one training loop.
+
+        The cosine learning-rate schedule spans the whole federation: this round trains the
+        slice ``(round - 1) / rounds`` … ``round / rounds`` of it.
+        """
+        spec, settings = ModelSpec.from_dict(task.spec), task.settings
         (images, targets), _ = self._parts(spec, settings)
         if not images:
             raise DataError(f"site {self.name}: no training images")
-        seed = self._seed(settings, server_round)
+        seed = self._seed(settings, task.server_round)
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
         torch.manual_seed(seed)
+        device = resolve_device()
         model = build_model(spec)
         load_shared_state(model, state)
-        device = resolve_device()
         model.to(device)
-        ds = ImageDataset(
+        loader = make_loader(
             images,
             targets,
             spec,
-            settings.augment,
-            settings.augment_per_sample,
-            online=True,
-            seed=settings.seed,
-        )
-        loader = DataLoader(
-            ds,
             batch_size=settings.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            drop_last=len(ds) > settings.batch_size,
+            train=True,
+            preset=settings.augment,
+            augment_per_sample=settings.augment_per_sample,
+            seed=settings.seed,
+            shuffle_seed=seed,
         )
-        optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
-        penalty = None
-        if settings.proximal_mu > 0:
-            anchor = [p.detach().clone() for p in model.parameters()]
+        per_round = settings.local_epochs * len(loader)
+        done = task.server_round - 1
+        result = fit(
+            model,
+            loader,
+            device=device,
+            epochs=settings.local_epochs,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            label_smoothing=settings.label_smoothing,
+            schedule=CosineSchedule(
+                total_steps=max(task.num_rounds, task.server_round) * per_round,
+                start_step=done * per_round,
+            ),
+            epoch_offset=done * settings.local_epochs,
+            penalty=proximal_penalty(model, settings.proximal_mu) if settings.proximal_mu else None,
+        )
+        last = result.history[-1]
+        reply = TrainReply(
+            num_examples=len(images),
+            train_loss=last["train_loss"],
+            train_accuracy=last["train_accuracy"],
+            seconds=sum(row["seconds"] for row in result.history),
+        )
+        return shared_state(model), reply
 
-            def penalty() -> torch.Tensor:
-                return (
-                    settings.proximal_mu
-                    / 2
-                    * sum(
-                        (p - a).pow(2).sum()
-                        for p, a in zip(model.parameters(), anchor, strict=True)
-                    )
-                )
-
-        stats = None
-        for epoch in range(settings.local_epochs):
-            ds.set_epoch(server_round * 1000 + epoch)
-            stats = train_one_epoch(model, loader, optimizer, device, penalty=penalty)
-        metrics = {
-            "num-examples": len(images),
-            "train-loss": stats.loss,
-            "train-accuracy": stats.accuracy,
-            "seconds": stats.seconds,
-        }
-        return shared_state(model), metrics
-
-    def evaluate(
-        self, spec: ModelSpec, state: dict[str, torch.Tensor], settings: LocalSettings
-    ) -> dict[str, float]:
+    def evaluate(self, task: RoundTask, state: dict[str, torch.Tensor]) -> EvalReply:
         """Loss and accuracy of the global weights on this site's validation patients."""
-        _, (images, targets) = self._parts(spec, settings)
+        spec = ModelSpec.from_dict(task.spec)
+        _, (images, targets) = self._parts(spec, task.settings)
+        if not images:
+            return EvalReply(num_examples=0)
         model = build_model(spec)
         load_shared_state(model, state)
-        if not images:
-            return {"num-examples": 0, "val-loss": 0.0, "val-accuracy": 0.0}
-        loader = DataLoader(ImageDataset(images, targets, spec), batch_size=settings.batch_size)
-        stats = evaluate(model.to(resolve_device()), loader, resolve_device())
-        return {"num-examples": len(images), "val-loss": stats.loss, "val-accuracy": stats.accuracy}
-
-
-def as_float_metrics(metrics: dict[str, float]) -> dict[str, float | int]:
-    """Plain Python numbers for a Flower MetricRecord."""
-    return {k: int(v) if k == "num-examples" else float(np.asarray(v)) for k, v in metrics.items()}
+        device = resolve_device()
+        loader = make_loader(images, targets, spec, batch_size=task.settings.batch_size)
+        stats = evaluate(model.to(device), loader, device)
+        return EvalReply(num_examples=len(images), val_loss=stats.loss, val_accuracy=stats.accuracy)

@@ -39,7 +39,7 @@ class EdgeHead(nn.Module):
         self,
         model: nn.Module,
         gaussians: ood.Gaussians,
-        cam_size: int | None = None,
+        *,
         fp16: bool = False,
     ) -> None:
         super().__init__()
@@ -50,7 +50,7 @@ class EdgeHead(nn.Module):
         self.register_buffer("cam_weight", classifier.weight.detach()[:, :, None, None].clone())
         self.register_buffer("ood_means", torch.as_tensor(gaussians.means, dtype=torch.float32))
         self.register_buffer("ood_whiten", torch.as_tensor(gaussians.whiten, dtype=torch.float32))
-        self.cam_size, self.fp16 = cam_size, fp16
+        self.fp16 = fp16
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fp16:
@@ -59,8 +59,6 @@ class EdgeHead(nn.Module):
         pooled = feats.mean(dim=(2, 3))
         logits = self.model.get_classifier()(pooled)
         cam = F.conv2d(feats, self.cam_weight)
-        if self.cam_size:
-            cam = F.interpolate(cam, size=(self.cam_size,) * 2, mode="bilinear")
         g = pooled.float() @ self.ood_whiten
         dist = ((g.unsqueeze(1) - self.ood_means.unsqueeze(0)) ** 2).sum(-1)
         score = dist.amin(dim=1) / pooled.shape[1]
@@ -134,13 +132,13 @@ def _val_images(val: Path | None, bundle, console) -> tuple[list[Path], str]:
 def export_onnx(
     bundle_path: Path,
     out: Path,
+    *,
     val: Path | None = None,
     opset: int = DEFAULT_OPSET,
     batch: int | None = None,
     fp16: bool = False,
     int8_calib: Path | None = None,
     ood_percentile: float = ood.DEFAULT_PERCENTILE,
-    cam_in_graph: bool = False,
     console=None,
 ) -> ExportResult:
     """Export, calibrate OOD, check (onnx.checker + onnxruntime parity) and write ``out``."""
@@ -162,7 +160,7 @@ def export_onnx(
     seconds = {"load_and_calibrate": time.perf_counter() - t0}
 
     t1 = time.perf_counter()
-    head = EdgeHead(model, gaussians, spec.image_size if cam_in_graph else None, fp16).eval()
+    head = EdgeHead(model, gaussians, fp16=fp16).eval()
     if fp16:
         head = head.half()
         head.ood_means.data, head.ood_whiten.data = (
@@ -175,7 +173,7 @@ def export_onnx(
     with torch.no_grad():
         reference = [t.numpy() for t in head(torch.from_numpy(parity_x))] if not fp16 else None
         if fp16:
-            ref_head = EdgeHead(model.float(), gaussians, head.cam_size).eval()
+            ref_head = EdgeHead(model.float(), gaussians).eval()
             reference = [t.numpy() for t in ref_head(torch.from_numpy(parity_x))]
     edge = {
         "outputs": list(OUTPUTS),
@@ -184,7 +182,7 @@ def export_onnx(
         "opset": opset,
         "batch": batch if batch else "dynamic",
         "cam": {
-            "resolution": "input" if cam_in_graph else "features",
+            "resolution": "features",
             "formula": "CAM_k = sum_c w_kc F_c (1x1 conv of the classifier weights, no bias)",
             "bias": model.get_classifier().bias.detach().tolist(),
         },

@@ -1,52 +1,21 @@
-"""The training preprocessing reproduced with numpy + OpenCV from the embedded spec (no torch)."""
+"""Bedside inputs: files, uploaded bytes and calibration batches, preprocessed as in training.
+
+The pixels go through :mod:`fedbridge_shared.data.pixels`, the functions training uses (no torch).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import cv2
 import numpy as np
 
+from fedbridge_edge.errors import EdgeError
 from fedbridge_shared.data.images import IMAGE_SUFFIXES, read_image
+from fedbridge_shared.data.pixels import InputSpec, normalise, resize
 from fedbridge_shared.errors import DataError
 
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the network expects: square size, channels and per-channel mean/std."""
-
-    image_size: int
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> InputSpec:
-        """From the ``spec`` object of a bundle's model.json."""
-        in_chans = int(spec.get("in_chans", 3))
-        return cls(
-            image_size=int(spec["image_size"]),
-            in_chans=in_chans,
-            mean=tuple(float(x) for x in spec.get("mean", (0.5,) * 3))[:in_chans],
-            std=tuple(float(x) for x in spec.get("std", (0.5,) * 3))[:in_chans],
-        )
-
-
-def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Greyscale uint8 to ``size`` × ``size``, as ``fedbridge_shared.data.tensors.load_resized``."""
-    interp = cv2.INTER_AREA if min(img.shape) >= size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
-
-
-def normalise(img: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Resized greyscale uint8 (H, W) → float32 (C, H, W), as ``to_tensor``."""
-    x = img.astype(np.float32) / np.float32(255.0)
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
-    return (np.broadcast_to(x, (spec.in_chans, *x.shape)) - mean) / std
+__all__ = ["InputSpec", "normalise", "resize", "load", "decode_bytes", "list_images"]
 
 
 def load(path: Path, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -94,3 +63,28 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
     """Consecutive chunks of ``items`` of at most ``size``."""
     for start in range(0, len(items), max(1, size)):
         yield items[start : start + size]
+
+
+class CalibrationBatcher:
+    """Full ``batch`` × C × H × W float32 batches of preprocessed site images, in order.
+
+    INT8 calibration (onnxruntime's QDQ tools and TensorRT) feeds fixed-size batches: the last
+    one is completed by repeating its images.
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], spec: InputSpec, *, batch: int, max_images: int = 256
+    ) -> None:
+        if batch < 1:
+            raise EdgeError(f"calibration batch must be ≥ 1, got {batch}")
+        self.paths, self.spec, self.batch = list(paths)[:max_images], spec, batch
+
+    def __len__(self) -> int:
+        return -(-len(self.paths) // self.batch)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for chunk in batches(self.paths, self.batch):
+            x = np.stack([load(p, self.spec)[0] for p in chunk]).astype(np.float32)
+            if len(x) < self.batch:
+                x = np.concatenate([x, x[np.arange(self.batch - len(x)) % len(x)]])
+            yield np.ascontiguousarray(x)

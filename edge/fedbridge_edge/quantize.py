@@ -17,29 +17,22 @@ import numpy as np
 import onnx
 
 from fedbridge_edge.errors import EdgeError
-from fedbridge_edge.preprocess import InputSpec, batches, load
-
-MAX_CALIB_IMAGES = 256
+from fedbridge_edge.preprocess import CalibrationBatcher, InputSpec
 
 
 class ImageCalibrationReader:
-    """onnxruntime ``CalibrationDataReader`` over site images, ``batch`` images per feed."""
+    """onnxruntime ``CalibrationDataReader`` over a :class:`CalibrationBatcher`."""
 
-    def __init__(self, paths: Sequence[Path], spec: InputSpec, batch: int = 8) -> None:
-        self.paths, self.spec, self.batch = list(paths)[:MAX_CALIB_IMAGES], spec, batch
-        self._chunks = iter(batches(self.paths, batch))
+    def __init__(self, batcher: CalibrationBatcher) -> None:
+        self.batcher = batcher
+        self._batches = iter(batcher)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        chunk = next(self._chunks, None)
-        if chunk is None:
-            return None
-        x = np.stack([load(p, self.spec)[0] for p in chunk]).astype(np.float32)
-        if len(x) < self.batch:  # a fixed-batch graph needs full batches: repeat the last image
-            x = np.concatenate([x, np.repeat(x[-1:], self.batch - len(x), axis=0)])
-        return {"input": x}
+        x = next(self._batches, None)
+        return None if x is None else {"input": x}
 
     def rewind(self) -> None:
-        self._chunks = iter(batches(self.paths, self.batch))
+        self._batches = iter(self.batcher)
 
 
 def quantize_int8(
@@ -58,7 +51,7 @@ def quantize_int8(
         raise EdgeError(f"INT8 calibration needs at least 8 images, got {len(calib)}")
     model = onnx.load_from_string(data)
     keep_float = [n.name for n in model.graph.node if n.op_type == "MatMul"]
-    reader = ImageCalibrationReader(calib, spec, batch or 8)
+    reader = ImageCalibrationReader(CalibrationBatcher(calib, spec, batch=batch or 8))
     with tempfile.TemporaryDirectory(prefix="fedbridge-int8-") as tmp:
         fp32, pre, q = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         fp32.write_bytes(data)

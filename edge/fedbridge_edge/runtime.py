@@ -7,7 +7,6 @@ the device by ``fedbridge edge build``, imported only from ``fedbridge_edge.trt`
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,8 +186,3 @@ def unique_stems(paths: list[Path]) -> list[str]:
         seen[base] = seen.get(base, 0) + 1
         stems.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return stems
-
-
-def default_threads() -> int | None:
-    value = os.environ.get("FEDBRIDGE_EDGE_THREADS")
-    return int(value) if value and value.isdigit() else None

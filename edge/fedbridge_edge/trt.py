@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +27,7 @@ import numpy as np
 
 from fedbridge_edge.errors import EdgeError, IntegrityError
 from fedbridge_edge.modelfile import OUTPUTS, EdgeModel, read_edge_model
-from fedbridge_edge.preprocess import InputSpec, batches, load
+from fedbridge_edge.preprocess import CalibrationBatcher, InputSpec
 from fedbridge_shared.files import atomic_write
 
 MAGIC = b"FBTRTENG"
@@ -172,28 +172,6 @@ def calibration_cache_path(engine_out: Path, key: str) -> Path:
     return Path(engine_out).with_name(f"{Path(engine_out).name}.calib-{key[:16]}.cache")
 
 
-class CalibrationBatcher:
-    """Full ``batch`` × C × H × W float32 batches of preprocessed site images, in order.
-
-    The last batch is completed by repeating its images, as TensorRT asks for fixed-size batches.
-    """
-
-    def __init__(self, paths: Sequence[Path], spec: InputSpec, batch: int, max_images: int = 512):
-        if batch < 1:
-            raise EdgeError(f"calibration batch must be ≥ 1, got {batch}")
-        self.paths, self.spec, self.batch = list(paths)[:max_images], spec, batch
-
-    def __len__(self) -> int:
-        return -(-len(self.paths) // self.batch)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for chunk in batches(self.paths, self.batch):
-            x = np.stack([load(p, self.spec)[0] for p in chunk]).astype(np.float32)
-            if len(x) < self.batch:
-                x = np.concatenate([x, x[np.arange(self.batch - len(x)) % len(x)]])
-            yield np.ascontiguousarray(x)
-
-
 def make_calibrator(trt, batcher: CalibrationBatcher, cache: Path):
     """An ``IInt8EntropyCalibrator2`` feeding ``batcher`` through one device buffer."""
     cudart = _cudart()
@@ -293,6 +271,7 @@ def load_engine(path: Path, device: DeviceInfo | None = None) -> EngineFile:
 def build_engine(
     onnx_path: Path,
     out: Path,
+    *,
     precision: str = "fp16",
     calib_dir: Path | None = None,
     workspace_mb: int = 1024,
@@ -335,7 +314,9 @@ def build_engine(
         batch = min(batch, plan.profile["max"][0])
         key = calibration_cache_key(model.sha256, calib, batch, spec)
         cache = calibration_cache_path(out, key)
-        config.int8_calibrator = make_calibrator(trt, CalibrationBatcher(calib, spec, batch), cache)
+        config.int8_calibrator = make_calibrator(
+            trt, CalibrationBatcher(calib, spec, batch=batch, max_images=512), cache
+        )
         config.set_calibration_profile(profile)
         calibration = {"images": len(calib), "batch": batch, "cache": cache.name, "key": key}
     serialized = builder.build_serialized_network(network, config)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fedbridge_client.site import LocalSettings
+from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
+from fedbridge_shared.protocol import LocalSettings, kebab
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+INLINE = {"inline": True}
+"""Field metadata: the sub-config's keys sit at the top level of the flat run config."""
 
 
 @dataclass(frozen=True)
@@ -44,24 +47,16 @@ class FederationConfig:
     val_data: str = ""  # optional server-side validation set for best-model selection
     test_data: str = ""  # optional server-side test set, assessed once at the end
     simulation_sites: str = ""  # comma-separated site folders for `flwr run .` in simulation
-    num_server_rounds: int = 3
-    strategy: str = "fedavg"
+    num_server_rounds: int = defaults.ROUNDS
+    strategy: str = defaults.STRATEGY
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_train_sites: int = 2
     min_evaluate_sites: int = 2
     min_available_sites: int = 2
-    round_timeout: float = 600.0
-    local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    augment_per_sample: int = 10
-    augment: str = "cxr"
-    val_fraction: float = 0.15
-    seed: int = 0
-    proximal_mu: float = 0.01
-    threads: int = 0  # sites' torch CPU threads (0: their default); fix it for bitwise reruns
+    round_timeout: float = defaults.ROUND_TIMEOUT
+    local: LocalSettings = field(default_factory=LocalSettings, metadata=INLINE)
+    """What every site does each round (keys ``lr``, ``local-epochs``… at the top level)."""
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     dp: DPConfig = field(default_factory=DPConfig)
 
@@ -74,9 +69,12 @@ class FederationConfig:
             "min-train-sites": self.min_train_sites >= 1,
             "min-available-sites": self.min_available_sites >= 1,
             "round-timeout": self.round_timeout > 0,
-            "local-epochs": self.local_epochs >= 1,
-            "lr": self.lr > 0,
-            "threads": self.threads >= 0,
+            "local-epochs": self.local.local_epochs >= 1,
+            "batch-size": self.local.batch_size >= 1,
+            "lr": self.local.lr > 0,
+            "augment-per-sample": self.local.augment_per_sample >= 0,
+            "val-fraction": 0 <= self.local.val_fraction < 1,
+            "threads": self.local.threads >= 0,
             "dp.clipping-norm": self.dp.clipping_norm > 0,
             "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
         }
@@ -86,29 +84,31 @@ class FederationConfig:
 
     def local_settings(self) -> LocalSettings:
         """The part of the config every site receives each round."""
-        names = {f.name for f in fields(LocalSettings)}
-        values = {k: v for k, v in asdict(self).items() if k in names}
-        if self.strategy != "fedprox":
-            values["proximal_mu"] = 0.0
-        return LocalSettings(**values)
+        if self.strategy == "fedprox":
+            return self.local
+        return dataclasses.replace(self.local, proximal_mu=0.0)
 
     def to_flat(self) -> dict[str, Any]:
         """Dotted kebab-case keys, as in ``[tool.flwr.app.config]``."""
-        return _flatten(asdict(self))
+        return _flatten(self)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> FederationConfig:
         return _build(cls, _unflatten(flat), prefix="")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = prefix + k.replace("_", "-")
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(
+                _flatten(
+                    value, prefix if f.metadata.get("inline") else prefix + kebab(f.name) + "."
+                )
+            )
         else:
-            out[key] = v
+            out[prefix + kebab(f.name)] = value
     return out
 
 
@@ -125,21 +125,41 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def _keys(cls) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Flat key → (attribute path, field) for one level, inline sub-configs expanded."""
+    known: dict[str, tuple[tuple[str, ...], Any]] = {}
+    for f in fields(cls):
+        if f.metadata.get("inline"):
+            for key, (path, sub) in _keys(f.default_factory).items():
+                known[key] = ((f.name, *path), sub)
+        else:
+            known[kebab(f.name)] = ((f.name,), f)
+    return known
+
+
 def _build(cls, tree: dict[str, Any], prefix: str):
-    known = {f.name.replace("_", "-"): f for f in fields(cls)}
-    values = {}
+    known = _keys(cls)
+    values: dict[str, Any] = {}
     for key, value in tree.items():
         name = prefix + key
         if key not in known:
             raise ConfigError(f"run config: unknown key {name!r}")
-        f = known[key]
+        path, f = known[key]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise ConfigError(f"run config: {name!r} must be a table of settings")
-            values[f.name] = _build(type(default), value, name + ".")
+            value = _build(type(default), value, name + ".")
         else:
-            values[f.name] = _coerce(name, value, type(default))
+            value = _coerce(name, value, type(default))
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    inline = {f.name: f.default_factory for f in fields(cls) if f.metadata.get("inline")}
+    for name, factory in inline.items():
+        if name in values:
+            values[name] = factory(**values[name])
     return cls(**values)
 
 

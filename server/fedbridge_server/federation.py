@@ -6,10 +6,8 @@ completed round, drops failing sites with a logged reason, and keeps the best ro
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,49 +26,48 @@ from fedbridge_server.strategy import (
     screen_replies,
     strategy_state,
 )
-from fedbridge_shared.data.tensors import ImageDataset
+from fedbridge_shared import protocol as P
+from fedbridge_shared.data.samples import check_labels
+from fedbridge_shared.data.tensors import make_loader
 from fedbridge_shared.engine import evaluate
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.metrics import format_metrics_table
 from fedbridge_shared.models import build_model
 from fedbridge_shared.spec import ModelSpec, load_bundle, save_bundle
-from fedbridge_shared.training import check_labels, decode, evaluate_bundle, usable_index
+from fedbridge_shared.training import decode, evaluate_bundle, usable_index
 
 log = logging.getLogger("fedbridge.server")
 _NOT_IN_FINGERPRINT = {
-    "num_server_rounds",
-    "round_timeout",
+    "round-timeout",
     "out",
-    "test_data",
-    "min_train_sites",
-    "min_evaluate_sites",
-    "min_available_sites",
+    "test-data",
+    "min-train-sites",
+    "min-evaluate-sites",
+    "min-available-sites",
 }
 
 
 def fingerprint(cfg: FederationConfig, init_sha256: str) -> dict[str, Any]:
     """Settings that change the weights: a resumed run must match them."""
-    d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
-    return json.loads(json.dumps({**d, "init": init_sha256}))
+    d = {k: v for k, v in cfg.to_flat().items() if k not in _NOT_IN_FINGERPRINT}
+    return {**d, "init": init_sha256}
 
 
 def _server_val(cfg: FederationConfig, spec: ModelSpec, console: Console) -> DataLoader | None:
     if not cfg.val_data:
         return None
     index = usable_index(Path(cfg.val_data))
-    check_labels(index, spec, Path(cfg.val_data))
-    images = decode(index.samples, spec.image_size, console, "server validation images")
+    check_labels(index, spec.labels, where=Path(cfg.val_data))
+    images = decode(
+        index.samples, spec.image_size, console=console, what="server validation images"
+    )
     targets = [spec.labels.index(s.label) for s in index.samples]
-    return DataLoader(ImageDataset(images, targets, spec), batch_size=32)
-
-
-def _mean(metrics: Any, key: str) -> float | None:
-    return None if metrics is None or key not in metrics else float(metrics[key])
+    return make_loader(images, targets, spec, batch_size=32)
 
 
 def _examples(msg) -> float:
-    metrics = msg.content.metric_records.get("metrics")
-    return float(metrics.get("num-examples", 0)) if metrics is not None else 0.0
+    metrics = msg.content.metric_records.get(P.METRICS)
+    return float(metrics.get(P.NUM_EXAMPLES, 0)) if metrics is not None else 0.0
 
 
 def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = None) -> dict:
@@ -92,12 +89,13 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
     if resumed is not None:
         console.print(f"resuming after round {state.completed} from {store.dir}")
     val_loader = _server_val(cfg, spec, console)
-    settings = cfg.local_settings().to_config()
+    settings = cfg.local_settings()
     names: dict[int, str] = {}
     for rnd in range(state.completed + 1, cfg.num_server_rounds + 1):
         started = time.perf_counter()
-        np.random.seed((cfg.seed * 1_000_003 + rnd) % 2**32)  # DP noise is drawn from numpy
-        config = ConfigRecord({**settings, "spec-json": json.dumps(spec.to_dict())})
+        np.random.seed((cfg.local.seed * 1_000_003 + rnd) % 2**32)  # DP noise is drawn from numpy
+        task = P.RoundTask(spec.to_dict(), settings, rnd, cfg.num_server_rounds)
+        config = ConfigRecord(task.to_config())
         sent = list(strategy.configure_train(rnd, ArrayRecord(global_state), config, grid))
         replies = grid.send_and_receive(sent, timeout=cfg.round_timeout)
         usable, dropped = screen_replies(sent, replies, reference, names)
@@ -108,7 +106,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
         global_state = {
             k: v.to(reference[k].dtype) for k, v in arrays.to_torch_state_dict().items()
         }
-        eval_cfg = ConfigRecord({**settings, "spec-json": config["spec-json"]})
+        eval_cfg = ConfigRecord(task.to_config())
         sent_eval = list(
             strategy.configure_evaluate(rnd, ArrayRecord(global_state), eval_cfg, grid)
         )
@@ -122,14 +120,16 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             if usable_eval:
                 eval_metrics = strategy.aggregate_evaluate(rnd, usable_eval)
         model.load_state_dict(global_state, strict=False)
+        trained = P.TrainReply.from_metrics(train_metrics) if train_metrics else None
+        assessed = P.EvalReply.from_metrics(eval_metrics) if eval_metrics else None
         row: dict[str, Any] = {
             "round": rnd,
             "sites": [n for n in map(lambda m: names.get(m.metadata.src_node_id), usable) if n],
             "dropped": dropped,
-            "train_loss": _mean(train_metrics, "train-loss"),
-            "train_accuracy": _mean(train_metrics, "train-accuracy"),
-            "federated_val_loss": _mean(eval_metrics, "val-loss"),
-            "federated_val_accuracy": _mean(eval_metrics, "val-accuracy"),
+            "train_loss": trained.train_loss if trained else None,
+            "train_accuracy": trained.train_accuracy if trained else None,
+            "federated_val_loss": assessed.val_loss if assessed else None,
+            "federated_val_accuracy": assessed.val_accuracy if assessed else None,
         }
         if val_loader is not None:
             stats = evaluate(model, val_loader, torch.device("cpu"))

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedbridge_shared.errors import BundleError, ConfigError
+from fedbridge_shared.files import atomic_write
 from fedbridge_shared.spec import Bundle, ModelSpec, load_bundle, save_bundle
 
 log = logging.getLogger("fedbridge.server")
@@ -103,17 +102,14 @@ class RoundStore:
         target = self.round_dir(rnd)
         save_bundle(target, spec, weights, training, metrics)
         if strategy_state:
-            tmp = target / f".{STRATEGY_FILE}.tmp"
-            save_file({k: v.contiguous() for k, v in strategy_state.items()}, str(tmp))
-            os.replace(tmp, target / STRATEGY_FILE)
+            tensors = {k: v.contiguous() for k, v in strategy_state.items()}
+            atomic_write(target / STRATEGY_FILE, save(tensors))
         self._write_state(state)
         self._prune(state)
 
     def _write_state(self, state: RunState) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.dir)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(state.__dict__, fh, indent=2, default=str)
-        os.replace(tmp, self.dir / "state.json")
+        text = json.dumps(state.__dict__, indent=2, default=str) + "\n"
+        atomic_write(self.dir / "state.json", text.encode())
 
     def _prune(self, state: RunState) -> None:
         keep = {state.best_round, *range(state.completed - self.keep_last + 1, state.completed + 1)}

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedbridge_server.config import FederationConfig
+from fedbridge_shared import protocol as P
 from fedbridge_shared.weights import WeightsError, check_state
 
 log = logging.getLogger("fedbridge.server")
@@ -33,7 +34,7 @@ def build_strategy(cfg: FederationConfig) -> Strategy:
         "min_available_nodes": cfg.min_available_sites,
     }
     if cfg.strategy == "fedprox":
-        strategy: Strategy = FedProx(**common, proximal_mu=cfg.proximal_mu)
+        strategy: Strategy = FedProx(**common, proximal_mu=cfg.local.proximal_mu)
     elif cfg.strategy == "fedadam":
         a = cfg.fedadam
         strategy = FedAdam(
@@ -76,8 +77,8 @@ def restore_strategy_state(strategy: Strategy, saved: dict[str, torch.Tensor]) -
 
 def site_name(msg: Message) -> str:
     """The name a site reports (never a path), or its node id."""
-    if msg.has_content() and "site" in msg.content.config_records:
-        return str(msg.content.config_records["site"].get("name"))
+    if msg.has_content() and P.SITE in msg.content.config_records:
+        return str(msg.content.config_records[P.SITE].get(P.SITE_NAME))
     return f"node {msg.metadata.src_node_id}"
 
 

@@ -6,13 +6,14 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedbridge_shared import defaults
 from fedbridge_shared.errors import FedbridgeError
 
 BatchHook = Callable[[int], None]
@@ -33,11 +34,37 @@ class FitResult:
     best_epoch: int = 0
     stopped_early: bool = False
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """Cosine decay from the peak LR to 0 over ``total_steps``, entered at ``start_step``.
+
+    A federated site continues one schedule across rounds: round r of R with E local epochs
+    of S steps starts at ``(r - 1) * E * S`` of ``R * E * S``.
+    """
+
+    total_steps: int
+    start_step: int = 0
+
+    def factor(self, step: int) -> float:
+        s = min(self.start_step + step, self.total_steps)
+        return 0.5 * (1 + math.cos(math.pi * s / max(1, self.total_steps)))
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def proximal_penalty(model: nn.Module, mu: float) -> Callable[[], torch.Tensor]:
+    """FedProx's term μ/2 · ||w − w_global||², anchored at the model's current weights."""
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    def penalty() -> torch.Tensor:
+        terms = ((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+        return mu / 2 * sum(terms)
+
+    return penalty
+
+
+def make_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float = defaults.WEIGHT_DECAY
+) -> torch.optim.Optimizer:
     """AdamW without weight decay on norms and biases."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -55,6 +82,7 @@ def train_one_epoch(
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    *,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     label_smoothing: float = 0.0,
     on_batch: BatchHook | None = None,
@@ -118,40 +146,53 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Epoc
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
-    val_loader: DataLoader | None,
+    *,
     device: torch.device,
     epochs: int,
     lr: float,
-    weight_decay: float = 1e-4,
-    patience: int = 3,
-    label_smoothing: float = 0.0,
+    val_loader: DataLoader | None = None,
+    weight_decay: float = defaults.WEIGHT_DECAY,
+    patience: int = defaults.PATIENCE,
+    label_smoothing: float = defaults.LABEL_SMOOTHING,
+    schedule: CosineSchedule | None = None,
+    epoch_offset: int = 0,
+    penalty: Callable[[], torch.Tensor] | None = None,
     on_batch: BatchHook | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
-    """Train for ``epochs`` with cosine LR; keep the weights of the best validation loss.
+    """Train for ``epochs`` with AdamW and a cosine LR; keep the weights of the best val loss.
 
-    Stops early when the validation loss has not improved for ``patience`` epochs. Without a
-    validation loader every epoch runs and the last weights are kept.
+    ``schedule`` defaults to one cosine over these epochs; a federated site passes the slice of
+    the federation's schedule for this round. ``epoch_offset`` numbers epochs globally (the
+    online augmentation is redrawn per global epoch). ``penalty`` is added to every batch loss
+    (FedProx). Stops early when the validation loss has not improved for ``patience`` epochs;
+    without a validation loader every epoch runs and the last weights are kept.
     """
     model.to(device)
-    optimizer = make_optimizer(model, lr, weight_decay)
-    steps = max(1, epochs * len(train_loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
+    schedule = schedule or CosineSchedule(max(1, epochs * len(train_loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
     result = FitResult()
     best_loss, best_state, stale = math.inf, None, 0
     for epoch in range(1, epochs + 1):
         dataset = train_loader.dataset
         if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
+            dataset.set_epoch(epoch_offset + epoch)
         train = train_one_epoch(
-            model, train_loader, optimizer, device, scheduler, label_smoothing, on_batch
+            model,
+            train_loader,
+            optimizer,
+            device,
+            scheduler=scheduler,
+            label_smoothing=label_smoothing,
+            on_batch=on_batch,
+            penalty=penalty,
         )
         row = {
-            "epoch": epoch,
+            "epoch": epoch_offset + epoch,
             "train_loss": train.loss,
             "train_accuracy": train.accuracy,
+            "n": train.n,
             "seconds": train.seconds,
         }
         if val_loader is not None:

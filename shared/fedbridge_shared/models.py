@@ -16,6 +16,7 @@ from timm.models import register_model
 from timm.models.efficientnet import _gen_mobilenet_v1
 from torch import nn
 
+from fedbridge_shared import defaults
 from fedbridge_shared.data.images import file_sha256
 from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.spec import ModelSpec, is_bundle, load_bundle
@@ -70,9 +71,9 @@ def init_model(
     if len(labels) < 2:
         raise ConfigError(f"need at least 2 classes, got {list(labels)}")
     if init == "none":
-        return _init_none(labels, arch or "mobilenetv2_100", image_size)
+        return _init_none(labels, arch or defaults.ARCH, image_size)
     if init == "imagenet":
-        arch = arch or "mobilenetv2_100"
+        arch = arch or defaults.ARCH
         local = find_local_imagenet_weights(arch)
         if local is not None:
             return _init_from_file(local, labels, arch, image_size)

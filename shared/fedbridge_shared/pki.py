@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedbridge_shared.errors import ConfigError
+from fedbridge_shared.files import atomic_write
+
+PRIVATE, PUBLIC = 0o600, 0o644
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 CA_KEY = "ca.key"
@@ -61,21 +61,14 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write(folder: Path, name: str, data: bytes, private: bool = False) -> None:
-    path = folder / name
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
-
-
-def _publish(staging: Path, out: Path, names: Sequence[str], force: bool) -> None:
-    """Move finished files from ``staging`` into ``out`` (refusing to overwrite unless forced)."""
+def _publish(out: Path, files: dict[str, tuple[bytes, int]], force: bool) -> None:
+    """Write finished files into ``out`` atomically (refusing to overwrite unless forced)."""
     out.mkdir(parents=True, exist_ok=True)
-    clash = [n for n in names if (out / n).exists()]
+    clash = [n for n in files if (out / n).exists()]
     if clash and not force:
         raise ConfigError(f"{out / clash[0]}: already exists (use --force to replace it)")
-    for n in names:
-        os.replace(staging / n, out / n)
+    for name, (data, mode) in files.items():
+        atomic_write(out / name, data, mode=mode)
 
 
 def make_certs(
@@ -120,18 +113,14 @@ def make_certs(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    names = [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY]
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".certs-", dir=out))
-    try:
-        _write(staging, CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
-        _write(staging, CA_KEY, _pem_key(ca_key), private=True)
-        _write(staging, SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM))
-        _write(staging, SERVER_KEY, _pem_key(server_key), private=True)
-        _publish(staging, out, names, force)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {n: out / n for n in names}
+    files = {
+        CA_CERT: (ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC),
+        CA_KEY: (_pem_key(ca_key), PRIVATE),
+        SERVER_CERT: (server_cert.public_bytes(serialization.Encoding.PEM), PUBLIC),
+        SERVER_KEY: (_pem_key(server_key), PRIVATE),
+    }
+    _publish(out, files, force)
+    return {n: out / n for n in files}
 
 
 def make_site_keys(out: Path, name: str, force: bool = False) -> tuple[Path, Path]:
@@ -147,16 +136,12 @@ def make_site_keys(out: Path, name: str, force: bool = False) -> tuple[Path, Pat
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    names = [f"{name}.key", f"{name}.pub"]
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".keys-", dir=out))
-    try:
-        _write(staging, names[0], private, private=True)
-        _write(staging, names[1], public + f" fedbridge-{name}\n".encode())
-        _publish(staging, out, names, force)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out / names[0], out / names[1]
+    files = {
+        f"{name}.key": (private, PRIVATE),
+        f"{name}.pub": (public + f" fedbridge-{name}\n".encode(), PUBLIC),
+    }
+    _publish(out, files, force)
+    return out / f"{name}.key", out / f"{name}.pub"
 
 
 def check_public_key(path: Path) -> None:

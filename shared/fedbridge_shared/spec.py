@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +21,7 @@ from safetensors.torch import save_file
 from fedbridge_shared import __version__
 from fedbridge_shared.data.images import file_sha256
 from fedbridge_shared.errors import BundleError
+from fedbridge_shared.files import atomic_dir
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
@@ -98,9 +96,7 @@ def save_bundle(
     out = Path(out)
     if out.exists() and not (out / SPEC_FILE).exists() and any(out.iterdir()):
         raise BundleError(f"{out}: exists and is not a fedbridge bundle; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         record = {
@@ -113,22 +109,7 @@ def save_bundle(
             "metrics": metrics or {},
         }
         (tmp / SPEC_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` with as short a gap as possible."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_bundle_record(path: Path) -> dict[str, Any]:

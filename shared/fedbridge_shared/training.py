@@ -14,34 +14,34 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader
 
+from fedbridge_shared import defaults
 from fedbridge_shared.data.augment import PRESETS
-from fedbridge_shared.data.samples import FolderIndex, Sample, scan_folder
+from fedbridge_shared.data.samples import FolderIndex, Sample, check_labels, scan_folder
 from fedbridge_shared.data.split import assign_parts
-from fedbridge_shared.data.tensors import ImageDataset, load_images
+from fedbridge_shared.data.tensors import load_images, make_loader
 from fedbridge_shared.engine import fit, predict
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.metrics import compute_metrics
 from fedbridge_shared.models import build_model, init_model
-from fedbridge_shared.spec import ModelSpec, is_bundle, load_bundle, save_bundle
+from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one training stage; saved in the bundle as the resolved config."""
 
-    epochs: int = 8
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    patience: int = 3
-    val_fraction: float = 0.15
-    augment_per_sample: int = 0
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    lr: float = defaults.LR
+    weight_decay: float = defaults.WEIGHT_DECAY
+    patience: int = defaults.PATIENCE
+    val_fraction: float = defaults.VAL_FRACTION
+    augment_per_sample: int = defaults.BRIDGE_AUGMENT_PER_SAMPLE
     online_augment: bool = True
-    preset: str = "cxr"
-    label_smoothing: float = 0.0
-    seed: int = 0
+    preset: str = defaults.AUGMENT
+    label_smoothing: float = defaults.LABEL_SMOOTHING
+    seed: int = defaults.SEED
 
     def __post_init__(self) -> None:
         checks = {
@@ -99,7 +99,9 @@ def usable_index(data: Path, manifest: Path | None = None) -> FolderIndex:
     return index
 
 
-def decode(samples: Sequence[Sample], size: int, console: Console, what: str) -> list[np.ndarray]:
+def decode(
+    samples: Sequence[Sample], size: int, *, console: Console, what: str
+) -> list[np.ndarray]:
     """Decode and resize every image with a progress bar; a bad file stops with DataError."""
     with _progress(console) as bar:
         task = bar.add_task(f"reading {what}", total=len(samples), info="")
@@ -109,6 +111,7 @@ def decode(samples: Sequence[Sample], size: int, console: Console, what: str) ->
 def run_stage(
     stage: str,
     data: Path,
+    *,
     out: Path,
     init: str,
     config: TrainConfig,
@@ -142,28 +145,27 @@ def run_stage(
         )
     if len(parts["val"]) < 2:
         parts = {"train": list(index.samples), "val": []}
-    train_imgs = decode(parts["train"], spec.image_size, console, f"{stage} training images")
-    val_imgs = decode(parts["val"], spec.image_size, console, "validation images")
-
-    train_ds = ImageDataset(
+    train_imgs = decode(
+        parts["train"], spec.image_size, console=console, what=f"{stage} training images"
+    )
+    val_imgs = decode(parts["val"], spec.image_size, console=console, what="validation images")
+    train_loader = make_loader(
         train_imgs,
         [target_of[s.label] for s in parts["train"]],
         spec,
-        config.preset,
-        config.augment_per_sample,
-        config.online_augment,
-        config.seed,
-    )
-    val_ds = ImageDataset(val_imgs, [target_of[s.label] for s in parts["val"]], spec)
-    gen = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(
-        train_ds,
         batch_size=config.batch_size,
-        shuffle=True,
-        generator=gen,
-        drop_last=len(train_ds) > config.batch_size,
+        train=True,
+        preset=config.preset,
+        augment_per_sample=config.augment_per_sample,
+        online=config.online_augment,
+        seed=config.seed,
     )
-    val_loader = DataLoader(val_ds, batch_size=config.batch_size) if len(val_ds) else None
+    val_loader = None
+    if val_imgs:
+        val_loader = make_loader(
+            val_imgs, [target_of[s.label] for s in parts["val"]], spec, batch_size=config.batch_size
+        )
+    train_ds = train_loader.dataset
     dev = resolve_device(device)
     console.print(
         f"[bold]{stage}[/]: {spec.arch} @ {spec.image_size}px, init {spec.init.get('kind')}, "
@@ -189,13 +191,13 @@ def run_stage(
         result = fit(
             model,
             train_loader,
-            val_loader,
-            dev,
-            config.epochs,
-            config.lr,
-            config.weight_decay,
-            config.patience,
-            config.label_smoothing,
+            val_loader=val_loader,
+            device=dev,
+            epochs=config.epochs,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            patience=config.patience,
+            label_smoothing=config.label_smoothing,
             on_batch=lambda n: bar.advance(task, n),
             on_epoch=on_epoch,
         )
@@ -223,6 +225,7 @@ def run_stage(
 def evaluate_bundle(
     bundle_path: Path,
     data: Path,
+    *,
     manifest: Path | None = None,
     batch_size: int = 32,
     n_bootstrap: int = 1000,
@@ -234,25 +237,17 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_path)
     spec = bundle.spec
     index = scan_folder(Path(data), manifest)
-    check_labels(index, spec, Path(data))
+    check_labels(index, spec.labels, where=Path(data))
     if not index.samples:
         raise DataError(f"{data}: no images to evaluate")
     model = build_model(spec)
     model.load_state_dict(bundle.state_dict)
     target_of = {label: i for i, label in enumerate(spec.labels)}
-    images = decode(index.samples, spec.image_size, console, "evaluation images")
-    ds = ImageDataset(images, [target_of[s.label] for s in index.samples], spec)
-    y, probs = predict(model, DataLoader(ds, batch_size=batch_size), resolve_device(device))
+    images = decode(index.samples, spec.image_size, console=console, what="evaluation images")
+    loader = make_loader(images, [target_of[s.label] for s in index.samples], spec,
+                         batch_size=batch_size)  # fmt: skip
+    y, probs = predict(model, loader, resolve_device(device))
     metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
     metrics["bundle"] = {"path": str(Path(bundle_path).resolve()), "sha256": bundle.sha256}
     metrics["data"] = {"path": str(Path(data).resolve()), "patient_ids": index.patient_source}
     return metrics, y, probs
-
-
-def check_labels(index: FolderIndex, spec: ModelSpec, data: Path) -> None:
-    """Refuse a dataset with class folders the model does not know."""
-    unknown = [c for c in index.labels if c not in spec.labels]
-    if unknown:
-        raise DataError(
-            f"{data}: class folders {unknown} are not among the model's labels {list(spec.labels)}"
-        )

@@ -38,8 +38,9 @@ def bundles(cxr_root, oct_root, tmp_path_factory):
         epochs=3, batch_size=16, lr=3e-3, val_fraction=0.0, online_augment=False, preset="none"
     )
     cxr, _ = run_stage(
-        "train", _subset(cxr_root, root / "cxr-train", 8), root / "cxr-bundle", "none", config,
-        "test_efficientnet", SIZE, device="cpu", console=Console(quiet=True),
+        "train", _subset(cxr_root, root / "cxr-train", 8), out=root / "cxr-bundle", init="none",
+        config=config, arch="test_efficientnet", image_size=SIZE, device="cpu",
+        console=Console(quiet=True),
     )  # fmt: skip
     labels = sorted(p.name for p in oct_root.iterdir() if p.is_dir())
     torch.manual_seed(0)

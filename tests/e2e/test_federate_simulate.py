@@ -12,7 +12,7 @@ import torch
 from cli import assert_one_line_error, fedbridge
 from rich.console import Console
 
-from fedbridge_server.simulate import simulate
+from fedbridge.simulate import simulate
 from fedbridge_shared.spec import load_bundle
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # mods below run in Ray actors
@@ -40,7 +40,7 @@ def _sites(split):
 
 def _run(flat, sites, **kw):
     quiet = Console(file=open("/dev/null", "w"))  # noqa: SIM115
-    return simulate(flat, sites, quiet, quiet, **kw)
+    return simulate(flat, sites, out=quiet, **kw)
 
 
 def crash_site_2_in_round_2(msg, context, call_next):

@@ -48,9 +48,9 @@ def cxr_bundle(cxr_parts, weights_root, tmp_path_factory) -> Path:
     run_stage(
         "target",
         cxr_parts["train"],
-        out,
-        str(weights),
-        config,
+        out=out,
+        init=str(weights),
+        config=config,
         arch="mobilenetv1_025",
         image_size=128,
         device="cpu",

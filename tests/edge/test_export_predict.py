@@ -121,17 +121,8 @@ def test_seal_hash_covers_metadata(edge_onnx, tmp_path):
 
 
 def test_export_refuses_bad_options_and_non_cam_models(cxr_bundle, tmp_path):
-    result = fedbridge(
-        "export",
-        "onnx",
-        cxr_bundle,
-        "--out",
-        tmp_path / "m.onnx",
-        "--batch",
-        "2",
-        "--dynamic-batch",
-    )
-    assert_one_line_error(result, "--batch", "--dynamic-batch")
+    result = fedbridge("export", "onnx", cxr_bundle, "--out", tmp_path / "m.onnx", "--batch", "0")
+    assert_one_line_error(result, "--batch")
     result = fedbridge("export", "onnx", cxr_bundle, "--out", tmp_path / "m.onnx", "--int8")
     assert_one_line_error(result, "--calib")
 

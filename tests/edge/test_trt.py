@@ -9,7 +9,7 @@ from cli import assert_one_line_error, fedbridge
 from fedbridge_edge import trt
 from fedbridge_edge.errors import EdgeError, IntegrityError
 from fedbridge_edge.modelfile import EdgeModel
-from fedbridge_edge.preprocess import InputSpec, list_images
+from fedbridge_edge.preprocess import CalibrationBatcher, InputSpec, list_images
 
 ORIN = trt.DeviceInfo("Orin", "8.7", "10.3.0")
 SPEC = {"labels": ["a", "b"], "image_size": 32, "in_chans": 3}
@@ -116,7 +116,7 @@ def test_build_plan_int8_explicit_vs_calibrated(tmp_path):
 def test_calibration_batches_are_full_and_preprocessed(cxr_root):
     spec = InputSpec(image_size=48, in_chans=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     paths = list_images([cxr_root / "NORMAL"])[:11]
-    batcher = trt.CalibrationBatcher(paths, spec, batch=4)
+    batcher = CalibrationBatcher(paths, spec, batch=4)
     got = list(batcher)
     assert len(batcher) == len(got) == 3
     assert all(b.shape == (4, 3, 48, 48) and b.dtype == np.float32 for b in got)
@@ -124,7 +124,7 @@ def test_calibration_batches_are_full_and_preprocessed(cxr_root):
     np.testing.assert_array_equal(got[2][3], got[2][0])  # last batch of 3 padded by repetition
     assert got[0].min() >= -1.0 and got[0].max() <= 1.0
     with pytest.raises(EdgeError):
-        trt.CalibrationBatcher(paths, spec, batch=0)
+        CalibrationBatcher(paths, spec, batch=0)
 
 
 def test_calibration_cache_key_follows_model_images_and_batch(cxr_root, tmp_path):

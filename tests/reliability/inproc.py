@@ -1,6 +1,6 @@
 """Run ``fedbridge ARGS…`` inside the test process (no 5 s interpreter start per call).
 
-The entry point ``fedbridge_shared.cli.main`` runs as the console script would: its one-line
+The entry point ``fedbridge.cli.main`` runs as the console script would: its one-line
 error handling, its exit code. Output is captured by pytest's ``capsys``; an exception that
 escapes ``main`` (a traceback a user would see) is rendered into ``stderr``.
 """
@@ -12,7 +12,7 @@ import sys
 import traceback
 from unittest import mock
 
-from fedbridge_shared.cli import main
+from fedbridge.cli import main
 
 
 def run(capsys, *args) -> subprocess.CompletedProcess:

@@ -152,8 +152,8 @@ def test_a_site_killed_mid_round_is_dropped_and_the_run_completes(fed, creds, tm
 def test_server_killed_after_round_1_resumes_and_matches_an_uninterrupted_run(
     fed, creds, tmp_path, started
 ):
-    from fedbridge_server.simulate import simulate
-    from fedbridge_shared.cli.federate import run_config
+    from fedbridge.cli.federate import run_config
+    from fedbridge.simulate import simulate
 
     root, split = fed
     names = ("site-1", "site-2")
@@ -188,7 +188,7 @@ def test_server_killed_after_round_1_resumes_and_matches_an_uninterrupted_run(
         val=None, test=None, seed=7, settings=["threads=1"],
     )  # fmt: skip
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
-    simulate(flat, [split / n for n in names], quiet, quiet)
+    simulate(flat, [split / n for n in names], out=quiet)
     for name in ("round-0001", "round-0002"):
         a = load_bundle(tmp_path / "whole-rounds" / name).state_dict
         b = load_bundle(rounds_dir / name).state_dict

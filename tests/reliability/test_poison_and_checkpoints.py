@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 from rich.console import Console
 
-from fedbridge_server.simulate import simulate
+from fedbridge.simulate import simulate
 from fedbridge_server.store import RoundStore, RunState
 from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.spec import WEIGHTS_FILE, ModelSpec, load_bundle
@@ -43,7 +43,7 @@ def _flat(root, out, rounds=2, **extra):
 
 def _run(flat, split, mods=()):
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
-    return simulate(flat, [split / f"site-{i}" for i in (1, 2, 3)], quiet, quiet, mods=mods)
+    return simulate(flat, [split / f"site-{i}" for i in (1, 2, 3)], out=quiet, mods=mods)
 
 
 def _is(context, msg, partition: int, rnd: int) -> bool:

@@ -4,6 +4,7 @@ import pytest
 
 from fedbridge_server.config import FederationConfig
 from fedbridge_shared.errors import ConfigError
+from fedbridge_shared.protocol import LocalSettings
 
 
 def test_flat_keys_round_trip_through_nested_dataclasses():
@@ -41,7 +42,17 @@ def test_bad_keys_and_values_are_named(flat, needle):
 
 def test_sites_get_the_proximal_term_only_with_fedprox():
     assert FederationConfig(strategy="fedavg").local_settings().proximal_mu == 0.0
-    assert FederationConfig(strategy="fedprox", proximal_mu=0.1).local_settings().proximal_mu == 0.1
+    fedprox = FederationConfig.from_flat({"strategy": "fedprox", "proximal-mu": 0.1})
+    assert fedprox.local_settings().proximal_mu == 0.1
+
+
+def test_local_settings_are_composed_and_their_keys_stay_flat():
+    cfg = FederationConfig.from_flat({"lr": "0.01", "local-epochs": 2, "dp.enabled": True})
+    assert cfg.local.lr == 0.01 and cfg.local.local_epochs == 2
+    flat = cfg.to_flat()
+    assert flat["lr"] == 0.01 and "local.lr" not in flat and flat["dp.enabled"] is True
+    # every LocalSettings field is a top-level run-config key
+    assert {f.replace("_", "-") for f in LocalSettings.__dataclass_fields__} <= set(flat)
 
 
 def test_pyproject_run_config_is_valid():
@@ -50,4 +61,9 @@ def test_pyproject_run_config_is_valid():
 
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     flat = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
-    assert FederationConfig.from_flat(flat).num_server_rounds >= 1
+    cfg = FederationConfig.from_flat(flat)
+    # pyproject.toml repeats the defaults for Flower: they must be the same ones
+    default = FederationConfig().to_flat()
+    differ = {k: (v, default[k]) for k, v in flat.items() if k in default and default[k] != v}
+    assert differ == {"init": ("runs/cxr-bridge", "")}
+    assert cfg.num_server_rounds >= 1

@@ -39,8 +39,8 @@ def trained(cxr_root, tmp_path_factory):
         epochs=5, batch_size=16, lr=3e-3, val_fraction=0.0, online_augment=False, preset="none"
     )
     path, _ = run_stage(
-        "train", data, root / "bundle", "none", config, "test_efficientnet", SIZE,
-        device="cpu", console=Console(quiet=True),
+        "train", data, out=root / "bundle", init="none", config=config,
+        arch="test_efficientnet", image_size=SIZE, device="cpu", console=Console(quiet=True),
     )  # fmt: skip
     return load_bundle(path)
 

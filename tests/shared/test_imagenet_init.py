@@ -22,9 +22,9 @@ def test_imagenet_init_beats_random_init_on_real_cxr(cxr_root, weights_root, tmp
         bundle, _ = run_stage(
             "train",
             split.out / "site-1",
-            tmp_path / name,
-            init,
-            config,
+            out=tmp_path / name,
+            init=init,
+            config=config,
             arch="mobilenetv2_100",
             image_size=160,
         )

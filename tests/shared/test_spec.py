@@ -78,3 +78,25 @@ def test_loaded_weights_do_not_change_when_the_file_is_edited_afterwards(tmp_pat
     assert all(torch.equal(before[k], loaded.state_dict[k]) for k in before)
     with pytest.raises(BundleError, match="sha256"):
         load_bundle(tmp_path / "b")
+
+
+def test_protocol_round_trips_through_plain_config_and_metrics():
+    from fedbridge_shared.protocol import (
+        NUM_EXAMPLES,
+        SERVER_ROUND,
+        SPEC_JSON,
+        EvalReply,
+        LocalSettings,
+        RoundTask,
+        TrainReply,
+    )
+
+    task = RoundTask({"arch": "x", "labels": ["A", "B"]}, LocalSettings(lr=0.1), 2, 5)
+    config = task.to_config()
+    assert config[SERVER_ROUND] == 2 and isinstance(config[SPEC_JSON], str) and config["lr"] == 0.1
+    assert RoundTask.from_config(config) == task
+    reply = TrainReply(num_examples=7, train_loss=0.5, train_accuracy=0.75, seconds=1.0)
+    metrics = reply.to_metrics()
+    assert metrics[NUM_EXAMPLES] == 7 and isinstance(metrics[NUM_EXAMPLES], int)
+    assert TrainReply.from_metrics(metrics) == reply
+    assert EvalReply.from_metrics({"num-examples": 3, "val-loss": 0.2}).val_loss == 0.2

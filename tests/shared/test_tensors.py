@@ -19,8 +19,11 @@ def images(cxr_root):
     return load_images(samples, 64)
 
 
+OFFLINE4 = {"preset": "cxr", "augment_per_sample": 4, "online": False}
+
+
 def test_expansion_multiplies_length_and_keeps_originals(images):
-    ds = ImageDataset(images, [0, 1, 0], SPEC, "cxr", augment_per_sample=10)
+    ds = ImageDataset(images, [0, 1, 0], SPEC, preset="cxr", augment_per_sample=10)
     assert len(ds) == 33  # 3 images × (1 original + 10 variants)
     x0, y0 = ds[11]  # image 1, variant 0: the original
     assert y0 == 1 and torch.equal(x0, to_tensor(images[1], SPEC))
@@ -30,11 +33,17 @@ def test_expansion_multiplies_length_and_keeps_originals(images):
 
 
 def test_offline_variants_are_fixed_and_online_changes_per_epoch(images):
-    a = ImageDataset(images, [0, 0, 0], SPEC, "cxr", 4, online=False, seed=7)
-    b = ImageDataset(images, [0, 0, 0], SPEC, "cxr", 4, online=False, seed=7)
-    c = ImageDataset(images, [0, 0, 0], SPEC, "cxr", 4, online=False, seed=8)
+    a = ImageDataset(
+        images, [0, 0, 0], SPEC, **OFFLINE4, seed=7
+    )
+    b = ImageDataset(
+        images, [0, 0, 0], SPEC, **OFFLINE4, seed=7
+    )
+    c = ImageDataset(
+        images, [0, 0, 0], SPEC, **OFFLINE4, seed=8
+    )
     assert torch.equal(a[3][0], b[3][0]) and not torch.equal(a[3][0], c[3][0])
-    on = ImageDataset(images, [0, 0, 0], SPEC, "cxr", 0, online=True, seed=7)
+    on = ImageDataset(images, [0, 0, 0], SPEC, preset="cxr", online=True, seed=7)
     on.set_epoch(1)
     first = on[0][0]
     assert torch.equal(first, on[0][0])  # same epoch, same draw

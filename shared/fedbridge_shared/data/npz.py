@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedbridge_shared.data.split import atomic_output_dir
+from fedbridge_shared.data.split import refuse_non_empty
 from fedbridge_shared.errors import ConfigError, DataError
+from fedbridge_shared.files import atomic_dir
 
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "split")
 
@@ -40,7 +41,8 @@ def import_npz(
             )
 
     counts: dict[str, int] = {}
-    with atomic_output_dir(Path(out)) as tmp:
+    refuse_non_empty(Path(out))
+    with atomic_dir(Path(out)) as tmp:
         for name in names:
             (tmp / name).mkdir()
         rows = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -195,3 +196,23 @@ def _safe_relative(manifest: Path, line: int, text: str) -> Path:
             "the manifest's folder)"
         )
     return Path(*PurePosixPath(text.replace("\\", "/")).parts)
+
+
+def check_labels(
+    index: FolderIndex, labels: Sequence[str], *, where: object, exact: bool = False
+) -> None:
+    """Refuse class folders the model does not know (DataError naming ``where``).
+
+    With ``exact`` the class folders must be the model's labels, no more and no fewer: a site
+    that lacks a class or adds one cannot train the shared head.
+    """
+    if exact and set(index.labels) != set(labels):
+        raise DataError(
+            f"{where}: class folders {list(index.labels)} differ from the model's labels "
+            f"{list(labels)}"
+        )
+    unknown = [c for c in index.labels if c not in labels]
+    if unknown:
+        raise DataError(
+            f"{where}: class folders {unknown} are not among the model's labels {list(labels)}"
+        )

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
-import os
-import secrets
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import numpy as np
 
 from fedbridge_shared.data.samples import Sample, scan_folder
 from fedbridge_shared.errors import ConfigError, DataError
+from fedbridge_shared.files import atomic_dir
 
 SPLIT_COLUMNS = ("path", "label", "patient_id", "part", "source")
 
@@ -185,7 +183,8 @@ def split_folder(
         parts = skew_sites(parts, skew, seed)
     final = out.resolve()
     result: dict[str, list[Sample]] = {}
-    with atomic_output_dir(out) as tmp:
+    refuse_non_empty(out)
+    with atomic_dir(out) as tmp:
         rows = []
         for part, members in parts.items():
             for label in index.labels:
@@ -205,21 +204,8 @@ def split_folder(
     return SplitResult(out=out, parts=result)
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp sibling of ``out`` to fill; it becomes ``out`` on success, is removed on error.
-
-    Refuses (ConfigError) when ``out`` exists and is not an empty folder.
-    """
+def refuse_non_empty(out: Path) -> None:
+    """A new output folder must not exist yet, or be empty: fedbridge never overwrites data."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: output folder exists and is not empty; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
-    tmp.mkdir()  # not mkdtemp: its 0o700 mode would stick to the final folder
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

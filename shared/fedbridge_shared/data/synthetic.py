@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedbridge_shared.data.split import atomic_output_dir
+from fedbridge_shared.data.split import refuse_non_empty
 from fedbridge_shared.errors import ConfigError
+from fedbridge_shared.files import atomic_dir
 
 CLASSES = ("NORMAL", "FOCAL_OPACITY", "DIFFUSE_OPACITY", "EFFUSION")
 README = """SYNTHETIC DATA - NOT MEDICAL IMAGES
@@ -51,7 +52,8 @@ def make_phantom_dataset(out: Path, n_per_class: int = 30, size: int = 160, seed
     rng = np.random.default_rng(seed)
     rows = []
     patient_number = 0
-    with atomic_output_dir(out) as tmp:
+    refuse_non_empty(out)
+    with atomic_dir(out) as tmp:
         for label in CLASSES:
             (tmp / label).mkdir()
             made = 0

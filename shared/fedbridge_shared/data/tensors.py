@@ -5,22 +5,20 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from fedbridge_shared.data.augment import offline_transform, online_transform
 from fedbridge_shared.data.images import read_image
+from fedbridge_shared.data.pixels import InputSpec, normalise, resize
 from fedbridge_shared.data.samples import Sample
 from fedbridge_shared.spec import ModelSpec
 
 
 def load_resized(path, size: int) -> np.ndarray:
     """Read one image (greyscale uint8) and resize it to ``size`` × ``size``."""
-    img = read_image(path)
-    interp = cv2.INTER_AREA if min(img.shape) >= size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
+    return resize(read_image(path), size)
 
 
 def load_images(
@@ -37,11 +35,11 @@ def load_images(
 
 def to_tensor(img: np.ndarray, spec: ModelSpec) -> torch.Tensor:
     """Greyscale uint8 (H, W) → normalised float (C, H, W); the channel is repeated for C > 1."""
-    x = torch.from_numpy(img).float().div_(255.0)
-    x = x.unsqueeze(0).expand(spec.in_chans, -1, -1)
-    mean = torch.tensor(spec.mean[: spec.in_chans]).view(-1, 1, 1)
-    std = torch.tensor(spec.std[: spec.in_chans]).view(-1, 1, 1)
-    return (x - mean) / std
+    return torch.from_numpy(normalise(img, _input_spec(spec)))
+
+
+def _input_spec(spec: ModelSpec) -> InputSpec:
+    return InputSpec(spec.image_size, spec.in_chans, tuple(spec.mean), tuple(spec.std))
 
 
 def _seed(*parts: int) -> int:
@@ -62,6 +60,7 @@ class ImageDataset(Dataset):
         images: Sequence[np.ndarray],
         targets: Sequence[int],
         spec: ModelSpec,
+        *,
         preset: str = "none",
         augment_per_sample: int = 0,
         online: bool = False,
@@ -91,3 +90,42 @@ class ImageDataset(Dataset):
             self.online.set_random_seed(_seed(self.seed, index, variant, self.epoch, 1))
             img = self.online(image=img)["image"]
         return to_tensor(img, self.spec), self.targets[index]
+
+
+def make_loader(
+    images: Sequence[np.ndarray],
+    targets: Sequence[int],
+    spec: ModelSpec,
+    *,
+    batch_size: int,
+    train: bool = False,
+    preset: str = "none",
+    augment_per_sample: int = 0,
+    online: bool = True,
+    seed: int = 0,
+    shuffle_seed: int | None = None,
+) -> DataLoader:
+    """The DataLoader every stage uses: samples → tensors → batches.
+
+    ``train=True`` adds the ×N offline expansion and online augmentation (``online``), shuffles
+    with a generator seeded by ``shuffle_seed`` (default ``seed``) and drops a last partial batch.
+    Otherwise the images are served in order, unaugmented.
+    """
+    if not train:
+        return DataLoader(ImageDataset(images, targets, spec), batch_size=batch_size)
+    ds = ImageDataset(
+        images,
+        targets,
+        spec,
+        preset=preset,
+        augment_per_sample=augment_per_sample,
+        online=online,
+        seed=seed,
+    )
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed if shuffle_seed is None else shuffle_seed),
+        drop_last=len(ds) > batch_size,
+    )

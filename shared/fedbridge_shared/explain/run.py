@@ -17,9 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +42,7 @@ from fedbridge_shared.explain.methods import (
 from fedbridge_shared.explain.overlay import overlay_png
 from fedbridge_shared.explain.regions import REGIONS, region_fractions, summarise
 from fedbridge_shared.explain.sanity import SANITY_THRESHOLD, sanity_check
+from fedbridge_shared.files import atomic_dir
 from fedbridge_shared.spec import load_bundle
 
 RECORD_FILE = "explain.json"
@@ -144,16 +142,6 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
 def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
@@ -203,9 +191,7 @@ def explain_images(
     model = load_explainer(bundle, dev)
     names = _unique_names([i.path for i in items])
     rows: list[dict[str, Any]] = []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         for method in methods:
             (tmp / method).mkdir()
         with _progress(console) as bar:
@@ -232,11 +218,6 @@ def explain_images(
         _write_csv(tmp / "explanations.csv", CSV_FIELDS, rows)
         _write_class_summary(tmp / "class_summary.csv", record["class_summary"])
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

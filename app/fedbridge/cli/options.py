@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 Manifest = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional on py3.10
+    Path | None,
     typer.Option(
         help="CSV with path,label,patient_id (default: MANIFEST.csv or split.csv "
         "in DATA or its parent)."

@@ -7,11 +7,11 @@ A real federation on Flower's Deployment Engine, TLS and SuperNode authenticatio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from fedbridge_shared.cli.federate import (
+from fedbridge.cli.federate import (
     Augment,
     AugmentPerSample,
     BatchSize,
@@ -26,7 +26,8 @@ from fedbridge_shared.cli.federate import (
     Val,
     run_config,
 )
-from fedbridge_shared.cli.options import Seed, make_console
+from fedbridge.cli.options import Seed, make_console
+from fedbridge_shared import defaults
 
 server_app = typer.Typer(help="The coordinator: certificates and the federation run.")
 site_app = typer.Typer(help="A hospital site: its key pair and joining a federation.")
@@ -41,7 +42,7 @@ Force = Annotated[bool, typer.Option("--force", help="Replace existing files.")]
 def certs(
     out: Annotated[Path, typer.Option(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
     hosts: Annotated[
-        Optional[list[str]],  # noqa: UP045
+        list[str] | None,
         typer.Option("--host", help="Name or IP the sites use to reach the SuperLink (repeat)."),
     ] = None,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
@@ -61,32 +62,32 @@ def start(
     init: Init,
     out_dir: Out,
     certs_dir: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option("--certs", help="Folder from `fedbridge server certs`."),
     ] = None,
     site_keys: Annotated[
-        Optional[list[Path]],  # noqa: UP045
+        list[Path] | None,
         typer.Option("--site-key", help="A site's public key (NAME.pub) to admit (repeat)."),
     ] = None,
     sites: Annotated[int, typer.Option("--sites", help="Sites needed in every round.")] = 2,
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="SuperLink port (sites connect here).")] = 9092,
     state: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option(help="Flower's database, logs and app folder (default: OUT-superlink)."),
     ] = None,
-    rounds: Rounds = 3,
-    strategy: Strategy = "fedavg",
-    augment_per_sample: AugmentPerSample = 10,
-    augment: Augment = "cxr",
-    local_epochs: LocalEpochs = 1,
-    lr: Lr = 5e-4,
-    batch_size: BatchSize = 16,
+    rounds: Rounds = defaults.ROUNDS,
+    strategy: Strategy = defaults.STRATEGY,
+    augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
+    augment: Augment = defaults.AUGMENT,
+    local_epochs: LocalEpochs = defaults.LOCAL_EPOCHS,
+    lr: Lr = defaults.LR,
+    batch_size: BatchSize = defaults.BATCH_SIZE,
     val: Val = None,
     test: Test = None,
     settings: Settings = None,
     insecure: Insecure = False,
-    seed: Seed = 0,
+    seed: Seed = defaults.SEED,
 ) -> None:
     """Start the SuperLink, admit the sites' keys and run the federation to the end.
 
@@ -134,22 +135,22 @@ def join(
     data: Annotated[Path, typer.Option(help="This site's class folders (never leave the site).")],
     name: Annotated[str, typer.Option(help="This site's name (shown in the server log).")],
     ca: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option(help="The coordinator's ca.crt."),
     ] = None,
     key: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option(help="This site's private key from `fedbridge site keys`."),
     ] = None,
     runtime_port: Annotated[
         int, typer.Option(help="Local port for Flower's app runtime (one per site on a host).")
     ] = 9094,
     log: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option(help="SuperNode log file (default: ./NAME-supernode.log)."),
     ] = None,
     audit_dir: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option(help="Write a JSON-lines audit of every message this site sends."),
     ] = None,
     admit_timeout: Annotated[

@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedbridge_shared import defaults
 from fedbridge_shared.data.split import split_folder
 from fedbridge_shared.data.synthetic import make_phantom_dataset
 from fedbridge_shared.errors import ConfigError
@@ -53,7 +54,7 @@ def run_demo(
     data: Path | None,
     quick: bool,
     init: str = "imagenet",
-    arch: str = "mobilenetv2_100",
+    arch: str = defaults.ARCH,
     augment: str = "cxr",
     seed: int = 0,
     console: Console | None = None,
@@ -86,11 +87,11 @@ def run_demo(
         return run_stage(
             "bridge",
             split.out / "bridge",
-            out / "bridge-bundle",
-            start,
-            stage_config,
-            arch,
-            plan.image_size,
+            out=out / "bridge-bundle",
+            init=start,
+            config=stage_config,
+            arch=arch,
+            image_size=plan.image_size,
             console=console,
         )
 
@@ -115,14 +116,15 @@ def run_demo(
     console.rule("target, central: all sites' images pooled (what federation avoids)")
     pooled = _pool(sites, out / "pooled-data")
     central, _ = run_stage(
-        "train", pooled, out / "central-bundle", str(bridge), target_config, console=console
-    )
+        "train", pooled, out=out / "central-bundle", init=str(bridge), config=target_config,
+        console=console,
+    )  # fmt: skip
     locals_ = []
     for site in sites:
         console.rule(f"target, local only: {site.name} alone")
         bundle, _ = run_stage(
-            "train", site, out / f"local-{site.name}-bundle", str(bridge), target_config,
-            console=console,
+            "train", site, out=out / f"local-{site.name}-bundle", init=str(bridge),
+            config=target_config, console=console,
         )  # fmt: skip
         locals_.append(bundle)
 
@@ -160,7 +162,7 @@ def _federate(
     bridge: Path, sites: list[Path], out: Path, cfg: TrainConfig, console: Console
 ) -> Path:
     """The target stage through Flower's simulation: one round per central epoch."""
-    from fedbridge_server.simulate import simulate
+    from fedbridge.simulate import simulate
 
     flat = {
         "init": str(bridge.resolve()),
@@ -176,7 +178,7 @@ def _federate(
         "min-evaluate-sites": len(sites),
         "min-available-sites": len(sites),
     }
-    simulate(flat, sites, console, console)
+    simulate(flat, sites, out=console)
     return out
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from fedbridge_shared.cli.options import Manifest, Seed, make_console
+from fedbridge.cli.options import Manifest, Seed, make_console
 
 app = typer.Typer(help="Check, split and import image datasets.", no_args_is_help=True)
 out = make_console()
@@ -67,7 +67,7 @@ def split(
     seed: Seed = 0,
     manifest: Manifest = None,
     skew: Annotated[
-        Optional[float],  # noqa: UP045
+        float | None,
         typer.Option(
             "--skew",
             metavar="ALPHA",
@@ -103,7 +103,7 @@ def import_npz(
     npz: Annotated[Path, typer.Argument(help="MedMNIST-format .npz file.")],
     out_dir: Annotated[Path, typer.Option("--out", help="New folder of class folders.")],
     labels: Annotated[
-        Optional[str],  # noqa: UP045
+        str | None,
         typer.Option(help="Comma-separated class names in label-index order."),
     ] = None,
 ) -> None:

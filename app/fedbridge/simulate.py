@@ -1,4 +1,7 @@
-"""Run a federation on one machine with Flower's simulation runtime (one SuperNode per site)."""
+"""Run a federation on one machine with Flower's simulation runtime (one SuperNode per site).
+
+Both ends in one process: this is why it lives in the app, above the server and the client.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ def preflight(cfg: FederationConfig, sites: Sequence[Path]) -> None:
 def simulate(
     flat: dict[str, Any],
     sites: Sequence[Path],
+    *,
     out: Console,
-    err: Console,
     mods: Sequence = (),
     audit_dir: Path | None = None,
 ) -> dict[str, Any]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from fedbridge_shared.cli.options import Device, Seed, make_console
+from fedbridge.cli.options import Device, Seed, make_console
 
 out = make_console()
 err = make_console(stderr=True)
@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         ],
         out_dir: Annotated[Path, typer.Option("--out", help="Folder to write maps into.")],
         method: Annotated[
-            Optional[list[Method]],  # noqa: UP045
+            list[Method] | None,
             typer.Option(
                 "--method",
                 help="saliency (Simonyan), shap (GradientShap), ig (Integrated Gradients), "
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         target: Annotated[
-            Optional[str],  # noqa: UP045
+            str | None,
             typer.Option(help="Class to explain (default: each image's predicted class)."),
         ] = None,
         sanity: Annotated[

@@ -1,15 +1,14 @@
 """``fedbridge bridge | train | evaluate``: the central stages and the assessment."""
 
-from __future__ import annotations
-
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from fedbridge_shared.cli.options import Device, Manifest, Seed, make_console
+from fedbridge.cli.options import Device, Manifest, Seed, make_console
+from fedbridge_shared import defaults
 
 out = make_console()
 err = make_console(stderr=True)
@@ -29,23 +28,20 @@ class Augment(StrEnum):
 Data = Annotated[Path, typer.Argument(help="Folder of class folders.")]
 Out = Annotated[Path, typer.Option("--out", help="Bundle folder to write.")]
 Model = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option("--model", help="timm model name (default mobilenetv2_100; paper: inception_v4)."),
+    str | None,
+    typer.Option(
+        "--model", help=f"timm model name (default {defaults.ARCH}; paper: inception_v4)."
+    ),
 ]
 Init = Annotated[
     str, typer.Option(help="none | imagenet | FILE.safetensors | BUNDLE folder to start from.")
 ]
 ImageSize = Annotated[
-    Optional[int],  # noqa: UP045
-    typer.Option(help="Input size in px (default: the model's or the bundle's)."),
+    int | None, typer.Option(help="Input size in px (default: the model's or the bundle's).")
 ]
 Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping on validation).")]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 Lr = Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")]
-AugmentPerSample = Annotated[
-    Optional[int],  # noqa: UP045
-    typer.Option(help="Offline expansion: N augmented variants per image (paper: 10)."),
-]
 AugmentPreset = Annotated[Augment, typer.Option("--augment", help="Augmentation preset.")]
 PresetOpt = Annotated[
     Preset, typer.Option(help="cpu: MobileNetV2 @224; paper: Inception-V4 @299, ×10 expansion.")
@@ -54,54 +50,65 @@ ValFraction = Annotated[float, typer.Option(help="Share of patients held out for
 Patience = Annotated[int, typer.Option(help="Epochs without validation improvement to stop.")]
 
 
-def _stage(
-    stage: str,
-    data,
-    out_dir,
-    init,
-    model,
-    image_size,
-    epochs,
-    batch_size,
-    lr,
-    augment_per_sample,
-    augment,
-    preset,
-    val_fraction,
-    patience,
-    seed,
-    manifest,
-    device,
-    default_augment_per_sample: int,
-) -> None:
-    from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
-
-    if preset is Preset.paper:
-        model = model or PAPER_PRESET["arch"]
-        image_size = image_size or PAPER_PRESET["image_size"]
-        default_augment_per_sample = PAPER_PRESET["augment_per_sample"]
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        augment_per_sample=(
-            default_augment_per_sample if augment_per_sample is None else augment_per_sample
+def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
+    """The ``bridge`` and ``train`` commands: the same options, declared once."""
+    AugmentPerSample = Annotated[
+        int | None,
+        typer.Option(
+            help="Offline expansion: N augmented variants per image "
+            f"(default {augment_per_sample_default}; paper: 10)."
         ),
-        preset=augment.value,
-        val_fraction=val_fraction,
-        patience=patience,
-        seed=seed,
-    )
-    bundle, metrics = run_stage(
-        stage, data, out_dir, init, config, model, image_size, manifest, device, err
-    )
-    line = f"wrote {bundle}"
-    if metrics:
-        line += (
-            f" (validation: accuracy {metrics['accuracy']:.3f}, "
-            f"macro AUC {_fmt(metrics.get('macro_auc'))}, n={metrics['n']})"
+    ]
+
+    def command(
+        data: Data,
+        out_dir: Out,
+        init: Init = "imagenet",
+        model: Model = None,
+        image_size: ImageSize = None,
+        epochs: Epochs = defaults.EPOCHS,
+        batch_size: BatchSize = defaults.BATCH_SIZE,
+        lr: Lr = defaults.LR,
+        augment_per_sample: AugmentPerSample = None,
+        augment: AugmentPreset = Augment(defaults.AUGMENT),
+        preset: PresetOpt = Preset.cpu,
+        val_fraction: ValFraction = defaults.VAL_FRACTION,
+        patience: Patience = defaults.PATIENCE,
+        seed: Seed = defaults.SEED,
+        manifest: Manifest = None,
+        device: Device = "auto",
+    ) -> None:
+        from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
+
+        per_sample = augment_per_sample_default
+        if preset is Preset.paper:
+            model = model or PAPER_PRESET["arch"]
+            image_size = image_size or PAPER_PRESET["image_size"]
+            per_sample = PAPER_PRESET["augment_per_sample"]
+        config = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            augment_per_sample=per_sample if augment_per_sample is None else augment_per_sample,
+            preset=augment.value,
+            val_fraction=val_fraction,
+            patience=patience,
+            seed=seed,
         )
-    out.print(line)
+        bundle, metrics = run_stage(
+            stage, data, out=out_dir, init=init, config=config, arch=model,
+            image_size=image_size, manifest=manifest, device=device, console=err,
+        )  # fmt: skip
+        line = f"wrote {bundle}"
+        if metrics:
+            line += (
+                f" (validation: accuracy {metrics['accuracy']:.3f}, "
+                f"macro AUC {_fmt(metrics.get('macro_auc'))}, n={metrics['n']})"
+            )
+        out.print(line)
+
+    command.__doc__ = doc
+    return command
 
 
 def _fmt(x: float | None) -> str:
@@ -109,87 +116,20 @@ def _fmt(x: float | None) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def bridge(
-        data: Data,
-        out_dir: Out,
-        init: Init = "imagenet",
-        model: Model = None,
-        image_size: ImageSize = None,
-        epochs: Epochs = 8,
-        batch_size: BatchSize = 16,
-        lr: Lr = 5e-4,
-        augment_per_sample: AugmentPerSample = None,
-        augment: AugmentPreset = Augment.cxr,
-        preset: PresetOpt = Preset.cpu,
-        val_fraction: ValFraction = 0.15,
-        patience: Patience = 3,
-        seed: Seed = 0,
-        manifest: Manifest = None,
-        device: Device = "auto",
-    ) -> None:
-        """Stage 2: fine-tune on a large public dataset of the same modality."""
-        _stage(
+    app.command("bridge")(
+        stage_command(
             "bridge",
-            data,
-            out_dir,
-            init,
-            model,
-            image_size,
-            epochs,
-            batch_size,
-            lr,
-            augment_per_sample,
-            augment,
-            preset,
-            val_fraction,
-            patience,
-            seed,
-            manifest,
-            device,
-            default_augment_per_sample=0,
+            augment_per_sample_default=defaults.BRIDGE_AUGMENT_PER_SAMPLE,
+            doc="Stage 2: fine-tune on a large public dataset of the same modality.",
         )
-
-    @app.command()
-    def train(
-        data: Data,
-        out_dir: Out,
-        init: Init = "imagenet",
-        model: Model = None,
-        image_size: ImageSize = None,
-        epochs: Epochs = 8,
-        batch_size: BatchSize = 16,
-        lr: Lr = 5e-4,
-        augment_per_sample: AugmentPerSample = None,
-        augment: AugmentPreset = Augment.cxr,
-        preset: PresetOpt = Preset.cpu,
-        val_fraction: ValFraction = 0.15,
-        patience: Patience = 3,
-        seed: Seed = 0,
-        manifest: Manifest = None,
-        device: Device = "auto",
-    ) -> None:
-        """Stage 3 (central) or a local-only baseline: train on the small target set."""
-        _stage(
+    )
+    app.command("train")(
+        stage_command(
             "train",
-            data,
-            out_dir,
-            init,
-            model,
-            image_size,
-            epochs,
-            batch_size,
-            lr,
-            augment_per_sample,
-            augment,
-            preset,
-            val_fraction,
-            patience,
-            seed,
-            manifest,
-            device,
-            default_augment_per_sample=10,
+            augment_per_sample_default=defaults.TARGET_AUGMENT_PER_SAMPLE,
+            doc="Stage 3 (central) or a local-only baseline: train on the small target set.",
         )
+    )
 
     @app.command()
     def evaluate(
@@ -197,7 +137,7 @@ def register(app: typer.Typer) -> None:
         data: Data,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
         out_dir: Annotated[
-            Optional[Path],  # noqa: UP045
+            Path | None,
             typer.Option(
                 "--out",
                 help="Write metrics.json, confusion_matrix.png, roc.png and report.html.",
@@ -213,7 +153,7 @@ def register(app: typer.Typer) -> None:
         from fedbridge_shared.training import evaluate_bundle
 
         metrics, y, probs = evaluate_bundle(
-            bundle, data, manifest, n_bootstrap=bootstrap, device=device, console=err
+            bundle, data, manifest=manifest, n_bootstrap=bootstrap, device=device, console=err
         )
         if out_dir is not None:
             paths = write_metrics(metrics, out_dir, y, probs)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from fedbridge_shared.cli.options import make_console
+from fedbridge.cli.options import make_console
 from fedbridge_shared.errors import ConfigError
 
 out = make_console()
@@ -36,8 +36,10 @@ class Backend(StrEnum):
 ModelArg = Annotated[Path, typer.Argument(help="Edge model: .onnx from `export onnx` or .engine.")]
 BackendOpt = Annotated[Backend, typer.Option(help="Inference backend (auto: by file type).")]
 Threads = Annotated[
-    Optional[int],  # noqa: UP045
-    typer.Option(help="CPU threads for onnxruntime (default: all cores)."),
+    int | None,
+    typer.Option(
+        envvar="FEDBRIDGE_EDGE_THREADS", help="CPU threads for onnxruntime (default: all cores)."
+    ),
 ]
 
 
@@ -46,7 +48,7 @@ def export_onnx(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder (model.json + model.safetensors).")],
     out_path: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
     val: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option(
             help="Held-out images (class folders) to calibrate the OOD threshold "
             "(default: the bundle's training data, if present)."
@@ -54,16 +56,15 @@ def export_onnx(
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (TensorRT 10 parses up to 20).")] = 17,
     batch: Annotated[
-        Optional[int],  # noqa: UP045
+        int | None,
         typer.Option(help="Fixed batch size (default: dynamic batch)."),
     ] = None,
-    dynamic_batch: Annotated[bool, typer.Option(help="Dynamic batch axis (the default).")] = False,
     fp16: Annotated[bool, typer.Option(help="Half-precision weights and compute.")] = False,
     int8: Annotated[
         bool, typer.Option(help="Static INT8 (QDQ) quantization; needs --calib.")
     ] = False,
     calib: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option(help="Site images to calibrate INT8 activations on."),
     ] = None,
     ood_percentile: Annotated[
@@ -71,8 +72,6 @@ def export_onnx(
     ] = 95.0,
 ) -> None:
     """Export BUNDLE to ONNX with `logits`, `cam` and `ood_score` outputs; checks parity."""
-    if batch is not None and dynamic_batch:
-        raise ConfigError("--batch and --dynamic-batch exclude each other")
     if batch is not None and batch < 1:
         raise ConfigError(f"--batch must be ≥ 1, got {batch}")
     if int8 and calib is None:
@@ -86,12 +85,12 @@ def export_onnx(
     result = run_export(
         bundle,
         out_path,
-        val,
-        opset,
-        batch,
-        fp16,
-        calib if int8 else None,
-        ood_percentile,
+        val=val,
+        opset=opset,
+        batch=batch,
+        fp16=fp16,
+        int8_calib=calib if int8 else None,
+        ood_percentile=ood_percentile,
         console=err,
     )
     p = result.parity
@@ -119,13 +118,13 @@ def build(
     model: Annotated[Path, typer.Argument(help="ONNX file from `fedbridge export onnx`.")],
     precision: Annotated[Precision, typer.Option(help="Engine precision.")] = Precision.fp16,
     calib: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option(help="Site images for INT8 calibration of a float ONNX."),
     ] = None,
     workspace: Annotated[int, typer.Option(help="Builder workspace in MB.")] = 1024,
     max_batch: Annotated[int, typer.Option(help="Largest batch of the optimisation profile.")] = 8,
     out_path: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option("--out", help="Engine file (default: MODEL with .engine)."),
     ] = None,
 ) -> None:
@@ -133,7 +132,10 @@ def build(
     from fedbridge_edge.trt import build_engine
 
     target = out_path or model.with_suffix(".engine")
-    path, header = build_engine(model, target, precision.value, calib, workspace, max_batch)
+    path, header = build_engine(
+        model, target, precision=precision.value, calib_dir=calib, workspace_mb=workspace,
+        max_batch=max_batch,
+    )  # fmt: skip
     d = header["device"]
     out.print(
         f"wrote {path} ({precision.value}) for {d['gpu_name']} sm {d['compute_capability']}, "

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from fedbridge_shared.cli import data, demo, deploy, edge, explain, federate, stages
+from fedbridge.cli import data, demo, deploy, edge, explain, federate, stages
 from fedbridge_shared.errors import FedbridgeError
 
 app = typer.Typer(

@@ -7,11 +7,12 @@ The option types here (rounds, strategy, local training settings, ``--set``) are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-from fedbridge_shared.cli.options import Seed, make_console
+from fedbridge.cli.options import Seed, make_console
+from fedbridge_shared import defaults
 
 app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is_help=True)
 
@@ -25,15 +26,15 @@ LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 Lr = Annotated[float, typer.Option(help="Local AdamW learning rate.")]
 BatchSize = Annotated[int, typer.Option(help="Local batch size.")]
 Val = Annotated[
-    Optional[Path],  # noqa: UP045
+    Path | None,
     typer.Option(help="Server-side validation set for best-round selection."),
 ]
 Test = Annotated[
-    Optional[Path],  # noqa: UP045
+    Path | None,
     typer.Option(help="Test set assessed with the final bundle."),
 ]
 Settings = Annotated[
-    Optional[list[str]],  # noqa: UP045
+    list[str] | None,
     typer.Option("--set", help="Any run-config key, e.g. --set dp.enabled=true."),
 ]
 
@@ -94,28 +95,28 @@ def simulate(
     init: Init,
     sites: Annotated[list[Path], typer.Option("--site", help="A site's class folders (repeat).")],
     out_dir: Out,
-    rounds: Rounds = 3,
-    strategy: Strategy = "fedavg",
-    augment_per_sample: AugmentPerSample = 10,
-    augment: Augment = "cxr",
-    local_epochs: LocalEpochs = 1,
-    lr: Lr = 5e-4,
-    batch_size: BatchSize = 16,
+    rounds: Rounds = defaults.ROUNDS,
+    strategy: Strategy = defaults.STRATEGY,
+    augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
+    augment: Augment = defaults.AUGMENT,
+    local_epochs: LocalEpochs = defaults.LOCAL_EPOCHS,
+    lr: Lr = defaults.LR,
+    batch_size: BatchSize = defaults.BATCH_SIZE,
     val: Val = None,
     test: Test = None,
     settings: Settings = None,
     audit_dir: Annotated[
-        Optional[Path],  # noqa: UP045
+        Path | None,
         typer.Option(help="Write a JSON-lines audit of every message each site sends."),
     ] = None,
-    seed: Seed = 0,
+    seed: Seed = defaults.SEED,
 ) -> None:
     """Run the sites on this machine through Flower's simulation runtime."""
-    from fedbridge_server.simulate import simulate as run
+    from fedbridge.simulate import simulate as run
 
     flat = run_config(
         init=init, out=out_dir, sites=len(sites), rounds=rounds, strategy=strategy,
         augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
     )  # fmt: skip
-    run(flat, sites, make_console(), make_console(stderr=True), audit_dir=audit_dir)
+    run(flat, sites, out=make_console(), audit_dir=audit_dir)

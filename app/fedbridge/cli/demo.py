@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from fedbridge_shared.cli.options import Seed, make_console
+from fedbridge.cli.options import Seed, make_console
+from fedbridge_shared import defaults
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         data: Annotated[
-            Optional[Path],  # noqa: UP045
+            Path | None,
             typer.Option(help="Real class folders; default: a generated SYNTHETIC phantom set."),
         ] = None,
         out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/demo"),
         quick: Annotated[bool, typer.Option(help="Small budget: minutes on a CPU.")] = False,
         init: Annotated[str, typer.Option(help="none | imagenet | FILE.safetensors")] = "imagenet",
-        model: Annotated[str, typer.Option(help="timm model name.")] = "mobilenetv2_100",
+        model: Annotated[str, typer.Option(help="timm model name.")] = defaults.ARCH,
         image_size: Annotated[
-            Optional[int],  # noqa: UP045
+            int | None,
             typer.Option(help="Input size in pixels (default: 160 quick, 224 full)."),
         ] = None,
         augment: Annotated[
@@ -31,7 +32,7 @@ def register(app: typer.Typer) -> None:
         seed: Seed = 0,
     ) -> None:
         """Split → bridge → target (federated, pooled, local-only) → assess, with HTML reports."""
-        from fedbridge_shared.demo import run_demo
+        from fedbridge.demo import run_demo
 
         run_demo(
             out_dir, data, quick, init, model, augment, seed, make_console(), image_size=image_size

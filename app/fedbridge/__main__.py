@@ -1,0 +1,5 @@
+"""``python -m fedbridge`` runs the ``fedbridge`` command."""
+
+from fedbridge.cli import main
+
+main()

@@ -1,0 +1,28 @@
+"""Every default of the training recipe, in one place.
+
+The CLI options, :class:`~fedbridge_shared.training.TrainConfig`,
+:class:`~fedbridge_shared.protocol.LocalSettings` and the federation's run config all read these;
+``[tool.flwr.app.config]`` in ``pyproject.toml`` repeats them for Flower (a test keeps it equal).
+"""
+
+ARCH = "mobilenetv2_100"
+"""timm model of the CPU preset (MobileNetV2 @ 224 with the offline ImageNet weights)."""
+EPOCHS = 8
+BATCH_SIZE = 16
+LR = 5e-4
+"""AdamW peak learning rate of the cosine schedule."""
+WEIGHT_DECAY = 1e-4
+PATIENCE = 3
+VAL_FRACTION = 0.15
+LABEL_SMOOTHING = 0.0
+AUGMENT = "cxr"
+BRIDGE_AUGMENT_PER_SAMPLE = 0
+TARGET_AUGMENT_PER_SAMPLE = 10
+"""The paper's offline ×10 expansion of the small target set."""
+SEED = 0
+
+ROUNDS = 3
+LOCAL_EPOCHS = 1
+STRATEGY = "fedavg"
+PROXIMAL_MU = 0.01
+ROUND_TIMEOUT = 600.0

@@ -1,0 +1,136 @@
+"""The federation protocol: what the coordinator and a site send each other, defined once.
+
+Both ends import these names; Flower's records (``ArrayRecord``, ``ConfigRecord``,
+``MetricRecord``) are built from them in the two thin app files only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from fedbridge_shared import defaults
+from fedbridge_shared.errors import ConfigError
+
+# Records of a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+SITE_NAME = "name"
+"""Key of the ``site`` ConfigRecord: the name a site reports (never a path)."""
+
+# Keys of the ``config`` record besides the local settings.
+SPEC_JSON = "spec-json"
+SERVER_ROUND = "server-round"
+NUM_ROUNDS = "num-server-rounds"
+
+NUM_EXAMPLES = "num-examples"
+"""Metric key Flower's strategies weight aggregation by."""
+
+# A SuperNode's --node-config keys (site facts never sent by the server).
+NODE_DATA_PATH = "data-path"
+NODE_SITE_NAME = "site-name"
+NODE_AUDIT_DIR = "audit-dir"
+NODE_PARTITION_ID = "partition-id"
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """What the server asks every site to do in a round (sent as kebab-case config keys)."""
+
+    local_epochs: int = defaults.LOCAL_EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    lr: float = defaults.LR
+    weight_decay: float = defaults.WEIGHT_DECAY
+    augment_per_sample: int = defaults.TARGET_AUGMENT_PER_SAMPLE
+    augment: str = defaults.AUGMENT
+    val_fraction: float = defaults.VAL_FRACTION
+    label_smoothing: float = defaults.LABEL_SMOOTHING
+    seed: int = defaults.SEED
+    proximal_mu: float = defaults.PROXIMAL_MU
+    # torch CPU threads while training (0: torch's default). Floating-point sums depend on the
+    # thread count, so bitwise-identical reruns need the same value on the same site.
+    threads: int = 0
+
+    def to_config(self) -> dict[str, Any]:
+        return {kebab(k): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LocalSettings:
+        """Pick this dataclass's keys out of a round config (other keys are ignored)."""
+        values = {}
+        for f in fields(cls):
+            if kebab(f.name) in config:
+                values[f.name] = type(getattr(cls(), f.name))(config[kebab(f.name)])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """One round's instruction to a site: the model spec, the settings and where we are."""
+
+    spec: dict[str, Any]
+    settings: LocalSettings
+    server_round: int
+    num_rounds: int
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            **self.settings.to_config(),
+            SPEC_JSON: json.dumps(self.spec),
+            SERVER_ROUND: self.server_round,
+            NUM_ROUNDS: self.num_rounds,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RoundTask:
+        try:
+            spec = json.loads(str(config[SPEC_JSON]))
+            server_round = int(config[SERVER_ROUND])
+            num_rounds = int(config.get(NUM_ROUNDS, server_round))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"malformed round config from the server: {e}") from e
+        return cls(spec, LocalSettings.from_config(config), server_round, num_rounds)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """A typed metric reply; ``to_metrics`` gives the MetricRecord's plain numbers."""
+
+    num_examples: int = 0
+
+    def to_metrics(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {NUM_EXAMPLES: int(self.num_examples)}
+        for f in fields(self):
+            if f.name != "num_examples":
+                out[kebab(f.name)] = float(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_metrics(cls, metrics: Any) -> _Reply:
+        """From a (possibly aggregated) MetricRecord; missing keys keep their defaults."""
+        values = {f.name: metrics[kebab(f.name)] for f in fields(cls) if kebab(f.name) in metrics}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainReply(_Reply):
+    """What a site reports after local training (besides the new weights)."""
+
+    train_loss: float = 0.0
+    train_accuracy: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalReply(_Reply):
+    """What a site reports after evaluating the global weights on its validation patients."""
+
+    val_loss: float = 0.0
+    val_accuracy: float = 0.0
