@@ -6,6 +6,8 @@ The distance is computed inside the graph (two matmuls and a min, TensorRT frien
 ``score = min_k ||(f - mu_k) L||² / C`` with ``L Lᵀ`` the inverse of a shrunk shared covariance.
 The threshold is a percentile of out-of-fold scores on validation images, so the images the
 Gaussians were fitted on do not make the threshold too tight.
+
+Fitting happens at export time (scikit-learn's Ledoit-Wolf); the bedside only runs the graph.
 """
 
 from __future__ import annotations
@@ -85,14 +87,3 @@ def calibrate(
         "val_score_median": float(np.median(oof)),
     }
     return fit(features, labels, num_classes), threshold, record
-
-
-def energy(logits: np.ndarray) -> np.ndarray:
-    """Free energy −logsumexp(logits) per row (higher = less familiar); reported, not used."""
-    top = logits.max(1, keepdims=True)
-    return -(top[:, 0] + np.log(np.exp(logits - top).sum(1)))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)

@@ -72,8 +72,8 @@ def quantize_int8(
     info = {
         "method": "onnxruntime quantize_static, QDQ, U8 activations / S8 per-channel weights",
         "calibration": "MinMax",
-        "calib_images": len(reader.paths),
-        "calib_batch": reader.batch,
+        "calib_images": len(reader.batcher.paths),
+        "calib_batch": reader.batcher.batch,
         "float_nodes": keep_float,
     }
     return quantized, info

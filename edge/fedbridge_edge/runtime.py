@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbridge_edge import ood, overlay
+from fedbridge_edge import overlay, scores
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, EdgeModel, read_edge_model
 from fedbridge_edge.preprocess import InputSpec, normalise, resize
@@ -143,7 +143,7 @@ class Predictor:
         out = self.run(x)
         inference_ms = (time.perf_counter() - t0) * 1e3
         logits = out["logits"].astype(np.float64)
-        probs = ood.softmax(logits)[0]
+        probs = scores.softmax(logits)[0]
         k = int(probs.argmax())
         score = float(out["ood_score"][0])
         return Prediction(
@@ -153,7 +153,7 @@ class Predictor:
             ood=bool(score > self.threshold),
             ood_score=score,
             ood_threshold=self.threshold,
-            energy=float(ood.energy(logits)[0]),
+            energy=float(scores.energy(logits)[0]),
             cam=out["cam"][0, k],
             grey=grey,
             latency_ms=(time.perf_counter() - started) * 1e3,

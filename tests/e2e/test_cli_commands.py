@@ -103,3 +103,18 @@ def test_preset_paper_trains_inception_v4_with_tenfold_expansion(cxr_root, tmp_p
     assert record["spec"]["arch"] == "inception_v4"
     assert record["training"]["config"]["augment_per_sample"] == 10
     assert record["training"]["counts"]["train"] == {c: 2 for c in record["spec"]["labels"]}
+
+
+def test_a_missing_extra_is_named_in_one_line():
+    from fedbridge.cli.extras import missing_extra_message
+
+    line = missing_extra_message("torch", ["train", "data", "--out", "x"])
+    assert line == (
+        "`fedbridge train data` needs the 'train' extra (missing module torch): "
+        "pip install 'fedbridge[train]'"
+    )
+    assert "'simulation' extra" in missing_extra_message("ray._private", ["federate", "simulate"])
+    assert "'client' extra" in missing_extra_message("flwr", ["site", "join"])
+    assert "'export' extra" in missing_extra_message("torch", ["export", "onnx", "b"])
+    assert "'edge' extra" in missing_extra_message("onnxruntime", ["edge", "predict"])
+    assert missing_extra_message("yaml", ["data", "check"]) is None  # not ours: a real bug

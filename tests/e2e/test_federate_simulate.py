@@ -4,6 +4,7 @@ The split and tiny bridge bundle come from the session fixture ``fed`` (tests/e2
 """
 
 import json
+import shutil
 import sys
 
 import cloudpickle
@@ -13,6 +14,7 @@ from cli import assert_one_line_error, fedbridge
 from rich.console import Console
 
 from fedbridge.simulate import simulate
+from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.spec import load_bundle
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # mods below run in Ray actors
@@ -98,7 +100,10 @@ def test_simulation_writes_rounds_and_best_bundle_and_audits_every_message(fed, 
 def test_restart_resumes_and_ends_with_the_same_weights(fed, tmp_path):
     root, split = fed
     whole = _run(_flat(root, tmp_path / "whole"), _sites(split))
-    _run(_flat(root, tmp_path / "parts", **{"num-server-rounds": 1}), _sites(split))
+    _run(_flat(root, tmp_path / "parts"), _sites(split))
+    # a crash during round 2's checkpoint: its weights never made it, nor did the final bundle
+    (tmp_path / "parts-rounds" / "round-0002" / "model.safetensors").unlink()
+    shutil.rmtree(tmp_path / "parts")
     resumed = _run(_flat(root, tmp_path / "parts"), _sites(split))
     assert [h["round"] for h in resumed["history"]] == [1, 2]
     for name in ("round-0002",):
@@ -169,3 +174,11 @@ def test_sites_without_validation_patients_do_not_stop_the_run(fed, tmp_path):
     assert row["sites"] == ["site-1", "site-2", "site-3"]
     assert row["federated_val_loss"] is None and row["score"] is None
     assert summary["best_round"] == 1 and load_bundle(tmp_path / "fed").training["rounds"] == 1
+
+
+def test_a_resumed_run_must_keep_its_number_of_rounds(fed, tmp_path):
+    # The sites' learning-rate schedule spans all rounds, so more rounds change every round.
+    root, split = fed
+    _run(_flat(root, tmp_path / "fed", **{"num-server-rounds": 1}), _sites(split))
+    with pytest.raises(ConfigError, match="num-server-rounds"):
+        _run(_flat(root, tmp_path / "fed"), _sites(split))

@@ -1,6 +1,5 @@
 """scan_folder: class folders, image files and patient ids from a manifest (or none)."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -28,9 +27,7 @@ def _manifest(path: Path, rows: list[tuple[str, str, str]], header="path,label,p
 
 
 def test_real_cxr_folder(cxr_root):
-    started = time.perf_counter()
     index = scan_folder(cxr_root)
-    assert time.perf_counter() - started < 3
     assert index.root == cxr_root.resolve()
     assert index.labels == ("BACTERIAL_PNEUMONIA", "COVID19", "NORMAL", "VIRAL_PNEUMONIA")
     assert len(index.samples) == 581

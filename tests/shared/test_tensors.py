@@ -33,15 +33,9 @@ def test_expansion_multiplies_length_and_keeps_originals(images):
 
 
 def test_offline_variants_are_fixed_and_online_changes_per_epoch(images):
-    a = ImageDataset(
-        images, [0, 0, 0], SPEC, **OFFLINE4, seed=7
-    )
-    b = ImageDataset(
-        images, [0, 0, 0], SPEC, **OFFLINE4, seed=7
-    )
-    c = ImageDataset(
-        images, [0, 0, 0], SPEC, **OFFLINE4, seed=8
-    )
+    a = ImageDataset(images, [0, 0, 0], SPEC, **OFFLINE4, seed=7)
+    b = ImageDataset(images, [0, 0, 0], SPEC, **OFFLINE4, seed=7)
+    c = ImageDataset(images, [0, 0, 0], SPEC, **OFFLINE4, seed=8)
     assert torch.equal(a[3][0], b[3][0]) and not torch.equal(a[3][0], c[3][0])
     on = ImageDataset(images, [0, 0, 0], SPEC, preset="cxr", online=True, seed=7)
     on.set_epoch(1)

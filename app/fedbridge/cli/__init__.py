@@ -1,4 +1,7 @@
-"""The ``fedbridge`` command: a typer app whose command groups import heavy libraries lazily."""
+"""The ``fedbridge`` command: a typer app whose command groups import heavy libraries lazily,
+
+so every role's install (``fedbridge[edge]`` on the bedside) runs the commands it has.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedbridge.cli import data, demo, deploy, edge, explain, federate, stages
+from fedbridge.cli.extras import missing_extra_message
 from fedbridge_shared.errors import FedbridgeError
 
 app = typer.Typer(
@@ -45,13 +50,19 @@ def main() -> None:
     except FedbridgeError as e:
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {escape(str(e))}")
+        sys.exit(2)
+    except ModuleNotFoundError as e:
+        line = missing_extra_message(e.name, sys.argv[1:])
+        if line is None or _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {escape(line)}")
         sys.exit(2)
     except OSError as e:
         if _state["debug"]:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        err.print(f"[bold red]error:[/] {where}{e.strerror or e}")
+        err.print(f"[bold red]error:[/] {escape(where + str(e.strerror or e))}")
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
