@@ -179,6 +179,11 @@ MORE_BAD_KEYS = {
     "bomb_png": "decompression bomb",
     "dicom_jpegls": "cannot decode DICOM pixel data",
     "nonutf8_name": "not valid UTF-8",
+    "nan_float_tiff": "NaN or infinite",
+    "dicom_nan_slope": "RescaleSlope NaN is not a finite number",
+    "dicom_inf_window": "WindowWidth inf is not a finite number",
+    "dicom_seg": "DICOM Modality SEG is a segmentation",
+    "dicom_1bit": "1-bit pixels",
 }
 BOMB_SIDE = 20_000  # 400 M pixels claimed by a PNG of under 1 kB
 
@@ -218,6 +223,43 @@ def write_jpegls_dicom(path: Path, grey: np.ndarray) -> Path:
     return path
 
 
+def write_nan_float_tiff(path: Path, grey: np.ndarray) -> Path:
+    """A 32-bit float TIFF (PIL mode F) with one NaN pixel, saved under a .png name."""
+    values = grey.astype(np.float32)
+    values[3, 5] = np.nan
+    Image.fromarray(values, mode="F").save(path, format="TIFF")
+    return path
+
+
+def write_edited_dicom(path: Path, grey: np.ndarray, **attrs) -> Path:
+    """The test DICOM with some attributes overwritten (e.g. RescaleSlope='NaN')."""
+    import pydicom
+
+    write_dicom(path, grey)
+    ds = pydicom.dcmread(path)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_1bit_dicom(path: Path, grey: np.ndarray, *, modality: str = "OT") -> Path:
+    """A 1-bit mask DICOM (as a DICOM SEG stores its frames)."""
+    import pydicom
+
+    write_dicom(path, grey)
+    ds = pydicom.dcmread(path)
+    bits = np.packbits((grey > 127).astype(np.uint8), bitorder="little")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for tag in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        delattr(ds, tag)
+    ds.Modality = modality
+    ds.PixelData = bits.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def nonutf8_name(stem: str = "scan", suffix: str = ".jpg") -> str:
     """A file name whose bytes are not UTF-8 (Latin-1 'é'), as Python sees it on Linux."""
     return os.fsdecode(stem.encode() + b"-\xe9" + suffix.encode())
@@ -231,6 +273,15 @@ def make_more_bad_inputs(directory: Path, source: Path | None = None) -> dict[st
     files = {
         "bomb_png": write_bomb_png(directory / "bomb.png"),
         "dicom_jpegls": write_jpegls_dicom(directory / "jpegls.dcm", grey),
+        "nan_float_tiff": write_nan_float_tiff(directory / "nan-float.png", grey),
+        "dicom_nan_slope": write_edited_dicom(
+            directory / "nan-slope.dcm", grey, RescaleSlope="NaN"
+        ),
+        "dicom_inf_window": write_edited_dicom(
+            directory / "inf-window.dcm", grey, WindowWidth="inf"
+        ),
+        "dicom_seg": write_1bit_dicom(directory / "seg.dcm", grey, modality="SEG"),
+        "dicom_1bit": write_1bit_dicom(directory / "mask.dcm", grey),
     }
     files["nonutf8_name"] = directory / nonutf8_name()
     files["nonutf8_name"].write_bytes(_jpeg_bytes(grey))

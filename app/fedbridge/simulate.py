@@ -23,6 +23,12 @@ def preflight(cfg: FederationConfig, sites: Sequence[Path]) -> None:
     """Check the init bundle and every site's labels before starting any process."""
     if len(sites) < 1:
         raise ConfigError("give at least one --site")
+    seen: dict[Path, Path] = {}
+    for path in sites:
+        key = Path(path).resolve()
+        if key in seen:
+            raise ConfigError(f"--site {path}: given twice (as {seen[key]}); each site once")
+        seen[key] = Path(path)
     spec = load_bundle(Path(cfg.init)).spec
     for i, path in enumerate(sites, start=1):
         site = Site(path, f"site-{i}")

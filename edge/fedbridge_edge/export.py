@@ -75,12 +75,11 @@ class ExportResult:
 
 
 def _torch_model(bundle_path: Path):
-    from fedbridge_shared.models import build_model
+    from fedbridge_shared.models import model_from_bundle
     from fedbridge_shared.spec import load_bundle
 
     bundle = load_bundle(bundle_path)
-    model = build_model(bundle.spec)
-    model.load_state_dict(bundle.state_dict)
+    model = model_from_bundle(bundle)
     model.eval()
     probe = torch.linspace(-1, 1, 2 * bundle.spec.in_chans * 64 * 64).reshape(
         2, bundle.spec.in_chans, 64, 64

@@ -7,6 +7,7 @@ values of the wrong type are refused with an error that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -71,16 +72,22 @@ class FederationConfig:
             "round-timeout": self.round_timeout > 0,
             "local-epochs": self.local.local_epochs >= 1,
             "batch-size": self.local.batch_size >= 1,
-            "lr": self.local.lr > 0,
+            "lr": math.isfinite(self.local.lr) and 0 < self.local.lr <= 1,
             "augment-per-sample": self.local.augment_per_sample >= 0,
-            "val-fraction": 0 <= self.local.val_fraction < 1,
+            "val-fraction": 0 <= self.local.val_fraction <= 0.5,
+            "augment": self.local.augment in defaults.AUGMENT_PRESETS,
+            "seed": 0 <= self.local.seed < 2**32,
+            "weight-decay": math.isfinite(self.local.weight_decay) and self.local.weight_decay >= 0,
             "threads": self.local.threads >= 0,
             "dp.clipping-norm": self.dp.clipping_norm > 0,
             "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ConfigError(f"run config: invalid value for {bad[0]!r}")
+            raise ConfigError(f"run config: invalid value for {bad[0]!r} ({self._value(bad[0])!r})")
+
+    def _value(self, key: str) -> Any:
+        return self.to_flat().get(key)
 
     def local_settings(self) -> LocalSettings:
         """The part of the config every site receives each round."""

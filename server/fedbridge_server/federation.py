@@ -32,7 +32,7 @@ from fedbridge_shared.data.tensors import make_loader
 from fedbridge_shared.engine import evaluate
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.metrics import format_metrics_table
-from fedbridge_shared.models import build_model
+from fedbridge_shared.models import model_from_bundle
 from fedbridge_shared.spec import ModelSpec, load_bundle, save_bundle
 from fedbridge_shared.training import decode, evaluate_bundle, usable_index
 
@@ -80,8 +80,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
     store = RoundStore(Path(cfg.out))
     state, resumed, saved_strategy = store.load(fingerprint(cfg, init.sha256))
     store.dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(spec)
-    model.load_state_dict((resumed or init).state_dict)
+    model = model_from_bundle(resumed or init)
     reference = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     global_state = dict(reference)
     strategy = build_strategy(cfg)

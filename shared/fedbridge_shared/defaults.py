@@ -16,6 +16,8 @@ PATIENCE = 3
 VAL_FRACTION = 0.15
 LABEL_SMOOTHING = 0.0
 AUGMENT = "cxr"
+AUGMENT_PRESETS = ("cxr", "oct", "none")
+"""Augmentation presets (``fedbridge_shared.data.augment`` defines them)."""
 BRIDGE_AUGMENT_PER_SAMPLE = 0
 TARGET_AUGMENT_PER_SAMPLE = 10
 """The paper's offline ×10 expansion of the small target set."""

@@ -52,22 +52,62 @@ def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
     removed on error, so nothing is ever half-written.
 
     Without ``replace``, ``out`` must be absent or an empty folder (callers check and say so).
-    With ``replace`` an existing ``out`` is swapped: moved aside, the new folder renamed in, the
-    old one removed.
+    With ``replace`` an existing ``out`` is swapped: moved aside to ``.NAME.old``, the new folder
+    renamed in, then every entry of the old folder the new one does not have (a report, the
+    user's notes) moved back; only what the new folder replaces is deleted. A crash at any
+    point is repaired by the next call (see :func:`recover_dir`).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(out)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()  # not mkdtemp: its 0o700 mode would stick to the final folder
     try:
         yield tmp
+        _fsync_tree(tmp)
         if replace and out.exists():
-            old = out.parent / f".{out.name}.old-{secrets.token_hex(6)}"
+            old = _old(out)
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            recover_dir(out)
         else:
             os.replace(tmp, out)
+        _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _old(out: Path) -> Path:
+    return out.parent / f".{out.name}.old"
+
+
+def recover_dir(out: Path) -> None:
+    """Finish an interrupted swap of ``out``: bring the old folder back if the new one never
+    arrived, else move the old folder's other entries into the new one and drop the rest."""
+    old = _old(out)
+    if not old.is_dir():
+        return
+    if not out.exists():
+        os.replace(old, out)
+        return
+    for entry in old.iterdir():
+        if not (out / entry.name).exists() and not os.path.lexists(out / entry.name):
+            os.replace(entry, out / entry.name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -18,8 +18,8 @@ from torch import nn
 
 from fedbridge_shared import defaults
 from fedbridge_shared.data.images import file_sha256
-from fedbridge_shared.errors import ConfigError
-from fedbridge_shared.spec import ModelSpec, is_bundle, load_bundle
+from fedbridge_shared.errors import BundleError, ConfigError
+from fedbridge_shared.spec import Bundle, ModelSpec, is_bundle, load_bundle
 
 WEIGHTS_DIR_ENV = "FEDBRIDGE_WEIGHTS_DIR"
 
@@ -52,6 +52,31 @@ def build_model(spec: ModelSpec) -> nn.Module:
         )
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"unknown timm model {spec.arch!r}: {e}") from e
+    except (TypeError, ValueError, AssertionError) as e:  # kwargs the architecture refuses
+        raise ConfigError(f"timm cannot build {spec.arch!r} with {spec.timm_kwargs}: {e}") from e
+
+
+def model_from_bundle(bundle: Bundle) -> nn.Module:
+    """The bundle's model with its weights, every tensor's name and shape checked first."""
+    model = build_model(bundle.spec)
+    expected = model.state_dict()
+    where = bundle.path / "model.safetensors"
+    missing = [k for k in expected if k not in bundle.state_dict]
+    extra = [k for k in bundle.state_dict if k not in expected]
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise BundleError(
+            f"{where}: tensors do not fit {bundle.spec.arch} ({what}; {len(missing)} missing, "
+            f"{len(extra)} unexpected)"
+        )
+    for name, tensor in bundle.state_dict.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise BundleError(
+                f"{where}: tensor {name} has shape {tuple(tensor.shape)}, {bundle.spec.arch} with "
+                f"{bundle.spec.num_classes} labels expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(bundle.state_dict)
+    return model
 
 
 def init_model(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,13 @@ from fedbridge_shared.files import atomic_dir
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
-BUNDLE_FORMAT = "fedbridge-bundle/1"
+BUNDLE_FORMAT = "fedbridge-bundle/2"
+"""Format 2: ``seal`` covers the weights and the canonical spec (format 1 hashed weights only)."""
+
+IMAGE_SIZE_RANGE = (16, 1024)
+TIMM_KWARGS = {"pad_type": str, "drop_rate": float, "drop_path_rate": float}
+"""The only timm kwargs a bundle may carry: a file path (``checkpoint_path``), ``pretrained`` or
+an arbitrary constructor argument would let a model.json make timm read files."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ class ModelSpec:
     init: dict[str, Any] = field(default_factory=dict)
     """Provenance of the starting weights: kind (none|imagenet|file|bundle), source, sha256."""
 
+    def __post_init__(self) -> None:
+        _validate(self)
+
     @property
     def num_classes(self) -> int:
         return len(self.labels)
@@ -54,6 +64,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        if not isinstance(d, dict) or not isinstance(d.get("labels"), list | tuple):
+            raise BundleError("model spec must be an object with a list of labels")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -69,8 +81,47 @@ class ModelSpec:
                 timm_kwargs=dict(d.get("timm_kwargs", {})),
                 init=dict(d.get("init", {})),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"model spec is incomplete or malformed: {e!r}") from e
+
+
+def _validate(spec: ModelSpec) -> None:
+    """The one schema every reader relies on; a bad value is a BundleError naming the field."""
+    labels = spec.labels
+    if len(labels) < 2 or len(set(labels)) != len(labels) or not all(x.strip() for x in labels):
+        raise BundleError(f"model spec: labels must be ≥ 2 distinct non-empty names, got {labels}")
+    if not spec.arch or not all(c.isalnum() or c in "_.-" for c in spec.arch):
+        raise BundleError(f"model spec: arch {spec.arch!r} is not a timm model name")
+    low, high = IMAGE_SIZE_RANGE
+    if not low <= spec.image_size <= high:
+        raise BundleError(f"model spec: image_size {spec.image_size} outside [{low}, {high}]")
+    if spec.in_chans not in (1, 3):
+        raise BundleError(f"model spec: in_chans {spec.in_chans} (must be 1 or 3)")
+    for name in ("mean", "std"):
+        values = getattr(spec, name)
+        if len(values) < spec.in_chans or not all(math.isfinite(v) for v in values):
+            raise BundleError(f"model spec: {name} {list(values)} must be {spec.in_chans} finite")
+    if not all(v > 0 for v in spec.std):
+        raise BundleError(f"model spec: std {list(spec.std)} must be > 0")
+    for key, value in spec.timm_kwargs.items():
+        kind = TIMM_KWARGS.get(key)
+        if kind is None:
+            allowed = ", ".join(sorted(TIMM_KWARGS))
+            raise BundleError(f"model spec: timm_kwargs {key!r} not allowed (only {allowed})")
+        if not isinstance(value, kind) or (kind is float and not math.isfinite(value)):
+            raise BundleError(f"model spec: timm_kwargs {key}={value!r} must be {kind.__name__}")
+
+
+def seal_of(spec: ModelSpec, weights_sha256: str) -> str:
+    """sha256 over the canonical spec (labels, preprocessing, arch) and the weights' sha256."""
+    canonical = json.dumps(
+        {"format": BUNDLE_FORMAT, "spec": spec.to_dict(), "weights_sha256": weights_sha256},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -103,7 +154,8 @@ def save_bundle(
             "format": BUNDLE_FORMAT,
             "fedbridge_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
+            "weights_sha256": (weights_sha := file_sha256(tmp / WEIGHTS_FILE)),
+            "seal": seal_of(spec, weights_sha),
             "spec": spec.to_dict(),
             "training": training or {},
             "metrics": metrics or {},
@@ -122,10 +174,18 @@ def read_bundle_record(path: Path) -> dict[str, Any]:
         raise BundleError(f"{spec_path}: missing; not a fedbridge bundle")
     try:
         record = json.loads(spec_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{spec_path}: unreadable JSON ({e})") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BundleError(f"{spec_path}: unreadable JSON ({str(e)[:200]})") from e
     if not isinstance(record, dict) or record.get("format") != BUNDLE_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else None
+        if found == "fedbridge-bundle/1":
+            raise BundleError(
+                f"{spec_path}: a fedbridge-bundle/1 file, whose labels and preprocessing are not "
+                "sealed; retrain it with this version"
+            )
         raise BundleError(f"{spec_path}: not a {BUNDLE_FORMAT} file")
+    if not isinstance(record.get("spec"), dict):
+        raise BundleError(f"{spec_path}: 'spec' must be an object")
     return record
 
 
@@ -133,7 +193,10 @@ def load_bundle(path: Path) -> Bundle:
     """Load a bundle, refusing weights whose sha256 differs from the one in ``model.json``."""
     path = Path(path)
     record = read_bundle_record(path)
-    spec = ModelSpec.from_dict(record.get("spec", {}))
+    try:
+        spec = ModelSpec.from_dict(record["spec"])
+    except BundleError as e:
+        raise BundleError(f"{path / SPEC_FILE}: {e}") from e
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{weights}: missing")
@@ -148,6 +211,11 @@ def load_bundle(path: Path) -> Bundle:
         raise BundleError(
             f"{weights}: sha256 {digest[:12]}… does not match model.json "
             f"({str(record.get('weights_sha256'))[:12]}…); the file was modified or corrupted"
+        )
+    if record.get("seal") != seal_of(spec, digest):
+        raise BundleError(
+            f"{path / SPEC_FILE}: the spec (labels, input size, mean/std, arch) was changed "
+            "after the bundle was written (seal mismatch); refusing it"
         )
     try:
         state = load_safetensors(data)

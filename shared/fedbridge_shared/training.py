@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from fedbridge_shared.data.tensors import load_images, make_loader
 from fedbridge_shared.engine import fit, predict
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.metrics import compute_metrics
-from fedbridge_shared.models import build_model, init_model
+from fedbridge_shared.models import init_model, model_from_bundle
 from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
 
 
@@ -45,19 +46,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "weight_decay": self.weight_decay >= 0,
-            "patience": self.patience >= 1,
-            "val_fraction": 0 <= self.val_fraction < 1,
-            "augment_per_sample": self.augment_per_sample >= 0,
-            "preset": self.preset in PRESETS,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "epochs": (1 <= self.epochs <= 1000, "a whole number in [1, 1000]"),
+            "batch_size": (1 <= self.batch_size <= 4096, "a whole number in [1, 4096]"),
+            "lr": (math.isfinite(self.lr) and 0 < self.lr <= 1, "in (0, 1]"),
+            "weight_decay": (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "≥ 0"),
+            "patience": (self.patience >= 1, "≥ 1"),
+            "val_fraction": (0 <= self.val_fraction <= 0.5, "in [0, 0.5]"),
+            "augment_per_sample": (0 <= self.augment_per_sample <= 100, "in [0, 100]"),
+            "preset": (self.preset in PRESETS, f"one of {', '.join(PRESETS)}"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "seed": (0 <= self.seed < 2**32, "in [0, 2**32)"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"invalid {bad[0]}={getattr(self, bad[0])!r}")
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                option = "--augment" if name == "preset" else "--" + name.replace("_", "-")
+                raise ConfigError(f"{option} {getattr(self, name)!r}: must be {allowed}")
 
 
 PAPER_PRESET = {"arch": "inception_v4", "image_size": 299, "augment_per_sample": 10}
@@ -65,12 +68,20 @@ PAPER_PRESET = {"arch": "inception_v4", "image_size": 299, "augment_per_sample":
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` of a device that exists."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"invalid --device {name!r}: {e}") from e
+        raise ConfigError(f"--device {name!r}: not a device (auto | cpu | cuda | cuda:N)") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"--device {name!r}: this machine has {count} CUDA devices")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +142,7 @@ def run_stage(
     if out.exists() and not is_bundle(out) and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not a bundle; choose another --out")
     started = time.perf_counter()
+    dev = resolve_device(device)  # a bad --device fails before any image is read
     index = usable_index(data, manifest)
     seed_everything(config.seed)
     model, spec = init_model(init, index.labels, arch, image_size)
@@ -166,7 +178,6 @@ def run_stage(
             val_imgs, [target_of[s.label] for s in parts["val"]], spec, batch_size=config.batch_size
         )
     train_ds = train_loader.dataset
-    dev = resolve_device(device)
     console.print(
         f"[bold]{stage}[/]: {spec.arch} @ {spec.image_size}px, init {spec.init.get('kind')}, "
         f"{len(parts['train'])} training images (×{1 + config.augment_per_sample} = "
@@ -234,19 +245,19 @@ def evaluate_bundle(
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Predict every image of ``data`` and compute the paper's metrics with bootstrap CIs."""
     console = console or Console(stderr=True)
+    dev = resolve_device(device)
     bundle = load_bundle(bundle_path)
     spec = bundle.spec
     index = scan_folder(Path(data), manifest)
     check_labels(index, spec.labels, where=Path(data))
     if not index.samples:
         raise DataError(f"{data}: no images to evaluate")
-    model = build_model(spec)
-    model.load_state_dict(bundle.state_dict)
+    model = model_from_bundle(bundle)
     target_of = {label: i for i, label in enumerate(spec.labels)}
     images = decode(index.samples, spec.image_size, console=console, what="evaluation images")
     loader = make_loader(images, [target_of[s.label] for s in index.samples], spec,
                          batch_size=batch_size)  # fmt: skip
-    y, probs = predict(model, loader, resolve_device(device))
+    y, probs = predict(model, loader, dev)
     metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
     metrics["bundle"] = {"path": str(Path(bundle_path).resolve()), "sha256": bundle.sha256}
     metrics["data"] = {"path": str(Path(data).resolve()), "patient_ids": index.patient_source}

@@ -9,6 +9,7 @@ values at the two commands that take ``--set``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -148,8 +149,17 @@ def _no_json_bundle(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _relabelled_bundle(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    record = json.loads((dst / SPEC_FILE).read_text())
+    record["spec"]["labels"] = list(reversed(record["spec"]["labels"]))
+    (dst / SPEC_FILE).write_text(json.dumps(record))  # weights untouched: their hash still fits
+    return dst
+
+
 BROKEN = {
     "nan_weights": (_nan_bundle, WEIGHTS_FILE, "NaN or Inf"),
+    "swapped_labels": (_relabelled_bundle, SPEC_FILE, "seal mismatch"),
     "modified_weights": (_modified_bundle, WEIGHTS_FILE, "does not match model.json"),
     "no_model_json": (_no_json_bundle, SPEC_FILE, "missing"),
 }
@@ -229,3 +239,45 @@ def test_malformed_run_config_values_are_refused_before_anything_starts(
         assert_one_line_error(srv, needle)
         _no_leftovers(out)
         assert not (out.parent / "out-superlink").exists()
+
+
+# ---------------------------------------------------------------- options checked before work
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "{site}", "--out", "{out}", "--image-size", "0"], "--image-size 0"),
+        (["train", "{site}", "--out", "{out}", "--image-size", "100000"], "--image-size 100000"),
+        (["bridge", "{site}", "--out", "{out}", "--lr", "inf"], "--lr inf"),
+        (["train", "{site}", "--out", "{out}", "--val-fraction", "0.99"], "--val-fraction 0.99"),
+        (["train", "{site}", "--out", "{out}", "--seed", "-1"], "--seed -1"),
+        (["train", "{site}", "--out", "{out}", "--device", "cuda:7"], "--device 'cuda:7'"),
+        (["train", "{site}", "--out", "{out}", "--device", "tpu"], "--device 'tpu'"),
+        (["evaluate", "{bundle}", "{test}", "--bootstrap", "-5"], "--bootstrap -5"),
+        (["export", "onnx", "{bundle}", "--out", "{out}", "--opset", "5"], "--opset 5"),
+        (["edge", "serve", "{out}", "--port", "70000"], "--port 70000"),
+        (["federate", "simulate", "--init", "{bundle}", "--site", "{site}", "--out", "{out}",
+          "--set", "batch-size=0"], "'batch-size' (0)"),
+        (["federate", "simulate", "--init", "{bundle}", "--site", "{site}", "--out", "{out}",
+          "--set", "augment=bogus"], "'augment' ('bogus')"),
+        (["federate", "simulate", "--init", "{bundle}", "--site", "{site}", "--site", "{site}",
+          "--out", "{out}"], "given twice"),
+        (["data", "split", "{site}", "--out", "{out}", "--sites", "1000"], "would get no patients"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_refused_in_one_line_before_any_work(fed, tmp_path, capsys, args, needle):
+    root, split = fed
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    where = {
+        "site": split / "site-1",
+        "out": out,
+        "bundle": root / "bridge",
+        "test": split / "test",
+    }
+    result = run(capsys, *[a.format(**{k: str(v) for k, v in where.items()}) for a in args])
+    assert_one_line_error(result, needle)
+    _no_leftovers(out)
+    assert not (work / "out-superlink").exists()

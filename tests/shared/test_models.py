@@ -73,3 +73,17 @@ def test_bad_init_values_name_the_problem(tmp_path):
 def test_build_model_matches_spec():
     _, spec = init_model("none", LABELS, "test_resnet", 64)
     assert sum(p.numel() for p in build_model(spec).parameters()) > 0
+
+
+def test_weights_of_the_wrong_shape_are_refused_naming_the_tensor(tmp_path):
+    # a bundle whose safetensors was replaced (and re-hashed, re-sealed) with a 3-class head
+    from fedbridge_shared.errors import BundleError
+    from fedbridge_shared.models import build_model, init_model, model_from_bundle
+    from fedbridge_shared.spec import ModelSpec, load_bundle, save_bundle
+
+    model, spec = init_model("none", ("A", "B"), "test_efficientnet", 32)
+    three = build_model(ModelSpec(**{**spec.__dict__, "labels": ("A", "B", "C")}))
+    out = save_bundle(tmp_path / "b", spec, three.state_dict())
+    with pytest.raises(BundleError, match=r"tensor classifier\.weight has shape \(3, "):
+        model_from_bundle(load_bundle(out))
+    assert model_from_bundle(load_bundle(save_bundle(tmp_path / "ok", spec, model.state_dict())))

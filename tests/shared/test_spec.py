@@ -100,3 +100,93 @@ def test_protocol_round_trips_through_plain_config_and_metrics():
     assert metrics[NUM_EXAMPLES] == 7 and isinstance(metrics[NUM_EXAMPLES], int)
     assert TrainReply.from_metrics(metrics) == reply
     assert EvalReply.from_metrics({"num-examples": 3, "val-loss": 0.2}).val_loss == 0.2
+
+
+def _edit_record(out, change):
+    path = out / "model.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: r["spec"].update(labels=["B", "A"]),  # diagnoses silently relabelled
+        lambda r: r["spec"].update(image_size=96),
+        lambda r: r["spec"].update(mean=[0.4, 0.5, 0.5]),
+        lambda r: r["spec"].update(arch="resnet18"),
+    ],
+    ids=["labels-swapped", "image-size", "mean", "arch"],
+)
+def test_a_changed_spec_is_refused_like_a_changed_weight(tmp_path, change):
+    out = save_bundle(tmp_path / "b", SPEC, _state())
+    _edit_record(out, change)
+    with pytest.raises(BundleError, match="seal mismatch"):
+        load_bundle(out)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda r: r["spec"].update(labels=["A", "A"]), "distinct"),
+        (lambda r: r["spec"].update(image_size=0), "image_size 0"),
+        (lambda r: r["spec"].update(image_size=-3), "image_size -3"),
+        (lambda r: r["spec"].update(std=[0.0, 0.5, 0.5]), "std"),
+        (lambda r: r["spec"].update(mean=[float("nan")] * 3), "finite"),
+        (lambda r: r["spec"].update(timm_kwargs={"checkpoint_path": "/etc/passwd"}), "not allowed"),
+        (lambda r: r["spec"].update(timm_kwargs={"pretrained": True}), "not allowed"),
+        (lambda r: r.update(spec=None), "'spec' must be an object"),
+        (lambda r: r["spec"].update(labels="AB"), "list of labels"),
+    ],
+)
+def test_a_malformed_spec_is_refused_by_name(tmp_path, change, needle):
+    out = save_bundle(tmp_path / "b", SPEC, _state())
+    _edit_record(out, change)
+    with pytest.raises(BundleError, match=needle):
+        load_bundle(out)
+
+
+def test_deeply_nested_json_is_refused_not_a_crash(tmp_path):
+    out = save_bundle(tmp_path / "b", SPEC, _state())
+    (out / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="unreadable JSON"):
+        load_bundle(out)
+
+
+def test_format_1_bundles_are_refused_with_a_reason(tmp_path):
+    out = save_bundle(tmp_path / "b", SPEC, _state())
+    _edit_record(out, lambda r: r.update(format="fedbridge-bundle/1"))
+    with pytest.raises(BundleError, match="not sealed; retrain"):
+        load_bundle(out)
+
+
+def test_rewriting_a_bundle_keeps_files_it_did_not_write(tmp_path):
+    out = save_bundle(tmp_path / "b", SPEC, _state())
+    (out / "NOTES.txt").write_text("site admin's notes\n")
+    (out / "report").mkdir()
+    (out / "report" / "report.html").write_text("<html></html>")
+    state = {k: v + 1 for k, v in _state().items()}
+    save_bundle(out, SPEC, state)
+    assert (out / "NOTES.txt").read_text() == "site admin's notes\n"
+    assert (out / "report" / "report.html").exists()
+    assert torch.equal(load_bundle(out).state_dict["w"], state["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # nothing left beside it
+
+
+def test_a_swap_killed_between_its_renames_is_repaired_on_the_next_write(tmp_path):
+    out = save_bundle(tmp_path / "b", SPEC, _state())
+    (out / "NOTES.txt").write_text("keep me\n")
+    # the state a SIGKILL leaves after `out` was moved aside and before the new one arrived
+    (tmp_path / "b").rename(tmp_path / ".b.old")
+    from fedbridge_shared.files import recover_dir
+
+    recover_dir(tmp_path / "b")
+    assert load_bundle(out).sha256 and (out / "NOTES.txt").exists()
+    # and the state after the new one arrived, before the old one's other files came back
+    save_bundle(tmp_path / "new", SPEC, {k: v * 2 for k, v in _state().items()})
+    (tmp_path / "b").rename(tmp_path / ".b.old")
+    (tmp_path / "new").rename(tmp_path / "b")
+    save_bundle(out, SPEC, {k: v * 2 for k, v in _state().items()})
+    assert (out / "NOTES.txt").read_text() == "keep me\n"
+    assert not (tmp_path / ".b.old").exists()

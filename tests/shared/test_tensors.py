@@ -57,5 +57,5 @@ def test_to_tensor_repeats_grey_and_normalises():
     img = np.full((4, 4), 255, np.uint8)
     x = to_tensor(img, SPEC)
     assert x.shape == (3, 4, 4) and torch.allclose(x, torch.ones_like(x))  # (1-0.5)/0.5
-    one = ModelSpec(arch="a", labels=("A", "B"), image_size=4, in_chans=1, mean=(0.0,), std=(1.0,))
+    one = ModelSpec(arch="a", labels=("A", "B"), image_size=16, in_chans=1, mean=(0.0,), std=(1.0,))
     assert to_tensor(img, one).shape == (1, 4, 4)

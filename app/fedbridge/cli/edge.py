@@ -72,6 +72,8 @@ def export_onnx(
     ] = 95.0,
 ) -> None:
     """Export BUNDLE to ONNX with `logits`, `cam` and `ood_score` outputs; checks parity."""
+    if not 13 <= opset <= 20:
+        raise ConfigError(f"--opset {opset}: must be in [13, 20] (TensorRT 10 parses up to 20)")
     if batch is not None and batch < 1:
         raise ConfigError(f"--batch must be ≥ 1, got {batch}")
     if int8 and calib is None:
@@ -194,6 +196,10 @@ def serve(
     from fedbridge_edge.runtime import Predictor
     from fedbridge_edge.serve import make_server
 
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be in [0, 65535] (0: any free port)")
+    if max_bytes < 1:
+        raise ConfigError(f"--max-bytes {max_bytes}: must be ≥ 1")
     predictor = Predictor(model, backend.value, threads)
     server = make_server(predictor, host, port, max_bytes)
     out.print(

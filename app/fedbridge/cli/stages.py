@@ -9,6 +9,7 @@ import typer
 
 from fedbridge.cli.options import Device, Manifest, Seed, make_console
 from fedbridge_shared import defaults
+from fedbridge_shared.errors import ConfigError
 
 out = make_console()
 err = make_console(stderr=True)
@@ -78,8 +79,12 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         manifest: Manifest = None,
         device: Device = "auto",
     ) -> None:
+        from fedbridge_shared.spec import IMAGE_SIZE_RANGE
         from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
 
+        low, high = IMAGE_SIZE_RANGE
+        if image_size is not None and not low <= image_size <= high:
+            raise ConfigError(f"--image-size {image_size}: must be in [{low}, {high}] pixels")
         per_sample = augment_per_sample_default
         if preset is Preset.paper:
             model = model or PAPER_PRESET["arch"]
@@ -149,6 +154,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Assess a bundle on unseen patients with the paper's metrics and 95 % CIs."""
         from fedbridge_shared.metrics import format_metrics_table
+
+        if not 0 <= bootstrap <= 100_000:
+            raise ConfigError(f"--bootstrap {bootstrap}: must be in [0, 100000]")
         from fedbridge_shared.report import write_metrics
         from fedbridge_shared.training import evaluate_bundle
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 
+from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
 
-PRESETS = ("cxr", "oct", "none")
+PRESETS = defaults.AUGMENT_PRESETS
 
 
 def _check(preset: str) -> None:

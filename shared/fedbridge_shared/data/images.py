@@ -77,8 +77,10 @@ def _read_pil(path: Path) -> np.ndarray:
                 _check_pixel_count(path, *img.size)
                 img.load()
                 return _pil_to_grey(img)
-    except DataError:
-        raise
+    except DataError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise DataError(f"{path}: {e}") from e
     except Image.DecompressionBombError as e:
         raise DataError(
             f"{path}: image too large, possible decompression bomb ({_one_line(e)})"
@@ -115,8 +117,11 @@ def _pil_to_grey(img: Image.Image) -> np.ndarray:
 
 
 def _minmax_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale an array linearly so its minimum is 0 and its maximum 255."""
+    """Scale an array linearly so its minimum is 0 and its maximum 255 (all values finite)."""
     values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise DataError(f"pixel values are NaN or infinite ({bad} of {values.size})")
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
@@ -136,6 +141,7 @@ def _read_dicom(path: Path, *, has_preamble: bool) -> np.ndarray:
         if not has_preamble:
             raise DataError(f"{path}: not a readable DICOM file (no DICM header, no pixel data)")
         raise DataError(f"{path}: DICOM has no pixel data")
+    _check_dicom_kind(path, ds)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     _check_pixel_count(path, cols, rows)
     try:
@@ -147,10 +153,51 @@ def _read_dicom(path: Path, *, has_preamble: bool) -> np.ndarray:
         raise DataError(f"{path}: cannot decode DICOM pixel data in {name} ({_one_line(e)})") from e
     try:
         return _dicom_to_grey(arr, ds)
-    except DataError:
-        raise
+    except DataError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise DataError(f"{path}: {e}") from e
     except Exception as e:
         raise DataError(f"{path}: cannot apply the DICOM pixel transforms ({_one_line(e)})") from e
+
+
+NOT_IMAGES = {
+    "SEG": "a segmentation", "SR": "a structured report", "RTSTRUCT": "an RT structure set",
+    "RTPLAN": "an RT plan", "RTDOSE": "an RT dose", "KO": "a key-object selection",
+    "PR": "a presentation state", "DOC": "an encapsulated document", "REG": "a registration",
+}  # fmt: skip
+PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL",
+               "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}  # fmt: skip
+
+
+def _check_dicom_kind(path: Path, ds) -> None:
+    """Refuse DICOM objects that are not images fedbridge can interpret, by name."""
+    from pydicom.multival import MultiValue
+
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in NOT_IMAGES:
+        raise DataError(
+            f"{path}: DICOM Modality {modality} is {NOT_IMAGES[modality]}, not an image"
+        )
+    if int(ds.get("BitsAllocated", 8) or 8) == 1:
+        raise DataError(f"{path}: DICOM with 1-bit pixels (a mask or overlay), not an image")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in PHOTOMETRIC:
+        raise DataError(f"{path}: DICOM PhotometricInterpretation {photometric} not supported")
+    for tag in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if tag in ds:
+            value = ds.get(tag)
+            if value is None or value == "":
+                continue  # an empty optional attribute: as if absent
+            values = list(value) if isinstance(value, MultiValue) else [value]
+            try:
+                finite = all(np.isfinite(float(v)) for v in values)
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise DataError(f"{path}: DICOM {tag} {value} is not a finite number")
+    if "RescaleSlope" in ds and float(ds.RescaleSlope) == 0:
+        raise DataError(f"{path}: DICOM RescaleSlope is 0 (every pixel the same)")
 
 
 def _dicom_to_grey(arr: np.ndarray, ds) -> np.ndarray:

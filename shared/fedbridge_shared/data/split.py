@@ -181,6 +181,13 @@ def split_folder(
     parts = assign_parts(index.samples, weights, seed)
     if skew is not None:
         parts = skew_sites(parts, skew, seed)
+    empty = [name for name, members in parts.items() if not members]
+    if empty:
+        patients = len({s.patient_id for s in index.samples})
+        raise ConfigError(
+            f"{index.root}: part {empty[0]} would get no patients ({patients} patients for "
+            f"{len(parts)} parts); use fewer --sites or other fractions"
+        )
     final = out.resolve()
     result: dict[str, list[Sample]] = {}
     refuse_non_empty(out)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbridge_shared.errors import ConfigError
-from fedbridge_shared.models import build_model
+from fedbridge_shared.models import model_from_bundle
 from fedbridge_shared.spec import Bundle, ModelSpec
 
 METHODS: tuple[str, ...] = ("saliency", "shap", "ig", "gradcam", "cam")
@@ -69,8 +69,9 @@ def load_explainer(
     bundle: Bundle, device: torch.device | str = "cpu", state_dict: dict | None = None
 ) -> GreyModel:
     """A :class:`GreyModel` in eval mode with the bundle's weights (or ``state_dict``)."""
-    model = build_model(bundle.spec)
-    model.load_state_dict(bundle.state_dict if state_dict is None else state_dict)
+    model = model_from_bundle(bundle)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     return GreyModel(model, bundle.spec).to(device).eval()
 
 
