@@ -88,7 +88,7 @@ def _torch_model(bundle_path: Path):
         try:
             pooled = model.forward_features(probe).mean(dim=(2, 3))
             exact = torch.allclose(model.get_classifier()(pooled), model(probe), atol=1e-5)
-        except (RuntimeError, AttributeError):
+        except (RuntimeError, AttributeError, IndexError):  # e.g. a ViT's (N, L, C) tokens
             exact = False
     if not exact:
         raise EdgeError(

@@ -46,6 +46,27 @@ def atomic_write(
     return path
 
 
+def check_writable(out: Path, *, option: str = "--out") -> None:
+    """Fail before long work when ``out`` cannot be written (its parent is a file, read-only,
+    full): OSError naming the path, which the CLI prints as one line."""
+    out = Path(out)
+    parent = out.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(20, f"{option}: {p} is a file, not a folder", str(p))
+            break
+    parent.mkdir(parents=True, exist_ok=True)
+    probe = parent / f".{out.name}.probe-{secrets.token_hex(4)}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 65536)  # a full disk fails here, not after training
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temp sibling folder of ``out`` to fill; it becomes ``out`` on success and is

@@ -23,6 +23,7 @@ from fedbridge_shared.data.split import assign_parts
 from fedbridge_shared.data.tensors import load_images, make_loader
 from fedbridge_shared.engine import fit, predict
 from fedbridge_shared.errors import ConfigError, DataError
+from fedbridge_shared.files import check_writable
 from fedbridge_shared.metrics import compute_metrics
 from fedbridge_shared.models import init_model, model_from_bundle
 from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
@@ -130,6 +131,7 @@ def run_stage(
     image_size: int | None = None,
     manifest: Path | None = None,
     device: str = "auto",
+    force: bool = False,
     console: Console | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train one central stage on a class-folder tree and write a bundle to ``out``.
@@ -139,8 +141,16 @@ def run_stage(
     """
     console = console or Console(stderr=True)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is a file; choose another --out")
     if out.exists() and not is_bundle(out) and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not a bundle; choose another --out")
+    if is_bundle(out) and not force:
+        raise ConfigError(
+            f"{out}: a bundle is already there; pass --force to replace its model "
+            "(other files in the folder are kept)"
+        )
+    check_writable(out)
     started = time.perf_counter()
     dev = resolve_device(device)  # a bad --device fails before any image is read
     index = usable_index(data, manifest)

@@ -125,6 +125,15 @@ def test_export_refuses_bad_options_and_non_cam_models(cxr_bundle, tmp_path):
     assert_one_line_error(result, "--batch")
     result = fedbridge("export", "onnx", cxr_bundle, "--out", tmp_path / "m.onnx", "--int8")
     assert_one_line_error(result, "--calib")
+    # a vision transformer has no spatial feature map: no in-graph CAM, so no edge model
+    from fedbridge_shared.models import init_model
+    from fedbridge_shared.spec import save_bundle
+
+    vit, spec = init_model("none", ("A", "B"), "test_vit", 64)
+    bundle = save_bundle(tmp_path / "vit", spec, vit.state_dict())
+    result = fedbridge("export", "onnx", bundle, "--out", tmp_path / "vit.onnx")
+    assert_one_line_error(result, "test_vit", "does not end in global average pooling")
+    assert not (tmp_path / "vit.onnx").exists()
 
 
 @pytest.fixture(scope="module")

@@ -281,3 +281,30 @@ def test_bad_options_are_refused_in_one_line_before_any_work(fed, tmp_path, caps
     assert_one_line_error(result, needle)
     _no_leftovers(out)
     assert not (work / "out-superlink").exists()
+
+
+def test_an_existing_bundle_is_replaced_only_with_force_and_keeps_other_files(
+    tree, tmp_path, capsys
+):
+    out = tmp_path / "work" / "bundle"
+    assert run(capsys, "train", tree, "--out", out, *TINY).returncode == 0
+    (out / "NOTES.txt").write_text("the site admin's notes\n")
+    first = load_bundle(out).sha256
+    again = run(capsys, "train", tree, "--out", out, *TINY, "--seed", "1")
+    assert_one_line_error(again, str(out), "--force")
+    assert load_bundle(out).sha256 == first
+    forced = run(capsys, "train", tree, "--out", out, *TINY, "--seed", "1", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert load_bundle(out).sha256 != first
+    assert (out / "NOTES.txt").read_text() == "the site admin's notes\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bundle"]
+
+
+def test_an_out_under_a_regular_file_fails_before_training(tree, tmp_path, capsys):
+    blocker = tmp_path / "work" / "a-file"
+    blocker.parent.mkdir()
+    blocker.write_text("not a folder\n")
+    result = run(capsys, "train", tree, "--out", blocker / "bundle", *TINY)
+    assert_one_line_error(result, str(blocker), "not a folder")
+    assert "epoch 1" not in result.stderr  # refused before any training
+    assert blocker.read_text() == "not a folder\n"

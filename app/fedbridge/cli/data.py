@@ -78,7 +78,9 @@ def split(
 ) -> None:
     """Patient-disjoint, class-stratified split into bridge / site-1..N / test folders."""
     from fedbridge_shared.data.split import split_folder
+    from fedbridge_shared.files import check_writable
 
+    check_writable(out_dir)
     result = split_folder(
         data, out_dir, sites, bridge_fraction, test_fraction, seed, manifest, skew=skew
     )

@@ -83,6 +83,9 @@ def export_onnx(
     if calib is not None and not int8:
         raise ConfigError("--calib is only used with --int8")
     from fedbridge_edge.export import export_onnx as run_export
+    from fedbridge_shared.files import check_writable
+
+    check_writable(out_path)
 
     result = run_export(
         bundle,

@@ -58,7 +58,9 @@ def register(app: typer.Typer) -> None:
         """Explain predictions: a heat map per image and method, where the model looks, and
         whether each method passes the model-randomisation sanity check."""
         from fedbridge_shared.explain.run import explain_images, region_table, sanity_table
+        from fedbridge_shared.files import check_writable
 
+        check_writable(out_dir)
         methods = [m.value for m in method] if method else ["saliency"]
         record = explain_images(
             bundle,

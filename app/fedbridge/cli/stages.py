@@ -78,6 +78,9 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         seed: Seed = defaults.SEED,
         manifest: Manifest = None,
         device: Device = "auto",
+        force: Annotated[
+            bool, typer.Option("--force", help="Replace the model of an existing bundle at --out.")
+        ] = False,
     ) -> None:
         from fedbridge_shared.spec import IMAGE_SIZE_RANGE
         from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
@@ -102,7 +105,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         )
         bundle, metrics = run_stage(
             stage, data, out=out_dir, init=init, config=config, arch=model,
-            image_size=image_size, manifest=manifest, device=device, console=err,
+            image_size=image_size, manifest=manifest, device=device, force=force, console=err,
         )  # fmt: skip
         line = f"wrote {bundle}"
         if metrics:
@@ -157,6 +160,10 @@ def register(app: typer.Typer) -> None:
 
         if not 0 <= bootstrap <= 100_000:
             raise ConfigError(f"--bootstrap {bootstrap}: must be in [0, 100000]")
+        if out_dir is not None:
+            from fedbridge_shared.files import check_writable
+
+            check_writable(out_dir / "report.html")
         from fedbridge_shared.report import write_metrics
         from fedbridge_shared.training import evaluate_bundle
 
