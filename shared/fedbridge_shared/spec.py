@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from fedbridge_shared import __version__
-from fedbridge_shared.data.images import file_sha256
 from fedbridge_shared.errors import BundleError
 from fedbridge_shared.files import atomic_dir
 
@@ -147,21 +146,37 @@ def save_bundle(
     out = Path(out)
     if out.exists() and not (out / SPEC_FILE).exists() and any(out.iterdir()):
         raise BundleError(f"{out}: exists and is not a fedbridge bundle; choose another --out")
-    with atomic_dir(out, replace=True) as tmp:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        record = {
-            "format": BUNDLE_FORMAT,
-            "fedbridge_version": __version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "weights_sha256": (weights_sha := file_sha256(tmp / WEIGHTS_FILE)),
-            "seal": seal_of(spec, weights_sha),
-            "spec": spec.to_dict(),
-            "training": training or {},
-            "metrics": metrics or {},
-        }
-        (tmp / SPEC_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    data = save_safetensors(tensors)
+    weights_sha = hashlib.sha256(data).hexdigest()
+    try:
+        with atomic_dir(out, replace=True) as tmp:
+            _write_bundle_files(tmp, data, spec, weights_sha, training, metrics)
+    except OSError as e:  # a full disk, a read-only folder: nothing is left behind
+        raise BundleError(f"{out}: cannot write the bundle ({e.strerror or e})") from e
     return out
+
+
+def _write_bundle_files(
+    tmp: Path,
+    data: bytes,
+    spec: ModelSpec,
+    weights_sha: str,
+    training: dict[str, Any] | None,
+    metrics: dict[str, Any] | None,
+) -> None:
+    (tmp / WEIGHTS_FILE).write_bytes(data)
+    record = {
+        "format": BUNDLE_FORMAT,
+        "fedbridge_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "weights_sha256": weights_sha,
+        "seal": seal_of(spec, weights_sha),
+        "spec": spec.to_dict(),
+        "training": training or {},
+        "metrics": metrics or {},
+    }
+    (tmp / SPEC_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def read_bundle_record(path: Path) -> dict[str, Any]:

@@ -308,3 +308,26 @@ def test_an_out_under_a_regular_file_fails_before_training(tree, tmp_path, capsy
     assert_one_line_error(result, str(blocker), "not a folder")
     assert "epoch 1" not in result.stderr  # refused before any training
     assert blocker.read_text() == "not a folder\n"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 300 kB tmpfs (root can mount one here), unmounted afterwards."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tree, full_disk, capsys):
+    out = full_disk / "bundle"
+    # test_efficientnet's weights (~1.5 MB) cannot fit in 300 kB
+    result = run(capsys, "train", tree, "--out", out, *TINY)
+    assert_one_line_error(result, str(out), "No space left on device")
+    assert list(full_disk.iterdir()) == []  # no partial bundle, no temp folder
