@@ -24,14 +24,25 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+def clean_env() -> dict[str, str]:
+    """The environment without this interpreter's paths: Ray, started in-process by earlier
+    tests, exports a PYTHONPATH with the full venv's site-packages, which would put torch
+    back in reach of the edge venv."""
+    drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "PYTHONBREAKPOINT")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def _run(*cmd, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, env=clean_env(), **kw
+    )
 
 
 @pytest.fixture(scope="module")
 def edge_venv(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("edge-install") / "venv"
-    assert _run(sys.executable, "-m", "venv", venv).returncode == 0
+    base = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter, not the test venv's
+    assert _run(base if base.exists() else sys.executable, "-m", "venv", venv).returncode == 0
     pip = _run(venv / "bin/python", "-m", "pip", "install", "--quiet", f"{REPO}[edge]")
     assert pip.returncode == 0, pip.stderr[-3000:]
     return venv
@@ -72,7 +83,7 @@ def test_the_edge_install_serves_over_http(edge_venv, edge_onnx, cxr_parts, tmp_
             [str(edge_venv / "bin/fedbridge"), "edge", "serve", str(edge_onnx), "--port", "0"],
             stdout=fh,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+            env={**clean_env(), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
             start_new_session=True,
         )
     try:
