@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
         if out_dir is not None:
             from fedbridge_shared.files import check_writable
 
-            check_writable(out_dir / "report.html")
+            check_writable(out_dir)
         from fedbridge_shared.report import write_metrics
         from fedbridge_shared.training import evaluate_bundle
 
