@@ -7,7 +7,6 @@ values of the wrong type are refused with an error that names the key.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -70,15 +69,6 @@ class FederationConfig:
             "min-train-sites": self.min_train_sites >= 1,
             "min-available-sites": self.min_available_sites >= 1,
             "round-timeout": self.round_timeout > 0,
-            "local-epochs": self.local.local_epochs >= 1,
-            "batch-size": self.local.batch_size >= 1,
-            "lr": math.isfinite(self.local.lr) and 0 < self.local.lr <= 1,
-            "augment-per-sample": self.local.augment_per_sample >= 0,
-            "val-fraction": 0 <= self.local.val_fraction <= 0.5,
-            "augment": self.local.augment in defaults.AUGMENT_PRESETS,
-            "seed": 0 <= self.local.seed < 2**32,
-            "weight-decay": math.isfinite(self.local.weight_decay) and self.local.weight_decay >= 0,
-            "threads": self.local.threads >= 0,
             "dp.clipping-norm": self.dp.clipping_norm > 0,
             "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
         }

@@ -7,6 +7,7 @@ Both ends import these names; Flower's records (``ArrayRecord``, ``ConfigRecord`
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -57,6 +58,23 @@ class LocalSettings:
     # torch CPU threads while training (0: torch's default). Floating-point sums depend on the
     # thread count, so bitwise-identical reruns need the same value on the same site.
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "local-epochs": self.local_epochs >= 1,
+            "batch-size": self.batch_size >= 1,
+            "lr": math.isfinite(self.lr) and 0 < self.lr <= 1,
+            "weight-decay": math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "augment-per-sample": self.augment_per_sample >= 0,
+            "augment": self.augment in defaults.AUGMENT_PRESETS,
+            "val-fraction": 0 <= self.val_fraction <= 0.5,
+            "seed": 0 <= self.seed < 2**32,
+            "threads": self.threads >= 0,
+        }
+        bad = next((k for k, ok in checks.items() if not ok), None)
+        if bad is not None:
+            value = getattr(self, bad.replace("-", "_"))
+            raise ConfigError(f"run config: invalid value for {bad!r} ({value!r})")
 
     def to_config(self) -> dict[str, Any]:
         return {kebab(k): v for k, v in asdict(self).items()}
