@@ -63,6 +63,8 @@ def check_writable(out: Path, *, option: str = "--out") -> None:
             fh.write(b"\0" * 65536)  # a full disk fails here, not after training
             fh.flush()
             os.fsync(fh.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(out)) from e
     finally:
         probe.unlink(missing_ok=True)
 

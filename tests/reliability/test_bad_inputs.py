@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ from badinputs import (
     make_more_bad_inputs,
     write_manifest,
 )
-from cli import assert_one_line_error, fedbridge
+from cli import assert_one_line_error, fedbridge, ok
 from inproc import run
 from safetensors.torch import load_file, save_file
 
@@ -283,6 +286,16 @@ def test_bad_options_are_refused_in_one_line_before_any_work(fed, tmp_path, caps
     assert not (work / "out-superlink").exists()
 
 
+def test_a_split_that_leaves_a_site_without_a_class_is_refused(tree, tmp_path, capsys):
+    for image in sorted((tree / "COVID19").iterdir())[1:]:
+        image.unlink()  # one COVID19 patient cannot reach two sites and a test part
+    out = tmp_path / "work" / "split"
+    out.parent.mkdir()
+    result = run(capsys, "data", "split", tree, "--out", out, "--sites", "2")
+    assert_one_line_error(result, "would get no images of class COVID19", "--sites")
+    _no_leftovers(out)
+
+
 def test_an_existing_bundle_is_replaced_only_with_force_and_keeps_other_files(
     tree, tmp_path, capsys
 ):
@@ -325,9 +338,105 @@ def full_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+def test_a_full_disk_during_evaluate_leaves_no_partial_report(fed, full_disk, capsys):
+    root, split = fed
+    out = full_disk / "report"
+    args = ("evaluate", root / "bridge", split / "test", "--out", out, "--bootstrap", "0")
+    # 300 kB: the plots and metrics.json fit, report.html (~300 kB with its saliency grid) not
+    assert_one_line_error(run(capsys, *args), str(out), "No space left on device")
+    assert list(full_disk.iterdir()) == []
+    # Almost full: refused by the probe before any data is read (the data folder here does
+    # not even exist, which would be the error if the images were read first)
+    filler = full_disk / "filler.bin"
+    st = os.statvfs(full_disk)
+    filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 24_000))
+    result = run(capsys, "evaluate", root / "bridge", split / "no-such-folder", "--out", out)
+    assert_one_line_error(result, str(out), "No space left on device")
+    assert [p.name for p in full_disk.iterdir()] == ["filler.bin"]
+
+
+def test_an_existing_report_is_replaced_only_with_force(fed, tmp_path, capsys):
+    root, split = fed
+    out = tmp_path / "report"
+    args = ("evaluate", root / "bridge", split / "test", "--out", out, "--bootstrap", "0")
+    assert run(capsys, *args).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_matrix.png", "metrics.json", "report.html", "roc.png"
+    ]  # fmt: skip
+    (out / "NOTES.txt").write_text("reviewed by the site admin\n")
+    (out / "metrics.json").write_text("{}\n")  # stands for an earlier report
+    assert_one_line_error(run(capsys, *args), str(out), "--force")
+    assert (out / "metrics.json").read_text() == "{}\n"
+    assert run(capsys, *args, "--force").returncode == 0
+    assert json.loads((out / "metrics.json").read_text())["n"] > 0
+    assert (out / "NOTES.txt").read_text() == "reviewed by the site admin\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temp or .old left
+
+
 def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tree, full_disk, capsys):
     out = full_disk / "bundle"
     # test_efficientnet's weights (~1.5 MB) cannot fit in 300 kB
     result = run(capsys, "train", tree, "--out", out, *TINY)
     assert_one_line_error(result, str(out), "No space left on device")
     assert list(full_disk.iterdir()) == []  # no partial bundle, no temp folder
+
+
+# ---------------------------------------------------------------- bad pixels at every image reader
+
+PIXEL_KEYS = sorted(set(MORE_BAD_KEYS) - {"nonutf8_name"})  # names: covered by scan_folder above
+
+
+@pytest.fixture(scope="module")
+def bad_pixel_files(tmp_path_factory):
+    return make_more_bad_inputs(tmp_path_factory.mktemp("bad-pixels"))
+
+
+@pytest.fixture(scope="module")
+def fed_onnx(fed, tmp_path_factory):
+    root, _ = fed
+    model = tmp_path_factory.mktemp("onnx") / "bridge.onnx"
+    ok("export", "onnx", root / "bridge", "--out", model)
+    return model
+
+
+@pytest.mark.parametrize("key", PIXEL_KEYS)
+def test_bad_pixels_are_refused_by_evaluate_explain_predict_and_serve(
+    fed, fed_onnx, bad_pixel_files, tmp_path, capsys, key
+):
+    root, split = fed
+    bad, reason = bad_pixel_files[key], MORE_BAD_KEYS[key]
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+
+    explain = run(capsys, "explain", root / "bridge", bad, "--out", out)
+    assert_one_line_error(explain, bad.name, reason)
+    _no_leftovers(out)
+    predict = run(capsys, "edge", "predict", fed_onnx, bad, "--out", out)
+    assert_one_line_error(predict, bad.name, reason)
+    _no_leftovers(out)
+
+    test = shutil.copytree(split / "test", tmp_path / "test")
+    shutil.copy(bad, test / "NORMAL" / bad.name)
+    evaluate = run(capsys, "evaluate", root / "bridge", test, "--out", out)
+    assert_one_line_error(evaluate, bad.name, reason)
+    _no_leftovers(out)
+
+    from fedbridge_edge.runtime import Predictor
+    from fedbridge_edge.serve import make_server
+
+    server = make_server(Predictor(fed_onnx, "onnxruntime", 1), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.server_port}/predict", data=bad.read_bytes()
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 400
+        assert reason in json.loads(refused.value.read())["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -200,3 +200,18 @@ def test_split_files_are_copies_not_links_to_the_source(cxr_root, tmp_path):
     result = split_folder(cxr_root, tmp_path / "out", 1, 0.0, 0.2, seed=0)
     sample = result.parts["test"][0]
     assert sample.path.stat().st_nlink == 1
+
+
+def test_a_part_without_a_class_is_refused(cxr_root, tmp_path):
+    """Two COVID19 patients cannot cover three sites and a test part: refused, nothing written."""
+    data = tmp_path / "data"
+    for label in LABELS:
+        (data / label).mkdir(parents=True)
+        keep = 2 if label == "COVID19" else 12
+        for image in sorted((cxr_root / label).iterdir())[:keep]:
+            (data / label / image.name).write_bytes(image.read_bytes())
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"part \S+ would get no images of class COVID19"):
+        split_folder(data, out, 3, 0.0, 0.2, seed=0)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -154,6 +154,10 @@ def register(app: typer.Typer) -> None:
         bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.")] = 1000,
         manifest: Manifest = None,
         device: Device = "auto",
+        force: Annotated[
+            bool,
+            typer.Option("--force", help="Replace the report in an existing --out folder."),
+        ] = False,
     ) -> None:
         """Assess a bundle on unseen patients with the paper's metrics and 95 % CIs."""
         from fedbridge_shared.metrics import format_metrics_table
@@ -161,26 +165,46 @@ def register(app: typer.Typer) -> None:
         if not 0 <= bootstrap <= 100_000:
             raise ConfigError(f"--bootstrap {bootstrap}: must be in [0, 100000]")
         if out_dir is not None:
-            from fedbridge_shared.files import check_writable
-
-            check_writable(out_dir)
-        from fedbridge_shared.report import write_metrics
+            _check_report_folder(out_dir, force=force)
         from fedbridge_shared.training import evaluate_bundle
 
         metrics, y, probs = evaluate_bundle(
             bundle, data, manifest=manifest, n_bootstrap=bootstrap, device=device, console=err
         )
         if out_dir is not None:
-            paths = write_metrics(metrics, out_dir, y, probs)
-            paths["report"] = _html_report(
-                bundle, data, manifest, metrics, y, probs, out_dir, device
-            )
-            err.print("wrote " + ", ".join(str(p) for p in paths.values()))
+            written = _write_report(bundle, data, manifest, metrics, y, probs, out_dir, device)
+            err.print("wrote " + ", ".join(str(out_dir / name) for name in written))
         if as_json:
             typer.echo(json.dumps(metrics))
         else:
             for renderable in _as_list(format_metrics_table(metrics)):
                 out.print(renderable)
+
+
+def _check_report_folder(out_dir: Path, *, force: bool) -> None:
+    """Before any work: the folder can be written, and an earlier report is kept unless --force."""
+    from fedbridge_shared.files import check_writable
+
+    check_writable(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ConfigError(
+            f"{out_dir}: folder exists and is not empty; add --force to replace the report "
+            "(files evaluate did not write are kept)"
+        )
+
+
+def _write_report(bundle, data, manifest, metrics, y, probs, out_dir, device) -> list[str]:
+    """The whole report appears at once or not at all (a full disk leaves the old one)."""
+    from fedbridge_shared.files import atomic_dir
+    from fedbridge_shared.report import write_metrics
+
+    try:
+        with atomic_dir(out_dir, replace=True) as tmp:
+            paths = write_metrics(metrics, tmp, y, probs)
+            paths["report"] = _html_report(bundle, data, manifest, metrics, y, probs, tmp, device)
+    except OSError as e:
+        raise ConfigError(f"{out_dir}: cannot write the report: {e.strerror or e}") from e
+    return [Path(p).name for p in paths.values()]
 
 
 def _html_report(bundle, data, manifest, metrics, y, probs, out_dir, device) -> Path:

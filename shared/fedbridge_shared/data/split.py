@@ -188,6 +188,7 @@ def split_folder(
             f"{index.root}: part {empty[0]} would get no patients ({patients} patients for "
             f"{len(parts)} parts); use fewer --sites or other fractions"
         )
+    _refuse_missing_classes(parts, index.labels, index.samples)
     final = out.resolve()
     result: dict[str, list[Sample]] = {}
     refuse_non_empty(out)
@@ -209,6 +210,23 @@ def split_folder(
             writer.writerow(SPLIT_COLUMNS)
             writer.writerows(rows)
     return SplitResult(out=out, parts=result)
+
+
+def _refuse_missing_classes(
+    parts: Mapping[str, list[Sample]], labels: Sequence[str], samples: Sequence[Sample]
+) -> None:
+    """Every part must hold every class: a site without one cannot train, a test part
+    without one cannot measure its sensitivity or AUC."""
+    for name, members in parts.items():
+        present = {s.label for s in members}
+        missing = [label for label in labels if label not in present]
+        if missing:
+            patients = len({s.patient_id for s in samples if s.label == missing[0]})
+            raise ConfigError(
+                f"part {name} would get no images of class {missing[0]} ({patients} patients "
+                f"of that class for {len(parts)} parts); use fewer --sites, other fractions "
+                "or a weaker --skew"
+            )
 
 
 def refuse_non_empty(out: Path) -> None:
