@@ -23,6 +23,7 @@ from fedbridge_shared import defaults
 from fedbridge_shared.data.split import split_folder
 from fedbridge_shared.data.synthetic import make_phantom_dataset
 from fedbridge_shared.errors import ConfigError
+from fedbridge_shared.files import atomic_write
 from fedbridge_shared.models import find_local_imagenet_weights
 from fedbridge_shared.report import write_metrics
 from fedbridge_shared.training import TrainConfig, evaluate_bundle, run_stage, usable_index
@@ -68,12 +69,7 @@ def run_demo(
             raise ConfigError(f"--image-size {image_size}: use at least 32 pixels")
         plan = dataclasses.replace(plan, image_size=image_size)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / DEMO_MARKER).exists():
-            raise ConfigError(f"{out}: exists and is not a demo folder; choose another --out")
-        shutil.rmtree(out)  # an earlier demo run's own folder
-    out.mkdir(parents=True)
-    (out / DEMO_MARKER).write_text("written by fedbridge demo; rerunning the demo replaces it\n")
+    claim_demo_folder(out)
     synthetic = data is None
     if synthetic:
         console.print("[bold yellow]SYNTHETIC[/] data: generating a phantom set (no real images)")
@@ -152,6 +148,38 @@ def run_demo(
     console.print(summary_table(summary))
     console.print(f"HTML reports: {out}/report-*/report.html")
     return summary
+
+
+def demo_entries() -> list[str]:
+    """Every name the demo may write in its folder (the marker lists them; a rerun removes
+    exactly these, so a file a person added there is kept)."""
+    arms = ["bridge", "federated", "central", *(f"local-site-{i}" for i in range(1, SITES + 1))]
+    return [
+        DEMO_MARKER, "phantom-data", "split", "pooled-data", "demo.json",
+        "federated-bundle-rounds", *(f"{arm}-bundle" for arm in arms),
+        *(f"report-{arm}" for arm in arms),
+    ]  # fmt: skip
+
+
+def claim_demo_folder(out: Path) -> None:
+    """Make ``out`` the demo's folder: new, empty, or an earlier demo's (its marker present).
+
+    An earlier demo's entries are removed, anything else in the folder is left alone."""
+    marker = out / DEMO_MARKER
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not marker.is_file():
+            raise ConfigError(f"{out}: exists and is not a demo folder; choose another --out")
+        for name in set(demo_entries()) - {DEMO_MARKER}:  # the names an earlier run wrote
+            entry = out / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.is_symlink() or entry.exists():
+                entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    text = {"written_by": "fedbridge demo", "entries": demo_entries()}
+    atomic_write(marker, (json.dumps(text, indent=2) + "\n").encode())
 
 
 def _acc(row: dict[str, Any]) -> float:

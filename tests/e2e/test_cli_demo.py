@@ -4,6 +4,8 @@ import json
 
 from cli import assert_one_line_error, fedbridge, ok
 
+from fedbridge.demo import DEMO_MARKER, claim_demo_folder, demo_entries
+
 
 def test_demo_on_phantom_data_says_synthetic_everywhere(tmp_path):
     out = tmp_path / "demo"
@@ -36,6 +38,22 @@ def test_demo_on_phantom_data_says_synthetic_everywhere(tmp_path):
     html = (out / "report-federated" / "report.html").read_text()
     assert "Federated rounds" in html and "data:image/png;base64," in html
     assert "README.txt" in {p.name for p in (out / "phantom-data").iterdir()}
+    # the marker names everything the demo wrote, so a rerun removes only that
+    assert {p.name for p in out.iterdir()} <= set(demo_entries())
+
+
+def test_demo_rerun_replaces_its_own_entries_and_keeps_a_persons_files(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / DEMO_MARKER).write_text("{}")  # an earlier demo's folder …
+    (out / "split").mkdir()
+    (out / "split" / "stale.txt").write_text("old split")
+    (out / "demo.json").write_text("{}")
+    (out / "NOTES.txt").write_text("the coordinator's notes")  # … with a person's file added
+    claim_demo_folder(out)
+    assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER, "NOTES.txt"]
+    assert (out / "NOTES.txt").read_text() == "the coordinator's notes"
+    assert json.loads((out / DEMO_MARKER).read_text())["entries"] == demo_entries()
 
 
 def test_demo_refuses_to_overwrite_a_folder_it_did_not_make(tmp_path):
