@@ -23,6 +23,12 @@ def preflight(cfg: FederationConfig, sites: Sequence[Path]) -> None:
     """Check the init bundle and every site's labels before starting any process."""
     if len(sites) < 1:
         raise ConfigError("give at least one --site")
+    if cfg.min_available_sites > len(sites):
+        raise ConfigError(
+            f"run config: min-available-sites is {cfg.min_available_sites} but only "
+            f"{len(sites)} --site folder(s) are given; the federation would wait for sites "
+            "that cannot come"
+        )
     seen: dict[Path, Path] = {}
     for path in sites:
         key = Path(path).resolve()
@@ -53,14 +59,17 @@ def simulate(
     paths = [str(Path(s).resolve()) for s in sites]
     preflight(cfg, [Path(p) for p in paths])
     summary: dict[str, Any] = {}
+    failed: list[FedbridgeError] = []
     run_simulation(
-        server_app=make_server_app(cfg, on_done=summary.update),
+        server_app=make_server_app(cfg, on_done=summary.update, on_error=failed.append),
         client_app=make_client_app(
             paths, mods=mods, audit_dir=str(Path(audit_dir).resolve()) if audit_dir else None
         ),
         num_supernodes=len(paths),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
+    if failed:
+        raise failed[0]
     if not summary:
         raise FedbridgeError("the federation did not finish; see the log above")
     out.print(f"federated bundle: {summary['bundle']} (best round {summary['best_round']})")

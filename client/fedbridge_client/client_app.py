@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedbridge_client.audit import audit_error, record
+from fedbridge_client.events import append_event
 from fedbridge_client.site import Site
 from fedbridge_shared import protocol as P
 
@@ -59,20 +60,44 @@ def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_d
         paths = list(site_paths or [str(node.get(P.NODE_DATA_PATH, ""))])
         audit = audit_dir or node.get(P.NODE_AUDIT_DIR)
         who = str(node.get(P.NODE_PARTITION_ID, context.node_id))
+        events = node.get(P.NODE_EVENTS_FILE)
+        kind = "training" if msg.metadata.message_type == "train" else "evaluation"
+        round_ = _round_of(msg)
         try:
             site = site_for(context, site_paths)
             reply = Message(content=handler(site, msg), reply_to=msg)
         except Exception as e:
             log.error("site failed: %s", e)  # local log keeps the full message
+            if events:
+                append_event(events, round_=round_, kind=kind, ok=False, detail=str(e))
             error = SiteError(_redact(f"{type(e).__name__}: {e}", [p for p in paths if p]))
             if audit:
                 audit_error(audit, who, msg, str(error))
             raise error from None
         if audit:
             record(audit, who, reply)
+        if events:
+            append_event(events, round_=round_, kind=kind, ok=True, detail=_summary(reply))
         return reply
 
     return run
+
+
+def _round_of(msg: Message) -> int | None:
+    try:
+        return int(msg.content[P.CONFIG][P.SERVER_ROUND])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _summary(reply: Message) -> str:
+    metrics = reply.content.metric_records.get(P.METRICS)
+    if metrics is None:
+        return "done"
+    shown = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+    )
 
 
 def _task(msg: Message) -> tuple[P.RoundTask, dict]:

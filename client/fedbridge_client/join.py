@@ -13,10 +13,19 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedbridge_client.events import EventFollower, describe_event
 from fedbridge_shared import pki
 from fedbridge_shared import protocol as P
 from fedbridge_shared.errors import ConfigError, FedbridgeError
-from fedbridge_shared.processes import sigterm_as_exit, spawn, stop, tool_env
+from fedbridge_shared.processes import (
+    exclusive,
+    owned_by,
+    sigterm_as_exit,
+    spawn,
+    stop,
+    stop_pids,
+    tool_env,
+)
 from fedbridge_shared.training import usable_index
 
 _NOT_ADMITTED = (
@@ -38,12 +47,16 @@ class SiteNode:
     insecure: bool = False
     runtime_port: int = 9094
     audit_dir: Path | None = None
+    events: Path | None = None  # the ClientApp's events file that `join` prints
     max_retries: int | None = None
+    max_wait: float | None = None  # seconds the SuperNode tries to reach a SuperLink that is down
 
     def check(self) -> dict[str, int]:
         """Refuse a bad plan before connecting; returns the image count per class."""
         if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", self.superlink):
             raise ConfigError(f"--superlink {self.superlink!r}: expected HOST:PORT")
+        if not 1 <= self.runtime_port <= 65535:
+            raise ConfigError(f"--runtime-port {self.runtime_port}: must be in [1, 65535]")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise ConfigError(f"--name {self.name!r}: use letters, digits, '-', '_' or '.'")
         if not self.insecure:
@@ -61,6 +74,8 @@ class SiteNode:
         items = {P.NODE_DATA_PATH: str(self.data.resolve()), P.NODE_SITE_NAME: self.name}
         if self.audit_dir is not None:
             items[P.NODE_AUDIT_DIR] = str(self.audit_dir.resolve())
+        if self.events is not None:
+            items[P.NODE_EVENTS_FILE] = str(Path(self.events).resolve())
         for k, v in items.items():
             if "'" in v or '"' in v:
                 raise ConfigError(f"{v}: quotes are not allowed in {k}")
@@ -75,6 +90,8 @@ class SiteNode:
         ]  # fmt: skip
         if self.max_retries is not None:
             cmd += ["--max-retries", str(self.max_retries)]
+        if self.max_wait is not None:
+            cmd += ["--max-wait-time", f"{max(1.0, self.max_wait):.0f}"]
         if self.insecure:
             return [*cmd, "--insecure"]
         assert self.ca is not None and self.key is not None
@@ -85,40 +102,96 @@ class SiteNode:
         ]  # fmt: skip
 
 
-def _refused(log: Path, offset: int) -> bool:
-    """Did the SuperNode that wrote ``log`` after ``offset`` fail to be admitted (exit 305)?"""
+def _log_since(log: Path, offset: int) -> str:
     with open(log, "rb") as fh:
         fh.seek(offset)
-        return b"Exit Code: 305" in fh.read()
+        return fh.read().decode("utf-8", errors="replace")
+
+
+def _cause(node: SiteNode, text: str) -> str | None:
+    """The real reason a SuperNode stopped, from its log, when it is one that will not pass."""
+    low = text.lower()
+    if "certificate_verify_failed" in low:
+        return (
+            f"the coordinator's TLS certificate is not signed by --ca {node.ca} "
+            "(CERTIFICATE_VERIFY_FAILED): ask the coordinator for its current ca.crt"
+        )
+    if "address already in use" in low or "errno 98" in low:
+        return (
+            f"--runtime-port {node.runtime_port} is in use on this machine (another site or "
+            "program); give each site on a host its own --runtime-port"
+        )
+    return None
 
 
 def join(node: SiteNode, log: Path, console: Console, admit_timeout: float = 600.0) -> None:
     """Run the SuperNode until Ctrl-C or SIGTERM; it serves every run the coordinator starts.
 
-    Until the SuperLink admits this site (it may not be up yet, or not have registered the key)
-    the SuperNode is restarted every few seconds, for ``admit_timeout`` seconds at most.
+    Until the SuperLink admits this site (it may be down, restarting with a new run, or not have
+    registered the key yet) the SuperNode is restarted every few seconds, for ``admit_timeout``
+    seconds at most each time; a cause that cannot pass (a wrong CA, the runtime port in use)
+    stops at once with that cause. What the site does in each round is printed as it happens.
     """
     counts = node.check()
     mode = "INSECURE (no TLS)" if node.insecure else "TLS + key authentication"
     console.print(f"site {node.name}: {node.data} → {node.superlink} ({mode}); log {log}")
     if counts:
         console.print("images per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if node.events is None:
+        node.events = log.with_name(log.name.removesuffix(".log") + "-events.jsonl")
+    lock = log.with_name(log.name + ".lock")
+    with sigterm_as_exit(), exclusive(lock, f"`fedbridge site join` for {log}"):
+        _stop_strays(node.events, console)
+        _serve(node, log, console, admit_timeout)
+
+
+def _stop_strays(events: Path, console: Console) -> None:
+    """A SuperNode whose `site join` was killed dies with it (PDEATHSIG); one that survived
+    anyway names this site's events file in its --node-config: stop it (by PID)."""
+    strays = owned_by(f"{P.NODE_EVENTS_FILE}='{Path(events).resolve()}'")
+    if strays:
+        console.print(f"stopping a SuperNode left by a killed `site join`: PID {sorted(strays)}")
+        stop_pids(strays, timeout=20)
+
+
+def _serve(node: SiteNode, log: Path, console: Console, admit_timeout: float) -> None:
     deadline = time.monotonic() + admit_timeout
-    with sigterm_as_exit():
+    show = lambda entry: console.print(describe_event(entry), markup=False, highlight=False)  # noqa: E731
+    assert node.events is not None
+    with EventFollower(node.events, show):
         while True:
             offset = log.stat().st_size if log.exists() else 0
+            node.max_wait = max(1.0, deadline - time.monotonic())
+            started = time.monotonic()
             proc = spawn(node.command(), log, tool_env())
             try:
                 rc = proc.wait()
             finally:
                 stop([proc])  # children (flower-superexec) outlive the SuperNode
-            if rc == 0:
-                return
-            if not _refused(log, offset):
+            text = _log_since(log, offset)
+            cause = _cause(node, text)
+            if cause:
+                raise FedbridgeError(f"site {node.name}: {cause}; see {log}")
+            served = time.monotonic() - started > 30 or "Receiving:" in text
+            if served:  # it was connected: the coordinator ended or restarted; wait afresh
+                deadline = time.monotonic() + admit_timeout
+            elif time.monotonic() >= deadline - 1:  # --max-wait-time ran out as well
                 raise FedbridgeError(
-                    f"site {node.name}: the SuperNode exited with code {rc}; see {log}"
+                    f"site {node.name}: {_NOT_ADMITTED} (tried for {admit_timeout:g} s); see {log}"
                 )
-            if time.monotonic() > deadline:
-                raise FedbridgeError(f"site {node.name}: {_NOT_ADMITTED}; see {log}")
-            console.print("not admitted yet (SuperLink down or key not registered); retrying")
+            elif rc not in (0, 305) and "Exit Code: 305" not in text:
+                raise FedbridgeError(
+                    f"site {node.name}: the SuperNode exited with code {rc}: {_last_line(text)}; "
+                    f"see {log}"
+                )
+            console.print(
+                "disconnected; reconnecting (the coordinator may be restarting)"
+                if served
+                else "not admitted yet (SuperLink down or key not registered); retrying"
+            )
             time.sleep(_RETRY_SECONDS)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][-200:] if lines else "no output"

@@ -20,13 +20,24 @@ INLINE = {"inline": True}
 """Field metadata: the sub-config's keys sit at the top level of the flat run config."""
 
 
+_HINTS = {
+    "min-train-sites": ": the quorum must be between 1 and min-available-sites",
+    "min-evaluate-sites": ": must be between 0 and min-available-sites",
+    "dp.enabled": ": differential privacy works with fedavg or fedprox, not fedadam",
+}
+
+
 @dataclass(frozen=True)
 class DPConfig:
     """Central differential privacy: clip each site's update, add Gaussian noise to the sum."""
 
     enabled: bool = False
-    clipping_norm: float = 10.0
-    noise_multiplier: float = 0.1
+    clipping_norm: float = 1.0
+    """L2 bound of one site's update (its trainable weights minus the global ones)."""
+    noise_multiplier: float = 0.0
+    """σ: noise std = σ·clipping-norm / sites. 0: the smallest σ that reaches target-epsilon."""
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -51,9 +62,16 @@ class FederationConfig:
     strategy: str = defaults.STRATEGY
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
-    min_train_sites: int = 2
-    min_evaluate_sites: int = 2
     min_available_sites: int = 2
+    """The sites expected: each round waits for this many to be connected (within a deadline)."""
+    min_train_sites: int = 2
+    """The quorum: a round needs this many usable updates, else the run stops (resumable)."""
+    min_evaluate_sites: int = 2
+    """Federated validation metrics need this many replies, else the round has none."""
+    join_timeout: float = defaults.JOIN_TIMEOUT
+    """Seconds the first round waits for the expected sites; then it goes on with a quorum."""
+    site_wait_timeout: float = defaults.SITE_WAIT_TIMEOUT
+    """The same wait before every later training and evaluation (a lost site costs this)."""
     round_timeout: float = defaults.ROUND_TIMEOUT
     local: LocalSettings = field(default_factory=LocalSettings, metadata=INLINE)
     """What every site does each round (keys ``lr``, ``local-epochs``… at the top level)."""
@@ -66,15 +84,24 @@ class FederationConfig:
             "num-server-rounds": self.num_server_rounds >= 1,
             "fraction-train": 0 < self.fraction_train <= 1,
             "fraction-evaluate": 0 <= self.fraction_evaluate <= 1,
-            "min-train-sites": self.min_train_sites >= 1,
             "min-available-sites": self.min_available_sites >= 1,
+            "min-train-sites": 1 <= self.min_train_sites <= self.min_available_sites,
+            "min-evaluate-sites": 0 <= self.min_evaluate_sites <= self.min_available_sites,
+            "join-timeout": self.join_timeout > 0,
+            "site-wait-timeout": self.site_wait_timeout > 0,
             "round-timeout": self.round_timeout > 0,
             "dp.clipping-norm": self.dp.clipping_norm > 0,
             "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
+            "dp.target-epsilon": self.dp.target_epsilon > 0,
+            "dp.delta": 0 < self.dp.delta < 1,
+            "dp.enabled": not (self.dp.enabled and self.strategy == "fedadam"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ConfigError(f"run config: invalid value for {bad[0]!r} ({self._value(bad[0])!r})")
+            hint = _HINTS.get(bad[0], "")
+            raise ConfigError(
+                f"run config: invalid value for {bad[0]!r} ({self._value(bad[0])!r}){hint}"
+            )
 
     def _value(self, key: str) -> Any:
         return self.to_flat().get(key)

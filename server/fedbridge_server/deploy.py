@@ -21,7 +21,16 @@ from rich.console import Console
 from fedbridge_server.config import FederationConfig
 from fedbridge_shared import pki
 from fedbridge_shared.errors import ConfigError, FedbridgeError
-from fedbridge_shared.processes import sigterm_as_exit, spawn, stop, tool_env, wait_for_port
+from fedbridge_shared.processes import (
+    exclusive,
+    owned_by,
+    sigterm_as_exit,
+    spawn,
+    stop,
+    stop_pids,
+    tool_env,
+    wait_for_port,
+)
 from fedbridge_shared.spec import load_bundle, read_bundle_record
 
 CONNECTION = "fedbridge"  # the SuperLink's name in Flower's CLI config
@@ -168,8 +177,21 @@ def _last(text: str) -> str:
 def start(coord: Coordinator, console: Console) -> dict[str, Any]:
     """Run the whole federation; returns the final bundle's record."""
     coord.check()
-    with sigterm_as_exit():
+    with sigterm_as_exit(), exclusive(coord.state / "coordinator.lock", "`fedbridge server start`"):
+        _stop_orphans(coord.state, console)
         return _start(coord, console)
+
+
+def _stop_orphans(state: Path, console: Console) -> None:
+    """Stop what an earlier coordinator for this state folder left running (it was killed
+    before it could: SIGKILL, the OOM killer). Only processes naming this folder, by PID."""
+    orphans = owned_by(str(state))
+    if orphans:
+        console.print(
+            f"stopping {len(orphans)} process(es) a killed coordinator left running for "
+            f"{state}: PID {', '.join(map(str, sorted(orphans)))}"
+        )
+        stop_pids(orphans, timeout=20)
 
 
 def _start(coord: Coordinator, console: Console) -> dict[str, Any]:
@@ -192,9 +214,11 @@ def _start(coord: Coordinator, console: Console) -> dict[str, Any]:
         _wait_control_api(env, link, coord.ready_timeout)
         for key in coord.site_keys:
             console.print(f"site key {Path(key).name}: {register_site(Path(key), env)}")
+        c = coord.config
         console.print(
-            f"waiting for {coord.config.min_available_sites} site(s); "
-            f"{coord.config.num_server_rounds} round(s) of {coord.config.strategy}"
+            f"waiting for {c.min_available_sites} site(s) (quorum {c.min_train_sites}; first "
+            f"round waits up to {c.join_timeout:g} s, later ones {c.site_wait_timeout:g} s); "
+            f"{c.num_server_rounds} round(s) of {c.strategy}"
         )
         _run_app(app, env, state / "run.log", console)
     finally:

@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from fedbridge_server import privacy
 from fedbridge_server.config import FederationConfig
+from fedbridge_server.quorum import QuorumError, SnapshotGrid, wait_for_sites
 from fedbridge_server.store import RoundStore, RunState
 from fedbridge_server.strategy import (
     build_strategy,
@@ -44,6 +45,8 @@ _NOT_IN_FINGERPRINT = {
     "min-train-sites",
     "min-evaluate-sites",
     "min-available-sites",
+    "join-timeout",
+    "site-wait-timeout",
 }
 
 
@@ -90,33 +93,55 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
     val_loader = _server_val(cfg, spec, console)
     settings = cfg.local_settings()
     names: dict[int, str] = {}
+    dp = _Privacy(cfg, model, console) if cfg.dp.enabled else None
     for rnd in range(state.completed + 1, cfg.num_server_rounds + 1):
         started = time.perf_counter()
-        np.random.seed((cfg.local.seed * 1_000_003 + rnd) % 2**32)  # DP noise is drawn from numpy
         task = P.RoundTask(spec.to_dict(), settings, rnd, cfg.num_server_rounds)
         config = ConfigRecord(task.to_config())
-        sent = list(strategy.configure_train(rnd, ArrayRecord(global_state), config, grid))
+        first = rnd == state.completed + 1
+        connected = wait_for_sites(
+            grid, expected=cfg.min_available_sites, quorum=cfg.min_train_sites,
+            timeout=cfg.join_timeout if first else cfg.site_wait_timeout,
+            what=f"round {rnd} training",
+        )  # fmt: skip
+        snapshot = SnapshotGrid(grid, connected)
+        sent = list(strategy.configure_train(rnd, ArrayRecord(global_state), config, snapshot))
         replies = grid.send_and_receive(sent, timeout=cfg.round_timeout)
         usable, dropped = screen_replies(sent, replies, reference, names)
+        if len(usable) < cfg.min_train_sites:
+            why = "; ".join(dropped) or "no site sampled"
+            raise QuorumError(
+                f"round {rnd}: {len(usable)} usable update(s), fewer than the quorum of "
+                f"{cfg.min_train_sites} (min-train-sites): {why}. {_resumable(store, state)}"
+            )
         arrays, train_metrics = strategy.aggregate_train(rnd, usable)
         if arrays is None:
             why = "; ".join(dropped) or "no site sampled"
             raise FedbridgeError(f"round {rnd}: no site returned usable weights ({why})")
-        global_state = {
-            k: v.to(reference[k].dtype) for k, v in arrays.to_torch_state_dict().items()
-        }
+        if dp is not None:
+            global_state, private = dp.aggregate(rnd, global_state, usable)
+        else:
+            private = None
+            global_state = {
+                k: v.to(reference[k].dtype) for k, v in arrays.to_torch_state_dict().items()
+            }
         eval_cfg = ConfigRecord(task.to_config())
-        sent_eval = list(
-            strategy.configure_evaluate(rnd, ArrayRecord(global_state), eval_cfg, grid)
-        )
         eval_metrics = None
-        if sent_eval:
+        if cfg.fraction_evaluate > 0:
+            connected = wait_for_sites(
+                grid, expected=cfg.min_available_sites, quorum=1,
+                timeout=cfg.site_wait_timeout, what=f"round {rnd} evaluation",
+            )  # fmt: skip
+            snapshot = SnapshotGrid(grid, connected)
+            sent_eval = list(
+                strategy.configure_evaluate(rnd, ArrayRecord(global_state), eval_cfg, snapshot)
+            )
             eval_replies = grid.send_and_receive(sent_eval, timeout=cfg.round_timeout)
             usable_eval, dropped_eval = screen_replies(sent_eval, eval_replies, None, names)
             dropped += [f"{d} (evaluation)" for d in dropped_eval]
             # a site without validation patients has nothing to weigh in
             usable_eval = [m for m in usable_eval if _examples(m) > 0]
-            if usable_eval:
+            if usable_eval and len(usable_eval) >= cfg.min_evaluate_sites:
                 eval_metrics = strategy.aggregate_evaluate(rnd, usable_eval)
         model.load_state_dict(global_state, strict=False)
         trained = P.TrainReply.from_metrics(train_metrics) if train_metrics else None
@@ -130,6 +155,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             "federated_val_loss": assessed.val_loss if assessed else None,
             "federated_val_accuracy": assessed.val_accuracy if assessed else None,
         }
+        if private is not None:
+            row["privacy"] = private
         if val_loader is not None:
             stats = evaluate(model, val_loader, torch.device("cpu"))
             row.update(server_val_loss=stats.loss, server_val_accuracy=stats.accuracy)
@@ -155,6 +182,57 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
     return _finish(cfg, store, state, spec, init.sha256, console)
 
 
+class _Privacy:
+    """Site-level DP for the round loop: σ fixed for the run, noise reproducible per round."""
+
+    def __init__(self, cfg: FederationConfig, model: torch.nn.Module, console: Console) -> None:
+        self.cfg = cfg
+        self.sample_rate = min(1.0, cfg.fraction_train)
+        self.sigma = privacy.noise_multiplier(
+            cfg.dp, rounds=cfg.num_server_rounds, sample_rate=self.sample_rate
+        )
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        planned = self.epsilon(cfg.num_server_rounds)
+        console.print(
+            f"differential privacy: clip {cfg.dp.clipping_norm:g}, noise multiplier "
+            f"{self.sigma:.3f}, ε {planned:.2f} at δ {cfg.dp.delta:g} after "
+            f"{cfg.num_server_rounds} round(s) ({privacy.ACCOUNTANT})"
+        )
+
+    def epsilon(self, rounds: int) -> float:
+        return privacy.epsilon(
+            self.sigma, sample_rate=self.sample_rate, rounds=rounds, delta=self.cfg.dp.delta
+        )
+
+    def aggregate(self, rnd: int, global_state, usable) -> tuple[dict, dict]:
+        states = [
+            next(iter(m.content.array_records.values())).to_torch_state_dict() for m in usable
+        ]
+        generator = torch.Generator().manual_seed(self.cfg.local.seed * 1_000_003 + rnd)
+        new, info = privacy.private_mean(
+            global_state, states, trainable=self.trainable,
+            clipping_norm=self.cfg.dp.clipping_norm, sigma=self.sigma, generator=generator,
+        )  # fmt: skip
+        return new, {
+            "epsilon": self.epsilon(rnd),
+            "delta": self.cfg.dp.delta,
+            "noise_multiplier": self.sigma,
+            "clipping_norm": self.cfg.dp.clipping_norm,
+            "sample_rate": self.sample_rate,
+            "accountant": privacy.ACCOUNTANT,
+            **info.__dict__,
+        }
+
+
+def _resumable(store: RoundStore, state: RunState) -> str:
+    if state.completed == 0:
+        return "No round completed; rerun the same command to start again."
+    return (
+        f"Rounds up to {state.completed} are saved in {store.dir}; rerun the same command to "
+        "resume."
+    )
+
+
 def _round_line(row: dict, total: int) -> str:
     parts = [f"round {row['round']}/{total}", f"sites {len(row['sites'])}"]
     for key, label in (
@@ -164,6 +242,8 @@ def _round_line(row: dict, total: int) -> str:
     ):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.3f}")
+    if row.get("privacy"):
+        parts.append(f"ε {row['privacy']['epsilon']:.2f}")
     parts.append(f"{row['seconds']:.1f}s")
     if row["dropped"]:
         parts.append("[yellow]dropped: " + "; ".join(row["dropped"]) + "[/]")
@@ -181,6 +261,16 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
         "best_round": state.best_round,
         "history": state.history,
     }
+    spent = [h["privacy"] for h in state.history if h.get("privacy")]
+    if spent:  # every round the released model depends on counts, not only the best one
+        keep = ("epsilon", "delta", "noise_multiplier", "clipping_norm", "sample_rate")
+        training["privacy"] = {k: spent[-1][k] for k in (*keep, "accountant")} | {
+            "rounds": len(spent)
+        }
+        console.print(
+            f"privacy spent: ε {spent[-1]['epsilon']:.2f} at δ {spent[-1]['delta']:g} over "
+            f"{len(spent)} round(s)"
+        )
     final_spec = ModelSpec(
         **{
             **spec.__dict__,

@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.federation import run_federation
+from fedbridge_shared.errors import ConfigError, FedbridgeError
 
 
 def make_server_app(
-    config: FederationConfig | None = None, on_done: Callable[[dict], None] | None = None
+    config: FederationConfig | None = None,
+    on_done: Callable[[dict], None] | None = None,
+    on_error: Callable[[FedbridgeError], None] | None = None,
 ) -> ServerApp:
-    """A ServerApp; ``config`` overrides the run config (the simulate command passes it)."""
+    """A ServerApp; ``config`` overrides the run config (the simulate command passes it).
+
+    With ``on_error`` a fedbridge error (a lost quorum, a bad bundle) is handed over instead of
+    raised, so the caller can show it as one line.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = config or FederationConfig.from_flat(context.run_config)
-        summary = run_federation(grid, cfg)
+        try:
+            cfg = config or _from_flower(context.run_config)
+            if config is None and cfg.simulation_sites:
+                _check_supernodes(grid, cfg.min_available_sites)
+            summary = run_federation(grid, cfg)
+        except FedbridgeError as e:
+            if on_error is None:
+                raise
+            on_error(e)
+            return
         if on_done:
             on_done(summary)
 
@@ -28,3 +46,41 @@ def make_server_app(
 
 
 app = make_server_app()
+
+
+PATH_KEYS = ("init", "out", "val-data", "test-data")
+
+
+def _from_flower(run_config) -> FederationConfig:
+    """The run config as ``flwr run`` hands it over: paths must be absolute, since the
+    ServerApp runs in Flower's own folder, not where the user typed the command."""
+    cfg = FederationConfig.from_flat(run_config)
+    flat = cfg.to_flat()
+    sims = [p for p in str(cfg.simulation_sites).split(",") if p]
+    for key, value in [
+        *((k, flat[k]) for k in PATH_KEYS),
+        *(("simulation-sites", p) for p in sims),
+    ]:
+        if value and not Path(str(value)).is_absolute():
+            raise ConfigError(
+                f"run config: {key} {value!r} is relative, but `flwr run` starts the ServerApp "
+                f"in Flower's own folder; give an absolute path, e.g. --run-config "
+                f"\"{key}='{Path(str(value)).resolve()}'\""
+            )
+    if sims:  # `flwr run . local`: one SuperNode per site folder, or the extra folders idle
+        cfg = dataclasses.replace(cfg, min_available_sites=len(sims))
+    return cfg
+
+
+def _check_supernodes(grid: Grid, sites: int, settle: float = 10.0) -> None:
+    """In ``flwr run . local`` every SuperNode exists from the start: fewer than the site
+    folders means Flower's ``num-supernodes`` (default 2) is lower, and a folder would idle."""
+    deadline = time.monotonic() + settle
+    while len(nodes := list(grid.get_node_ids())) < sites and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if len(nodes) < sites:
+        raise ConfigError(
+            f"run config: simulation-sites lists {sites} folders but Flower's simulation has "
+            f"{len(nodes)} SuperNodes; set options.num-supernodes = {sites} for this SuperLink "
+            "connection in $FLWR_HOME/config.toml"
+        )

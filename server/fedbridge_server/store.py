@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from fedbridge_shared.errors import BundleError, ConfigError
-from fedbridge_shared.files import atomic_write
+from fedbridge_shared.files import atomic_write, strict_json
 from fedbridge_shared.spec import Bundle, ModelSpec, load_bundle, save_bundle
 
 log = logging.getLogger("fedbridge.server")
@@ -108,7 +108,8 @@ class RoundStore:
         self._prune(state)
 
     def _write_state(self, state: RunState) -> None:
-        text = json.dumps(state.__dict__, indent=2, default=str) + "\n"
+        where = str(self.dir / "state.json")
+        text = strict_json(state.__dict__, where=where, indent=2, default=str) + "\n"
         atomic_write(self.dir / "state.json", text.encode())
 
     def _prune(self, state: RunState) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 from flwr.app import Message
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedProx,
@@ -25,13 +25,15 @@ _OPT_STATE = ("current_arrays", "m_t", "v_t")  # FedOpt's server optimizer state
 
 
 def build_strategy(cfg: FederationConfig) -> Strategy:
-    """FedAvg, FedProx or FedAdam, optionally wrapped in server-side DP (clipping + noise)."""
+    """FedAvg, FedProx or FedAdam."""
+    # The waits and the quorum are fedbridge's (quorum.py): the strategy samples from the
+    # snapshot of connected nodes it is given and never waits itself.
     common = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,
-        "min_train_nodes": cfg.min_train_sites,
-        "min_evaluate_nodes": cfg.min_evaluate_sites if cfg.fraction_evaluate > 0 else 0,
-        "min_available_nodes": cfg.min_available_sites,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1 if cfg.fraction_evaluate > 0 else 0,
+        "min_available_nodes": 1,
     }
     if cfg.strategy == "fedprox":
         strategy: Strategy = FedProx(**common, proximal_mu=cfg.local.proximal_mu)
@@ -42,14 +44,7 @@ def build_strategy(cfg: FederationConfig) -> Strategy:
         )
     else:
         strategy = FedAvg(**common)
-    if cfg.dp.enabled:
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy,
-            noise_multiplier=cfg.dp.noise_multiplier,
-            clipping_norm=cfg.dp.clipping_norm,
-            num_sampled_clients=cfg.min_train_sites,
-        )
-    return strategy
+    return strategy  # with dp.enabled the round loop aggregates privately (privacy.py)
 
 
 def _inner(strategy: Strategy) -> Strategy:
@@ -116,6 +111,10 @@ def screen_replies(
             dropped.append(f"{who}: failed ({msg.error.reason})")
             continue
         names[msg.metadata.src_node_id] = site_name(msg)
+        bad = _non_finite_metric(msg)
+        if bad:
+            dropped.append(f"{who}: reply rejected (metric {bad})")
+            continue
         if reference is not None:
             try:
                 (record,) = msg.content.array_records.values()
@@ -127,3 +126,13 @@ def screen_replies(
     for reason in dropped:
         log.warning("site dropped: %s", reason)
     return sorted(usable, key=site_name), dropped
+
+
+def _non_finite_metric(msg: Message) -> str | None:
+    """``"train_loss is nan"`` for the first NaN/Inf metric a site reported, else None."""
+    for record in msg.content.metric_records.values():
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                return f"{key} is {value}"
+    return None

@@ -28,3 +28,5 @@ LOCAL_EPOCHS = 1
 STRATEGY = "fedavg"
 PROXIMAL_MU = 0.01
 ROUND_TIMEOUT = 600.0
+JOIN_TIMEOUT = 1800.0  # the first round waits this long for every expected site
+SITE_WAIT_TIMEOUT = 60.0  # later rounds: a lost site delays the round by at most this

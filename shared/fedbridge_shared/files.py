@@ -6,13 +6,17 @@ No heavy imports, so the bedside runtime uses them too.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from fedbridge_shared.errors import FedbridgeError
 
 
 def atomic_write(
@@ -134,3 +138,31 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def strict_json(obj: Any, *, where: str, **kwargs: Any) -> str:
+    """``json.dumps`` that refuses NaN and infinities (which are not JSON), naming the first
+    such value's place: ``where: training.history[1].train_loss is nan``."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        place = _non_finite(obj, "") or "a value"
+        raise FedbridgeError(
+            f"{where}: {place}, not a finite number; refusing to write invalid JSON"
+        ) from None
+
+
+def _non_finite(obj: Any, path: str) -> str | None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{path or 'the value'} is {obj}"
+    if isinstance(obj, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for sub, value in items:
+        found = _non_finite(value, sub)
+        if found:
+            return found
+    return None

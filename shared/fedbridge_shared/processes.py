@@ -32,7 +32,11 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def spawn(
     cmd: Sequence[str], log: Path, env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.Popen:
-    """Start ``cmd`` in a new process group with stdout+stderr appended to ``log``."""
+    """Start ``cmd`` in a new process group with stdout+stderr appended to ``log``.
+
+    On Linux the child gets SIGTERM when this process dies, even by SIGKILL (the OOM killer, an
+    admin's ``kill -9``), so a SuperLink or SuperNode never outlives the command that owns it.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
         return subprocess.Popen(
@@ -43,7 +47,62 @@ def spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=_die_with(os.getpid()) if sys.platform.startswith("linux") else None,
         )
+
+
+def _die_with(parent: int):
+    def preexec() -> None:
+        """In the child, before exec: ask the kernel for SIGTERM when the parent dies."""
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def owned_by(marker: str) -> set[int]:
+    """Processes whose command line contains ``marker`` (e.g. one state folder's path), with
+    their descendants; this process and its ancestors are never included."""
+    table = process_table()
+    mine = {os.getpid()}
+    pid = os.getpid()
+    while pid in table and table[pid][0] not in mine and table[pid][0] > 0:
+        pid = table[pid][0]
+        mine.add(pid)
+    roots = {p for p, (_, cmd) in table.items() if marker in cmd and p not in mine}
+    return descendants(roots) - mine if roots else set()
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock`` (with our PID in it) for the block; a second holder
+    is refused naming the first one's PID. The kernel frees it when we die, however we die."""
+    import fcntl
+
+    from fedbridge_shared.errors import ConfigError
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            other = fh.read().strip() or "?"
+            raise ConfigError(
+                f"{what} is already running with {lock.parent} (PID {other}); stop it first"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
 
 
 def process_table() -> dict[int, tuple[int, str]]:

@@ -34,6 +34,7 @@ NUM_EXAMPLES = "num-examples"
 NODE_DATA_PATH = "data-path"
 NODE_SITE_NAME = "site-name"
 NODE_AUDIT_DIR = "audit-dir"
+NODE_EVENTS_FILE = "events-file"
 NODE_PARTITION_ID = "partition-id"
 
 

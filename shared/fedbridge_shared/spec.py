@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 
 from fedbridge_shared import __version__
 from fedbridge_shared.errors import BundleError
-from fedbridge_shared.files import atomic_dir
+from fedbridge_shared.files import atomic_dir, strict_json
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
@@ -149,23 +149,24 @@ def save_bundle(
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     data = save_safetensors(tensors)
     weights_sha = hashlib.sha256(data).hexdigest()
+    text = _record_text(out, spec, weights_sha, training, metrics)
     try:
         with atomic_dir(out, replace=True) as tmp:
-            _write_bundle_files(tmp, data, spec, weights_sha, training, metrics)
+            (tmp / WEIGHTS_FILE).write_bytes(data)
+            (tmp / SPEC_FILE).write_text(text)
     except OSError as e:  # a full disk, a read-only folder: nothing is left behind
         raise BundleError(f"{out}: cannot write the bundle ({e.strerror or e})") from e
     return out
 
 
-def _write_bundle_files(
-    tmp: Path,
-    data: bytes,
+def _record_text(
+    out: Path,
     spec: ModelSpec,
     weights_sha: str,
     training: dict[str, Any] | None,
     metrics: dict[str, Any] | None,
-) -> None:
-    (tmp / WEIGHTS_FILE).write_bytes(data)
+) -> str:
+    """model.json's text: strict JSON (a NaN loss is refused by name, never written)."""
     record = {
         "format": BUNDLE_FORMAT,
         "fedbridge_version": __version__,
@@ -176,7 +177,7 @@ def _write_bundle_files(
         "training": training or {},
         "metrics": metrics or {},
     }
-    (tmp / SPEC_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return strict_json(record, where=str(out / SPEC_FILE), indent=2, default=str) + "\n"
 
 
 def read_bundle_record(path: Path) -> dict[str, Any]:

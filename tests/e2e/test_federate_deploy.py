@@ -93,6 +93,20 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
         timeout=120,
     )  # fmt: skip
     assert_one_line_error(intruder, "intruder", "did not admit this site")
+    ok("server", "certs", "--out", tmp_path / "other-certs")
+    wrong_ca = fedbridge(
+        "site", "join",
+        "--superlink", f"127.0.0.1:{port}",
+        "--data", split / "site-3",
+        "--name", "wrong-ca",
+        "--ca", tmp_path / "other-certs" / "ca.crt",
+        "--key", tmp_path / "keys" / "intruder.key",
+        "--runtime-port", free_port(),
+        "--log", tmp_path / "wrong-ca.log",
+        "--admit-timeout", "30",
+        timeout=120,
+    )  # fmt: skip
+    assert_one_line_error(wrong_ca, "wrong-ca", "CERTIFICATE_VERIFY_FAILED", "ca.crt")
 
     assert server.wait(timeout=900) == 0, server_log.read_text()
     out = server_log.read_text()
@@ -108,6 +122,12 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
     rounds = sorted(p.name for p in (tmp_path / "fed-rounds").glob("round-*"))
     assert rounds == ["round-0001", "round-0002"]
     assert "accuracy" in out.lower()  # test metrics printed by the ServerApp
+
+    # each site admin saw what the site did, round by round, on the site's own console
+    console = (tmp_path / "site-a.out").read_text()
+    for line in ("round 1 training: ", "round 2 training: ", "round 2 evaluation: "):
+        assert line in console, console
+    assert "num-examples" in console or "train_loss" in console, console
 
     # the sites keep serving until told to stop; stop them and check nothing is left
     sites = started[1:]
@@ -163,3 +183,31 @@ def test_site_join_checks_its_data_and_credentials_before_connecting(fed, oct_ro
         "site", "join", "--superlink", "127.0.0.1:1", "--data", empty, "--name", "a", "--insecure"
     )  # fmt: skip
     assert_one_line_error(no_data, str(empty))
+    bad_port = fedbridge(
+        "site", "join", "--superlink", "127.0.0.1:1", "--data", split / "site-1", "--name", "a",
+        "--insecure", "--runtime-port", "0",
+    )  # fmt: skip
+    assert_one_line_error(bad_port, "--runtime-port 0")
+
+
+def test_site_join_names_the_real_cause_when_it_cannot_go_on(fed, tmp_path):
+    """A runtime port in use stops at once with that cause; a coordinator that stays down ends
+    the wait at --admit-timeout (the SuperNode's own retries are bounded by it too)."""
+    import socket
+
+    _, split = fed
+    common = ("site", "join", "--data", split / "site-1", "--name", "a", "--insecure")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        clash = fedbridge(
+            *common, "--superlink", "127.0.0.1:1", "--runtime-port", port,
+            "--admit-timeout", "60", "--log", tmp_path / "clash.log", timeout=120,
+        )  # fmt: skip
+    assert_one_line_error(clash, f"--runtime-port {port} is in use")
+    down = fedbridge(
+        *common, "--superlink", f"127.0.0.1:{free_port()}", "--runtime-port", free_port(),
+        "--admit-timeout", "5", "--log", tmp_path / "down.log", timeout=300,
+    )  # fmt: skip
+    assert_one_line_error(down, "did not admit this site", "tried for 5 s")

@@ -129,20 +129,48 @@ def test_a_site_crashing_mid_run_does_not_stop_the_round(fed, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
-def test_other_strategies_and_dp_run(fed, tmp_path, strategy):
+def test_other_strategies_run(fed, tmp_path, strategy):
     root, split = fed
     summary = _run(
-        _flat(
-            root,
-            tmp_path / "fed",
-            strategy=strategy,
-            **{"num-server-rounds": 1, "dp.enabled": True, "dp.noise-multiplier": 0.01},
-        ),
+        _flat(root, tmp_path / "fed", strategy=strategy, **{"num-server-rounds": 1}),
         _sites(split),
     )
     weights = load_bundle(tmp_path / "fed").state_dict
     assert summary["history"][0]["sites"] == ["site-1", "site-2", "site-3"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_dp_noises_trainable_weights_only_and_reports_the_privacy_spent(fed, tmp_path):
+    root, split = fed
+    out = tmp_path / "fed"
+    flat = _flat(root, out, **{"dp.enabled": True, "dp.target-epsilon": 8.0})
+    summary = _run(flat, _sites(split))
+    rows = summary["history"]
+    eps = [r["privacy"]["epsilon"] for r in rows]
+    assert 0 < eps[0] < eps[1] <= 8.0 * 1.01  # spent grows per round, the target holds
+    assert all(r["privacy"]["sites"] == 3 and r["privacy"]["noise_std"] > 0 for r in rows)
+    bundle, init = load_bundle(out), load_bundle(root / "bridge")
+    privacy = bundle.training["privacy"]
+    assert privacy["epsilon"] == eps[-1] and privacy["rounds"] == 2
+    assert privacy["delta"] == 1e-5 and "opacus RDP" in privacy["accountant"]
+    weights = bundle.state_dict
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    stats = [k for k in weights if k.endswith(("running_mean", "running_var"))]
+    assert stats, "the tiny model has BatchNorm layers"
+    # BatchNorm statistics are never noised: they stay the bridge model's (variances > 0)
+    assert all(torch.equal(weights[k], init.state_dict[k]) for k in stats)
+    conv = next(k for k in weights if k.endswith("weight") and weights[k].dim() == 4)
+    assert not torch.equal(weights[conv], init.state_dict[conv])  # the weights did train
+    # model.json is strict JSON: no bare NaN/Infinity anywhere
+    json.loads((out / "model.json").read_text(), parse_constant=lambda c: 1 / 0)
+
+
+def test_dp_with_fedadam_is_refused_before_starting(fed, tmp_path):
+    root, split = fed
+    flat = _flat(root, tmp_path / "fed", strategy="fedadam", **{"dp.enabled": True})
+    with pytest.raises(ConfigError, match="'dp.enabled'.*fedavg or fedprox"):
+        _run(flat, _sites(split))
+    assert not (tmp_path / "fed-rounds").exists()
 
 
 def test_cli_refuses_a_site_with_other_labels_before_starting(fed, oct_root, tmp_path):

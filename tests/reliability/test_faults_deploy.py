@@ -118,8 +118,8 @@ def test_a_site_killed_mid_round_is_dropped_and_the_run_completes(fed, creds, tm
     server = launch(
         *_server_args(
             fed, creds, out, port, names,
-            "--sites", "2",  # a run must go on with 2 of the 3 sites
-            "--set", "round-timeout=90",
+            "--sites", "3", "--min-sites", "2",  # a run must go on with 2 of the 3 sites
+            "--set", "round-timeout=90", "--set", "site-wait-timeout=20",
         ),
         log=log,
     )  # fmt: skip
@@ -130,7 +130,8 @@ def test_a_site_killed_mid_round_is_dropped_and_the_run_completes(fed, creds, tm
     rounds_dir = tmp_path / "fed-rounds"
     _wait(lambda: _completed(rounds_dir) >= 1, server, log, 300, "round 1")
     first = json.loads((rounds_dir / "state.json").read_text())["history"][0]["sites"]
-    gone = first[-1]  # a site that took part in round 1 (2 or 3 may have been connected)
+    assert first == list(names)  # round 1 waited for every expected site
+    gone = first[-1]
     killed = _kill_tree([sites[gone].pid])
     assert len(killed) >= 2  # the SuperNode and its flower-superexec child(ren)
     assert server.wait(timeout=300) == 0, log.read_text()
@@ -197,3 +198,35 @@ def test_server_killed_after_round_1_resumes_and_matches_an_uninterrupted_run(
     a, b = load_bundle(tmp_path / "whole").state_dict, load_bundle(out).state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
     print(json.dumps({"history": history, "seconds": TIMINGS["kill-server"]}, default=str))
+
+
+def test_a_killed_coordinator_leaves_no_orphans_and_a_second_one_is_refused(fed, tmp_path, started):
+    """SIGKILL of `server start` alone (the PID an admin sees): its SuperLink dies with it;
+    while one runs, a second `server start` for the same --out is refused naming its PID."""
+    from cli import fedbridge
+
+    from fedbridge_shared.processes import owned_by
+
+    root, _ = fed
+    out, port, log = tmp_path / "fed", free_port(), tmp_path / "server.out"
+    args = ("server", "start", "--init", root / "bridge", "--out", out, "--insecure",
+            "--host", "127.0.0.1", "--port", port, "--sites", "2")  # fmt: skip
+    first = launch(*args, log=log)
+    started.append(first)
+    state = str(tmp_path / "fed-superlink")
+    _wait(lambda: "waiting for 2 site(s)" in log.read_text(), first, log, 180, "SuperLink up")
+    assert owned_by(state), "the SuperLink names its state folder"
+    second = fedbridge(*args[:-2], "--port", free_port(), timeout=120)
+    assert second.returncode != 0 and f"(PID {first.pid})" in second.stderr, second.stderr
+
+    os.kill(first.pid, signal.SIGKILL)  # not the tree: only the command itself
+    first.wait(timeout=10)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and owned_by(state):
+        time.sleep(0.5)
+    assert not owned_by(state), "the SuperLink outlived its coordinator"
+
+    again = launch(*args, log=log)  # the same command starts cleanly on the same port
+    started.append(again)
+    _wait(lambda: log.read_text().count("waiting for 2 site(s)") == 2, again, log, 180, "restart")
+    assert "stopping" not in log.read_text()  # nothing was left to clean up

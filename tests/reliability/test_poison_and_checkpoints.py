@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord
 from rich.console import Console
 
 from fedbridge.simulate import simulate
+from fedbridge_server.quorum import QuorumError
 from fedbridge_server.store import RoundStore, RunState
 from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.spec import WEIGHTS_FILE, ModelSpec, load_bundle
@@ -101,6 +102,29 @@ def test_nan_and_misshaped_updates_are_dropped_and_do_not_poison_the_model(fed, 
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: not the honest aggregate"
     summary = {"poisoned": [r1["dropped"], r2["dropped"]], "identical_to_honest": True}
     print(json.dumps(summary))
+
+
+def lost_in_round_2(msg, context, call_next):
+    """site-2 fails in round 2 (as a site lost mid-round does)."""
+    if _is(context, msg, 1, 2):
+        raise RuntimeError("lost")
+    return call_next(msg, context)
+
+
+def test_a_round_below_the_quorum_stops_the_run_and_it_resumes_later(fed, tmp_path):
+    root, split = fed
+    out = tmp_path / "fed"
+    with pytest.raises(QuorumError) as stopped:
+        _run(_flat(root, out, **{"min-train-sites": 3}), split, mods=[lost_in_round_2])
+    text = str(stopped.value)
+    assert "round 2: 2 usable update(s), fewer than the quorum of 3" in text
+    assert "site-2: failed" in text and "Rounds up to 1 are saved" in text
+    assert not out.exists() and (tmp_path / "fed-rounds" / "round-0001").is_dir()
+    # the quorum is not a weight-changing setting: the same run resumes with a smaller one
+    summary = _run(_flat(root, out, **{"min-train-sites": 2}), split)
+    assert [h["round"] for h in summary["history"]] == [1, 2]
+    assert summary["history"][1]["sites"] == ["site-1", "site-2", "site-3"]
+    assert load_bundle(out).training["rounds"] == 2
 
 
 # ------------------------------------------------------------------------ round checkpoints

@@ -11,7 +11,7 @@ def test_flat_keys_round_trip_through_nested_dataclasses():
     cfg = FederationConfig.from_flat(
         {
             "num-server-rounds": "5",
-            "strategy": "fedadam",
+            "strategy": "fedprox",
             "dp.enabled": "true",
             "dp.noise-multiplier": 0.5,
             "fedadam.eta": "0.01",
@@ -67,3 +67,23 @@ def test_pyproject_run_config_is_valid():
     differ = {k: (v, default[k]) for k, v in flat.items() if k in default and default[k] != v}
     assert differ == {"init": ("runs/cxr-bridge", "")}
     assert cfg.num_server_rounds >= 1
+
+
+def test_flwr_run_paths_must_be_absolute_and_sites_set_the_supernodes(tmp_path):
+    from fedbridge_server.server_app import _check_supernodes, _from_flower
+
+    with pytest.raises(ConfigError, match=r"out 'runs/x' is relative.*absolute path"):
+        _from_flower({"init": str(tmp_path / "b"), "out": "runs/x"})
+    sites = ",".join(str(tmp_path / f"site-{i}") for i in (1, 2, 3))
+    with pytest.raises(ConfigError, match="simulation-sites 'site-2' is relative"):
+        _from_flower({"init": str(tmp_path), "out": str(tmp_path), "simulation-sites": "/a,site-2"})
+    cfg = _from_flower({"init": str(tmp_path), "out": str(tmp_path), "simulation-sites": sites})
+    assert cfg.min_available_sites == 3  # every folder's SuperNode is waited for
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [1, 2]
+
+    with pytest.raises(ConfigError, match="lists 3 folders but .* has 2 SuperNodes.*= 3"):
+        _check_supernodes(TwoNodes(), 3, settle=0.1)
+    _check_supernodes(TwoNodes(), 2, settle=0.1)

@@ -190,3 +190,15 @@ def test_a_swap_killed_between_its_renames_is_repaired_on_the_next_write(tmp_pat
     save_bundle(out, SPEC, {k: v * 2 for k, v in _state().items()})
     assert (out / "NOTES.txt").read_text() == "keep me\n"
     assert not (tmp_path / ".b.old").exists()
+
+
+def test_a_nan_in_the_record_is_refused_by_name_and_nothing_is_written(tmp_path):
+    from fedbridge_shared.errors import FedbridgeError
+
+    history = [{"round": 1, "train_loss": 0.5}, {"round": 2, "train_loss": float("nan")}]
+    out = tmp_path / "b"
+    with pytest.raises(
+        FedbridgeError, match=r"b/model.json: training.history\[1\].train_loss is nan"
+    ):
+        save_bundle(out, SPEC, _state(), {"history": history})
+    assert list(tmp_path.iterdir()) == []

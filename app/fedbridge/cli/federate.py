@@ -57,6 +57,7 @@ def run_config(
     init: Path,
     out: Path,
     sites: int,
+    min_sites: int | None = None,
     rounds: int,
     strategy: str,
     augment_per_sample: int,
@@ -69,7 +70,12 @@ def run_config(
     seed: int,
     settings: list[str] | None,
 ) -> dict[str, Any]:
-    """The flat run config both commands hand to :class:`FederationConfig`."""
+    """The flat run config both commands hand to :class:`FederationConfig`.
+
+    ``sites`` are expected in every round; ``min_sites`` (default: all of them) is the quorum
+    of usable updates a round needs.
+    """
+    quorum = sites if min_sites is None else min_sites
     return {
         "init": str(Path(init).resolve()),
         "out": str(Path(out).resolve()),
@@ -83,9 +89,9 @@ def run_config(
         "seed": seed,
         "val-data": str(Path(val).resolve()) if val else "",
         "test-data": str(Path(test).resolve()) if test else "",
-        "min-train-sites": sites,
-        "min-evaluate-sites": sites,
         "min-available-sites": sites,
+        "min-train-sites": quorum,
+        "min-evaluate-sites": quorum,
         **parse_overrides(settings or []),
     }
 

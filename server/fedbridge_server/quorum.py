@@ -1,0 +1,73 @@
+"""Bounded waits for sites: every wait has a deadline, and a quorum decides whether to go on.
+
+Flower's strategies wait for ``min_available_nodes`` in an endless loop; fedbridge waits here
+instead, then hands the strategy a snapshot of the connected nodes, so a node that disappears
+between the check and the sampling cannot start that endless loop again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from flwr.serverapp import Grid
+
+from fedbridge_shared.errors import FedbridgeError
+
+log = logging.getLogger("fedbridge.server")
+
+
+class QuorumError(FedbridgeError):
+    """Too few sites to go on: the run stops; its completed rounds stay resumable."""
+
+
+def wait_for_sites(
+    grid: Grid,
+    *,
+    expected: int,
+    quorum: int,
+    timeout: float,
+    what: str,
+    poll: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[int]:
+    """The connected node ids once ``expected`` are connected, or at ``timeout`` if at least
+    ``quorum`` are; otherwise :class:`QuorumError` naming how many came."""
+    deadline = clock() + timeout
+    shown = -1
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if clock() >= deadline:
+            if len(nodes) >= quorum and nodes:
+                log.warning(
+                    "%s: %d of %d expected sites connected after %g s; going on with the quorum",
+                    what, len(nodes), expected, timeout,
+                )  # fmt: skip
+                return nodes
+            raise QuorumError(
+                f"{what}: {len(nodes)} of {expected} expected sites connected after {timeout:g} "
+                f"s, fewer than the quorum of {quorum} (min-train-sites)"
+            )
+        if len(nodes) != shown:
+            log.info("%s: waiting for sites, %d of %d connected", what, len(nodes), expected)
+            shown = len(nodes)
+        sleep(poll)
+
+
+class SnapshotGrid:
+    """A grid whose ``get_node_ids`` is a fixed list (what :func:`wait_for_sites` returned);
+    everything else goes to the real grid."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
