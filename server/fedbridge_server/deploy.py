@@ -22,6 +22,7 @@ from fedbridge_server.config import FederationConfig
 from fedbridge_shared import pki
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.processes import (
+    die_with_parent,
     exclusive,
     owned_by,
     sigterm_as_exit,
@@ -246,7 +247,7 @@ def _run_app(app: Path, env: dict[str, str], log: Path, console: Console) -> Non
     cmd = ["flwr", "run", str(app), CONNECTION, "--stream"]
     with open(log, "a") as fh, subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=die_with_parent(),
     ) as proc:  # fmt: skip
         try:
             assert proc.stdout is not None

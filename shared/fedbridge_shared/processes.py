@@ -47,8 +47,13 @@ def spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with(os.getpid()) if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent(),
         )
+
+
+def die_with_parent():
+    """A ``preexec_fn`` for Popen: on Linux the child gets SIGTERM when this process dies."""
+    return _die_with(os.getpid()) if sys.platform.startswith("linux") else None
 
 
 def _die_with(parent: int):
