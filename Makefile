@@ -17,9 +17,18 @@ DEMO_DATA ?= --data $(SHARED)/data/cxr
 endif
 DEMO_ARGS ?= --quick $(DEMO_DATA) --out runs/demo
 
-.PHONY: install demo test lint format clean bench bench-quick
+.PHONY: install system-packages demo test lint format clean bench bench-quick
 
 install: $(STAMP)
+
+# Debian packages the coordinator and the tests need: nginx keeps Flower's Control API off the
+# sites' network (server/fedbridge_server/front.py). Installed when missing and apt-get can.
+SYSTEM_PACKAGES ?= nginx-light
+system-packages:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	  else echo "install nginx (Debian: apt-get install $(SYSTEM_PACKAGES)) for server start and the tests" >&2; exit 1; fi; }
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +45,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-test: lint
+test: lint system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (issue #6): scripts under bench/, JSON in bench/results/, then BENCHMARKS.md.

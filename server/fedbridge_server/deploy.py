@@ -19,11 +19,13 @@ import tomli_w
 from rich.console import Console
 
 from fedbridge_server.config import FederationConfig
+from fedbridge_server.front import Front
 from fedbridge_shared import pki
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.processes import (
     die_with_parent,
     exclusive,
+    free_port,
     owned_by,
     sigterm_as_exit,
     spawn,
@@ -51,14 +53,34 @@ class Coordinator:
     site_keys: Sequence[Path] = field(default_factory=list)
     ready_timeout: float = 60.0
 
+    link_port: int = 0  # the SuperLink's loopback port behind the front (0: a free one)
+
     def __post_init__(self) -> None:
         self.state = Path(self.state).resolve()  # Flower runs with cwd=state
+        if not self.insecure and not self.link_port:
+            self.link_port = free_port()
 
     @property
     def control_address(self) -> str:
-        """How this machine reaches its own SuperLink (the certificate covers localhost)."""
+        """How this machine reaches its own SuperLink (the certificate covers localhost):
+        on loopback behind the front, or (insecure rehearsal) where the sites connect."""
+        if not self.insecure:
+            return f"127.0.0.1:{self.link_port}"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def site_address(self) -> str:
+        """Where this machine reaches the address the sites use."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
+
+    def front(self) -> Front:
+        ca, cert, key = self.tls_files()
+        return Front(
+            host=self.host, port=self.port, upstream=self.control_address, cert=cert, key=key,
+            ca=ca, folder=self.state / "front",
+        )  # fmt: skip
 
     def tls_files(self) -> tuple[Path, Path, Path]:
         assert self.certs is not None
@@ -82,13 +104,16 @@ class Coordinator:
             pki.check_public_key(Path(key))
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"--port {self.port}: not a TCP port")
+        if not self.insecure:
+            Front.binary()  # nginx present, before anything starts
         load_bundle(Path(self.config.init))  # verified before the SuperLink starts
 
     def superlink_command(self) -> list[str]:
+        host, port = self.control_address.rsplit(":", 1)
         cmd = [
             "flower-superlink",
-            "--host", self.host,
-            "--port", str(self.port),
+            "--host", host if not self.insecure else self.host,
+            "--port", port,
             "--database", str(self.state / "superlink.db"),
             "--disable-runtime-dependency-installation",
         ]  # fmt: skip
@@ -202,9 +227,18 @@ def _start(coord: Coordinator, console: Console) -> dict[str, Any]:
     home = write_flwr_home(state / "flwr-home", coord.control_address, ca)
     env = tool_env({"FLWR_HOME": str(home)})
     app = write_app(state / "app", coord.config)
-    mode = "INSECURE (no TLS, no SuperNode authentication)" if coord.insecure else "TLS + auth"
-    console.print(f"SuperLink on {coord.host}:{coord.port} — {mode}; logs in {state}")
+    if coord.insecure:
+        console.print(
+            f"SuperLink on {coord.host}:{coord.port} — INSECURE (no TLS, no SuperNode "
+            f"authentication, Control API open); logs in {state}"
+        )
+    else:
+        console.print(
+            f"sites connect to {coord.host}:{coord.port} (TLS + auth; Fleet API only, via "
+            f"nginx); the SuperLink and its Control API on {coord.control_address}; logs in {state}"
+        )
     link = spawn(coord.superlink_command(), state / "superlink.log", env, cwd=state)
+    children = [link]
     try:
         host, port = coord.control_address.rsplit(":", 1)
         if not wait_for_port(host, int(port), link, coord.ready_timeout):
@@ -212,6 +246,17 @@ def _start(coord: Coordinator, console: Console) -> dict[str, Any]:
                 f"the SuperLink did not start; see {state / 'superlink.log'}: "
                 f"{_last((state / 'superlink.log').read_text(errors='replace'))}"
             )
+        if not coord.insecure:
+            front = coord.front()
+            proxy = spawn(front.command(), state / "front.log", env, cwd=state)
+            children.append(proxy)
+            site_host, site_port = coord.site_address.rsplit(":", 1)
+            if not wait_for_port(site_host, int(site_port), proxy, coord.ready_timeout):
+                raise FedbridgeError(
+                    f"nginx (the sites' entrance) did not start on {coord.host}:{coord.port}: "
+                    f"{_last((state / 'front.log').read_text(errors='replace'))} "
+                    f"{_last(_read(front.folder / 'error.log'))}"
+                )
         _wait_control_api(env, link, coord.ready_timeout)
         for key in coord.site_keys:
             console.print(f"site key {Path(key).name}: {register_site(Path(key), env)}")
@@ -223,11 +268,18 @@ def _start(coord: Coordinator, console: Console) -> dict[str, Any]:
         )
         _run_app(app, env, state / "run.log", console)
     finally:
-        stop([link])
+        stop(children)
     out = Path(coord.config.out)
     if not (out / "model.json").is_file():
         raise FedbridgeError(f"the run ended without a final bundle at {out}; see {state}")
     return read_bundle_record(out)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _wait_control_api(env: dict[str, str], link: subprocess.Popen, timeout: float) -> None:

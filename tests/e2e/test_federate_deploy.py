@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +108,26 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
         timeout=120,
     )  # fmt: skip
     assert_one_line_error(wrong_ca, "wrong-ca", "CERTIFICATE_VERIFY_FAILED", "ca.crt")
+    # From a site's position (ca.crt and the address the sites use) the Control API is closed:
+    # no new site key, no list of runs, no stopping the federation.
+    home = tmp_path / "rogue-flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{tmp_path / "certs" / "ca.crt"}"\n'
+    )
+    rogue_env = {**os.environ, "FLWR_HOME": str(home)}
+    for args in (
+        ["supernode", "register", str(tmp_path / "keys" / "intruder.pub"), "fed"],
+        ["ls", "fed"],
+        ["stop", "1", "fed"],
+    ):
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), *args], env=rogue_env,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        text = done.stdout + done.stderr
+        assert done.returncode != 0 and "403 Forbidden" in text, (args, text)
 
     assert server.wait(timeout=900) == 0, server_log.read_text()
     out = server_log.read_text()
