@@ -184,6 +184,7 @@ MORE_BAD_KEYS = {
     "dicom_inf_window": "WindowWidth inf is not a finite number",
     "dicom_seg": "DICOM Modality SEG is a segmentation",
     "dicom_1bit": "1-bit pixels",
+    "dicom_two_slopes": "RescaleSlope has 2 values",
 }
 BOMB_SIDE = 20_000  # 400 M pixels claimed by a PNG of under 1 kB
 
@@ -282,6 +283,9 @@ def make_more_bad_inputs(directory: Path, source: Path | None = None) -> dict[st
         ),
         "dicom_seg": write_1bit_dicom(directory / "seg.dcm", grey, modality="SEG"),
         "dicom_1bit": write_1bit_dicom(directory / "mask.dcm", grey),
+        "dicom_two_slopes": write_edited_dicom(
+            directory / "two-slopes.dcm", grey, RescaleSlope=["1", "2"]
+        ),
     }
     files["nonutf8_name"] = directory / nonutf8_name()
     files["nonutf8_name"].write_bytes(_jpeg_bytes(grey))
@@ -302,3 +306,58 @@ def write_manifest(data: Path, rows: list[tuple[str, str, str]]) -> Path:
     manifest = data / "MANIFEST.csv"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
+
+
+# ---------------------------------------------------------------- malformed MedMNIST archives
+
+BAD_NPZ = {
+    "huge_label": "means 1000000001 classes",
+    "huge_header": "declares shape (100000000, 10000, 10000)",
+    "not_npy_member": "train_images is not a .npy array",
+    "zero_height": "are 0x28 pixels",
+    "one_pixel": "are 1x1 pixels",
+    "all_empty": "every split is empty",
+}
+
+
+def write_bad_npz(path: Path, kind: str) -> Path:
+    """A .npz that np.load accepts (or nearly) but fedbridge must refuse by name (BAD_NPZ)."""
+    import io
+    import zipfile
+
+    images = np.zeros((4, 28, 28), np.uint8)
+    labels = np.array([0, 1, 0, 1], np.int64)
+    if kind == "huge_label":
+        labels = np.array([0, 1, 0, 10**9], np.int64)
+    elif kind == "zero_height":
+        images = np.zeros((4, 0, 28), np.uint8)
+    elif kind == "one_pixel":
+        images = np.zeros((4, 1, 1), np.uint8)
+    elif kind == "all_empty":
+        images, labels = np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.int64)
+    if kind in ("huge_header", "not_npy_member"):
+        with zipfile.ZipFile(path, "w") as zf:
+            if kind == "huge_header":  # a valid .npy header claiming 8.9 PiB, no data
+                head = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    head, {"descr": "|u1", "fortran_order": False, "shape": (10**8, 10**4, 10**4)}
+                )
+                zf.writestr("train_images.npy", head.getvalue())
+            else:
+                zf.writestr("train_images.npy", b"this is not an array")
+            for name, array in (
+                ("train_labels", labels),
+                *(
+                    (f"{split}_{what}", value)
+                    for split in ("val", "test")
+                    for what, value in (("images", images), ("labels", labels))
+                ),
+            ):
+                buffer = io.BytesIO()
+                np.save(buffer, array)
+                zf.writestr(f"{name}.npy", buffer.getvalue())
+        return path
+    splits = {f"{split}_{what}": value for split in ("train", "val", "test")
+              for what, value in (("images", images), ("labels", labels))}  # fmt: skip
+    np.savez(path, **splits)
+    return path

@@ -88,6 +88,9 @@ class Prediction:
         return overlay.png_bytes(overlay.render(self.grey, self.cam))
 
 
+MAX_THREADS = 256
+
+
 class Predictor:
     """Load and verify a model (ONNX or TensorRT engine) and predict images with it."""
 
@@ -95,6 +98,10 @@ class Predictor:
         model_path = Path(model_path)
         if backend not in BACKENDS:
             raise EdgeError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if threads is not None and not 1 <= threads <= MAX_THREADS:
+            raise EdgeError(
+                f"--threads {threads}: must be in [1, {MAX_THREADS}] (leave it out for all cores)"
+            )
         is_engine = model_path.suffix.lower() in ENGINE_SUFFIXES
         if backend == "onnxruntime" and is_engine:
             raise EdgeError(f"{model_path}: a TensorRT engine; use --backend tensorrt or auto")

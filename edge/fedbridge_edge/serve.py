@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.preprocess import decode_bytes
 from fedbridge_edge.runtime import Predictor
 from fedbridge_shared.errors import FedbridgeError
+
+log = logging.getLogger("fedbridge.edge")
 
 DEFAULT_MAX_BYTES = 32 << 20
 
@@ -82,10 +86,18 @@ def make_server(
                     pred = predictor.predict_array(grey, "upload", started)
             except FedbridgeError as e:
                 return self._send(400, {"error": str(e)})
+            except Exception as e:  # a reader bug must not drop the connection without a reply
+                log.error("predict failed: %s: %s", type(e).__name__, e)
+                return self._send(500, {"error": f"internal error ({type(e).__name__})"})
             result = pred.to_json()
             result["overlay_png_base64"] = base64.b64encode(pred.overlay_png()).decode()
             self._send(200, result)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:  # an unknown name, an address not on this machine, a port in use
+        raise EdgeError(
+            f"--host {host} --port {port}: cannot listen there ({e.strerror or e})"
+        ) from e
     server.daemon_threads = True
     return server

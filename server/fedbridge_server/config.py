@@ -81,7 +81,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         checks = {
             "strategy": self.strategy in STRATEGIES,
-            "num-server-rounds": self.num_server_rounds >= 1,
+            "num-server-rounds": 1 <= self.num_server_rounds <= 10_000,
             "fraction-train": 0 < self.fraction_train <= 1,
             "fraction-evaluate": 0 <= self.fraction_evaluate <= 1,
             "min-available-sites": self.min_available_sites >= 1,

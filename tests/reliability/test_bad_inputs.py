@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 from badinputs import (
+    BAD_NPZ,
     MORE_BAD_KEYS,
     UNUSUAL_KEYS,
     add_outside_symlink,
     make_bad_inputs,
     make_class_tree,
     make_more_bad_inputs,
+    write_bad_npz,
     write_manifest,
 )
 from cli import assert_one_line_error, fedbridge, ok
@@ -267,6 +269,17 @@ def test_malformed_run_config_values_are_refused_before_anything_starts(
         (["federate", "simulate", "--init", "{bundle}", "--site", "{site}", "--site", "{site}",
           "--out", "{out}"], "given twice"),
         (["data", "split", "{site}", "--out", "{out}", "--sites", "1000"], "would get no patients"),
+        (["data", "split", "{site}", "--out", "{out}", "--sites", "99999999999999999999"],
+         "--sites must be a whole number in [1, 1000]"),
+        (["export", "onnx", "{bundle}", "--out", "{out}", "--batch", "100000"], "--batch 100000"),
+        (["edge", "predict", "{out}", "{site}", "--out", "{out}", "--threads", "100000"],
+         "--threads"),
+        (["edge", "predict", "{out}", "{site}", "--out", "{out}", "--threads", "abc"],
+         "Invalid value for '--threads'"),
+        (["evaluate", "{bundle}", "{test}", "--out", "{test}/report"], "inside the data folder"),
+        (["federate", "simulate", "--init", "{bundle}", "--site", "{site}", "--out", "{out}",
+          "--rounds", "99999999999999999999"], "'num-server-rounds'"),
+        (["evalute"], "Did you mean 'evaluate'? (see"),
     ],
 )  # fmt: skip
 def test_bad_options_are_refused_in_one_line_before_any_work(fed, tmp_path, capsys, args, needle):
@@ -440,3 +453,49 @@ def test_bad_pixels_are_refused_by_evaluate_explain_predict_and_serve(
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_serve_on_an_address_it_cannot_use_and_export_over_existing_files(
+    fed, fed_onnx, tmp_path, capsys
+):
+    root, _ = fed
+    serve = run(capsys, "edge", "serve", fed_onnx, "--host", "999.1.1.1", "--port", "0")
+    assert_one_line_error(serve, "--host 999.1.1.1", "cannot listen there")
+    kept = tmp_path / "model.onnx"
+    kept.write_text("keep")
+    again = run(capsys, "export", "onnx", root / "bridge", "--out", kept)
+    assert_one_line_error(again, str(kept), "--force")
+    assert kept.read_text() == "keep"
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert_one_line_error(
+        run(capsys, "export", "onnx", root / "bridge", "--out", folder), str(folder), "is a folder"
+    )
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_NPZ))
+def test_malformed_npz_archives_are_refused_by_name(tmp_path, capsys, kind):
+    npz = write_bad_npz(tmp_path / f"{kind}.npz", kind)
+    out = tmp_path / "work" / "imported"
+    out.parent.mkdir()
+    result = run(capsys, "data", "import-npz", npz, "--out", out)
+    assert_one_line_error(result, str(npz), BAD_NPZ[kind])
+    _no_leftovers(out)
+
+
+def test_manifest_control_characters_and_markup_in_names(tree, tmp_path, capsys):
+    write_manifest(tree, [("NORMAL/x\0y.jpg", "NORMAL", "p1")])
+    assert_one_line_error(
+        run(capsys, "data", "check", tree), "MANIFEST.csv", "line 2", "control characters"
+    )
+    image = next((tree / "NORMAL").iterdir())
+    write_manifest(tree, [(f"NORMAL/{image.name}", "[/nope]", "p1")])  # a label that is markup
+    check = run(capsys, "data", "check", tree)
+    assert "Traceback" not in check.stdout + check.stderr
+    assert "[/nope]" in check.stdout  # shown as written, not parsed as rich markup
+    marked = tree / "NORMAL" / "[bold]bad.jpg"
+    marked.write_text("not an image")
+    (tree / "MANIFEST.csv").unlink()
+    check = run(capsys, "data", "check", tree)
+    assert "[bold]bad.jpg" in check.stdout and "not a readable image" in check.stdout

@@ -5,14 +5,17 @@ so every role's install (``fedbridge[edge]`` on the bedside) runs the commands i
 
 from __future__ import annotations
 
+import re
 import sys
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from fedbridge.cli import data, demo, deploy, edge, explain, federate, stages
 from fedbridge.cli.extras import missing_extra_message
+from fedbridge.cli.options import shown
 from fedbridge_shared.errors import FedbridgeError
 
 app = typer.Typer(
@@ -46,11 +49,24 @@ def main() -> None:
     """Entry point: user-facing errors become one line on stderr and exit code 2."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        app()
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click.UsageError as e:  # a bad option value or command: one line, not typer's box
+        if _state["debug"]:
+            raise
+        message = _once(e.format_message())
+        if message:  # empty: a group called without a command, its help already shown
+            hint = e.ctx.command_path if e.ctx is not None else "fedbridge"
+            err.print(f"[bold red]error:[/] {shown(message)} (see `{shown(hint)} --help`)")
+        sys.exit(2)
+    except click.Abort:
+        err.print("interrupted")
+        sys.exit(130)
     except FedbridgeError as e:
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] {escape(str(e))}")
+        err.print(f"[bold red]error:[/] {shown(e)}")
         sys.exit(2)
     except ModuleNotFoundError as e:
         line = missing_extra_message(e.name, sys.argv[1:])
@@ -62,8 +78,17 @@ def main() -> None:
         if _state["debug"]:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        err.print(f"[bold red]error:[/] {escape(where + str(e.strerror or e))}")
+        err.print(f"[bold red]error:[/] {shown(where + str(e.strerror or e))}")
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+
+
+def _once(message: str) -> str:
+    """click and typer both add "Did you mean …?": keep each sentence once."""
+    seen: list[str] = []
+    for sentence in re.split(r"(?<=[.?!])\s+", message):
+        if sentence.strip() and sentence.strip() not in seen:
+            seen.append(sentence.strip())
+    return " ".join(seen)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedbridge.cli.options import Manifest, Seed, make_console
+from fedbridge.cli.options import Manifest, Seed, make_console, shown
 
 app = typer.Typer(help="Check, split and import image datasets.", no_args_is_help=True)
 out = make_console()
@@ -31,13 +31,13 @@ def check(
             data, manifest, progress=lambda i, n: bar.update(task, completed=i, total=n)
         )
     index = report.index
-    table = Table(title=f"{data} — {len(index.samples)} images, {len(index.labels)} classes")
+    table = Table(title=f"{shown(data)} — {len(index.samples)} images, {len(index.labels)} classes")
     table.add_column("class")
     table.add_column("images", justify="right")
     table.add_column("patients", justify="right")
     for label in index.labels:
         samples = index.by_label(label)
-        table.add_row(label, str(len(samples)), str(len({s.patient_id for s in samples})))
+        table.add_row(shown(label), str(len(samples)), str(len({s.patient_id for s in samples})))
     out.print(table)
     out.print(f"patient ids: {index.patient_source}")
     ipp = report.images_per_patient
@@ -50,8 +50,10 @@ def check(
         )
     for f in report.findings:
         colour = "red" if f.level == "error" else "yellow"
-        where = f"{f.path}: " if f.path else ""
-        out.print(f"[{colour}]{f.level}[/]: {where}{f.message}", soft_wrap=True, highlight=False)
+        where = f"{shown(f.path)}: " if f.path else ""
+        out.print(
+            f"[{colour}]{f.level}[/]: {where}{shown(f.message)}", soft_wrap=True, highlight=False
+        )
     out.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
     if report.errors:
         raise typer.Exit(1)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import make_console
+from fedbridge.cli.options import make_console, shown
 from fedbridge_shared.errors import ConfigError
 
 out = make_console()
@@ -70,12 +70,17 @@ def export_onnx(
     ood_percentile: Annotated[
         float, typer.Option(help="OOD threshold: this percentile of validation scores.")
     ] = 95.0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Export BUNDLE to ONNX with `logits`, `cam` and `ood_score` outputs; checks parity."""
     if not 13 <= opset <= 20:
         raise ConfigError(f"--opset {opset}: must be in [13, 20] (TensorRT 10 parses up to 20)")
-    if batch is not None and batch < 1:
-        raise ConfigError(f"--batch must be ≥ 1, got {batch}")
+    if batch is not None and not 1 <= batch <= 1024:
+        raise ConfigError(f"--batch {batch}: must be in [1, 1024]")
+    if out_path.is_dir():
+        raise ConfigError(f"--out {out_path}: is a folder; give the .onnx file to write")
+    if out_path.exists() and not force:
+        raise ConfigError(f"--out {out_path}: exists; add --force to replace it")
     if int8 and calib is None:
         raise ConfigError("--int8 needs --calib DIR (site images to calibrate on)")
     if int8 and fp16:
@@ -173,7 +178,7 @@ def predict(
             if len(images) == 1:
                 raise
             failed += 1
-            err.print(f"[red]skipped[/] {e}")
+            err.print(f"[red]skipped[/] {shown(e)}")
             continue
         write_prediction(pred, out_dir, stem)
         flag = "  [bold yellow]OUT OF DISTRIBUTION[/]" if pred.ood else ""

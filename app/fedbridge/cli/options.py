@@ -24,3 +24,13 @@ def make_console(stderr: bool = False) -> Console:
     """A rich console; 120 columns when not a terminal so tables in logs are not cut."""
     stream = sys.stderr if stderr else sys.stdout
     return Console(stderr=stderr, width=None if stream.isatty() else 120)
+
+
+def shown(text: object) -> str:
+    """Text from outside (file names, labels, messages) safe to print: rich markup escaped and
+    control characters (a newline in a file name) written as escapes, so it stays one line."""
+    from rich.markup import escape
+
+    raw = str(text)
+    safe = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in raw)
+    return escape(safe)

@@ -166,6 +166,10 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--bootstrap {bootstrap}: must be in [0, 100000]")
         if out_dir is not None:
             _check_report_folder(out_dir, force=force)
+            if out_dir.resolve().is_relative_to(data.resolve()):
+                raise ConfigError(
+                    f"--out {out_dir}: inside the data folder {data}; write the report elsewhere"
+                )
         from fedbridge_shared.training import evaluate_bundle
 
         metrics, y, probs = evaluate_bundle(

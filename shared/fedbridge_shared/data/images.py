@@ -190,6 +190,8 @@ def _check_dicom_kind(path: Path, ds) -> None:
             if value is None or value == "":
                 continue  # an empty optional attribute: as if absent
             values = list(value) if isinstance(value, MultiValue) else [value]
+            if tag.startswith("Rescale") and len(values) != 1:
+                raise DataError(f"{path}: DICOM {tag} has {len(values)} values; expected one")
             try:
                 finite = all(np.isfinite(float(v)) for v in values)
             except (TypeError, ValueError):

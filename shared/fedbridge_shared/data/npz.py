@@ -10,11 +10,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fedbridge_shared.data.images import MIN_SIDE
 from fedbridge_shared.data.split import refuse_non_empty
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.files import atomic_dir
 
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "split")
+
+
+MAX_CLASSES = 1000
+MAX_ARRAY_BYTES = 8 * 2**30
 
 
 def import_npz(
@@ -31,6 +36,13 @@ def import_npz(
     npz_path = Path(npz_path)
     arrays = _load(npz_path, splits)
     n_classes = max(int(y.max()) + 1 if y.size else 0 for _, y in arrays.values())
+    if n_classes > MAX_CLASSES:
+        raise DataError(
+            f"{npz_path}: a label index of {n_classes - 1} means {n_classes} classes; "
+            f"fedbridge takes at most {MAX_CLASSES}"
+        )
+    if sum(len(x) for x, _ in arrays.values()) == 0:
+        raise DataError(f"{npz_path}: every split is empty; no images to import")
     names = _class_names(labels, n_classes)
     for split, (_, y) in arrays.items():
         if y.size and (y.min() < 0 or y.max() >= len(names)):
@@ -79,11 +91,41 @@ def _load(npz_path: Path, splits: Sequence[str]) -> dict[str, tuple[np.ndarray, 
                 f"{npz_path}: missing array(s) {', '.join(missing)} "
                 f"(has: {', '.join(sorted(archive.files)) or 'none'})"
             )
-        try:
-            loaded = {s: (archive[f"{s}_images"], archive[f"{s}_labels"]) for s in splits}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{npz_path}: corrupt array in archive ({e})") from e
+        loaded = {}
+        for s in splits:
+            pair = []
+            for key in (f"{s}_images", f"{s}_labels"):
+                _check_declared_size(npz_path, archive, key)
+                try:
+                    value = archive[key]
+                except (OSError, ValueError, EOFError, zipfile.BadZipFile, MemoryError) as e:
+                    raise DataError(f"{npz_path}: corrupt array {key} in archive ({e})") from e
+                if not isinstance(value, np.ndarray):
+                    raise DataError(f"{npz_path}: {key} is not a .npy array")
+                pair.append(value)
+            loaded[s] = (pair[0], pair[1])
     return {s: _validate(npz_path, s, x, y) for s, (x, y) in loaded.items()}
+
+
+def _check_declared_size(npz_path: Path, archive, key: str) -> None:
+    """Read a member's .npy header and refuse an array too large to load, before loading it."""
+    try:
+        with archive.zip.open(f"{key}.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(fh)
+    except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return  # np.load below says what is wrong with it
+    size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if size > MAX_ARRAY_BYTES:
+        raise DataError(
+            f"{npz_path}: {key} declares shape {tuple(shape)} ({size / 2**30:.3g} GiB); "
+            f"more than the {MAX_ARRAY_BYTES / 2**30:g} GiB fedbridge imports"
+        )
 
 
 def _validate(
@@ -97,6 +139,11 @@ def _validate(
     if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
         raise DataError(
             f"{npz_path}: {split}_images has shape {x.shape}; expected (N, H, W) or (N, H, W, 3)"
+        )
+    if len(x) and min(x.shape[1:3]) < MIN_SIDE:
+        raise DataError(
+            f"{npz_path}: {split}_images are {x.shape[1]}x{x.shape[2]} pixels; every reader "
+            f"needs at least {MIN_SIDE}x{MIN_SIDE}"
         )
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{npz_path}: {split}_labels must be integers, got {y.dtype}")

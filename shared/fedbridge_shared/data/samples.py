@@ -185,6 +185,8 @@ def _safe_relative(manifest: Path, line: int, text: str) -> Path:
     """Check that a manifest path is relative and stays inside the manifest's folder."""
     if not text:
         raise DataError(f"{manifest}: line {line} has an empty path")
+    if "\0" in text or any(ord(c) < 32 for c in text):
+        raise DataError(f"{manifest}: line {line} path {text!r} contains control characters")
     if PureWindowsPath(text).anchor:  # "/x", "\\x", "C:x", "C:\\x", "\\\\server\\share"
         raise DataError(
             f"{manifest}: line {line} has an absolute path {text!r}; use a relative one"

@@ -17,6 +17,7 @@ from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.files import atomic_dir
 
 SPLIT_COLUMNS = ("path", "label", "patient_id", "part", "source")
+MAX_SITES = 1000
 
 
 @dataclass
@@ -134,8 +135,8 @@ def _largest_remainder(n: int, weights: list[float], rng: np.random.Generator) -
 
 def split_weights(sites: int, bridge_fraction: float, test_fraction: float) -> dict[str, float]:
     """Part weights: ``bridge`` and ``test`` (each omitted at 0) and sites sharing the rest."""
-    if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
-        raise ConfigError(f"sites must be a whole number >= 1, got {sites!r}")
+    if isinstance(sites, bool) or not isinstance(sites, int) or not 1 <= sites <= MAX_SITES:
+        raise ConfigError(f"--sites must be a whole number in [1, {MAX_SITES}], got {sites!r}")
     for name, value in (("bridge fraction", bridge_fraction), ("test fraction", test_fraction)):
         if not (math.isfinite(value) and 0 <= value < 1):
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
