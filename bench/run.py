@@ -13,7 +13,7 @@ import time
 
 from bench._common import Results, log
 
-SCRIPTS = ("train_throughput", "edge_speed", "federation_cost", "accuracy")
+SCRIPTS = ("train_throughput", "edge_speed", "federation_cost", "dp_accuracy", "accuracy")
 
 
 def main() -> None:

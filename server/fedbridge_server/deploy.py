@@ -8,6 +8,8 @@ CLI config, the app folder and the logs) lives in one state folder next to the o
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import time
 from collections.abc import Sequence
@@ -26,6 +28,7 @@ from fedbridge_shared.processes import (
     die_with_parent,
     exclusive,
     free_port,
+    group_members,
     owned_by,
     sigterm_as_exit,
     spawn,
@@ -212,6 +215,11 @@ def _stop_orphans(state: Path, console: Console) -> None:
     """Stop what an earlier coordinator for this state folder left running (it was killed
     before it could: SIGKILL, the OOM killer). Only processes naming this folder, by PID."""
     orphans = owned_by(str(state))
+    pid_file = state / "front" / "nginx.pid"  # nginx renames its workers: find them by group
+    if pid_file.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            master = int(pid_file.read_text().strip())
+            orphans |= group_members(master) - {os.getpid()}
     if orphans:
         console.print(
             f"stopping {len(orphans)} process(es) a killed coordinator left running for "

@@ -69,6 +69,21 @@ def _die_with(parent: int):
     return preexec
 
 
+def group_members(pgid: int) -> set[int]:
+    """Processes in process group ``pgid`` (Linux /proc), e.g. nginx workers whose master
+    died: they keep the group but not a command line that names anything."""
+    found = set()
+    for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else []:
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and int(fields[2]) == pgid:
+                found.add(int(entry.name))
+    return found
+
+
 def owned_by(marker: str) -> set[int]:
     """Processes whose command line contains ``marker`` (e.g. one state folder's path), with
     their descendants; this process and its ancestors are never included."""
