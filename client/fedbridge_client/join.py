@@ -162,7 +162,6 @@ def _serve(node: SiteNode, log: Path, console: Console, admit_timeout: float) ->
         while True:
             offset = log.stat().st_size if log.exists() else 0
             node.max_wait = max(1.0, deadline - time.monotonic())
-            started = time.monotonic()
             proc = spawn(node.command(), log, tool_env())
             try:
                 rc = proc.wait()
@@ -172,7 +171,9 @@ def _serve(node: SiteNode, log: Path, console: Console, admit_timeout: float) ->
             cause = _cause(node, text)
             if cause:
                 raise FedbridgeError(f"site {node.name}: {cause}; see {log}")
-            served = time.monotonic() - started > 30 or "Receiving:" in text
+            # connected at some point (Flower logs the node id once the SuperLink accepted it):
+            # a coordinator that ended or restarted; else it never got in and the deadline holds
+            served = "SuperNode ID:" in text or "Receiving:" in text
             if served:  # it was connected: the coordinator ended or restarted; wait afresh
                 deadline = time.monotonic() + admit_timeout
             elif time.monotonic() >= deadline - 1:  # --max-wait-time ran out as well
