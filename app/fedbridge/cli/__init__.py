@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 import sys
 
-import click
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
@@ -35,6 +35,9 @@ edge.register(app)
 explain.register(app)
 
 _state = {"debug": False}
+# typer ≤ 0.2x runs on click, newer typer on its own copy of it (the bedside install has only
+# that): take the exceptions from whichever typer runs on.
+_CLICK = getattr(typer.core, "click", None) or typer.core._click
 
 
 @app.callback()
@@ -52,7 +55,7 @@ def main() -> None:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except click.UsageError as e:  # a bad option value or command: one line, not typer's box
+    except _CLICK.exceptions.UsageError as e:  # a bad value or command: one line, no box
         if _state["debug"]:
             raise
         message = _once(e.format_message())
@@ -60,7 +63,7 @@ def main() -> None:
             hint = e.ctx.command_path if e.ctx is not None else "fedbridge"
             err.print(f"[bold red]error:[/] {shown(message)} (see `{shown(hint)} --help`)")
         sys.exit(2)
-    except click.Abort:
+    except typer.Abort:
         err.print("interrupted")
         sys.exit(130)
     except FedbridgeError as e:
