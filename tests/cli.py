@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def fedbridge(*args: str | Path, cwd: Path | None = None, timeout: int = 600):
-    """Run ``fedbridge ARGS…``; returns the CompletedProcess (text output)."""
+def fedbridge(
+    *args: str | Path, cwd: Path | None = None, timeout: int = 600, prefix: Sequence[str] = ()
+):
+    """Run ``fedbridge ARGS…`` (after ``prefix``, e.g. ``ip netns exec NS``); returns the
+    CompletedProcess (text output)."""
     return subprocess.run(
-        [sys.executable, "-m", "fedbridge", *map(str, args)],
+        [*prefix, sys.executable, "-m", "fedbridge", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -40,15 +44,17 @@ def assert_one_line_error(result, *needles: str) -> str:
     return lines[0]
 
 
-def launch(*args: str | Path, log: Path) -> subprocess.Popen:
+def launch(*args: str | Path, log: Path, prefix: Sequence[str] = ()) -> subprocess.Popen:
     """Start ``fedbridge ARGS…`` in the background, in its own session, output appended to ``log``.
+
+    ``prefix`` (e.g. ``ip netns exec NS``, which execs) keeps the PID the fedbridge process's.
 
     Stop it (and its children) with :func:`fedbridge_shared.processes.stop`.
     """
     fh = open(log, "a")  # noqa: SIM115 - the child keeps its own copy of the descriptor
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "fedbridge", *map(str, args)],
+            [*prefix, sys.executable, "-m", "fedbridge", *map(str, args)],
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -7,19 +7,25 @@ to the server without file names or paths (the full message is logged locally).
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedbridge_client.audit import audit_error, record
 from fedbridge_client.events import append_event
-from fedbridge_client.site import Site
+from fedbridge_client.wire import WireError, recv_frame, send_frame
 from fedbridge_shared import protocol as P
+
+if TYPE_CHECKING:  # torch is imported only where a task runs in this process (simulation)
+    from fedbridge_client.site import Site
 
 log = logging.getLogger("fedbridge.site")
 _sites: dict[tuple[str, str], Site] = {}
+WORKER_TIMEOUT = 6 * 3600.0  # seconds one task may take in the site's worker
 
 
 class SiteError(RuntimeError):
@@ -44,6 +50,8 @@ def site_for(context: Context, site_paths: Sequence[str] | None) -> Site:
         raise SiteError(f"this SuperNode has no node-config '{P.NODE_DATA_PATH}'")
     key = (data, name)
     if key not in _sites:
+        from fedbridge_client.site import Site
+
         _sites[key] = Site(Path(data), name)
     return _sites[key]
 
@@ -64,8 +72,12 @@ def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_d
         kind = "training" if msg.metadata.message_type == "train" else "evaluation"
         round_ = _round_of(msg)
         try:
-            site = site_for(context, site_paths)
-            reply = Message(content=handler(site, msg), reply_to=msg)
+            worker = node.get(P.NODE_WORKER_SOCKET)
+            if worker and not site_paths:
+                content = _in_worker(str(worker), msg)
+            else:
+                content = handler(site_for(context, site_paths), msg)
+            reply = Message(content=content, reply_to=msg)
         except Exception as e:
             log.error("site failed: %s", e)  # local log keeps the full message
             if events:
@@ -98,6 +110,35 @@ def _summary(reply: Message) -> str:
     return ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
     )
+
+
+def _in_worker(path: str, msg: Message) -> RecordDict:
+    """Run the task in the site's long-lived worker (see :mod:`fedbridge_client.worker`)."""
+    kind = msg.metadata.message_type
+    header = {"kind": kind, "config": dict(msg.content[P.CONFIG])}
+    arrays = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(WORKER_TIMEOUT)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise SiteError(
+                f"the site's worker is not running ({e.strerror}); restart `fedbridge site join`"
+            ) from None
+        try:
+            send_frame(sock, header, arrays)
+            answer, weights = recv_frame(sock)
+        except (OSError, WireError) as e:
+            raise SiteError(f"the site's worker stopped during the task: {e}") from None
+    if not answer.get("ok"):
+        raise SiteError(str(answer.get("error", "the site's worker failed")))
+    content = {
+        P.METRICS: MetricRecord(answer["metrics"]),
+        P.SITE: ConfigRecord({P.SITE_NAME: str(answer["site"])}),
+    }
+    if kind == "train":
+        content[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in weights.items()})
+    return RecordDict(content)
 
 
 def _task(msg: Message) -> tuple[P.RoundTask, dict]:

@@ -6,8 +6,14 @@ The site's images stay where they are; the SuperNode runs the fedbridge ClientAp
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +56,7 @@ class SiteNode:
     events: Path | None = None  # the ClientApp's events file that `join` prints
     max_retries: int | None = None
     max_wait: float | None = None  # seconds the SuperNode tries to reach a SuperLink that is down
+    worker_socket: Path | None = None  # the site worker's socket (set by `join`)
 
     def check(self) -> dict[str, int]:
         """Refuse a bad plan before connecting; returns the image count per class."""
@@ -76,6 +83,8 @@ class SiteNode:
             items[P.NODE_AUDIT_DIR] = str(self.audit_dir.resolve())
         if self.events is not None:
             items[P.NODE_EVENTS_FILE] = str(Path(self.events).resolve())
+        if self.worker_socket is not None:
+            items[P.NODE_WORKER_SOCKET] = str(self.worker_socket)
         for k, v in items.items():
             if "'" in v or '"' in v:
                 raise ConfigError(f"{v}: quotes are not allowed in {k}")
@@ -142,7 +151,74 @@ def join(node: SiteNode, log: Path, console: Console, admit_timeout: float = 600
     lock = log.with_name(log.name + ".lock")
     with sigterm_as_exit(), exclusive(lock, f"`fedbridge site join` for {log}"):
         _stop_strays(node.events, console)
-        _serve(node, log, console, admit_timeout)
+        with _worker(node, log, console) as worker:
+            _serve(node, log, console, admit_timeout, worker)
+
+
+_WORKER_START_TIMEOUT = 600.0  # seconds for the worker to import torch/timm on a slow device
+
+
+class _SiteWorker:
+    """The site's long-lived worker process (see :mod:`fedbridge_client.worker`), restarted
+    when it dies between or during runs."""
+
+    def __init__(self, node: SiteNode, log: Path, console: Console, socket: Path) -> None:
+        self.node, self.log, self.console, self.socket = node, log, console, socket
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from fedbridge_client.worker import READY
+
+        self.socket.unlink(missing_ok=True)
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        assert self.node.events is not None
+        cmd = [
+            sys.executable, "-m", "fedbridge_client.worker",
+            "--socket", str(self.socket),
+            "--data", str(self.node.data.resolve()),
+            "--name", self.node.name,
+            "--owner", f"{P.NODE_EVENTS_FILE}='{Path(self.node.events).resolve()}'",
+        ]  # fmt: skip
+        self.proc = spawn(cmd, self.log, tool_env())
+        deadline = time.monotonic() + _WORKER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            text = _log_since(self.log, offset)
+            if READY in text:
+                return
+            if self.proc.poll() is not None:
+                raise FedbridgeError(
+                    f"site {self.node.name}: the site worker stopped: {_last_line(text)}; "
+                    f"see {self.log}"
+                )
+            time.sleep(0.2)
+        raise FedbridgeError(
+            f"site {self.node.name}: the site worker was not ready within "
+            f"{_WORKER_START_TIMEOUT:g} s; see {self.log}"
+        )
+
+    def keep_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            self.console.print(f"the site worker exited (code {self.proc.returncode}); restarting")
+            self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop([self.proc])
+
+
+@contextlib.contextmanager
+def _worker(node: SiteNode, log: Path, console: Console) -> Iterator[_SiteWorker]:
+    """Start the worker on a socket in a fresh 0700 folder; stop it and remove that folder."""
+    folder = Path(tempfile.mkdtemp(prefix="fedbridge-site-"))
+    worker = _SiteWorker(node, log.with_name(log.stem + "-worker.log"), console, folder / "w.sock")
+    node.worker_socket = worker.socket
+    try:
+        worker.start()
+        console.print(f"site worker ready (PID {worker.proc.pid}); log {worker.log}")
+        yield worker
+    finally:
+        worker.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _stop_strays(events: Path, console: Console) -> None:
@@ -154,7 +230,9 @@ def _stop_strays(events: Path, console: Console) -> None:
         stop_pids(strays, timeout=20)
 
 
-def _serve(node: SiteNode, log: Path, console: Console, admit_timeout: float) -> None:
+def _serve(
+    node: SiteNode, log: Path, console: Console, admit_timeout: float, worker: _SiteWorker
+) -> None:
     deadline = time.monotonic() + admit_timeout
     show = lambda entry: console.print(describe_event(entry), markup=False, highlight=False)  # noqa: E731
     assert node.events is not None
@@ -164,7 +242,7 @@ def _serve(node: SiteNode, log: Path, console: Console, admit_timeout: float) ->
             node.max_wait = max(1.0, deadline - time.monotonic())
             proc = spawn(node.command(), log, tool_env())
             try:
-                rc = proc.wait()
+                rc = _wait(proc, worker)
             finally:
                 stop([proc])  # children (flower-superexec) outlive the SuperNode
             text = _log_since(log, offset)
@@ -191,6 +269,14 @@ def _serve(node: SiteNode, log: Path, console: Console, admit_timeout: float) ->
                 else "not admitted yet (SuperLink down or key not registered); retrying"
             )
             time.sleep(_RETRY_SECONDS)
+
+
+def _wait(proc: subprocess.Popen, worker: _SiteWorker) -> int:
+    """The SuperNode's exit code; the site worker is restarted meanwhile if it dies."""
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(timeout=2.0)
+        worker.keep_alive()
 
 
 def _last_line(text: str) -> str:

@@ -36,6 +36,7 @@ NODE_SITE_NAME = "site-name"
 NODE_AUDIT_DIR = "audit-dir"
 NODE_EVENTS_FILE = "events-file"
 NODE_PARTITION_ID = "partition-id"
+NODE_WORKER_SOCKET = "worker-socket"  # the site's long-lived worker (deployed sites)
 
 
 def kebab(name: str) -> str:

@@ -41,3 +41,16 @@ def fed(cxr_root, tmp_path_factory):
         "32",
     )
     return root, split
+
+
+@pytest.fixture
+def net():
+    """Coordinator and sites in network namespaces of their own (loopback where impossible)."""
+    from netns import Topology
+
+    topology = Topology(["coord", "site-a", "site-b", "intruder"]).up()
+    print(topology.describe())
+    try:
+        yield topology
+    finally:
+        topology.down()

@@ -9,6 +9,7 @@ never registered is refused. Every process started here is stopped by PID, Flowe
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from cli import assert_one_line_error, fedbridge, launch, ok
 
 from fedbridge_shared.processes import alive, descendants, free_port, process_table, stop
@@ -43,69 +45,69 @@ def started():
     stop(procs, timeout=20)
 
 
-def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, started):
-    root, split = fed
-    ok("server", "certs", "--out", tmp_path / "certs")
-    for name in ("site-a", "site-b", "intruder"):
-        ok("site", "keys", "--name", name, "--out", tmp_path / "keys")
-    assert oct(os.stat(tmp_path / "keys" / "site-a.key").st_mode & 0o777) == "0o600"
-    port = free_port()
-    server_log = tmp_path / "server.out"
-    server = launch(
+def _server(net, tmp_path, port, out: str, *extra: str | Path, root: Path, split: Path):
+    log = tmp_path / f"{out}.out"
+    proc = launch(
         "server", "start",
         "--init", root / "bridge",
-        "--out", tmp_path / "fed",
+        "--out", tmp_path / out,
         "--certs", tmp_path / "certs",
         "--site-key", tmp_path / "keys" / "site-a.pub",
         "--site-key", tmp_path / "keys" / "site-b.pub",
-        "--host", "127.0.0.1", "--port", port,
-        "--sites", "2", "--rounds", "2",
+        "--host", net.address("coord"), "--port", port,
+        "--sites", "2",
         "--augment-per-sample", "1", "--batch-size", "32", "--lr", "0.001",
         "--test", split / "test",
-        log=server_log,
+        *extra,
+        log=log, prefix=net.prefix("coord"),
     )  # fmt: skip
+    return proc, log
+
+
+def _join_args(net, tmp_path, port, name: str, data: Path, ca: Path, key: str) -> list:
+    return [
+        "site", "join",
+        "--superlink", f"{net.address('coord')}:{port}",
+        "--data", data,
+        "--name", name,
+        "--ca", ca,
+        "--key", tmp_path / "keys" / f"{key}.key",
+        "--runtime-port", free_port(),
+        "--log", tmp_path / f"{name}.log",
+    ]  # fmt: skip
+
+
+def test_tls_federation_between_network_namespaces_serves_run_after_run(
+    fed, net, tmp_path, started
+):
+    """Coordinator, two sites and an intruder each in a network namespace of their own."""
+    root, split = fed
+    ok("server", "certs", "--out", tmp_path / "certs", "--host", net.address("coord"))
+    for name in ("site-a", "site-b", "intruder"):
+        ok("site", "keys", "--name", name, "--out", tmp_path / "keys")
+    assert oct(os.stat(tmp_path / "keys" / "site-a.key").st_mode & 0o777) == "0o600"
+    port, ca = free_port(), tmp_path / "certs" / "ca.crt"
+    server, server_log = _server(
+        net, tmp_path, port, "fed", "--rounds", "2", root=root, split=split
+    )
     started.append(server)
     for i, name in ((1, "site-a"), (2, "site-b")):
-        started.append(
-            launch(
-                "site", "join",
-                "--superlink", f"127.0.0.1:{port}",
-                "--data", split / f"site-{i}",
-                "--name", name,
-                "--ca", tmp_path / "certs" / "ca.crt",
-                "--key", tmp_path / "keys" / f"{name}.key",
-                "--runtime-port", free_port(),
-                "--log", tmp_path / f"{name}.log",
-                log=tmp_path / f"{name}.out",
-            )
-        )  # fmt: skip
+        args = _join_args(net, tmp_path, port, name, split / f"site-{i}", ca, name)
+        started.append(launch(*args, log=tmp_path / f"{name}.out", prefix=net.prefix(name)))
+    sites = started[1:]
     # Once the SuperLink is up and has registered the two keys, an unregistered site is refused.
     _wait_for(server_log, "site-b.pub: registered", server, timeout=120)
+    from_outside = net.prefix("intruder")
     intruder = fedbridge(
-        "site", "join",
-        "--superlink", f"127.0.0.1:{port}",
-        "--data", split / "site-3",
-        "--name", "intruder",
-        "--ca", tmp_path / "certs" / "ca.crt",
-        "--key", tmp_path / "keys" / "intruder.key",
-        "--runtime-port", free_port(),
-        "--log", tmp_path / "intruder.log",
-        "--admit-timeout", "3",
-        timeout=120,
+        *_join_args(net, tmp_path, port, "intruder", split / "site-3", ca, "intruder"),
+        "--admit-timeout", "3", timeout=180, prefix=from_outside,
     )  # fmt: skip
     assert_one_line_error(intruder, "intruder", "did not admit this site")
     ok("server", "certs", "--out", tmp_path / "other-certs")
+    other_ca = tmp_path / "other-certs" / "ca.crt"
     wrong_ca = fedbridge(
-        "site", "join",
-        "--superlink", f"127.0.0.1:{port}",
-        "--data", split / "site-3",
-        "--name", "wrong-ca",
-        "--ca", tmp_path / "other-certs" / "ca.crt",
-        "--key", tmp_path / "keys" / "intruder.key",
-        "--runtime-port", free_port(),
-        "--log", tmp_path / "wrong-ca.log",
-        "--admit-timeout", "30",
-        timeout=120,
+        *_join_args(net, tmp_path, port, "wrong-ca", split / "site-3", other_ca, "intruder"),
+        "--admit-timeout", "30", timeout=180, prefix=from_outside,
     )  # fmt: skip
     assert_one_line_error(wrong_ca, "wrong-ca", "CERTIFICATE_VERIFY_FAILED", "ca.crt")
     # From a site's position (ca.crt and the address the sites use) the Control API is closed:
@@ -113,8 +115,8 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
     home = tmp_path / "rogue-flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{tmp_path / "certs" / "ca.crt"}"\n'
+        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\n'
+        f'address = "{net.address("coord")}:{port}"\nroot-certificates = "{ca}"\n'
     )
     rogue_env = {**os.environ, "FLWR_HOME": str(home)}
     for args in (
@@ -123,7 +125,7 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
         ["stop", "1", "fed"],
     ):
         done = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), *args], env=rogue_env,
+            [*from_outside, str(Path(sys.executable).parent / "flwr"), *args], env=rogue_env,
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         text = done.stdout + done.stderr
@@ -133,7 +135,7 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
     out = server_log.read_text()
     assert "TLS + auth" in out and "best round" in out
     link_log = (tmp_path / "fed-superlink" / "superlink.log").read_text()
-    assert "running on https://127.0.0.1" in link_log  # TLS, not plain HTTP
+    assert "running on https://127.0.0.1" in link_log  # TLS, on the coordinator's loopback
 
     bundle = load_bundle(tmp_path / "fed")
     training = bundle.training
@@ -146,16 +148,36 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
 
     # each site admin saw what the site did, round by round, on the site's own console
     console = (tmp_path / "site-a.out").read_text()
-    for line in ("round 1 training: ", "round 2 training: ", "round 2 evaluation: "):
+    for line in ("site worker ready", "round 1 training: ", "round 2 evaluation: "):
         assert line in console, console
-    assert "num-examples" in console or "train_loss" in console, console
+    assert "num-examples" in console, console
+    # the site's worker kept its decoded images and model library between the messages
+    assert (tmp_path / "site-a-worker.log").read_text().count("worker ready") == 1
+
+    # A second run, with a fresh SuperLink database and DP on, is served by the same site
+    # processes: they reconnect and re-authenticate by themselves.
+    assert all(p.poll() is None for p in sites)
+    second, second_log = _server(
+        net, tmp_path, port, "fed2", "--rounds", "1", "--set", "dp.enabled=true",
+        root=root, split=split,
+    )  # fmt: skip
+    started.append(second)
+    assert second.wait(timeout=900) == 0, second_log.read_text()
+    training = load_bundle(tmp_path / "fed2").training
+    assert [h["sites"] for h in training["history"]] == [["site-a", "site-b"]]
+    privacy = training["privacy"]
+    assert 0 < privacy["epsilon"] < float("inf") and privacy["rounds"] == 1
+    weights = load_bundle(tmp_path / "fed2").state_dict
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert "reconnecting" in (tmp_path / "site-b.out").read_text()
+    assert all(p.poll() is None for p in sites)  # the same processes, still serving
 
     # the sites keep serving until told to stop; stop them and check nothing is left
-    sites = started[1:]
-    assert all(p.poll() is None for p in sites)
     tree = descendants(p.pid for p in sites)
     commands = process_table()
-    assert any("flower-supernode" in commands.get(pid, (0, ""))[1] for pid in tree)
+    running = [commands.get(pid, (0, ""))[1] for pid in tree]
+    assert any("flower-supernode" in c for c in running)
+    assert any("fedbridge_client.worker" in c for c in running)
     for p in sites:
         p.send_signal(signal.SIGTERM)
     for p in sites:
@@ -164,6 +186,10 @@ def test_tls_federation_with_registered_sites_and_a_refused_one(fed, tmp_path, s
     while time.monotonic() < deadline and any(alive(pid) for pid in tree):
         time.sleep(0.5)
     assert not [pid for pid in tree if alive(pid)], "processes left behind"
+    for name in ("site-a", "site-b"):  # the worker's private socket folder went with it
+        ready = (tmp_path / f"{name}-worker.log").read_text()
+        sock = Path(re.search(r"worker ready on (\S+)", ready).group(1))
+        assert not sock.parent.exists(), sock
 
 
 def test_server_start_refuses_to_run_without_tls_or_site_keys(fed, tmp_path):

@@ -6,7 +6,12 @@ Chest X-rays are never flipped left-right by default: laterality (heart, lesions
 
 from __future__ import annotations
 
-import albumentations as A
+import os
+
+# albumentations asks the internet for a newer version at import: hospitals have no internet
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402 (after the environment setting above)
 import cv2
 
 from fedbridge_shared import defaults
