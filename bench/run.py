@@ -13,7 +13,10 @@ import time
 
 from bench._common import Results, log
 
-SCRIPTS = ("train_throughput", "edge_speed", "federation_cost", "dp_accuracy", "accuracy")
+SCRIPTS = (
+    "train_throughput", "edge_speed", "federation_cost", "deployed_rounds", "dp_accuracy",
+    "accuracy",
+)  # fmt: skip
 
 
 def main() -> None:

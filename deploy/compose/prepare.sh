@@ -6,11 +6,15 @@ set -eu
 split=${1:?usage: prepare.sh SPLIT_DIR BRIDGE_BUNDLE}
 bridge=${2:?usage: prepare.sh SPLIT_DIR BRIDGE_BUNDLE}
 fed=${FED_DIR:-$(dirname "$0")/fed}
-mkdir -p "$fed/data" "$fed/keys" "$fed/secrets" "$fed/out"
+if [ "$(id -u)" = 0 ] && [ -z "${FEDBRIDGE_UID:-}" ]; then
+  echo "error: run prepare.sh as the user who will own the federation's files, not root" >&2
+  exit 2
+fi
+mkdir -p "$fed/data" "$fed/keys" "$fed/secrets" "$fed/out" "$fed/home"
 fedbridge server certs --out "$fed/certs" --host coordinator
 for i in 1 2 3; do
   fedbridge site keys --name "site-$i" --out "$fed/keys"
-  mkdir -p "$fed/secrets/site-$i"
+  mkdir -p "$fed/secrets/site-$i" "$fed/state/site-$i"
   cp "$fed/certs/ca.crt" "$fed/secrets/site-$i/ca.crt"
   mv "$fed/keys/site-$i.key" "$fed/secrets/site-$i/site.key"   # the private key stays with its site
   cp -R "$split/site-$i" "$fed/data/site-$i"
@@ -28,4 +32,7 @@ PY
 done
 cp -R "$split/test" "$fed/test"
 cp -R "$bridge" "$fed/bridge"
-echo "ready in $fed: docker compose -f $(dirname "$0")/docker-compose.yml up --build"
+# the containers run as this user, so they read the 0600 keys and write the run folders
+printf 'FEDBRIDGE_UID=%s\nFEDBRIDGE_GID=%s\n' "${FEDBRIDGE_UID:-$(id -u)}" "${FEDBRIDGE_GID:-$(id -g)}" \
+  > "${ENV_FILE:-$(dirname "$0")/.env}"
+echo "ready in $fed: docker compose -f $(dirname "$0")/docker-compose.yml up --build --abort-on-container-exit --exit-code-from coordinator"

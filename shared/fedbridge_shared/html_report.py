@@ -293,6 +293,17 @@ def write_html_report(
     return atomic_write(Path(out_dir) / filename, lambda fh: fh.write(payload))
 
 
+def privacy_line(privacy: Mapping[str, Any]) -> str:
+    """The privacy a federated model was trained under, in one sentence."""
+    return (
+        f"(ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:g}) over {privacy['rounds']} "
+        f"round(s), site-level: each site's update clipped to L2 norm "
+        f"{privacy['clipping_norm']:g}, Gaussian noise multiplier "
+        f"{privacy['noise_multiplier']:.3g}, "
+        f"sampling rate {privacy['sample_rate']:.3g}; {privacy['accountant']}"
+    )
+
+
 def bundle_context(bundle: Any) -> tuple[dict[str, Any], dict[str, dict[str, int]], list[dict]]:
     """``(config, counts, rounds)`` for the report from a loaded bundle's record."""
     spec, training = bundle.spec, bundle.training
@@ -304,6 +315,8 @@ def bundle_context(bundle: Any) -> tuple[dict[str, Any], dict[str, dict[str, int
         "init": spec.init.get("kind"),
         "stage": training.get("stage"),
     }
+    if training.get("privacy"):
+        config["differential privacy"] = privacy_line(training["privacy"])
     if training.get("config"):
         config["training config"] = training["config"]
     counts = {f"training: {k}": dict(v) for k, v in (training.get("counts") or {}).items()}

@@ -78,7 +78,7 @@ def make_certs(
     if days < 1:
         raise ConfigError(f"--days {days}: must be at least 1")
     hosts = list(hosts) or list(DEFAULT_HOSTS)
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder()

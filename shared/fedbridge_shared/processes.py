@@ -72,16 +72,7 @@ def _die_with(parent: int):
 def group_members(pgid: int) -> set[int]:
     """Processes in process group ``pgid`` (Linux /proc), e.g. nginx workers whose master
     died: they keep the group but not a command line that names anything."""
-    found = set()
-    for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else []:
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if len(fields) > 2 and int(fields[2]) == pgid:
-                found.add(int(entry.name))
-    return found
+    return {pid for pid, (_, group, _) in _proc_entries().items() if group == pgid}
 
 
 def owned_by(marker: str) -> set[int]:
@@ -127,17 +118,22 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
 
 def process_table() -> dict[int, tuple[int, str]]:
     """pid → (parent pid, command line) for every visible process (Linux /proc)."""
-    table: dict[int, tuple[int, str]] = {}
+    return {pid: (ppid, cmd) for pid, (ppid, _, cmd) in _proc_entries().items()}
+
+
+def _proc_entries() -> dict[int, tuple[int, int, str]]:
+    """pid → (parent pid, process group, command line), read once from /proc (Linux)."""
+    table: dict[int, tuple[int, int, str]] = {}
     for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else []:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            ppid, pgid = int(fields[1]), int(fields[2])
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError, ValueError):
             continue
-        table[int(entry.name)] = (ppid, cmd)
+        table[int(entry.name)] = (ppid, pgid, cmd)
     return table
 
 

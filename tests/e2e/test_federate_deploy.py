@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,17 +46,20 @@ def started():
     stop(procs, timeout=20)
 
 
-def _server(net, tmp_path, port, out: str, *extra: str | Path, root: Path, split: Path):
+def _server(
+    net, tmp_path, port, out: str, *extra: str | Path, root: Path, split: Path,
+    sites: tuple[str, ...] = ("site-a", "site-b"),
+):  # fmt: skip
     log = tmp_path / f"{out}.out"
+    keys = [a for name in sites for a in ("--site-key", tmp_path / "keys" / f"{name}.pub")]
     proc = launch(
         "server", "start",
         "--init", root / "bridge",
         "--out", tmp_path / out,
         "--certs", tmp_path / "certs",
-        "--site-key", tmp_path / "keys" / "site-a.pub",
-        "--site-key", tmp_path / "keys" / "site-b.pub",
+        *keys,
         "--host", net.address("coord"), "--port", port,
-        "--sites", "2",
+        "--sites", len(sites), "--min-sites", "2",
         "--augment-per-sample", "1", "--batch-size", "32", "--lr", "0.001",
         "--test", split / "test",
         *extra,
@@ -83,7 +87,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     """Coordinator, two sites and an intruder each in a network namespace of their own."""
     root, split = fed
     ok("server", "certs", "--out", tmp_path / "certs", "--host", net.address("coord"))
-    for name in ("site-a", "site-b", "intruder"):
+    for name in ("site-a", "site-b", "site-c", "intruder"):
         ok("site", "keys", "--name", name, "--out", tmp_path / "keys")
     assert oct(os.stat(tmp_path / "keys" / "site-a.key").st_mode & 0o777) == "0o600"
     port, ca = free_port(), tmp_path / "certs" / "ca.crt"
@@ -155,22 +159,37 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     assert (tmp_path / "site-a-worker.log").read_text().count("worker ready") == 1
 
     # A second run, with a fresh SuperLink database and DP on, is served by the same site
-    # processes: they reconnect and re-authenticate by themselves.
+    # processes: they reconnect and re-authenticate by themselves. A third site whose class
+    # folders differ from the bridge bundle's labels joins it: it refuses every round on its
+    # own console, the coordinator names it as dropped, and the quorum of 2 carries the run.
     assert all(p.poll() is None for p in sites)
+    odd = tmp_path / "site-c-data"
+    shutil.copytree(split / "site-3", odd)
+    (odd / "VIRAL_PNEUMONIA").rename(odd / "VIRAL")
+    odd_site = launch(
+        *_join_args(net, tmp_path, port, "site-c", odd, ca, "site-c"),
+        log=tmp_path / "site-c.out", prefix=net.prefix("intruder"),
+    )  # fmt: skip
+    started.append(odd_site)
     second, second_log = _server(
         net, tmp_path, port, "fed2", "--rounds", "1", "--set", "dp.enabled=true",
-        root=root, split=split,
+        root=root, split=split, sites=("site-a", "site-b", "site-c"),
     )  # fmt: skip
     started.append(second)
     assert second.wait(timeout=900) == 0, second_log.read_text()
     training = load_bundle(tmp_path / "fed2").training
     assert [h["sites"] for h in training["history"]] == [["site-a", "site-b"]]
+    dropped = " ".join(training["history"][0]["dropped"])
+    assert "site site-c" in dropped and "VIRAL" in dropped, dropped
+    assert "REFUSED" in (tmp_path / "site-c.out").read_text()
     privacy = training["privacy"]
     assert 0 < privacy["epsilon"] < float("inf") and privacy["rounds"] == 1
     weights = load_bundle(tmp_path / "fed2").state_dict
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert "reconnecting" in (tmp_path / "site-b.out").read_text()
     assert all(p.poll() is None for p in sites)  # the same processes, still serving
+    odd_site.send_signal(signal.SIGTERM)
+    odd_site.wait(timeout=60)
 
     # the sites keep serving until told to stop; stop them and check nothing is left
     tree = descendants(p.pid for p in sites)

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from fedbridge.simulate import simulate
 from fedbridge_shared.errors import ConfigError
+from fedbridge_shared.html_report import bundle_context
 from fedbridge_shared.spec import load_bundle
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # mods below run in Ray actors
@@ -153,6 +154,9 @@ def test_dp_noises_trainable_weights_only_and_reports_the_privacy_spent(fed, tmp
     privacy = bundle.training["privacy"]
     assert privacy["epsilon"] == eps[-1] and privacy["rounds"] == 2
     assert privacy["delta"] == 1e-5 and "opacus RDP" in privacy["accountant"]
+    # the report (evaluate, federate --test) states it in its settings table
+    shown = bundle_context(bundle)[0]["differential privacy"]
+    assert f"ε = {eps[-1]:.2f}, δ = 1e-05) over 2 round(s)" in shown and "opacus RDP" in shown
     weights = bundle.state_dict
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     stats = [k for k in weights if k.endswith(("running_mean", "running_var"))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -38,11 +39,29 @@ def _run(*cmd, **kw) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def edge_venv(tmp_path_factory) -> Path:
+def python310() -> Path | None:
+    """A Python 3.10 interpreter (JetPack 6's), if this machine has one."""
+    candidates = [os.environ.get("FEDBRIDGE_PYTHON310", ""), shutil.which("python3.10") or ""]
+    candidates += sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.10*/bin/python3.10"))
+    for c in filter(None, candidates):
+        done = _run(c, "-c", "import sys; print(sys.version_info[:2] == (3, 10))")
+        if done.returncode == 0 and done.stdout.strip() == "True":
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="module", params=["py3.11", "py3.10"])
+def edge_venv(request, tmp_path_factory) -> Path:
+    """The bedside venv on this interpreter and on Python 3.10 (JetPack 6 ships 3.10)."""
     venv = tmp_path_factory.mktemp("edge-install") / "venv"
-    base = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter, not the test venv's
-    assert _run(base if base.exists() else sys.executable, "-m", "venv", venv).returncode == 0
+    if request.param == "py3.10":
+        base = python310()
+        if base is None:
+            pytest.skip("no Python 3.10 on this machine: the edge runs on 3.10 only untested here")
+    else:
+        base = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter, not the test venv's
+        base = base if base.exists() else Path(sys.executable)
+    assert _run(base, "-m", "venv", venv).returncode == 0
     pip = _run(venv / "bin/python", "-m", "pip", "install", "--quiet", f"{REPO}[edge]")
     assert pip.returncode == 0, pip.stderr[-3000:]
     return venv

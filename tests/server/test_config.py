@@ -56,8 +56,9 @@ def test_local_settings_are_composed_and_their_keys_stay_flat():
 
 
 def test_pyproject_run_config_is_valid():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     flat = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]

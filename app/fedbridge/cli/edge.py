@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import make_console, shown
+from fedbridge.cli.options import StrEnum, make_console, shown
 from fedbridge_shared.errors import ConfigError
 
 out = make_console()

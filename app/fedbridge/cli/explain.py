@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import Device, Seed, make_console
+from fedbridge.cli.options import Device, Seed, StrEnum, make_console
 
 out = make_console()
 err = make_console(stderr=True)

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # the bedside runs Python 3.10 on JetPack 6
+
+    class StrEnum(str, Enum):
+        """Python 3.11's StrEnum: members are their values as strings."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
 
 Manifest = Annotated[
     Path | None,

@@ -1,13 +1,12 @@
 """``fedbridge bridge | train | evaluate``: the central stages and the assessment."""
 
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import Device, Manifest, Seed, make_console
+from fedbridge.cli.options import Device, Manifest, Seed, StrEnum, make_console
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
 

@@ -1,0 +1,113 @@
+"""The site worker of a deployed site: frames, and the ClientApp → worker path on real images.
+
+Known answer: a task sent through the ClientApp's socket path to a worker gives exactly the
+weights and metrics that :class:`Site` gives when called directly with the same task.
+"""
+
+import json
+import socket
+import struct
+import threading
+
+import numpy as np
+import pytest
+import torch
+from badinputs import make_class_tree
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedbridge_client import client_app
+from fedbridge_client.site import Site
+from fedbridge_client.wire import WireError, recv_frame, send_frame
+from fedbridge_client.worker import Worker
+from fedbridge_shared import protocol as P
+from fedbridge_shared.models import init_model
+from fedbridge_shared.protocol import LocalSettings, RoundTask
+from fedbridge_shared.weights import shared_state
+
+SETTINGS = LocalSettings(batch_size=8, augment_per_sample=1, lr=1e-3, proximal_mu=0.0)
+
+
+def test_a_frame_carries_its_header_and_named_arrays_exactly():
+    a, b = socket.socketpair()
+    arrays = {
+        "features.0.weight": np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32),
+        "bn.num_batches_tracked": np.array(7, dtype=np.int64),
+    }
+    with a, b:
+        send_frame(a, {"kind": "train", "config": {"x": 1.5, "s": "é"}}, arrays)
+        header, got = recv_frame(b)
+    assert header == {"kind": "train", "config": {"x": 1.5, "s": "é"}}
+    assert set(got) == set(arrays)
+    assert all(np.array_equal(got[k], arrays[k]) and got[k].dtype == arrays[k].dtype for k in got)
+
+
+def test_a_cut_or_oversized_frame_is_refused_without_reading_it():
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(struct.pack("!QQ", 10, 1 << 40))  # declares a 1 TiB body
+        with pytest.raises(WireError, match="over the limit"):
+            recv_frame(b)
+    a, b = socket.socketpair()
+    with b:
+        with a:
+            a.sendall(struct.pack("!QQ", 10, 0) + b'{"ki')
+        with pytest.raises(WireError, match="connection closed with 6 of 10 bytes unread"):
+            recv_frame(b)
+
+
+@pytest.fixture(scope="module")
+def site_data(cxr_root, tmp_path_factory):
+    data = make_class_tree(tmp_path_factory.mktemp("worker") / "data", cxr_root, per_class=5)
+    labels = Site(data, "probe").index.labels
+    model, spec = init_model("none", labels, "test_efficientnet", 48)
+    return data, spec, shared_state(model)
+
+
+def _message(kind: str, spec, state) -> Message:
+    task = RoundTask(spec.to_dict(), SETTINGS, 2, 3)
+    content = RecordDict({P.CONFIG: ConfigRecord(task.to_config()), P.ARRAYS: ArrayRecord(state)})
+    return Message(content=content, dst_node_id=1, message_type=kind)
+
+
+@pytest.fixture
+def worker_socket(site_data, tmp_path):
+    data, _, _ = site_data
+    worker, path = Worker(data, "site-x"), tmp_path / "w.sock"
+    thread = threading.Thread(target=worker.serve, args=(path,), daemon=True)
+    thread.start()
+    for _ in range(200):  # the socket appears as soon as serve() binds it
+        if path.exists():
+            break
+        thread.join(0.05)
+    return str(path)
+
+
+def test_the_clientapp_path_through_the_worker_equals_the_site_itself(site_data, worker_socket):
+    data, spec, state = site_data
+    direct_state, direct = Site(data, "site-x").train(RoundTask(spec.to_dict(), SETTINGS, 2, 3),
+                                                      state)  # fmt: skip
+    reply = client_app._in_worker(worker_socket, _message("train", spec, state))
+    got = reply[P.ARRAYS].to_torch_state_dict()
+    assert list(got) == list(direct_state)
+    assert all(torch.equal(got[k], direct_state[k]) for k in got)
+    metrics = dict(reply[P.METRICS])
+    assert metrics[P.NUM_EXAMPLES] == direct.num_examples
+    assert metrics["train-loss"] == pytest.approx(direct.train_loss)
+    assert reply[P.SITE][P.SITE_NAME] == "site-x"
+    evaluated = client_app._in_worker(worker_socket, _message("evaluate", spec, state))
+    assert P.ARRAYS not in evaluated and dict(evaluated[P.METRICS])["val-accuracy"] >= 0
+
+
+def test_a_failing_task_and_a_missing_worker_are_reported_as_site_errors(
+    site_data, worker_socket, tmp_path
+):
+    _, spec, state = site_data
+    other = spec.to_dict() | {"labels": ["A", "B"]}  # classes this site does not have
+    msg = _message("train", spec, state)
+    msg.content[P.CONFIG][P.SPEC_JSON] = json.dumps(other)
+    with pytest.raises(client_app.SiteError, match="DataError"):
+        client_app._in_worker(worker_socket, msg)
+    # the worker survives a failed task and serves the next one
+    assert client_app._in_worker(worker_socket, _message("evaluate", spec, state))[P.METRICS]
+    with pytest.raises(client_app.SiteError, match="worker is not running"):
+        client_app._in_worker(str(tmp_path / "gone.sock"), msg)
