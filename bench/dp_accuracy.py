@@ -67,19 +67,20 @@ class UpdateNorms:
     """ClientApp mod: the L2 norm of each site's training update over the trainable weights
     (reply minus the global weights it was sent), one JSON line per site and round."""
 
-    def __init__(self, folder: Path, trainable: list[str]) -> None:
+    def __init__(self, folder: Path, trainable: list[tuple[int, int]]) -> None:
         self.folder = str(folder)
-        self.trainable = list(trainable)
+        self.trainable = list(trainable)  # [start, end) of each trainable tensor in the vector
 
     def __call__(self, msg, context, call_next):
         reply = call_next(msg, context)
         if msg.metadata.message_type != "train":
             return reply
         try:
-            sent = msg.content["arrays"].to_torch_state_dict()
-            got = reply.content["arrays"].to_torch_state_dict()
+            sent = msg.content["arrays"]["weights"].numpy()  # packed: see weights.pack
+            got = reply.content["arrays"]["weights"].numpy()
             sq = sum(
-                float(((got[k].double() - sent[k].double()) ** 2).sum()) for k in self.trainable
+                float(((got[a:b].astype("float64") - sent[a:b]) ** 2).sum())
+                for a, b in self.trainable
             )
             line = {
                 "round": int(msg.content["config"]["server-round"]),
@@ -226,6 +227,20 @@ def trainable_keys(bundle: Path) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def trainable_spans(bundle: Path, trainable: list[str]) -> list[tuple[int, int]]:
+    """Where each trainable tensor sits in the packed weight vector (weights.pack order)."""
+    from fedbridge_shared.models import model_from_bundle
+    from fedbridge_shared.spec import load_bundle
+    from fedbridge_shared.weights import shared_state
+
+    spans, start, keep = [], 0, set(trainable)
+    for name, t in shared_state(model_from_bundle(load_bundle(bundle))).items():
+        if name in keep:
+            spans.append((start, start + t.numel()))
+        start += t.numel()
+    return spans
+
+
 def federate(cfg: dict, eps: float | None, init: Path, sites: list[Path], out: Path,
              trainable: list[str]) -> dict[str, Any]:  # fmt: skip
     from fedbridge.simulate import simulate
@@ -259,7 +274,7 @@ def federate(cfg: dict, eps: float | None, init: Path, sites: list[Path], out: P
     t0 = time.perf_counter()
     with CpuMeter() as cpu:
         simulate(flat, sites, out=quiet_console(out.with_name(out.name + ".log")),
-                 mods=[UpdateNorms(norms_dir, trainable)])  # fmt: skip
+                 mods=[UpdateNorms(norms_dir, trainable_spans(init, trainable))])  # fmt: skip
     wall = time.perf_counter() - t0
     training = load_bundle(out).training
     measured: dict[int, list[float]] = {}

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -116,7 +117,7 @@ def _in_worker(path: str, msg: Message) -> RecordDict:
     """Run the task in the site's long-lived worker (see :mod:`fedbridge_client.worker`)."""
     kind = msg.metadata.message_type
     header = {"kind": kind, "config": dict(msg.content[P.CONFIG])}
-    arrays = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()}
+    arrays = {P.WEIGHTS: _weights(msg)}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(WORKER_TIMEOUT)
         try:
@@ -137,13 +138,20 @@ def _in_worker(path: str, msg: Message) -> RecordDict:
         P.SITE: ConfigRecord({P.SITE_NAME: str(answer["site"])}),
     }
     if kind == "train":
-        content[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        content[P.ARRAYS] = ArrayRecord({P.WEIGHTS: Array(weights[P.WEIGHTS])})
     return RecordDict(content)
 
 
-def _task(msg: Message) -> tuple[P.RoundTask, dict]:
-    task = P.RoundTask.from_config(dict(msg.content[P.CONFIG]))
-    return task, msg.content[P.ARRAYS].to_torch_state_dict()
+def _weights(msg: Message) -> np.ndarray:
+    """The packed weights of a task (see :func:`fedbridge_shared.weights.pack`)."""
+    record = msg.content[P.ARRAYS]
+    if list(record.keys()) != [P.WEIGHTS]:
+        raise SiteError(f"the server sent arrays {list(record)[:3]}, not one packed {P.WEIGHTS!r}")
+    return record[P.WEIGHTS].numpy()
+
+
+def _task(msg: Message) -> tuple[P.RoundTask, np.ndarray]:
+    return P.RoundTask.from_config(dict(msg.content[P.CONFIG])), _weights(msg)
 
 
 def _site_record(site: Site) -> ConfigRecord:
@@ -151,10 +159,12 @@ def _site_record(site: Site) -> ConfigRecord:
 
 
 def _train(site: Site, msg: Message) -> RecordDict:
+    from fedbridge_shared.weights import pack
+
     new_state, reply = site.train(*_task(msg))
     return RecordDict(
         {
-            P.ARRAYS: ArrayRecord(new_state),
+            P.ARRAYS: ArrayRecord({P.WEIGHTS: Array(pack(new_state))}),
             P.METRICS: MetricRecord(reply.to_metrics()),
             P.SITE: _site_record(site),
         }

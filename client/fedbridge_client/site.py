@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedbridge_shared.data.samples import check_labels
@@ -49,9 +50,10 @@ class Site:
         return zlib.crc32(f"{settings.seed}/{server_round}/{self.name}".encode())
 
     def train(
-        self, task: RoundTask, state: dict[str, torch.Tensor]
+        self, task: RoundTask, state: dict[str, torch.Tensor] | np.ndarray
     ) -> tuple[dict[str, torch.Tensor], TrainReply]:
-        """Local epochs from the global weights, through the one training loop.
+        """Local epochs from the global weights (a state dict or a packed vector), through the
+        one training loop.
 
         The cosine learning-rate schedule spans the whole federation: this round trains the
         slice ``(round - 1) / rounds`` … ``round / rounds`` of it.
@@ -105,7 +107,7 @@ class Site:
         )
         return shared_state(model), reply
 
-    def evaluate(self, task: RoundTask, state: dict[str, torch.Tensor]) -> EvalReply:
+    def evaluate(self, task: RoundTask, state: dict[str, torch.Tensor] | np.ndarray) -> EvalReply:
         """Loss and accuracy of the global weights on this site's validation patients."""
         spec = ModelSpec.from_dict(task.spec)
         _, (images, targets) = self._parts(spec, task.settings)

@@ -28,7 +28,12 @@ def send_frame(
 ) -> None:
     """Send ``header`` (JSON) and ``arrays`` (safetensors) as one frame."""
     head = json.dumps(header).encode()
-    body = save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()}) if arrays else b""
+    # np.ascontiguousarray would make a 0-d array 1-d: copy only what is not C-ordered
+    body = (
+        save_arrays({k: np.array(v, order="C", copy=None) for k, v in arrays.items()})
+        if arrays
+        else b""
+    )
     sock.sendall(_LENGTHS.pack(len(head), len(body)) + head + body)
 
 

@@ -45,16 +45,17 @@ class Worker:
         return self.site
 
     def handle(self, header: dict, arrays: dict) -> tuple[dict, dict]:
-        import torch
-
-        from fedbridge_shared.protocol import RoundTask
+        from fedbridge_shared.protocol import WEIGHTS, RoundTask
+        from fedbridge_shared.weights import pack
 
         site = self._current_site()
         task = RoundTask.from_config(header["config"])
-        state = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+        if list(arrays) != [WEIGHTS]:
+            raise WireError(f"expected one packed array {WEIGHTS!r}, got {list(arrays)[:3]}")
+        state = arrays[WEIGHTS]
         if header.get("kind") == "train":
             new_state, reply = site.train(task, state)
-            weights = {k: v.detach().cpu().numpy() for k, v in new_state.items()}
+            weights = {WEIGHTS: pack(new_state)}
             return {"ok": True, "metrics": reply.to_metrics(), "site": site.name}, weights
         if header.get("kind") == "evaluate":
             reply = site.evaluate(task, state)

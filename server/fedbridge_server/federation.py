@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from rich.console import Console
 from torch.utils.data import DataLoader
@@ -23,8 +23,10 @@ from fedbridge_server.quorum import QuorumError, SnapshotGrid, wait_for_sites
 from fedbridge_server.store import RoundStore, RunState
 from fedbridge_server.strategy import (
     build_strategy,
+    record_state,
     restore_strategy_state,
     screen_replies,
+    state_record,
     strategy_state,
 )
 from fedbridge_shared import protocol as P
@@ -105,7 +107,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             what=f"round {rnd} training",
         )  # fmt: skip
         snapshot = SnapshotGrid(grid, connected)
-        sent = list(strategy.configure_train(rnd, ArrayRecord(global_state), config, snapshot))
+        sent = list(strategy.configure_train(rnd, state_record(global_state), config, snapshot))
         replies = grid.send_and_receive(sent, timeout=cfg.round_timeout)
         usable, dropped = screen_replies(sent, replies, reference, names)
         if len(usable) < cfg.min_train_sites:
@@ -122,9 +124,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             global_state, private = dp.aggregate(rnd, global_state, usable)
         else:
             private = None
-            global_state = {
-                k: v.to(reference[k].dtype) for k, v in arrays.to_torch_state_dict().items()
-            }
+            global_state = record_state(arrays, reference)
         eval_cfg = ConfigRecord(task.to_config())
         eval_metrics = None
         if cfg.fraction_evaluate > 0:
@@ -134,7 +134,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             )  # fmt: skip
             snapshot = SnapshotGrid(grid, connected)
             sent_eval = list(
-                strategy.configure_evaluate(rnd, ArrayRecord(global_state), eval_cfg, snapshot)
+                strategy.configure_evaluate(rnd, state_record(global_state), eval_cfg, snapshot)
             )
             eval_replies = grid.send_and_receive(sent_eval, timeout=cfg.round_timeout)
             usable_eval, dropped_eval = screen_replies(sent_eval, eval_replies, None, names)
@@ -206,7 +206,7 @@ class _Privacy:
 
     def aggregate(self, rnd: int, global_state, usable) -> tuple[dict, dict]:
         states = [
-            next(iter(m.content.array_records.values())).to_torch_state_dict() for m in usable
+            record_state(next(iter(m.content.array_records.values())), global_state) for m in usable
         ]
         generator = torch.Generator().manual_seed(self.cfg.local.seed * 1_000_003 + rnd)
         new, info = privacy.private_mean(

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from flwr.app import Message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -18,10 +18,23 @@ from flwr.serverapp.strategy import (
 
 from fedbridge_server.config import FederationConfig
 from fedbridge_shared import protocol as P
-from fedbridge_shared.weights import WeightsError, check_state
+from fedbridge_shared.weights import WeightsError, pack, unpack
 
 log = logging.getLogger("fedbridge.server")
 _OPT_STATE = ("current_arrays", "m_t", "v_t")  # FedOpt's server optimizer state
+
+
+def state_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """The ``arrays`` record of a message: the weights packed into one array."""
+    return ArrayRecord({P.WEIGHTS: Array(pack(state))})
+
+
+def record_state(record: ArrayRecord, reference: dict[str, torch.Tensor]) -> dict:
+    """The state dict an ``arrays`` record holds, checked against ``reference``'s layout
+    (WeightsError naming what does not fit, or the layer with NaN/Inf)."""
+    if list(record.keys()) != [P.WEIGHTS]:
+        raise WeightsError(f"expected one packed array {P.WEIGHTS!r}, got {list(record)[:3]}")
+    return unpack(record[P.WEIGHTS].numpy(), reference)
 
 
 def build_strategy(cfg: FederationConfig) -> Strategy:
@@ -118,7 +131,7 @@ def screen_replies(
         if reference is not None:
             try:
                 (record,) = msg.content.array_records.values()
-                check_state(reference, record.to_torch_state_dict())
+                record_state(record, reference)
             except (WeightsError, ValueError) as e:
                 dropped.append(f"{who}: update rejected ({e})")
                 continue

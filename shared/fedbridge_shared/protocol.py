@@ -16,6 +16,9 @@ from fedbridge_shared.errors import ConfigError
 
 # Records of a message's RecordDict.
 ARRAYS = "arrays"
+WEIGHTS = "weights"
+"""The one array of the ``arrays`` record: the model's weights packed into a vector
+(:func:`fedbridge_shared.weights.pack`), so a message is a few HTTP objects, not hundreds."""
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"

@@ -1,9 +1,17 @@
-"""The tensors that travel in a federation: the floating-point part of a model's state."""
+"""The tensors that travel in a federation: the floating-point part of a model's state.
+
+On the wire they travel packed as one flat vector (:func:`pack` / :func:`unpack`): Flower moves
+every array of a message as a separate HTTP object, so a model's ~150 tensors cost ~150
+requests per message and hop, ~850 per site and round through the SuperLink; one vector costs
+one. The layout is the model's own (its spec gives it at both ends), in state-dict order.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,8 +46,43 @@ def check_state(reference: dict[str, torch.Tensor], state: dict[str, torch.Tenso
             raise WeightsError(f"layer {name}: contains NaN or Inf")
 
 
-def load_shared_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load checked floating-point tensors into ``model``; other buffers keep their values."""
+def pack(state: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Every tensor of ``state`` in order, flattened into one vector (float32 unless a tensor
+    is wider)."""
+    arrays = [torch.as_tensor(v).detach().cpu().numpy() for v in state.values()]
+    if not arrays:
+        return np.zeros(0, dtype=np.float32)
+    dtype = np.result_type(np.float32, *(a.dtype for a in arrays))
+    return np.concatenate([a.astype(dtype, copy=False).ravel() for a in arrays])
+
+
+def unpack(flat: np.ndarray, reference: Mapping[str, torch.Tensor]) -> OrderedDict:
+    """The state dict a :func:`pack` vector holds, in ``reference``'s layout and dtypes.
+
+    Raises WeightsError when the vector does not fit the layout or holds NaN/Inf (named by layer).
+    """
+    flat = np.asarray(flat)
+    sizes = [int(v.numel()) for v in reference.values()]
+    if flat.ndim != 1 or flat.shape[0] != sum(sizes):
+        raise WeightsError(
+            f"packed weights: shape {tuple(flat.shape)}, expected ({sum(sizes)},) for the "
+            f"model's {len(sizes)} tensors"
+        )
+    out: OrderedDict = OrderedDict()
+    start = 0
+    for (name, ref), size in zip(reference.items(), sizes, strict=True):
+        part = torch.from_numpy(np.array(flat[start : start + size])).reshape(ref.shape)
+        out[name] = part.to(ref.dtype)
+        start += size
+    check_state(reference, out)
+    return out
+
+
+def load_shared_state(model: nn.Module, state: Mapping[str, torch.Tensor] | np.ndarray) -> None:
+    """Load checked floating-point tensors (a state dict or a :func:`pack` vector) into
+    ``model``; other buffers keep their values."""
     reference = shared_state(model)
+    if isinstance(state, np.ndarray):
+        state = unpack(state, reference)
     check_state(reference, state)
     model.load_state_dict({k: torch.as_tensor(state[k]) for k in reference}, strict=False)

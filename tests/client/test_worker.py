@@ -8,12 +8,13 @@ import json
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 from badinputs import make_class_tree
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 
 from fedbridge_client import client_app
 from fedbridge_client.site import Site
@@ -22,7 +23,7 @@ from fedbridge_client.worker import Worker
 from fedbridge_shared import protocol as P
 from fedbridge_shared.models import init_model
 from fedbridge_shared.protocol import LocalSettings, RoundTask
-from fedbridge_shared.weights import shared_state
+from fedbridge_shared.weights import pack, shared_state, unpack
 
 SETTINGS = LocalSettings(batch_size=8, augment_per_sample=1, lr=1e-3, proximal_mu=0.0)
 
@@ -65,8 +66,13 @@ def site_data(cxr_root, tmp_path_factory):
 
 def _message(kind: str, spec, state) -> Message:
     task = RoundTask(spec.to_dict(), SETTINGS, 2, 3)
-    content = RecordDict({P.CONFIG: ConfigRecord(task.to_config()), P.ARRAYS: ArrayRecord(state)})
-    return Message(content=content, dst_node_id=1, message_type=kind)
+    arrays = ArrayRecord({P.WEIGHTS: Array(pack(state))})
+    content = RecordDict({P.CONFIG: ConfigRecord(task.to_config()), P.ARRAYS: arrays})
+    metadata = Metadata(
+        run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+        group_id="", created_at=time.time(), ttl=3600.0, message_type=kind,
+    )  # fmt: skip
+    return Message(content=content, metadata=metadata)
 
 
 @pytest.fixture
@@ -87,7 +93,8 @@ def test_the_clientapp_path_through_the_worker_equals_the_site_itself(site_data,
     direct_state, direct = Site(data, "site-x").train(RoundTask(spec.to_dict(), SETTINGS, 2, 3),
                                                       state)  # fmt: skip
     reply = client_app._in_worker(worker_socket, _message("train", spec, state))
-    got = reply[P.ARRAYS].to_torch_state_dict()
+    assert list(reply[P.ARRAYS]) == [P.WEIGHTS]  # one packed array: one HTTP object
+    got = unpack(reply[P.ARRAYS][P.WEIGHTS].numpy(), state)
     assert list(got) == list(direct_state)
     assert all(torch.equal(got[k], direct_state[k]) for k in got)
     metrics = dict(reply[P.METRICS])

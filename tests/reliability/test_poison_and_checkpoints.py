@@ -14,7 +14,7 @@ import sys
 import cloudpickle
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from rich.console import Console
 
 from fedbridge.simulate import simulate
@@ -56,16 +56,15 @@ def _is(context, msg, partition: int, rnd: int) -> bool:
 
 
 def _rewrite(reply, change):
-    state = reply.content["arrays"].to_torch_state_dict()
-    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 4)
-    state[name] = change(state[name].clone())
-    reply.content["arrays"] = ArrayRecord(state)
+    """Change the packed weight vector a site sends (see fedbridge_shared.weights.pack)."""
+    flat = reply.content["arrays"]["weights"].numpy().copy()
+    reply.content["arrays"] = ArrayRecord({"weights": Array(change(flat))})
     return reply
 
 
-def _nan(t):
-    t.view(-1)[0] = float("nan")
-    return t
+def _nan(flat):
+    flat[len(flat) // 2] = float("nan")
+    return flat
 
 
 def malicious(msg, context, call_next):
@@ -74,7 +73,7 @@ def malicious(msg, context, call_next):
     if _is(context, msg, 1, 1):
         return _rewrite(reply, _nan)
     if _is(context, msg, 2, 2):
-        return _rewrite(reply, lambda t: torch.zeros(t.shape[0], 1))
+        return _rewrite(reply, lambda flat: flat[:-7])  # does not fit the model
     return reply
 
 
