@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from fedbridge_server import privacy
 from fedbridge_server.config import FederationConfig
-from fedbridge_server.quorum import QuorumError, SnapshotGrid, wait_for_sites
+from fedbridge_server.quorum import QuorumError, SnapshotGrid, exchange, wait_for_sites
 from fedbridge_server.store import RoundStore, RunState
 from fedbridge_server.strategy import (
     build_strategy,
@@ -108,7 +108,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
         )  # fmt: skip
         snapshot = SnapshotGrid(grid, connected)
         sent = list(strategy.configure_train(rnd, state_record(global_state), config, snapshot))
-        replies = grid.send_and_receive(sent, timeout=cfg.round_timeout)
+        replies = exchange(grid, sent, timeout=cfg.round_timeout)
         usable, dropped = screen_replies(sent, replies, reference, names)
         if len(usable) < cfg.min_train_sites:
             why = "; ".join(dropped) or "no site sampled"
@@ -136,7 +136,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             sent_eval = list(
                 strategy.configure_evaluate(rnd, state_record(global_state), eval_cfg, snapshot)
             )
-            eval_replies = grid.send_and_receive(sent_eval, timeout=cfg.round_timeout)
+            eval_replies = exchange(grid, sent_eval, timeout=cfg.round_timeout)
             usable_eval, dropped_eval = screen_replies(sent_eval, eval_replies, None, names)
             dropped += [f"{d} (evaluation)" for d in dropped_eval]
             # a site without validation patients has nothing to weigh in

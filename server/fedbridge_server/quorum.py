@@ -58,6 +58,33 @@ def wait_for_sites(
         sleep(poll)
 
 
+def exchange(
+    grid: Grid,
+    messages: list,
+    *,
+    timeout: float,
+    poll: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list:
+    """Send ``messages`` and collect their replies until all came or ``timeout`` passed.
+
+    Flower's ``Grid.send_and_receive`` does the same but looks for replies every 3 s; a round
+    has two such waits, so at ``poll`` = 0.5 s a deployed round ends ~5 s sooner.
+    """
+    waiting = set(grid.push_messages(messages))
+    deadline = clock() + timeout
+    replies: list = []
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if not waiting or clock() >= deadline:
+            break
+        sleep(poll)
+    return replies
+
+
 class SnapshotGrid:
     """A grid whose ``get_node_ids`` is a fixed list (what :func:`wait_for_sites` returned);
     everything else goes to the real grid."""

@@ -24,6 +24,8 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # a SuperNode's superexec looks for new tasks every second by default; a round has two
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
     return env

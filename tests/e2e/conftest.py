@@ -48,7 +48,8 @@ def net():
     """Coordinator and sites in network namespaces of their own (loopback where impossible)."""
     from netns import Topology
 
-    topology = Topology(["coord", "site-a", "site-b", "intruder"]).up()
+    names = ["coord", "site-a", "site-b", "intruder", "site-1", "site-2", "site-3"]
+    topology = Topology(names).up()
     print(topology.describe())
     try:
         yield topology

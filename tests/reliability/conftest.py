@@ -10,3 +10,4 @@ _e2e = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_e2e)
 
 fed = _e2e.fed
+net = _e2e.net

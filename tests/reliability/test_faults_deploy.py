@@ -1,4 +1,5 @@
-"""Faults on Flower's Deployment Engine, on loopback, with TLS and SuperNode authentication.
+"""Faults on Flower's Deployment Engine, with TLS and SuperNode authentication, the coordinator
+and each site in a network namespace of their own (loopback where the machine cannot make them).
 
 (a) A SuperNode (and its ``flower-superexec`` children) is SIGKILLed while round 2 trains:
     the run completes with the other sites and the round's history names the dropped site.
@@ -80,20 +81,23 @@ def started():
 @pytest.fixture(scope="module")
 def creds(tmp_path_factory):
     root = tmp_path_factory.mktemp("creds")
-    ok("server", "certs", "--out", root / "certs")
+    from netns import SUBNET
+
+    # valid for the coordinator's namespace address too (tests/netns.py assigns .1)
+    ok("server", "certs", "--out", root / "certs", "--host", f"{SUBNET}.1")
     for name in ("site-1", "site-2", "site-3"):
         ok("site", "keys", "--name", name, "--out", root / "keys")
     return root
 
 
-def _server_args(fed, creds, out: Path, port: int, names, *extra):
+def _server_args(fed, creds, out: Path, port: int, names, *extra, host: str = "127.0.0.1"):
     root, _ = fed
     args = [
         "server", "start",
         "--init", root / "bridge",
         "--out", out,
         "--certs", creds / "certs",
-        "--host", "127.0.0.1", "--port", port,
+        "--host", host, "--port", port,
         "--rounds", "2", "--seed", "7",
         "--augment-per-sample", "1", "--batch-size", "32", "--lr", "0.001",
     ]  # fmt: skip
@@ -102,22 +106,24 @@ def _server_args(fed, creds, out: Path, port: int, names, *extra):
     return [*args, *extra]
 
 
-def _join(fed, creds, tmp_path: Path, port: int, name: str) -> subprocess.Popen:
+def _join(fed, creds, tmp_path: Path, port: int, name: str, net) -> subprocess.Popen:
     _, split = fed
     return launch(
         "site", "join",
-        "--superlink", f"127.0.0.1:{port}",
+        "--superlink", f"{net.address('coord')}:{port}",
         "--data", split / name,
         "--name", name,
         "--ca", creds / "certs" / "ca.crt",
         "--key", creds / "keys" / f"{name}.key",
         "--runtime-port", free_port(),
         "--log", tmp_path / f"{name}.log",
-        log=tmp_path / f"{name}.out",
+        log=tmp_path / f"{name}.out", prefix=net.prefix(name),
     )  # fmt: skip
 
 
-def test_a_site_killed_mid_round_is_dropped_and_the_run_completes(fed, creds, tmp_path, started):
+def test_a_site_killed_mid_round_is_dropped_and_the_run_completes(
+    fed, creds, net, tmp_path, started
+):
     names = ("site-1", "site-2", "site-3")
     port = free_port()
     log = tmp_path / "server.out"
@@ -128,11 +134,12 @@ def test_a_site_killed_mid_round_is_dropped_and_the_run_completes(fed, creds, tm
             fed, creds, out, port, names,
             "--sites", "3", "--min-sites", "2",  # a run must go on with 2 of the 3 sites
             "--set", "round-timeout=300", "--set", "site-wait-timeout=20",
+            host=net.address("coord"),
         ),
-        log=log,
+        log=log, prefix=net.prefix("coord"),
     )  # fmt: skip
     started.append(server)
-    sites = {name: _join(fed, creds, tmp_path, port, name) for name in names}
+    sites = {name: _join(fed, creds, tmp_path, port, name, net) for name in names}
     started.extend(sites.values())
     # round 1 checkpointed: round 2's training has just been sent to all three sites
     rounds_dir = tmp_path / "fed-rounds"
@@ -159,7 +166,7 @@ def test_a_site_killed_mid_round_is_dropped_and_the_run_completes(fed, creds, tm
 
 
 def test_server_killed_after_round_1_resumes_and_matches_an_uninterrupted_run(
-    fed, creds, tmp_path, started
+    fed, creds, net, tmp_path, started
 ):
     from fedbridge.cli.federate import run_config
     from fedbridge.simulate import simulate
@@ -170,17 +177,20 @@ def test_server_killed_after_round_1_resumes_and_matches_an_uninterrupted_run(
     log = tmp_path / "server.out"
     out = tmp_path / "fed"
     # one torch thread per site, as in the simulation reference: float sums depend on it
-    args = _server_args(fed, creds, out, port, names, "--sites", "2", "--set", "threads=1")
+    args = _server_args(
+        fed, creds, out, port, names, "--sites", "2", "--set", "threads=1",
+        host=net.address("coord"),
+    )  # fmt: skip
     t0 = time.monotonic()
-    server = launch(*args, log=log)
+    server = launch(*args, log=log, prefix=net.prefix("coord"))
     started.append(server)
-    started.extend(_join(fed, creds, tmp_path, port, name) for name in names)
+    started.extend(_join(fed, creds, tmp_path, port, name, net) for name in names)
     rounds_dir = tmp_path / "fed-rounds"
     _wait(lambda: _completed(rounds_dir) >= 1, server, log, 300, "round 1")
     _kill_tree([server.pid])
     assert _completed(rounds_dir) == 1 and not out.exists()  # killed before round 2 ended
 
-    again = launch(*args, log=log)
+    again = launch(*args, log=log, prefix=net.prefix("coord"))
     started.append(again)
     assert again.wait(timeout=400) == 0, log.read_text()
     TIMINGS["kill-server"] = time.monotonic() - t0

@@ -1,9 +1,11 @@
 """Bounded waits for sites: the deadline always ends the wait, the quorum decides what next."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from fedbridge_server.config import FederationConfig
-from fedbridge_server.quorum import QuorumError, SnapshotGrid, wait_for_sites
+from fedbridge_server.quorum import QuorumError, SnapshotGrid, exchange, wait_for_sites
 from fedbridge_shared.errors import ConfigError
 
 
@@ -31,6 +33,46 @@ class Grid:
         self.calls += 1
         t = self.clock()
         return [n for n, at in self.arrivals.items() if at <= t < self.leaves.get(n, 1e9)]
+
+
+class Mailbox:
+    """Replies that arrive at given (fake) times after their messages were pushed."""
+
+    def __init__(self, clock: Clock, delays: dict[str, float]) -> None:
+        self.clock, self.delays, self.pulls = clock, delays, 0
+
+    def push_messages(self, messages):
+        self.sent_at = self.clock()
+        return [m.id for m in messages]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        late = self.clock() - self.sent_at
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+            for i in ids
+            if self.delays.get(i, 1e9) <= late
+        ]
+
+
+def _exchange(box, clock, names, timeout):
+    messages = [SimpleNamespace(id=n) for n in names]
+    got = exchange(box, messages, timeout=timeout, clock=clock, sleep=clock.sleep)
+    return sorted(m.metadata.reply_to_message_id for m in got)
+
+
+def test_exchange_returns_once_every_reply_came_polling_every_half_second():
+    clock = Clock()
+    box = Mailbox(clock, {"a": 0.2, "b": 1.9})
+    assert _exchange(box, clock, ["a", "b"], timeout=300) == ["a", "b"]
+    assert clock.now == 2.0 and box.pulls == 5  # 0, 0.5, 1, 1.5, 2 s: not Flower's 3 s
+
+
+def test_exchange_ends_at_its_timeout_with_the_replies_it_has():
+    clock = Clock()
+    box = Mailbox(clock, {"a": 1.0})  # "b" never answers (a site lost mid-round)
+    assert _exchange(box, clock, ["a", "b"], timeout=10) == ["a"]
+    assert clock.now == 10.0
 
 
 def _wait(grid, clock, **kwargs):
