@@ -1,6 +1,7 @@
 """The remaining commands through the real CLI: import-npz, split errors, --preset paper."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +119,12 @@ def test_a_missing_extra_is_named_in_one_line():
     assert "'export' extra" in missing_extra_message("torch", ["export", "onnx", "b"])
     assert "'edge' extra" in missing_extra_message("onnxruntime", ["edge", "predict"])
     assert missing_extra_message("yaml", ["data", "check"]) is None  # not ours: a real bug
+
+
+def test_version_prints_the_package_version_and_exits_zero():
+    from fedbridge_shared import __version__
+
+    result = ok("--version")
+    assert result.stdout.strip() == f"fedbridge {__version__}"
+    metadata = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    assert f'version = "{__version__}"' in metadata.read_text()  # one version, not two

@@ -40,9 +40,21 @@ _state = {"debug": False}
 _CLICK = getattr(typer.core, "click", None) or typer.core._click
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fedbridge_shared import __version__
+
+        print(f"fedbridge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", is_eager=True,
+        callback=_print_version,
+    ),  # fmt: skip
 ) -> None:
     """Build accurate medical image classifiers from small datasets without pooling patient data."""
     _state["debug"] = debug
