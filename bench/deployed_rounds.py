@@ -29,7 +29,7 @@ from bench._common import DATA, ROOT, WEIGHTS, WORK, Results, log
 SETTINGS = {  # quick: the benchmarks' small model; full: the product's default model
     "quick": {"arch": "mobilenetv1_025", "size": 128, "rounds": 3, "augment": 10,
               "init": "mobilenetv1_025_tfslim_quant_in1k_128.safetensors"},
-    "full": {"arch": "mobilenetv2_100", "size": 224, "rounds": 3, "augment": 10,
+    "full": {"arch": "mobilenetv2_100", "size": 224, "rounds": 2, "augment": 10,
              "init": "mobilenetv2_100_tfslim_quant_in1k.safetensors"},
 }  # fmt: skip
 

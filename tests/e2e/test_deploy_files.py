@@ -186,6 +186,14 @@ def test_the_site_entrypoint_runs_as_a_non_root_uid(cxr_root, tmp_path):
     the SuperNode runs and writes its log, and an unreachable coordinator ends in one line."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to switch to another UID")
+    as_10001 = ["setpriv", "--reuid", "10001", "--regid", "10001", "--clear-groups"]
+    probe = subprocess.run(
+        [*as_10001, sys.executable, "-c",
+         "import subprocess, sys; subprocess.run([sys.executable, '-c', '0'], check=True)"],
+        capture_output=True, text=True, cwd="/", timeout=120,
+    )  # fmt: skip
+    if probe.returncode != 0:  # e.g. a venv whose base interpreter lives under a 0700 /root
+        pytest.skip(f"UID 10001 cannot run this venv's interpreter {sys.executable} here")
     from badinputs import make_class_tree
 
     base = Path(tempfile.mkdtemp(prefix="fedbridge-nonroot-"))  # readable by another UID
@@ -207,8 +215,7 @@ def test_the_site_entrypoint_runs_as_a_non_root_uid(cxr_root, tmp_path):
         ]  # fmt: skip
         env = {**os.environ, "HOME": "/nonexistent"}
         done = subprocess.run(
-            ["setpriv", "--reuid", "10001", "--regid", "10001", "--clear-groups",
-             sys.executable, "-m", "fedbridge", "site", "join", *argv,
+            [*as_10001, sys.executable, "-m", "fedbridge", "site", "join", *argv,
              "--superlink", f"127.0.0.1:{_closed_port()}", "--name", "site-1",
              "--admit-timeout", "5", "--runtime-port", str(_closed_port())],
             env=env, capture_output=True, text=True, timeout=600, cwd=state,

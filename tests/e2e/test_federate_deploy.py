@@ -95,11 +95,14 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
         net, tmp_path, port, "fed", "--rounds", "2", root=root, split=split
     )
     started.append(server)
-    for i, name in ((1, "site-a"), (2, "site-b")):
+
+    def join(i: int, name: str) -> None:
         args = _join_args(net, tmp_path, port, name, split / f"site-{i}", ca, name)
         started.append(launch(*args, log=tmp_path / f"{name}.out", prefix=net.prefix(name)))
-    sites = started[1:]
-    # Once the SuperLink is up and has registered the two keys, an unregistered site is refused.
+
+    # Only site-a joins at first: round 1 waits for both sites, so the coordinator is up (and
+    # stays up) while a rogue site tries its way in; site-b joins after that.
+    join(1, "site-a")
     _wait_for(server_log, "site-b.pub: registered", server, timeout=120)
     from_outside = net.prefix("intruder")
     intruder = fedbridge(
@@ -134,7 +137,10 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
         )  # fmt: skip
         text = done.stdout + done.stderr
         assert done.returncode != 0 and "403 Forbidden" in text, (args, text)
+    assert server.poll() is None  # all of that happened while the coordinator ran
 
+    join(2, "site-b")
+    sites = started[1:]
     assert server.wait(timeout=900) == 0, server_log.read_text()
     out = server_log.read_text()
     assert "TLS + auth" in out and "best round" in out
