@@ -52,7 +52,10 @@ def _print_version(value: bool) -> None:
 def root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     version: bool = typer.Option(
-        False, "--version", help="Print the version and exit.", is_eager=True,
+        False,
+        "--version",
+        help="Print the version and exit.",
+        is_eager=True,
         callback=_print_version,
     ),  # fmt: skip
 ) -> None:
