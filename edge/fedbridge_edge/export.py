@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,7 @@ def export_onnx(
         },
         "ood": ood_record,
         "bundle_weights_sha256": bundle.sha256,
-        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     record = _bundle_record(bundle)
     data = seal(onnx_model, record, edge)

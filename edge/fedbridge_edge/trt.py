@@ -19,7 +19,7 @@ import json
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -330,7 +330,7 @@ def build_engine(
         "calibration": calibration,
         "record": model.record,
         "edge": model.edge,
-        "built": datetime.now(UTC).isoformat(timespec="seconds"),
+        "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write(out, pack_engine(bytes(serialized), header))
     return Path(out), header

@@ -13,7 +13,7 @@ import html
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,7 @@ def render_html_report(
     body = [
         f"<h1>{_e(title)}</h1>",
         f'<p class="muted">fedbridge {_e(__version__)} · '
-        f"{datetime.now(UTC).isoformat(timespec='seconds')}</p>",
+        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}</p>",
         _config_section(config),
         _counts_section(counts, labels),
         _metrics_section(metrics),

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ def _record_text(
     record = {
         "format": BUNDLE_FORMAT,
         "fedbridge_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "weights_sha256": weights_sha,
         "seal": seal_of(spec, weights_sha),
         "spec": spec.to_dict(),
