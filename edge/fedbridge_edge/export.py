@@ -24,7 +24,7 @@ from torch import nn
 from fedbridge_edge import ood
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, seal
-from fedbridge_edge.preprocess import InputSpec, list_images, load
+from fedbridge_edge.preprocess import InputSpec, list_images, normalise, resize
 from fedbridge_shared.files import atomic_write
 
 DEFAULT_OPSET = 17
@@ -98,8 +98,42 @@ def _torch_model(bundle_path: Path):
     return bundle, model
 
 
-def _load_images(paths: list[Path], spec: InputSpec) -> np.ndarray:
-    return np.stack([load(p, spec)[0] for p in paths]).astype(np.float32)
+def _load_images(paths: list[Path], spec: InputSpec) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Network inputs (N, C, H, W) and the decoded greyscale images (for the input test)."""
+    from fedbridge_shared.data.images import read_image
+
+    greys = [read_image(p) for p in paths]
+    x = np.stack([normalise(resize(g, spec.image_size), spec) for g in greys])
+    return x.astype(np.float32), greys
+
+
+MIN_ABOVE_CHANCE_P = 1e-3
+"""Calibration images must be labelled better than chance by the model (binomial p below this)."""
+
+
+def _val_labels(paths: list[Path], labels: list[str], logits: np.ndarray, root: str) -> np.ndarray:
+    """Class indices from the images' folders; refuses images that are not the bundle's kind."""
+    from scipy.stats import binomtest
+
+    folders = sorted({p.parent.name for p in paths})
+    unknown = [f for f in folders if f not in labels]
+    if unknown:
+        raise EdgeError(
+            f"--val {root}: class folders {', '.join(unknown)} are not labels of this model "
+            f"({', '.join(labels)}); calibrate on held-out images of the modality it was "
+            "trained on, one folder per label"
+        )
+    y = np.array([labels.index(p.parent.name) for p in paths])
+    correct = int((logits.argmax(1) == y).sum())
+    chance = max(np.bincount(y, minlength=len(labels)).max() / len(y), 1 / len(labels))
+    p_value = binomtest(correct, len(y), chance, alternative="greater").pvalue
+    if p_value >= MIN_ABOVE_CHANCE_P:
+        raise EdgeError(
+            f"--val {root}: the model labels only {correct} of {len(y)} images correctly (chance "
+            f"{chance:.2f}); these are not images of the modality and labels it was trained on "
+            "— refusing to calibrate the out-of-distribution test on them"
+        )
+    return y
 
 
 def _features(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,14 +182,15 @@ def export_onnx(
     bundle, model = _torch_model(bundle_path)
     spec = InputSpec.from_spec(bundle.spec.to_dict())
     paths, val_root = _val_images(val, bundle, console)
-    x_val = _load_images(paths, spec)
+    x_val, greys = _load_images(paths, spec)
     feats, logits = _features(model, x_val)
-    labels = bundle.spec.labels
-    folder = [p.parent.name for p in paths]
-    by_folder = all(f in labels for f in folder)
-    y = np.array([labels.index(f) for f in folder]) if by_folder else logits.argmax(1)
+    labels = list(bundle.spec.labels)
+    y = _val_labels(paths, labels, logits, val_root)
     gaussians, _, ood_record = ood.calibrate(feats, y, len(labels), ood_percentile)
-    ood_record.update(data=val_root, class_source="folders" if by_folder else "predictions")
+    input_test, input_record = ood.fit_inputs(greys)
+    ood_record.update(data=val_root, class_source="folders", inputs=input_record)
+    ood_record["input_test"] = input_test.to_json()
+    cam_reference = _cam_reference(model, x_val, gaussians)
     seconds = {"load_and_calibrate": time.perf_counter() - t0}
 
     t1 = time.perf_counter()
@@ -184,8 +219,10 @@ def export_onnx(
             "resolution": "features",
             "formula": "CAM_k = sum_c w_kc F_c (1x1 conv of the classifier weights, no bias)",
             "bias": model.get_classifier().bias.detach().tolist(),
+            "reference": cam_reference,
         },
         "ood": ood_record,
+        "modality": modality_of(labels),
         "bundle_weights_sha256": bundle.sha256,
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -213,6 +250,37 @@ def export_onnx(
     atomic_write(Path(out), data)
     seconds["total"] = time.perf_counter() - t0
     return result
+
+
+CAM_REFERENCE_PERCENTILE = 99.0
+MODALITY_LABELS = {
+    "cxr": {"COVID19", "BACTERIAL_PNEUMONIA", "VIRAL_PNEUMONIA", "PNEUMONIA"},
+    "oct": {"CNV", "DME", "DRUSEN"},
+}
+
+
+def modality_of(labels: list[str]) -> str:
+    """ "cxr" / "oct" from the label names (the overlay's R/L markers need it), else "unknown"."""
+    names = {label.upper() for label in labels}
+    found = [m for m, known in MODALITY_LABELS.items() if names & known]
+    return found[0] if len(found) == 1 else "unknown"
+
+
+def _cam_reference(model: nn.Module, x: np.ndarray, gaussians: ood.Gaussians) -> float:
+    """The overlay's fixed colour scale: p99 of the predicted-class CAM on calibration images.
+
+    Every overlay divides by this one number, so a weak map looks weak and an image the model
+    has never seen the like of does not look as "hot" as a real finding.
+    """
+    head = EdgeHead(model, gaussians).eval()
+    maps = []
+    with torch.no_grad():
+        for start in range(0, len(x), 32):
+            logits, cam, _ = head(torch.from_numpy(x[start : start + 32]))
+            k = logits.argmax(1)
+            maps.append(cam[torch.arange(len(k)), k].clamp_min(0).flatten().numpy())
+    reference = float(np.percentile(np.concatenate(maps), CAM_REFERENCE_PERCENTILE))
+    return reference if np.isfinite(reference) and reference > 0 else 1.0
 
 
 def _bundle_record(bundle) -> dict[str, Any]:

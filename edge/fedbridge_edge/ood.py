@@ -8,6 +8,8 @@ The threshold is a percentile of out-of-fold scores on validation images, so the
 Gaussians were fitted on do not make the threshold too tight.
 
 Fitting happens at export time (scikit-learn's Ledoit-Wolf); the bedside only runs the graph.
+Beside it, :func:`fit_inputs` learns the model-independent input test of
+:mod:`fedbridge_edge.fingerprint` from the same calibration images.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedbridge_edge import fingerprint
 from fedbridge_edge.errors import EdgeError
 
 MIN_IMAGES = 20
-DEFAULT_PERCENTILE = 95.0
+DEFAULT_PERCENTILE = 99.0
+"""Feature-space threshold. At p95 a real CXR model flagged 11.7 % of unseen patients."""
+INPUT_PERCENTILE = 99.0
+"""Input-test thresholds: this percentile of out-of-fold calibration scores."""
 
 
 @dataclass(frozen=True)
@@ -87,3 +93,62 @@ def calibrate(
         "val_score_median": float(np.median(oof)),
     }
     return fit(features, labels, num_classes), threshold, record
+
+
+def _whitening(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and L with L Lᵀ = the inverse of the Ledoit-Wolf covariance of the rows of ``f``."""
+    from sklearn.covariance import LedoitWolf
+
+    mean = f.mean(0)
+    precision = np.linalg.inv(LedoitWolf().fit(f - mean).covariance_)
+    return mean, np.linalg.cholesky((precision + precision.T) / 2)
+
+
+def fit_inputs(
+    greys: list[np.ndarray], *, percentile: float = INPUT_PERCENTILE, folds: int = 5, seed: int = 0
+) -> tuple[fingerprint.InputTest, dict]:
+    """Learn the input-level test from greyscale calibration images (see ``fingerprint``)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(greys) < MIN_IMAGES:
+        raise EdgeError(f"the input test needs at least {MIN_IMAGES} images, got {len(greys)}")
+    pos = np.stack([fingerprint.features(g) for g in greys])
+    neg_of = [
+        np.stack([fingerprint.features(t) for t in fingerprint.transformed(g)]) for g in greys
+    ]
+    order = np.random.default_rng(seed).permutation(len(pos))
+    oof_distance, oof_orientation = np.empty(len(pos)), np.empty(len(pos))
+
+    def fit(idx: np.ndarray) -> fingerprint.InputTest:
+        p, n = pos[idx], np.concatenate([neg_of[i] for i in idx])
+        mean, whiten = _whitening(p)
+        x = np.concatenate([p, n])
+        scale_mean, scale_std = x.mean(0), x.std(0) + 1e-6
+        clf = LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced")
+        clf.fit((x - scale_mean) / scale_std, np.r_[np.zeros(len(p)), np.ones(len(n))])
+        return fingerprint.InputTest(
+            mean=mean, whiten=whiten, distance_threshold=np.inf, scale_mean=scale_mean,
+            scale_std=scale_std, coef=clf.coef_[0].astype(np.float64),
+            intercept=float(clf.intercept_[0]), orientation_threshold=np.inf,
+        )  # fmt: skip
+
+    for held in np.array_split(order, folds):
+        d, o = fit(np.setdiff1d(order, held)).scores(pos[held])
+        oof_distance[held], oof_orientation[held] = d, o
+    full = fit(order)
+    test = fingerprint.InputTest(
+        **{
+            **full.__dict__,
+            "distance_threshold": float(np.percentile(oof_distance, percentile)),
+            "orientation_threshold": float(np.percentile(oof_orientation, percentile)),
+        }
+    )
+    _, own_orientation = test.scores(np.concatenate(neg_of))
+    record = {
+        "percentile": percentile,
+        "n_images": len(greys),
+        "distance_threshold": test.distance_threshold,
+        "orientation_threshold": test.orientation_threshold,
+        "rotated_or_inverted_flagged": float((own_orientation > test.orientation_threshold).mean()),
+    }
+    return test, record

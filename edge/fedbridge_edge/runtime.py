@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbridge_edge import overlay, scores
+from fedbridge_edge import fingerprint, overlay, scores
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, EdgeModel, read_edge_model
 from fedbridge_edge.preprocess import InputSpec, normalise, resize
@@ -51,32 +51,50 @@ class OnnxRuntimeRunner:
         return dict(zip(OUTPUTS, self.session.run(list(OUTPUTS), {"input": x}), strict=True))
 
 
+OK = "ok"
+OUT_OF_DISTRIBUTION = "out_of_distribution"
+
+
 @dataclass
 class Prediction:
-    """One image's result; ``to_json`` gives the per-image JSON the CLI and the API write."""
+    """One image's result; ``to_json`` gives the per-image JSON the CLI, API and DICOM write.
+
+    Out of distribution, nothing diagnostic leaves: ``label`` and ``probabilities`` are None,
+    ``status`` is ``"out_of_distribution"`` and ``reason`` says which test failed and why.
+    """
 
     image: str
-    label: str
-    probabilities: dict[str, float]
-    ood: bool
+    status: str
+    label: str | None
+    probabilities: dict[str, float] | None
+    reason: str | None
     ood_score: float
     ood_threshold: float
+    input_scores: dict[str, float]
     energy: float
-    cam: np.ndarray
+    cam: np.ndarray | None
     grey: np.ndarray
     latency_ms: float
     inference_ms: float
     backend: str
     model_sha256: str
+    overlay: OverlayStyle
+
+    @property
+    def ood(self) -> bool:
+        return self.status == OUT_OF_DISTRIBUTION
 
     def to_json(self) -> dict[str, Any]:
         return {
             "image": self.image,
+            "status": self.status,
             "label": self.label,
             "probabilities": self.probabilities,
+            "reason": self.reason,
             "ood": self.ood,
             "ood_score": self.ood_score,
             "ood_threshold": self.ood_threshold,
+            **self.input_scores,
             "energy": self.energy,
             "model_sha256": self.model_sha256,
             "backend": self.backend,
@@ -84,8 +102,46 @@ class Prediction:
             "inference_ms": round(self.inference_ms, 3),
         }
 
+    def caption(self) -> overlay.Caption:
+        style = self.overlay
+        if self.ood:
+            verdict, detail = "NOT ASSESSED: out of distribution", _short(self.reason or "")
+        else:
+            assert self.label is not None and self.probabilities is not None
+            verdict = f"{self.label}  {self.probabilities[self.label]:.2f}"
+            detail = ""
+        return overlay.Caption(
+            verdict=verdict, ood=self.ood, model=style.model, modality=style.modality,
+            detail=detail,
+        )  # fmt: skip
+
     def overlay_png(self) -> bytes:
-        return overlay.png_bytes(overlay.render(self.grey, self.cam))
+        image = overlay.render(
+            self.grey, self.cam, caption=self.caption(), reference=self.overlay.reference
+        )
+        return overlay.png_bytes(image)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class OverlayStyle:
+    """Per-model overlay settings read from the edge metadata."""
+
+    model: str
+    modality: str
+    reference: float
+
+    @classmethod
+    def from_meta(cls, edge: dict[str, Any], spec: dict[str, Any], sha256: str) -> OverlayStyle:
+        reference = float(edge.get("cam", {}).get("reference") or 0.0)
+        return cls(
+            model=f"{spec.get('arch', 'model')} · sha {sha256[:12]}",
+            modality=str(edge.get("modality", "unknown")),
+            reference=reference if reference > 0 else 1.0,
+        )
 
 
 MAX_THREADS = 256
@@ -124,6 +180,8 @@ class Predictor:
         self.labels = self.meta.labels
         self.threshold = float(self.meta.edge["ood"]["threshold"])
         self.sha256 = self.meta.sha256
+        self.input_test = _input_test(self.meta.edge, model_path)
+        self.style = OverlayStyle.from_meta(self.meta.edge, self.meta.spec, self.sha256)
 
     @property
     def backend(self) -> str:
@@ -145,6 +203,9 @@ class Predictor:
     ) -> Prediction:
         """Predict one decoded greyscale uint8 image."""
         started = time.perf_counter() if started is None else started
+        reason, input_scores = (
+            self.input_test.check(grey) if self.input_test is not None else (None, {})
+        )
         x = normalise(resize(grey, self.spec.image_size), self.spec)[None]
         t0 = time.perf_counter()
         out = self.run(x)
@@ -153,20 +214,31 @@ class Predictor:
         probs = scores.softmax(logits)[0]
         k = int(probs.argmax())
         score = float(out["ood_score"][0])
+        if reason is None and score > self.threshold:
+            reason = (
+                f"the model's features are unlike every class it was trained on (score "
+                f"{score:.2f} > {self.threshold:.2f})"
+            )
+        ood = reason is not None
         return Prediction(
             image=name,
-            label=self.labels[k],
-            probabilities={lab: float(p) for lab, p in zip(self.labels, probs, strict=True)},
-            ood=bool(score > self.threshold),
+            status=OUT_OF_DISTRIBUTION if ood else OK,
+            label=None if ood else self.labels[k],
+            probabilities=None
+            if ood
+            else {lab: float(p) for lab, p in zip(self.labels, probs, strict=True)},
+            reason=reason,
             ood_score=score,
             ood_threshold=self.threshold,
+            input_scores=input_scores,
             energy=float(scores.energy(logits)[0]),
-            cam=out["cam"][0, k],
+            cam=None if ood else out["cam"][0, k],
             grey=grey,
             latency_ms=(time.perf_counter() - started) * 1e3,
             inference_ms=inference_ms,
             backend=self.backend,
             model_sha256=self.sha256,
+            overlay=self.style,
         )
 
     def predict_file(self, path: Path) -> Prediction:
@@ -174,6 +246,17 @@ class Predictor:
 
         started = time.perf_counter()
         return self.predict_array(read_image(Path(path)), str(path), started)
+
+
+def _input_test(edge: dict[str, Any], path: Path) -> fingerprint.InputTest | None:
+    """The input-level OOD test of models exported by fedbridge ≥ 0.2 (None for older ones)."""
+    record = edge.get("ood", {}).get("input_test")
+    if record is None:
+        return None
+    try:
+        return fingerprint.InputTest.from_json(record)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EdgeError(f"{path}: its input-level OOD test cannot be read ({e})") from e
 
 
 def write_prediction(pred: Prediction, out: Path, stem: str) -> tuple[Path, Path]:

@@ -50,18 +50,24 @@ def test_predict_writes_json_and_overlay_and_flags_ood(
     assert len(records) == len(test_images) + 2
     sha = read_edge_model(edge_onnx).sha256
     for r in records.values():
-        for key in ("label", "probabilities", "ood", "ood_score", "model_sha256", "backend"):
+        for key in ("status", "label", "probabilities", "reason", "ood", "model_sha256"):
             assert key in r
         assert r["model_sha256"] == sha and r["backend"] == "onnxruntime"
-        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+        if r["ood"]:  # withheld: nothing diagnostic in the record
+            assert r["status"] == "out_of_distribution" and r["reason"]
+            assert r["label"] is None and r["probabilities"] is None
+        else:
+            assert r["status"] == "ok" and r["reason"] is None
+            assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
         assert r["latency_ms"] > 0 and (out / r["overlay"]).stat().st_size > 500
     assert records["photo"]["ood"] is True
     assert records["noise"]["ood"] is True
     cxr = [records[p.stem] for p in test_images]
     flagged = np.mean([r["ood"] for r in cxr])
-    accuracy = np.mean([r["label"] == p.parent.name for r, p in zip(cxr, test_images, strict=True)])
+    assessed = [(r, p) for r, p in zip(cxr, test_images, strict=True) if not r["ood"]]
+    accuracy = np.mean([r["label"] == p.parent.name for r, p in assessed])
     print(f"CXR test: {len(cxr)} images, OOD flagged {flagged:.3f}, accuracy {accuracy:.3f}")
-    assert flagged <= 0.10
+    assert flagged <= 0.05
     assert accuracy >= 0.6
 
 

@@ -67,8 +67,9 @@ def export_onnx(
         typer.Option(help="Site images to calibrate INT8 activations on."),
     ] = None,
     ood_percentile: Annotated[
-        float, typer.Option(help="OOD threshold: this percentile of validation scores.")
-    ] = 95.0,
+        float,
+        typer.Option(help="OOD threshold: this percentile of out-of-fold validation scores."),
+    ] = 99.0,  # fedbridge_edge.ood.DEFAULT_PERCENTILE
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Export BUNDLE to ONNX with `logits`, `cam` and `ood_score` outputs; checks parity."""
@@ -180,14 +181,17 @@ def predict(
             err.print(f"[red]skipped[/] {shown(e)}")
             continue
         write_prediction(pred, out_dir, stem)
-        flag = "  [bold yellow]OUT OF DISTRIBUTION[/]" if pred.ood else ""
-        out.print(
-            f"{path.name}: {pred.label} {pred.probabilities[pred.label]:.3f}  "
-            f"ood_score {pred.ood_score:.2f}  {pred.latency_ms:.1f} ms{flag}"
-        )
+        out.print(f"{shown(path.name)}: {verdict(pred)}  {pred.latency_ms:.1f} ms")
     out.print(f"{len(images) - failed} predictions in {out_dir} ({predictor.backend})")
     if failed:
         raise typer.Exit(1)
+
+
+def verdict(pred) -> str:
+    """One console line's verdict: label and probability, or why the label was withheld."""
+    if pred.ood:
+        return f"[bold yellow]not assessed: out of distribution[/] ({shown(pred.reason)})"
+    return f"{pred.label} {pred.probabilities[pred.label]:.3f}"
 
 
 @edge_app.command("serve")

@@ -17,6 +17,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from fedbridge_shared.colours import SIGNED_CMAP, UNSIGNED_CMAP
 from fedbridge_shared.explain.methods import SIGNED_METHODS
 
 MAX_ALPHA = 0.75
@@ -36,7 +37,7 @@ def heat_rgba(amap: np.ndarray, signed: bool) -> tuple[np.ndarray, ScalarMappabl
     """RGBA ``(H, W, 4)`` heat layer with opacity ∝ ``|value|``, and its colour mapping."""
     amap = np.asarray(amap, dtype=np.float64)
     norm = colour_scale(amap, signed)
-    cmap = colormaps["bwr" if signed else "inferno"]
+    cmap = colormaps[SIGNED_CMAP if signed else UNSIGNED_CMAP]
     rgba = cmap(norm(amap))
     rgba[..., 3] = MAX_ALPHA * np.clip(np.abs(amap) / max(abs(norm.vmax), 1e-12), 0.0, 1.0)
     return rgba, ScalarMappable(norm=norm, cmap=cmap)
