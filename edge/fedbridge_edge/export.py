@@ -107,7 +107,7 @@ def _load_images(paths: list[Path], spec: InputSpec) -> tuple[np.ndarray, list[n
     return x.astype(np.float32), greys
 
 
-MIN_ABOVE_CHANCE_P = 1e-3
+MIN_ABOVE_CHANCE_P = 0.01
 """Calibration images must be labelled better than chance by the model (binomial p below this)."""
 
 

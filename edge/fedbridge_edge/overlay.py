@@ -27,7 +27,7 @@ MAX_SIDE = 512
 HEADER = 46
 FOOTER = 34
 BAR = 64
-ALPHA = 0.5
+ALPHA = 0.6
 OK_BAND = (24, 60, 90)
 OOD_BAND = (170, 20, 20)
 FOOTER_BAND = (32, 32, 32)
@@ -90,7 +90,7 @@ def render(
     draw.rectangle((0, 0, w_img + BAR - 1, HEADER - 1), fill=OOD_BAND if caption.ood else OK_BAND)
     draw.text((8, 4), caption.verdict, fill="white", font=_font(20))
     draw.text((8, 28), caption.detail or caption.model, fill=(230, 230, 230), font=_font(12))
-    if caption.modality == "cxr":
+    if caption.modality == "cxr" and not caption.ood:
         for text, x in (("R", 6), ("L", w - 18)):
             draw.text((x, HEADER + h // 2 - 10), text, fill="yellow", font=_font(18))
     bar_height = max(h - 32, 40)
@@ -104,14 +104,15 @@ def _colour_bar(
     draw: ImageDraw.ImageDraw, canvas: Image.Image, *, x0: int, y0: int, height: int, off: bool
 ) -> None:
     """A vertical bar, CAM/reference 1 at the top to 0 at the bottom, with ticks."""
+    if off:
+        draw.text((x0 - 10, y0), "no\nmap", fill="white", font=_font(10))
+        return
     values = np.linspace(1.0, 0.0, height)
     lut = colour_lut()
     column = lut[np.uint8(np.rint(values * 255))]
-    if off:  # no map shown: a grey bar, so nothing suggests a finding
-        column = np.repeat(np.uint8(np.rint(values * 120 + 60))[:, None], 3, axis=1)
+    font = _font(10)
     bar = np.repeat(column[:, None, :], 14, axis=1)
     canvas.paste(Image.fromarray(bar), (x0, y0))
-    font = _font(10)
     draw.text((x0 - 10, y0 - 14), "CAM", fill="white", font=font)
     for value, label in ((1.0, "ref"), (0.5, ".5"), (0.0, "0")):
         y = y0 + round((1 - value) * (height - 1))
