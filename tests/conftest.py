@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from badinputs import make_bad_inputs  # noqa: E402
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
 WEIGHTS = SHARED / "weights"
+WEIGHTS_NAME = "mobilenetv1_025_tfslim_quant_in1k_128.safetensors"
 
 
 def _require(path: Path, reason: str) -> Path:
@@ -50,3 +52,65 @@ def weights_root() -> Path:
 def bad_inputs(tmp_path: Path) -> dict[str, Path]:
     """Broken and unusual image files (see tests/badinputs.py), written into a fresh tmp dir."""
     return make_bad_inputs(tmp_path / "inputs")
+
+
+# ------------------------------------------- a small real CXR bundle and its edge model
+
+
+def _link_part(samples, root: Path) -> Path:
+    """``root/<label>/<file>`` symlinks to the samples (no copies of ../shared)."""
+    for s in samples:
+        (root / s.label).mkdir(parents=True, exist_ok=True)
+        os.symlink(s.path, root / s.label / s.path.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cxr_parts(cxr_root, tmp_path_factory) -> dict[str, Path]:
+    """Patient-disjoint train / val / test folders of symlinks into ../shared/data/cxr."""
+    from fedbridge_shared.data.samples import scan_folder
+    from fedbridge_shared.data.split import assign_parts
+
+    index = scan_folder(cxr_root)
+    parts = assign_parts(index.samples, {"train": 0.5, "val": 0.2, "test": 0.3}, seed=0)
+    root = tmp_path_factory.mktemp("cxr-parts")
+    return {name: _link_part(samples, root / name) for name, samples in parts.items()}
+
+
+@pytest.fixture(scope="session")
+def cxr_bundle(cxr_parts, weights_root, tmp_path_factory) -> Path:
+    """A 4-class CXR bundle: ImageNet MobileNet-V1 0.25 fine-tuned 3 epochs at 128 px."""
+    from rich.console import Console
+
+    from fedbridge_shared.training import TrainConfig, run_stage
+
+    weights = weights_root / WEIGHTS_NAME
+    if not weights.is_file():
+        pytest.fail(f"{weights} not found: the tests need the team folder's ImageNet weights")
+    out = tmp_path_factory.mktemp("bundle") / "cxr"
+    config = TrainConfig(
+        epochs=3, batch_size=32, lr=2e-3, val_fraction=0.0, online_augment=False, preset="none"
+    )
+    run_stage(
+        "target",
+        cxr_parts["train"],
+        out=out,
+        init=str(weights),
+        config=config,
+        arch="mobilenetv1_025",
+        image_size=128,
+        device="cpu",
+        console=Console(stderr=True, quiet=True),
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def edge_onnx(cxr_bundle, cxr_parts, tmp_path_factory) -> Path:
+    """The bundle exported with the real CLI (fp32, dynamic batch, OOD calibrated on val)."""
+    from cli import ok
+
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    result = ok("export", "onnx", cxr_bundle, "--out", out, "--val", cxr_parts["val"])
+    assert "parity onnxruntime vs PyTorch" in result.stdout
+    return out

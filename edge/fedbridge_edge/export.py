@@ -130,8 +130,9 @@ def _val_labels(paths: list[Path], labels: list[str], logits: np.ndarray, root: 
     if p_value >= MIN_ABOVE_CHANCE_P:
         raise EdgeError(
             f"--val {root}: the model labels only {correct} of {len(y)} images correctly (chance "
-            f"{chance:.2f}); these are not images of the modality and labels it was trained on "
-            "— refusing to calibrate the out-of-distribution test on them"
+            f"{chance:.2f}): either these are not images of the modality and labels it was "
+            "trained on, or the model has not learnt them — refusing to calibrate its "
+            "out-of-distribution test on them"
         )
     return y
 

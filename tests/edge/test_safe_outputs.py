@@ -141,7 +141,7 @@ def test_calibration_of_another_modality_is_refused(cxr_bundle, oct_root, tmp_pa
         folder.mkdir(parents=True, exist_ok=True)
         os.symlink(path, folder / path.name)
     result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val", disguised)
-    assert_one_line_error(result, "--val", "correctly", "not images of the modality")
+    assert_one_line_error(result, "--val", "correctly", "not images of the modality", "not learnt")
     assert not out.exists()
 
 
