@@ -123,6 +123,11 @@ def _val_labels(paths: list[Path], labels: list[str], logits: np.ndarray, root: 
             f"({', '.join(labels)}); calibrate on held-out images of the modality it was "
             "trained on, one folder per label"
         )
+    if len(folders) < 2:
+        raise EdgeError(
+            f"--val {root}: images of one label only ({folders[0]}); calibrate on held-out "
+            f"images of at least two of the model's labels ({', '.join(labels)})"
+        )
     y = np.array([labels.index(p.parent.name) for p in paths])
     correct = int((logits.argmax(1) == y).sum())
     chance = max(np.bincount(y, minlength=len(labels)).max() / len(y), 1 / len(labels))

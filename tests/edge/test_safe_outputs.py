@@ -143,6 +143,13 @@ def test_calibration_of_another_modality_is_refused(cxr_bundle, oct_root, tmp_pa
     result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val", disguised)
     assert_one_line_error(result, "--val", "correctly", "not images of the modality", "not learnt")
     assert not out.exists()
+    one_label = tmp_path / "one-label"
+    (one_label / labels[0]).mkdir(parents=True)
+    for path in list_images([oct_root])[:25]:
+        os.symlink(path, one_label / labels[0] / path.name)
+    result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val", one_label)
+    assert_one_line_error(result, "--val", "one label only", "at least two")
+    assert not out.exists()
 
 
 def _png(data: bytes) -> np.ndarray:
