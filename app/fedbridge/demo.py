@@ -41,13 +41,13 @@ class DemoPlan:
     target_epochs: int
     augment_per_sample: int
     phantom_per_class: int
-    bootstrap: int
+    bootstrap: int  # the same everywhere (defaults.BOOTSTRAP): one model, one CI
 
     @classmethod
     def for_mode(cls, quick: bool) -> DemoPlan:
         if quick:
-            return cls(160, 4, 4, 4, 50, 300)
-        return cls(224, 8, 6, 10, 80, 1000)
+            return cls(160, 4, 4, 4, 50, defaults.BOOTSTRAP)
+        return cls(224, 8, 6, 10, 80, defaults.BOOTSTRAP)
 
 
 def run_demo(

@@ -297,7 +297,7 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
     }
     console.print(f"best round {state.best_round} → {out}")
     if cfg.test_data:
-        metrics, _, _ = evaluate_bundle(out, Path(cfg.test_data), n_bootstrap=500, console=console)
+        metrics, _, _ = evaluate_bundle(out, Path(cfg.test_data), console=console)
         summary["test"] = metrics
         console.print(f"test set {cfg.test_data}:")
         console.print(format_metrics_table(metrics))

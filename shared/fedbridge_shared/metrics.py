@@ -23,6 +23,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from fedbridge_shared import defaults
+
 __all__ = [
     "CI_METRICS",
     "compute_metrics",
@@ -196,7 +198,7 @@ def compute_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
     labels: Sequence[str],
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = defaults.BOOTSTRAP,
     seed: int = 0,
     ci: float = 0.95,
 ) -> dict[str, Any]:

@@ -249,7 +249,7 @@ def evaluate_bundle(
     *,
     manifest: Path | None = None,
     batch_size: int = 32,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = defaults.BOOTSTRAP,
     device: str = "auto",
     console: Console | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:

@@ -150,7 +150,9 @@ def register(app: typer.Typer) -> None:
                 help="Write metrics.json, confusion_matrix.png, roc.png and report.html.",
             ),
         ] = None,
-        bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.")] = 1000,
+        bootstrap: Annotated[
+            int, typer.Option(help="Bootstrap resamples for CIs.")
+        ] = defaults.BOOTSTRAP,
         manifest: Manifest = None,
         device: Device = "auto",
         force: Annotated[
