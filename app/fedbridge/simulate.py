@@ -5,6 +5,7 @@ Both ends in one process: this is why it lives in the app, above the server and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ def preflight(cfg: FederationConfig, sites: Sequence[Path]) -> None:
             raise ConfigError(f"--site {path}: given twice (as {seen[key]}); each site once")
         seen[key] = Path(path)
     spec = load_bundle(Path(cfg.init)).spec
+    if cfg.target_labels():  # the federation retargets the bridge's head to these
+        spec = dataclasses.replace(spec, labels=cfg.target_labels())
     for i, path in enumerate(sites, start=1):
         site = Site(path, f"site-{i}")
         try:

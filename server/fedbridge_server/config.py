@@ -54,6 +54,9 @@ class FederationConfig:
     """Everything the coordinator decides for a federated target stage."""
 
     init: str = ""  # the bridge bundle the federation starts from
+    labels: str = ""
+    """The target's labels, comma-separated (empty: the bridge bundle's). Rows of labels the
+    bridge has are carried by name, new labels start fresh (``shared.models.retarget``)."""
     out: str = "runs/federated/model"  # final (best) bundle; rounds go to OUT-rounds/
     val_data: str = ""  # optional server-side validation set for best-model selection
     test_data: str = ""  # optional server-side test set, assessed once at the end
@@ -105,6 +108,10 @@ class FederationConfig:
 
     def _value(self, key: str) -> Any:
         return self.to_flat().get(key)
+
+    def target_labels(self) -> tuple[str, ...]:
+        """``labels`` as a tuple (empty: keep the bridge bundle's)."""
+        return tuple(x.strip() for x in self.labels.split(",") if x.strip())
 
     def local_settings(self) -> LocalSettings:
         """The part of the config every site receives each round."""

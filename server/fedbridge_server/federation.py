@@ -35,8 +35,8 @@ from fedbridge_shared.data.tensors import make_loader
 from fedbridge_shared.engine import evaluate
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.metrics import format_metrics_table
-from fedbridge_shared.models import model_from_bundle
-from fedbridge_shared.spec import ModelSpec, load_bundle, save_bundle
+from fedbridge_shared.models import model_from_bundle, retarget
+from fedbridge_shared.spec import Bundle, ModelSpec, load_bundle, save_bundle
 from fedbridge_shared.training import decode, evaluate_bundle, usable_index
 
 log = logging.getLogger("fedbridge.server")
@@ -75,17 +75,35 @@ def _examples(msg) -> float:
     return float(metrics.get(P.NUM_EXAMPLES, 0)) if metrics is not None else 0.0
 
 
+def initial_model(init: Bundle, labels: tuple[str, ...]) -> tuple[torch.nn.Module, ModelSpec]:
+    """The bridge bundle's model, for the target's ``labels`` when they differ (rows by name)."""
+    if not labels or tuple(labels) == init.spec.labels:
+        return model_from_bundle(init), init.spec
+    if len(set(labels)) != len(labels) or len(labels) < 2:
+        raise ConfigError(f"run config: 'labels' must be 2 or more distinct names, got {labels}")
+    return retarget(init, labels)
+
+
 def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = None) -> dict:
     """Run (or resume) the federated target stage; returns a summary with the round history."""
     console = console or Console(stderr=True)
     if not cfg.init:
         raise ConfigError("run config: 'init' must name the bridge bundle to start from")
     init = load_bundle(Path(cfg.init))
-    spec = init.spec
+    model, spec = initial_model(init, cfg.target_labels())
     store = RoundStore(Path(cfg.out))
     state, resumed, saved_strategy = store.load(fingerprint(cfg, init.sha256))
     store.dir.mkdir(parents=True, exist_ok=True)
-    model = model_from_bundle(resumed or init)
+    if resumed is not None:
+        model = model_from_bundle(resumed)
+    if spec.init.get("head") in ("mapped", "new"):
+        carried = [k for k, v in spec.init["label_map"].items() if v is not None]
+        fresh = [k for k, v in spec.init["label_map"].items() if v is None]
+        console.print(
+            f"target labels {', '.join(spec.labels)} (bridge: "
+            f"{', '.join(spec.init['source_labels'])}): classifier rows carried for "
+            f"{', '.join(carried) or 'none'}; new for {', '.join(fresh) or 'none'}"
+        )
     reference = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     global_state = dict(reference)
     strategy = build_strategy(cfg)
@@ -271,18 +289,16 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
             f"privacy spent: ε {spent[-1]['epsilon']:.2f} at δ {spent[-1]['delta']:g} over "
             f"{len(spent)} round(s)"
         )
-    final_spec = ModelSpec(
-        **{
-            **spec.__dict__,
-            "init": {
-                "kind": "bundle",
-                "source": str(Path(cfg.init).resolve()),
-                "sha256": init_sha,
-                "head": "kept",
-                "previous_init": spec.init,
-            },
-        }
-    )
+    init = {
+        "kind": "bundle",
+        "source": str(Path(cfg.init).resolve()),
+        "sha256": init_sha,
+        "head": "kept",
+        "previous_init": spec.init,
+    }
+    if "label_map" in spec.init:  # retargeted: spec.init already names the bridge bundle
+        init = spec.init
+    final_spec = ModelSpec(**{**spec.__dict__, "init": init})
     out = save_bundle(
         Path(cfg.out),
         final_spec,

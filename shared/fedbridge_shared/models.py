@@ -225,9 +225,25 @@ def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module,
 
 def _init_from_bundle(path: Path, labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
     bundle = load_bundle(path)
+    if arch and arch != bundle.spec.arch:
+        raise ConfigError(f"{path}: bundle holds {bundle.spec.arch!r} but --model is {arch!r}")
+    return retarget(bundle, labels, image_size=image_size)
+
+
+def retarget(
+    bundle: Bundle, labels: Sequence[str], *, image_size: int | None = None
+) -> tuple[nn.Module, ModelSpec]:
+    """The bundle's model for ``labels``: backbone kept, classifier rows carried by label name.
+
+    A bridge set rarely has the target's labels (Kermany CXR: NORMAL, BACTERIAL_PNEUMONIA,
+    VIRAL_PNEUMONIA; the target adds COVID19). Rows of labels present in both are copied, in the
+    target's order; only the new labels' rows start fresh (zero, as every new head here). The
+    mapping is recorded in ``spec.init["label_map"]`` (target label → source label or null).
+    """
     src = bundle.spec
-    if arch and arch != src.arch:
-        raise ConfigError(f"{path}: bundle holds {src.arch!r} but --model is {arch!r}")
+    labels = tuple(labels)
+    label_map = {label: (label if label in src.labels else None) for label in labels}
+    head = "kept" if src.labels == labels else "mapped" if any(label_map.values()) else "new"
     spec = ModelSpec(
         arch=src.arch,
         labels=labels,
@@ -238,16 +254,43 @@ def _init_from_bundle(path: Path, labels, arch, image_size) -> tuple[nn.Module, 
         timm_kwargs=src.timm_kwargs,
         init={
             "kind": "bundle",
-            "source": str(path.resolve()),
+            "source": str(bundle.path.resolve()),
             "sha256": bundle.sha256,
             "source_labels": list(src.labels),
-            "head": "kept" if src.labels == labels else "new",
+            "head": head,
+            "label_map": label_map,
             "previous_init": src.init,
         },
     )
     model = build_model(spec)
-    load_backbone(model, bundle.state_dict, source=str(path))
+    prefixes = _head_prefixes(model)
+    backbone = {k: v for k, v in bundle.state_dict.items() if not k.startswith(prefixes)}
+    own_head = {k for k in model.state_dict() if k.startswith(prefixes)}
+    load_backbone(
+        model, {**backbone, **{k: model.state_dict()[k] for k in own_head}}, str(bundle.path)
+    )
+    zero_head(model)
+    _carry_rows(model, bundle.state_dict, src.labels, label_map)
     return model, spec
+
+
+def _carry_rows(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source_labels: Sequence[str],
+    label_map: dict[str, str | None],
+) -> None:
+    """Copy the source classifier's rows into ``model``'s head by label (weight and bias)."""
+    head = model.get_classifier()
+    prefix = _head_prefixes(model)[0]
+    with torch.no_grad():
+        for name, param in head.named_parameters():
+            source = state.get(prefix + name)
+            if source is None or source.shape[0] != len(source_labels):
+                raise ConfigError(f"bundle head tensor {prefix + name} does not match its labels")
+            for row, src_label in enumerate(label_map.values()):
+                if src_label is not None:
+                    param[row] = source[list(source_labels).index(src_label)]
 
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:

@@ -10,7 +10,7 @@ import sys
 import cloudpickle
 import pytest
 import torch
-from cli import assert_one_line_error, fedbridge
+from cli import assert_one_line_error, fedbridge, ok
 from rich.console import Console
 
 from fedbridge.simulate import simulate
@@ -215,3 +215,32 @@ def test_a_resumed_run_must_keep_its_number_of_rounds(fed, tmp_path):
     _run(_flat(root, tmp_path / "fed", **{"num-server-rounds": 1}), _sites(split))
     with pytest.raises(ConfigError, match="num-server-rounds"):
         _run(_flat(root, tmp_path / "fed"), _sites(split))
+
+
+def test_a_three_label_bridge_becomes_a_four_label_federated_model(fed, tmp_path):
+    """Kermany-like bridge without COVID19 → 4-label sites: rows carried by name (CLI path)."""
+    root, split = fed
+    bridge_data = tmp_path / "bridge-3"
+    bridge_data.mkdir()
+    for label_dir in (split / "bridge").iterdir():
+        if label_dir.name != "COVID19":
+            (bridge_data / label_dir.name).symlink_to(label_dir.resolve())
+    ok(
+        "bridge", bridge_data, "--out", tmp_path / "bridge3", "--model", "test_efficientnet",
+        "--init", "none", "--image-size", "48", "--epochs", "1", "--batch-size", "32",
+    )  # fmt: skip
+    bridge = load_bundle(tmp_path / "bridge3")
+    assert "COVID19" not in bridge.spec.labels
+    result = ok(
+        "federate", "simulate", "--init", tmp_path / "bridge3",
+        "--site", split / "site-1", "--site", split / "site-2",
+        "--rounds", "1", "--augment-per-sample", "1", "--out", tmp_path / "fed4",
+    )  # fmt: skip
+    assert "new for COVID19" in result.stdout + result.stderr
+    final = load_bundle(tmp_path / "fed4")
+    assert final.spec.labels == ("BACTERIAL_PNEUMONIA", "COVID19", "NORMAL", "VIRAL_PNEUMONIA")
+    init = final.spec.init
+    assert init["head"] == "mapped" and init["sha256"] == bridge.sha256
+    assert init["label_map"]["COVID19"] is None
+    assert init["label_map"]["NORMAL"] == "NORMAL"
+    assert init["source_labels"] == list(bridge.spec.labels)

@@ -16,6 +16,7 @@ from fedbridge.cli.federate import (
     AugmentPerSample,
     BatchSize,
     Init,
+    Labels,
     LocalEpochs,
     Lr,
     Out,
@@ -24,6 +25,7 @@ from fedbridge.cli.federate import (
     Strategy,
     Test,
     Val,
+    folder_labels,
     run_config,
 )
 from fedbridge.cli.options import Seed, make_console
@@ -96,6 +98,7 @@ def start(
     val: Val = None,
     test: Test = None,
     settings: Settings = None,
+    labels: Labels = None,
     insecure: Insecure = False,
     seed: Seed = defaults.SEED,
 ) -> None:
@@ -112,6 +115,7 @@ def start(
         min_sites=sites // 2 + 1 if min_sites is None else min_sites,
         augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
+        labels=labels or folder_labels(val or test),
     )  # fmt: skip
     coord = Coordinator(
         config=FederationConfig.from_flat(flat),

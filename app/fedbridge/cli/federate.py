@@ -33,6 +33,14 @@ Test = Annotated[
     Path | None,
     typer.Option(help="Test set assessed with the final bundle."),
 ]
+Labels = Annotated[
+    str | None,
+    typer.Option(
+        help="Target labels, comma-separated, when they differ from the bridge bundle's "
+        "(rows of shared labels are carried by name, new ones start fresh). "
+        "Default: the sites' class folders (simulate) or --val/--test's (server start)."
+    ),
+]
 Settings = Annotated[
     list[str] | None,
     typer.Option("--set", help="Any run-config key, e.g. --set dp.enabled=true."),
@@ -52,6 +60,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def folder_labels(folder: Path | None) -> str | None:
+    """The class-folder labels of ``folder``, comma-separated (None without a folder)."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    from fedbridge_shared.data.samples import scan_folder
+
+    return ",".join(scan_folder(Path(folder)).labels)
+
+
 def run_config(
     *,
     init: Path,
@@ -69,6 +86,7 @@ def run_config(
     test: Path | None,
     seed: int,
     settings: list[str] | None,
+    labels: str | None = None,
 ) -> dict[str, Any]:
     """The flat run config both commands hand to :class:`FederationConfig`.
 
@@ -89,6 +107,7 @@ def run_config(
         "seed": seed,
         "val-data": str(Path(val).resolve()) if val else "",
         "test-data": str(Path(test).resolve()) if test else "",
+        "labels": labels or "",
         "min-available-sites": sites,
         "min-train-sites": quorum,
         "min-evaluate-sites": quorum,
@@ -111,6 +130,7 @@ def simulate(
     val: Val = None,
     test: Test = None,
     settings: Settings = None,
+    labels: Labels = None,
     audit_dir: Annotated[
         Path | None,
         typer.Option(help="Write a JSON-lines audit of every message each site sends."),
@@ -124,5 +144,6 @@ def simulate(
         init=init, out=out_dir, sites=len(sites), rounds=rounds, strategy=strategy,
         augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
+        labels=labels or folder_labels(sites[0] if sites else None),
     )  # fmt: skip
     run(flat, sites, out=make_console(), audit_dir=audit_dir)
