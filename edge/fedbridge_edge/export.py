@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedbridge_edge import ood
+from fedbridge_edge import ood, trt_ops
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, seal
 from fedbridge_edge.preprocess import InputSpec, list_images, normalise, resize
@@ -72,6 +72,7 @@ class ExportResult:
     ood: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
     int8: dict[str, Any] | None = None
+    tensorrt: dict[str, Any] = field(default_factory=dict)
 
 
 def _torch_model(bundle_path: Path):
@@ -177,6 +178,8 @@ def export_onnx(
     batch: int | None = None,
     fp16: bool = False,
     int8_calib: Path | None = None,
+    int8_method: str = "percentile",
+    int8_fallback: bool = False,
     ood_percentile: float = ood.DEFAULT_PERCENTILE,
     console=None,
 ) -> ExportResult:
@@ -237,22 +240,32 @@ def export_onnx(
     parity = _parity(data, parity_x, reference, tol=None if fp16 else FP32_LOGITS_TOL)
     edge["parity"] = parity
     result = ExportResult(path=Path(out), parity=parity, ood=ood_record, seconds=seconds)
+    edge["tensorrt"] = trt_ops.summary(onnx_model)
     if int8_calib is not None:
-        from fedbridge_edge.quantize import quantize_int8
-
         t2 = time.perf_counter()
-        calib = list_images([int8_calib])
-        if not calib:
-            raise EdgeError(f"{int8_calib}: no PNG/JPEG/DICOM images to calibrate INT8 on")
-        qmodel, info = quantize_int8(data, calib, spec, batch)
-        edge["precision"] = "int8"
-        edge["int8"] = info
-        data = seal(qmodel, record, edge)
-        info["vs_fp32"] = _parity(data, parity_x, reference, tol=None)
-        result.int8 = info
+        int8 = _int8(
+            data, calib_dir=int8_calib, spec=spec, batch=batch, method=int8_method,
+            held_out=[(p, x, t) for p, x, t in zip(paths, x_val, y, strict=True)],
+        )  # fmt: skip
         seconds["quantize"] = time.perf_counter() - t2
+        result.int8 = int8.info
+        if int8.refused is None:
+            edge.update(precision="int8", int8=int8.info, tensorrt=trt_ops.summary(int8.model))
+            data = seal(int8.model, record, edge)
+            int8.info["vs_fp32"] = _parity(data, parity_x, reference, tol=None)
+        elif int8_fallback:
+            int8.info["refused"] = int8.refused
+            console.print(f"[bold red]INT8 REFUSED, writing fp32 instead:[/] {int8.refused}")
+            edge["int8"] = int8.info
+            data = seal(onnx.load_from_string(data), record, edge)
+        else:
+            raise EdgeError(
+                f"--int8: {int8.refused}; not writing {out} (add --int8-fallback to write fp32 "
+                "instead, or try --int8-calibration entropy and more --calib images)"
+            )
     else:
         data = seal(onnx.load_from_string(data), record, edge)  # parity recorded inside
+    result.tensorrt = edge["tensorrt"]
     atomic_write(Path(out), data)
     seconds["total"] = time.perf_counter() - t0
     return result
@@ -287,6 +300,48 @@ def _cam_reference(model: nn.Module, x: np.ndarray, gaussians: ood.Gaussians) ->
             maps.append(cam[torch.arange(len(k)), k].clamp_min(0).flatten().numpy())
     reference = float(np.percentile(np.concatenate(maps), CAM_REFERENCE_PERCENTILE))
     return reference if np.isfinite(reference) and reference > 0 else 1.0
+
+
+@dataclass
+class _Int8:
+    model: onnx.ModelProto
+    info: dict[str, Any]
+    refused: str | None
+
+
+def _int8(
+    fp32: bytes,
+    *,
+    calib_dir: Path,
+    spec: InputSpec,
+    batch: int | None,
+    method: str,
+    held_out: list[tuple[Path, np.ndarray, int]],
+) -> _Int8:
+    """Quantize, then compare INT8 with fp32 on labelled images that calibration did not see."""
+    import onnxruntime as ort
+
+    from fedbridge_edge.quantize import MIN_CHECK_IMAGES, compare, quantize_int8, verdict
+
+    calib = list_images([calib_dir])
+    if not calib:
+        raise EdgeError(f"{calib_dir}: no PNG/JPEG/DICOM images to calibrate INT8 on")
+    seen = {p.resolve() for p in calib}
+    check = [(x, t) for p, x, t in held_out if p.resolve() not in seen]
+    if len(check) < MIN_CHECK_IMAGES:
+        raise EdgeError(
+            f"--int8: only {len(check)} --val images are not among the --calib images; INT8 is "
+            f"checked against fp32 on at least {MIN_CHECK_IMAGES} held-out labelled images"
+        )
+    model, info = quantize_int8(fp32, calib, spec, batch, method=method)
+    x = np.stack([c[0] for c in check]).astype(np.float32)
+    y = np.array([c[1] for c in check])
+    outputs = []
+    for graph in (fp32, model.SerializeToString()):
+        session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        outputs.append(dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"input": x}), strict=True)))
+    info["held_out_check"] = compare(outputs[0], outputs[1], y)
+    return _Int8(model=model, info=info, refused=verdict(info["held_out_check"]))
 
 
 def _bundle_record(bundle) -> dict[str, Any]:

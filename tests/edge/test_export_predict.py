@@ -142,24 +142,19 @@ def test_export_refuses_bad_options_and_non_cam_models(cxr_bundle, tmp_path):
     assert not (tmp_path / "vit.onnx").exists()
 
 
-@pytest.fixture(scope="module")
-def int8_onnx(cxr_bundle, cxr_parts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8") / "model-int8.onnx"
-    ok(
-        "export", "onnx", cxr_bundle, "--out", out, "--val", cxr_parts["val"],
-        "--int8", "--calib", cxr_parts["train"],
-    )  # fmt: skip
-    return out
-
-
-def test_int8_keeps_accuracy_and_cam(edge_onnx, int8_onnx, cxr_parts):
-    from scipy.stats import spearmanr
+def test_int8_keeps_accuracy_and_cam_and_records_its_held_out_check(
+    edge_onnx, int8_onnx, cxr_parts
+):
     from sklearn.metrics import roc_auc_score
+
+    from fedbridge_edge.quantize import MAX_ACCURACY_DROP, rank_correlation
 
     fp32, int8 = Predictor(edge_onnx), Predictor(int8_onnx)
     model = onnx.load(int8_onnx)
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert int8.meta.edge["precision"] == "int8"
+    check = int8.meta.edge["int8"]["held_out_check"]
+    assert check["images"] > 50 and check["accuracy_drop"] <= MAX_ACCURACY_DROP
     paths = list_images([cxr_parts["test"]])
     y = np.array([fp32.labels.index(p.parent.name) for p in paths])
     x = _inputs(fp32, paths)
@@ -173,14 +168,40 @@ def test_int8_keeps_accuracy_and_cam(edge_onnx, int8_onnx, cxr_parts):
             float(roc_auc_score(y, probs, multi_class="ovr")),
         )
     k = a["logits"].argmax(1)
-    rank = [
-        spearmanr(a["cam"][i, k[i]].ravel(), b["cam"][i, k[i]].ravel()).statistic
-        for i in range(len(x))
-    ]
-    print(f"fp32 acc/auc {stats['fp32']}, int8 acc/auc {stats['int8']}, "
-          f"CAM rank corr mean {np.nanmean(rank):.3f}")  # fmt: skip
-    assert stats["int8"][0] >= stats["fp32"][0] - 0.08
-    assert stats["int8"][1] >= stats["fp32"][1] - 0.03
-    assert np.nanmean(rank) >= 0.7
+    rows = np.arange(len(x))
+    rank = rank_correlation(
+        a["cam"][rows, k].reshape(len(x), -1), b["cam"][rows, k].reshape(len(x), -1)
+    )
+    print(f"unseen patients: fp32 acc/auc {stats['fp32']}, int8 acc/auc {stats['int8']}, "
+          f"CAM rank corr mean {rank.mean():.3f}")  # fmt: skip
+    assert stats["int8"][0] >= stats["fp32"][0] - 0.03
+    assert stats["int8"][1] >= stats["fp32"][1] - 0.02
+    assert rank.mean() >= 0.8
     noise = np.random.default_rng(0).uniform(-1, 1, x[:4].shape).astype(np.float32)
     assert (int8.run(noise)["ood_score"] > int8.threshold).all()
+
+
+def test_int8_that_moves_the_saliency_is_refused_or_falls_back_to_fp32(
+    cxr_bundle, cxr_parts, tmp_path, capsys
+):
+    """The bar raised in-process to 0.999 so the refusal does not hang on the small model's
+    exact CAM correlation; the CLI path, message and files are the real ones."""
+    from unittest import mock
+
+    from inproc import run
+
+    from fedbridge_edge import quantize
+
+    out = tmp_path / "m.onnx"
+    args = ("export", "onnx", cxr_bundle, "--out", out, "--val", cxr_parts["val"], "--int8",
+            "--calib", cxr_parts["train"])  # fmt: skip
+    with mock.patch.object(quantize, "MIN_CAM_RANK_CORR", 0.999):
+        result = run(capsys, *args)
+        assert_one_line_error(result, "--int8", "held-out images", "--int8-fallback")
+        assert not out.exists()
+        result = run(capsys, *args, "--int8-fallback")
+    assert result.returncode == 0, result.stderr
+    assert "INT8 REFUSED" in result.stdout + result.stderr
+    edge = read_edge_model(out).edge
+    assert edge["precision"] == "fp32" and "rank correlation" in edge["int8"]["refused"]
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)

@@ -26,6 +26,12 @@ class Precision(StrEnum):
     int8 = "int8"
 
 
+class Int8Calibration(StrEnum):
+    percentile = "percentile"
+    entropy = "entropy"
+    minmax = "minmax"
+
+
 class Backend(StrEnum):
     auto = "auto"
     tensorrt = "tensorrt"
@@ -66,6 +72,17 @@ def export_onnx(
         Path | None,
         typer.Option(help="Site images to calibrate INT8 activations on."),
     ] = None,
+    int8_calibration: Annotated[
+        Int8Calibration, typer.Option(help="How INT8 activation ranges are set.")
+    ] = Int8Calibration.percentile,
+    int8_fallback: Annotated[
+        bool,
+        typer.Option(
+            "--int8-fallback",
+            help="When INT8 loses accuracy or saliency on held-out --val images, write fp32 "
+            "(with a loud warning) instead of refusing.",
+        ),
+    ] = False,
     ood_percentile: Annotated[
         float,
         typer.Option(help="OOD threshold: this percentile of out-of-fold validation scores."),
@@ -100,6 +117,8 @@ def export_onnx(
         batch=batch,
         fp16=fp16,
         int8_calib=calib if int8 else None,
+        int8_method=int8_calibration.value,
+        int8_fallback=int8_fallback,
         ood_percentile=ood_percentile,
         console=err,
     )
@@ -116,10 +135,19 @@ def export_onnx(
         f"scores on {o['n_val']} images in {o['data']})"
     )
     if result.int8:
-        q = result.int8["vs_fp32"]
+        c = result.int8["held_out_check"]
+        kept = "kept" if "refused" not in result.int8 else "REFUSED (fp32 written)"
         out.print(
-            f"INT8 (QDQ, {result.int8['calib_images']} calibration images): logits max abs diff "
-            f"vs fp32 {q['logits_max_abs_diff']:.3f}, cam {q['cam_max_abs_diff']:.3f}"
+            f"INT8 {kept} ({result.int8['calibration']} calibration on "
+            f"{result.int8['calib_images']} images), on {c['images']} held-out --val images: "
+            f"accuracy {c['accuracy_int8']:.3f} vs fp32 {c['accuracy_fp32']:.3f}, agreement "
+            f"{c['top1_agreement']:.3f}, CAM rank correlation {c['cam_rank_corr_mean']:.3f}"
+        )
+    trt = result.tensorrt
+    if trt["n_problems"]:
+        err.print(
+            f"[yellow]warning:[/] {trt['n_problems']} part(s) of the graph are not supported by "
+            f"{trt['target']}: {shown(trt['problems'][0])}"
         )
 
 
