@@ -304,3 +304,29 @@ def test_listen_predicts_writes_and_forwards_to_pacs(edge_onnx, cxr_dicoms, tmp_
     assert f"refused MODALITY:{bare.SOPInstanceUID}" in text
     assert text.count("forwarded ") == 4 and "stopped" in text
     assert proc.returncode == 0, text
+
+
+def test_uids_that_are_not_uids_are_refused():
+    source = Dataset()
+    source.StudyInstanceUID, source.SeriesInstanceUID = "../../etc", generate_uid()
+    source.SOPInstanceUID, source.SOPClassUID = generate_uid(), DX
+    with pytest.raises(dicom_out.EdgeError, match="StudyInstanceUID .* is not a valid UID"):
+        dicom_out.check_source(source, name="x.dcm")
+
+
+def test_forward_to_a_pacs_that_is_down_reports_each_instance():
+    import socket
+
+    from fedbridge_edge.listen import Destination, send
+
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        dest = Destination.parse(f"127.0.0.1:{s.getsockname()[1]}:PACS")
+        items = []
+        for _ in range(2):
+            ds = Dataset()
+            ds.SOPInstanceUID = generate_uid()
+            items.append(ds)
+        results = send(items, dest, ae_title="FEDBRIDGE", timeout=5)
+    assert [uid for uid, _ in results] == [str(d.SOPInstanceUID) for d in items]
+    assert all(error and "PACS" in error for _, error in results), results
