@@ -16,7 +16,7 @@ err = make_console(stderr=True)
 
 export_app = typer.Typer(help="Export a bundle for deployment.", no_args_is_help=True)
 edge_app = typer.Typer(
-    help="The bedside device: build, predict, serve, bench.", no_args_is_help=True
+    help="The bedside device: build, predict, serve, listen, bench.", no_args_is_help=True
 )
 
 
@@ -188,31 +188,72 @@ def predict(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for JSON + overlay PNGs.")],
     backend: BackendOpt = Backend.auto,
     threads: Threads = None,
+    dicom: Annotated[
+        bool,
+        typer.Option(
+            "--dicom",
+            help="For DICOM inputs also write IMAGE.sc.dcm (overlay, Secondary Capture) and "
+            "IMAGE.sr.dcm (Comprehensive SR) in the input's study.",
+        ),
+    ] = False,
 ) -> None:
-    """Predict each image: IMAGE.json (label, probabilities, OOD) and IMAGE.overlay.png."""
+    """Predict each image: IMAGE.json (label, probabilities, OOD) and IMAGE.overlay.png;
+    predictions.csv and predictions.jsonl summarise the run, one row per image."""
+    from fedbridge_edge import summary
+    from fedbridge_edge.errors import EdgeError
     from fedbridge_edge.preprocess import list_images
     from fedbridge_edge.runtime import Predictor, unique_stems, write_prediction
     from fedbridge_shared.errors import DataError
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: is a file; give a folder")
     images = list_images(inputs)
     if not images:
         raise ConfigError(f"no PNG/JPEG/DICOM images in {', '.join(map(str, inputs))}")
+    if dicom and not any(_is_dicom(p) for p in images):
+        raise ConfigError("--dicom: none of the inputs is a DICOM file")
     predictor = Predictor(model, backend.value, threads)
-    failed = 0
+    if dicom:
+        from fedbridge_edge import dicom_out
+
+        model_name = f"fedbridge {predictor.meta.spec.get('arch', 'model')}"
+    failed, rows = 0, []
     for path, stem in zip(images, unique_stems(images), strict=True):
         try:
             pred = predictor.predict_file(path)
-        except DataError as e:
+            results = None
+            if dicom and _is_dicom(path):
+                header = dicom_out.read_header(path)
+                results = dicom_out.build(pred, header, model_name=model_name, name=str(path))
+        except (DataError, EdgeError) as e:
             if len(images) == 1:
                 raise
             failed += 1
+            rows.append(summary.error_row(path, str(e), predictor.sha256))
             err.print(f"[red]skipped[/] {shown(e)}")
             continue
         write_prediction(pred, out_dir, stem)
+        if results is not None:
+            dicom_out.write(*results, out_dir, stem)
+        rows.append(summary.row(pred, path))
         out.print(f"{shown(path.name)}: {verdict(pred)}  {pred.latency_ms:.1f} ms")
+    summary.write(rows, out_dir)
     out.print(f"{len(images) - failed} predictions in {out_dir} ({predictor.backend})")
     if failed:
         raise typer.Exit(1)
+
+
+def _is_dicom(path: Path) -> bool:
+    """A DICOM input by the same rule the image reader uses: suffix or DICM magic."""
+    from fedbridge_shared.data.images import DICOM_SUFFIXES
+
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def verdict(pred) -> str:
@@ -251,6 +292,69 @@ def serve(
         pass
     finally:
         server.server_close()
+
+
+@edge_app.command("listen")
+def listen(
+    model: ModelArg,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for results: OUT/<StudyInstanceUID>/….")
+    ],
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 11112,
+    host: Annotated[str, typer.Option(help="Address to bind (keep loopback).")] = "127.0.0.1",
+    ae_title: Annotated[str, typer.Option(help="This listener's AE title.")] = "FEDBRIDGE",
+    forward: Annotated[
+        str | None,
+        typer.Option(help="Send each SC + SR by C-STORE to this PACS: HOST:PORT[:AET]."),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds each DICOM network step may take (ACSE, DIMSE, TCP).")
+    ] = 10.0,
+    backend: BackendOpt = Backend.auto,
+    threads: Threads = None,
+) -> None:
+    """DICOM C-STORE SCP: predict every CR/DX/SC image received; write its SC + SR; forward."""
+    import logging
+    import signal
+    import threading
+
+    from fedbridge_edge.listen import Destination, Listener, check_ae_title
+    from fedbridge_edge.runtime import Predictor
+    from fedbridge_shared.files import check_writable
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be in [0, 65535] (0: any free port)")
+    if not 0 < timeout <= 600:
+        raise ConfigError(f"--timeout {timeout}: must be in (0, 600] seconds")
+    check_ae_title(ae_title, option="--ae-title")
+    dest = Destination.parse(forward) if forward is not None else None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: is a file; give a folder")
+    check_writable(out_dir / "probe", option="--out")
+    predictor = Predictor(model, backend.value, threads)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("fedbridge.edge.listen")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # ours says it in one line
+    listener = Listener(predictor, out=out_dir, ae_title=ae_title, forward=dest, timeout=timeout)
+    bound_host, bound_port = listener.start(host, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    where = f", forwarding to {dest}" if dest else ""
+    out.print(
+        f"listening on {bound_host}:{bound_port} as {shown(ae_title)} ({predictor.backend}); "
+        f"results in {shown(out_dir)}{where}"
+    )
+    out.file.flush()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        listener.stop()
+    out.print("stopped")
 
 
 @edge_app.command("bench")

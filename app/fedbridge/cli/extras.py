@@ -20,6 +20,8 @@ _EXTRA_OF_MODULE = {
     "ray": "simulation",
     "onnx": "edge",
     "onnxruntime": "edge",
+    "pynetdicom": "edge",
+    "highdicom": "edge",
     "onnxscript": "export",
 }
 _EXTRA_OF_COMMAND = {
