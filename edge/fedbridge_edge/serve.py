@@ -134,7 +134,8 @@ class _Bounds:
             path = scope["path"] + (
                 f"?{scope['query_string'].decode()}" if scope["query_string"] else ""
             )
-            client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "-"
+            host_port = scope.get("client")
+            client = f"{host_port[0]}:{host_port[1]}" if host_port else "-"
             log.info(
                 '%s "%s %s" %s %d B %.1f ms',
                 client, scope["method"], path, status or "-", sent,
@@ -452,6 +453,7 @@ class EdgeServer:
         self.config = uvicorn.Config(
             app,
             http=protocol,
+            ws="none",
             lifespan="on",
             access_log=False,  # ours (fedbridge.edge) has bytes and milliseconds
             log_config=None,
