@@ -249,7 +249,7 @@ class Api:
         self.predictor, self.limits = predictor, limits
         self.ready = False
         self.infer_lock = threading.Lock()  # one inference at a time (TensorRT contexts)
-        self.decoders = asyncio.Semaphore(2)  # decoded images in memory at once, bounded
+        self.decoders = threading.BoundedSemaphore(2)
 
     def warm_up(self) -> None:
         size = self.predictor.spec.image_size
@@ -318,19 +318,17 @@ class Api:
         )
 
     async def _predict_one(self, name: str, data: bytes, overlay: str) -> dict[str, Any]:
+        """Decode, infer and render in one worker thread (the event loop stays free)."""
+        return await run_in_threadpool(self._predict_sync, name, data, overlay)
+
+    def _predict_sync(self, name: str, data: bytes, overlay: str) -> dict[str, Any]:
         started = time.perf_counter()
-        async with self.decoders:
-            grey = await run_in_threadpool(self._decode, data, name)
-        pred = await run_in_threadpool(self._infer, grey, name, started)
-        return await run_in_threadpool(self._render, pred, data, overlay)
-
-    def _decode(self, data: bytes, name: str) -> np.ndarray:
-        check_declared_size(data, self.limits.max_pixels, name)
-        return decode_bytes(data, name)
-
-    def _infer(self, grey: np.ndarray, name: str, started: float) -> Prediction:
+        with self.decoders:  # decoded images in memory at once, bounded
+            check_declared_size(data, self.limits.max_pixels, name)
+            grey = decode_bytes(data, name)
         with self.infer_lock:
-            return self.predictor.predict_array(grey, name, started)
+            pred = self.predictor.predict_array(grey, name, started)
+        return self._render(pred, data, overlay)
 
     def _render(self, pred: Prediction, data: bytes, overlay: str) -> dict[str, Any]:
         result = pred.to_json()
