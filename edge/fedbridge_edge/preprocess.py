@@ -73,15 +73,24 @@ def declared_size(data: bytes) -> tuple[int, int, int] | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
                 return img.size[0], img.size[1], int(getattr(img, "n_frames", 1) or 1)
-    except Image.DecompressionBombError:  # over twice PIL's own limit: surely over ours
-        return Image.MAX_IMAGE_PIXELS * 2 + 1, 1, 1
+    except Image.DecompressionBombError:  # over twice PIL's own limit: the caller refuses it
+        raise
     except Exception:  # noqa: BLE001 - unknown formats are reported by the decoder
         return None
 
 
 def check_declared_size(data: bytes, max_pixels: int, name: str = "upload") -> None:
     """Refuse an image whose header declares more than ``max_pixels`` pixels, before decoding."""
-    size = declared_size(data)
+    from PIL import Image
+
+    try:
+        size = declared_size(data)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(
+            f"{name}: image declares over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} MP, over "
+            f"the {max_pixels / 1e6:.1f} MP limit (--max-pixels): refused before decoding as a "
+            "possible decompression bomb"
+        ) from e
     if size is None:
         return
     width, height, frames = size
@@ -90,7 +99,8 @@ def check_declared_size(data: bytes, max_pixels: int, name: str = "upload") -> N
         what = f"{width}x{height} px" + (f" x {frames} frames" if frames > 1 else "")
         raise ImageTooLarge(
             f"{name}: image declares {what} ({pixels / 1e6:.1f} MP), over the "
-            f"{max_pixels / 1e6:.1f} MP limit (--max-pixels); refused before decoding"
+            f"{max_pixels / 1e6:.1f} MP limit (--max-pixels): refused before decoding as a "
+            "possible decompression bomb"
         )
 
 

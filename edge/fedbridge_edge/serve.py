@@ -11,10 +11,11 @@ Endpoints (``GET /openapi.json`` describes them):
 - ``GET /health`` (model, labels, backend, version) and ``GET /ready`` (503 until warmed up).
 
 Every error is JSON ``{"error": "..."}``: 404 unknown path, 405 (with ``Allow``) wrong method,
-408 body too slow, 413 body or declared pixel count too large, 415 content type, 400 unreadable
-image, 503 over the concurrency limit. Bounds: body size (declared or streamed, chunked
-included), header and body timeouts, a 2048 listen backlog, requests in flight, one inference at
-a time (TensorRT contexts are not thread-safe) in a worker thread so ``/health`` keeps answering.
+408 body too slow, 413 body too large, 415 content type, 400 unreadable image or a declared
+pixel count over the limit (checked before decoding), 503 over the concurrency limit.
+Bounds: body size (declared or streamed, chunked included), header and body timeouts, a 2048
+listen backlog, requests in flight, one inference at a time (TensorRT contexts are not
+thread-safe) in a worker thread so ``/health`` keeps answering.
 Bind to 127.0.0.1 (the default) and put an authenticating proxy in front for anything wider.
 """
 
@@ -44,7 +45,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedbridge_edge.errors import EdgeError
-from fedbridge_edge.preprocess import ImageTooLarge, check_declared_size, decode_bytes
+from fedbridge_edge.preprocess import check_declared_size, decode_bytes
 from fedbridge_edge.runtime import Prediction, Predictor
 from fedbridge_shared.errors import FedbridgeError
 
@@ -355,9 +356,7 @@ class Api:
         name, data = files[0]
         try:
             return JSONResponse(await self._predict_one(name, data, overlay))
-        except ImageTooLarge as e:
-            raise ApiError(413, str(e)) from e
-        except FedbridgeError as e:
+        except FedbridgeError as e:  # ImageTooLarge (over --max-pixels) included
             raise ApiError(400, str(e)) from e
 
     async def predict_batch(self, request: Request) -> Response:
@@ -688,9 +687,10 @@ def openapi_schema(limits: Limits) -> dict[str, Any]:
 
 
 ERRORS = {
-    400: "Bad request: unreadable image, bad query or multipart body",
+    400: "Bad request: unreadable image, image over --max-pixels (refused before decoding), "
+    "bad query or multipart body",
     408: "The body did not arrive in time",
-    413: "Body over --max-bytes, or image over --max-pixels (refused before decoding)",
+    413: "Body over --max-bytes (declared or streamed)",
     415: "Unsupported content type",
     503: "Busy (over --concurrency) or not ready",
 }

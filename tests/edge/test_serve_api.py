@@ -236,7 +236,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(served, tmp_path):
     before = served.vm_hwm_kb()
     for _ in range(5):
         r = requests.post(f"{served.url}/predict", data=data, timeout=60)
-        assert r.status_code == 413, r.text
+        assert r.status_code == 400, r.text
         assert "10000x10000" in r.json()["error"] and "before decoding" in r.json()["error"]
     grew_mb = (served.vm_hwm_kb() - before) / 1024
     print(f"\n[serve] bomb ×5: VmHWM grew {grew_mb:.1f} MB")
@@ -299,3 +299,43 @@ def test_serve_options_are_checked_in_one_line(edge_onnx):
     ):
         result = fedbridge("edge", "serve", edge_onnx, "--port", "0", *args, timeout=120)
         assert_one_line_error(result, needle)
+
+
+def test_over_the_concurrency_limit_is_503_json(edge_onnx):
+    """In-process, --concurrency 1: a POST whose body is still coming holds the one slot."""
+    import threading
+
+    from fedbridge_edge.runtime import Predictor
+    from fedbridge_edge.serve import make_server
+
+    server = make_server(
+        Predictor(edge_onnx, threads=1), "127.0.0.1", 0, concurrency=1, timeout=20,
+        access_log=False,
+    )  # fmt: skip
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        for _ in range(600):  # bounded: until uvicorn has started
+            try:
+                if requests.get(f"{url}/ready", timeout=30).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=30) as slow:
+            slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0")
+            r = None
+            for _ in range(100):  # bounded: until the slow request is admitted
+                r = requests.post(f"{url}/predict", data=b"x", timeout=30)
+                if r.status_code == 503:
+                    break
+                time.sleep(0.1)
+            assert r is not None and r.status_code == 503, r.text
+            assert "--concurrency" in r.json()["error"] and r.headers["Retry-After"] == "1"
+            assert requests.get(f"{url}/health", timeout=30).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
