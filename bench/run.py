@@ -14,8 +14,8 @@ import time
 from bench._common import Results, log
 
 SCRIPTS = (
-    "train_throughput", "edge_speed", "federation_cost", "deployed_rounds", "dp_accuracy",
-    "accuracy",
+    "train_throughput", "edge_speed", "edge_serve", "federation_cost", "deployed_rounds",
+    "dp_accuracy", "accuracy",
 )  # fmt: skip
 
 

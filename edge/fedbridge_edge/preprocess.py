@@ -15,7 +15,16 @@ from fedbridge_shared.data.images import IMAGE_SUFFIXES, read_image
 from fedbridge_shared.data.pixels import InputSpec, normalise, resize
 from fedbridge_shared.errors import DataError
 
-__all__ = ["InputSpec", "normalise", "resize", "load", "decode_bytes", "list_images"]
+__all__ = [
+    "InputSpec",
+    "normalise",
+    "resize",
+    "load",
+    "decode_bytes",
+    "list_images",
+    "check_declared_size",
+    "ImageTooLarge",
+]
 
 
 def load(path: Path, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +45,63 @@ def decode_bytes(data: bytes, name: str = "upload") -> np.ndarray:
             return read_image(Path(fh.name))
         except DataError as e:
             raise DataError(str(e).replace(fh.name, name)) from e
+
+
+class ImageTooLarge(DataError):
+    """An image whose declared pixel count exceeds the limit (refused before decoding)."""
+
+
+def declared_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, frames) from the header alone (PNG/JPEG via PIL, DICOM via pydicom
+    without pixel data); None when the header is not recognised (the decoder then says why)."""
+    import io
+    import warnings
+
+    if len(data) > 132 and data[128:132] == b"DICM":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            return int(ds.Columns), int(ds.Rows), max(frames, 1)
+        except Exception:  # noqa: BLE001 - an unreadable header is for the decoder to report
+            return None
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
+                return img.size[0], img.size[1], int(getattr(img, "n_frames", 1) or 1)
+    except Image.DecompressionBombError:  # over twice PIL's own limit: the caller refuses it
+        raise
+    except Exception:  # noqa: BLE001 - unknown formats are reported by the decoder
+        return None
+
+
+def check_declared_size(data: bytes, max_pixels: int, name: str = "upload") -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels, before decoding."""
+    from PIL import Image
+
+    try:
+        size = declared_size(data)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(
+            f"{name}: image declares over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} MP, over "
+            f"the {max_pixels / 1e6:.1f} MP limit (--max-pixels): refused before decoding as a "
+            "possible decompression bomb"
+        ) from e
+    if size is None:
+        return
+    width, height, frames = size
+    pixels = width * height * frames
+    if pixels > max_pixels:
+        what = f"{width}x{height} px" + (f" x {frames} frames" if frames > 1 else "")
+        raise ImageTooLarge(
+            f"{name}: image declares {what} ({pixels / 1e6:.1f} MP), over the "
+            f"{max_pixels / 1e6:.1f} MP limit (--max-pixels): refused before decoding as a "
+            "possible decompression bomb"
+        )
 
 
 def list_images(inputs: Iterable[Path]) -> list[Path]:

@@ -46,3 +46,31 @@ def test_batches_cover_every_item_once():
     chunks = list(batches(list(range(10)), 4))
     assert [len(c) for c in chunks] == [4, 4, 2]
     assert sum(chunks, []) == list(range(10))
+
+
+def test_check_declared_size_reads_headers_only(bad_inputs, tmp_path):
+    """PNG (IHDR), JPEG (SOF) and DICOM (Rows × Columns) sizes are refused above the limit."""
+    import io
+
+    import pydicom
+    from badinputs import write_bomb_png
+    from PIL import Image
+
+    from fedbridge_edge.preprocess import ImageTooLarge, check_declared_size, declared_size
+
+    dicom = bad_inputs["dicom_mono1"].read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(dicom))
+    assert declared_size(dicom) == (ds.Columns, ds.Rows, 1)
+    buf = io.BytesIO()
+    Image.new("L", (300, 200)).save(buf, "JPEG")
+    assert declared_size(buf.getvalue()) == (300, 200, 1)
+    check_declared_size(buf.getvalue(), 300 * 200)  # at the limit: accepted
+    for data, limit, needle in (
+        (buf.getvalue(), 300 * 200 - 1, "300x200 px"),
+        (dicom, ds.Columns * ds.Rows - 1, f"{ds.Columns}x{ds.Rows} px"),
+        (write_bomb_png(tmp_path / "bomb.png", 20000).read_bytes(), 10**8, "over 179 MP"),
+    ):
+        with pytest.raises(ImageTooLarge, match="refused before decoding") as e:
+            check_declared_size(data, limit, "scan.x")
+        assert needle in str(e.value) and str(e.value).startswith("scan.x: ")
+    assert declared_size(b"not an image" * 20) is None  # left to the decoder to explain

@@ -1,4 +1,7 @@
-"""The HTTP API on 127.0.0.1 (free port, stopped in the test) and the benchmark; real images."""
+"""The HTTP API in-process on 127.0.0.1 (free port, stopped in the test) and the benchmark.
+
+tests/edge/test_serve_api.py drives the CLI-started server with curl, requests and sockets.
+"""
 
 import base64
 import http.client
@@ -45,7 +48,7 @@ def test_health(server, edge_onnx):
 
 def test_post_real_image_round_trip(server, cxr_parts):
     image = list_images([cxr_parts["test"]])[0]
-    status, body = _request(server, "POST", "/predict", image.read_bytes())
+    status, body = _request(server, "POST", "/predict?overlay=png", image.read_bytes())
     assert status == 200, body
     assert body["label"] in body["probabilities"] and body["ood"] is False
     png = Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"])))

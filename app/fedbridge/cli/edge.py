@@ -269,10 +269,22 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind (keep loopback).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 8080,
     max_bytes: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 32 << 20,
+    max_pixels: Annotated[
+        int, typer.Option(help="Largest image (width × height × frames), checked before decoding.")
+    ] = 40_000_000,
+    concurrency: Annotated[
+        int, typer.Option(help="POST requests in flight at once; beyond: 503 JSON.")
+    ] = 128,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds a client has to send its headers, and its body.")
+    ] = 30.0,
+    max_files: Annotated[int, typer.Option(help="Files per /predict/batch request.")] = 16,
     backend: BackendOpt = Backend.auto,
     threads: Threads = None,
 ) -> None:
-    """HTTP API: POST /predict (image bytes) → JSON with base64 overlay; GET /health."""
+    """HTTP API: POST /predict, /predict/batch; GET /health, /ready, /openapi.json."""
+    import math
+
     from fedbridge_edge.runtime import Predictor
     from fedbridge_edge.serve import make_server
 
@@ -280,11 +292,23 @@ def serve(
         raise ConfigError(f"--port {port}: must be in [0, 65535] (0: any free port)")
     if max_bytes < 1:
         raise ConfigError(f"--max-bytes {max_bytes}: must be ≥ 1")
+    if max_pixels < 64:
+        raise ConfigError(f"--max-pixels {max_pixels}: must be ≥ 64")
+    if not 1 <= concurrency <= 100_000:
+        raise ConfigError(f"--concurrency {concurrency}: must be in [1, 100000]")
+    if not (math.isfinite(timeout) and 0 < timeout <= 3600):
+        raise ConfigError(f"--timeout {timeout}: must be in (0, 3600] seconds")
+    if not 1 <= max_files <= 1000:
+        raise ConfigError(f"--max-files {max_files}: must be in [1, 1000]")
     predictor = Predictor(model, backend.value, threads)
-    server = make_server(predictor, host, port, max_bytes)
+    server = make_server(
+        predictor, host, port, max_bytes, max_pixels=max_pixels, concurrency=concurrency,
+        timeout=timeout, max_files=max_files,
+    )  # fmt: skip
     out.print(
         f"serving {model} ({predictor.backend}) on http://{host}:{server.server_port} "
-        "— POST /predict, GET /health",
+        "— POST /predict, /predict/batch; GET /health, /ready, /openapi.json",
+        soft_wrap=True,
     )
     try:
         server.serve_forever()

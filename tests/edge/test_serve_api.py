@@ -1,0 +1,341 @@
+"""`fedbridge edge serve` as users meet it: the real CLI on 127.0.0.1 (free port), real clients
+(curl, requests, raw sockets), a real CXR model and images; the server is stopped by its PID."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from cli import assert_one_line_error, fedbridge
+from PIL import Image
+
+from fedbridge_edge.preprocess import list_images
+from fedbridge_shared.processes import stop
+
+MAX_BYTES = 4 << 20
+TIMEOUT = 3  # --timeout: header and body deadline (s)
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+        self.port = int(url.rsplit(":", 1)[1])
+
+    def vm_hwm_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+
+@pytest.fixture(scope="module")
+def served(edge_onnx, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    err = log.with_suffix(".err")
+    with open(log, "w") as out, open(err, "w") as errs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedbridge", "edge", "serve", str(edge_onnx), "--port", "0",
+             "--threads", "1", "--max-bytes", str(MAX_BYTES), "--timeout", str(TIMEOUT),
+             "--max-pixels", "20000000", "--max-files", "4"],
+            stdout=out, stderr=errs, start_new_session=True,
+            env={**__import__("os").environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"},
+        )  # fmt: skip
+    try:
+        url = None
+        for _ in range(600):  # bounded: the CLI prints its URL once it listens
+            text = log.read_text()
+            if "http://127.0.0.1:" in text:
+                url = "http://" + text.split("http://", 1)[1].split()[0]
+                break
+            assert proc.poll() is None, text + err.read_text()
+            time.sleep(0.1)
+        assert url, log.read_text()
+        for _ in range(600):  # bounded: /ready turns 200 once the model is warmed up
+            if requests.get(f"{url}/ready", timeout=30).status_code == 200:
+                break
+            time.sleep(0.1)
+        yield Served(proc, url, err)
+    finally:
+        stop([proc])
+
+
+@pytest.fixture(scope="module")
+def cxr_image(cxr_parts) -> Path:
+    return list_images([cxr_parts["test"]])[0]
+
+
+def _prediction(body: dict, name: str) -> None:
+    assert body["image"] == name, body
+    assert set(body["probabilities"]) and abs(sum(body["probabilities"].values()) - 1) < 1e-5
+    assert "overlay_png_base64" not in body  # ?overlay=none is the default
+
+
+def _raw(port: int, data: bytes, *, linger: bool = False) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        if linger:  # close with a reset, mid-body
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return b""
+        return sock.makefile("rb").read()
+
+
+def test_ready_health_and_openapi(served, edge_onnx):
+    from fedbridge_edge.runtime import Predictor
+
+    health = requests.get(f"{served.url}/health", timeout=30).json()
+    assert health["status"] == "ok" and health["ready"] is True
+    assert health["model_sha256"] == Predictor(edge_onnx).sha256
+    assert health["labels"] and health["backend"] == "onnxruntime" and health["version"]
+    assert requests.get(f"{served.url}/ready", timeout=30).json() == {"status": "ready"}
+    schema = requests.get(f"{served.url}/openapi.json", timeout=30).json()
+    assert schema["openapi"].startswith("3.")
+    assert {"/predict", "/predict/batch", "/health", "/ready"} <= set(schema["paths"])
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_raw_and_multipart(served, cxr_image):
+    raw = subprocess.run(
+        ["curl", "-s", "--data-binary", f"@{cxr_image}", f"{served.url}/predict?name=bed-3.jpg"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    _prediction(json.loads(raw.stdout), "bed-3.jpg")
+    form = subprocess.run(
+        ["curl", "-s", "-F", f"file=@{cxr_image}", f"{served.url}/predict"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    _prediction(json.loads(form.stdout), cxr_image.name)
+
+
+def test_requests_raw_multipart_and_chunked(served, cxr_image):
+    data = cxr_image.read_bytes()
+    r = requests.post(f"{served.url}/predict", data=data, timeout=60)
+    assert r.status_code == 200, r.text
+    _prediction(r.json(), "upload")
+    r = requests.post(f"{served.url}/predict", files={"file": (cxr_image.name, data)}, timeout=60)
+    assert r.status_code == 200, r.text
+    _prediction(r.json(), cxr_image.name)
+    chunks = (data[i : i + 4096] for i in range(0, len(data), 4096))  # no length: chunked
+    r = requests.post(f"{served.url}/predict", data=chunks, timeout=60)
+    assert r.status_code == 200, r.text
+    assert (
+        r.json()["probabilities"]
+        == requests.post(f"{served.url}/predict", data=data, timeout=60).json()["probabilities"]
+    )
+
+
+def test_overlay_png_none_and_dicom(served, cxr_image):
+    data = cxr_image.read_bytes()
+    body = requests.post(f"{served.url}/predict?overlay=png", data=data, timeout=60).json()
+    png = Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"])))
+    png.load()
+    assert png.format == "PNG" and min(png.size) > 64
+    body = requests.post(f"{served.url}/predict?overlay=none", data=data, timeout=60).json()
+    assert "overlay_png_base64" not in body and body["probabilities"]
+    r = requests.post(f"{served.url}/predict?overlay=gif", data=data, timeout=60)
+    assert r.status_code == 400 and "none, png, dicom" in r.json()["error"]
+    r = requests.post(f"{served.url}/predict?overlay=dicom", data=data, timeout=60)
+    if importlib.util.find_spec("fedbridge_edge.dicom_out") is None:
+        assert r.status_code == 400 and "not available" in r.json()["error"]
+    else:
+        assert r.status_code == 200 and r.json()["overlay_dicom_base64"]
+
+
+def test_batch_reports_a_broken_file_inline(served, cxr_parts, bad_inputs):
+    images = list_images([cxr_parts["test"]])[:2]
+    files = [("file", (p.name, p.read_bytes())) for p in images]
+    files.insert(1, ("file", ("broken.jpg", bad_inputs["truncated_jpeg"].read_bytes())))
+    r = requests.post(f"{served.url}/predict/batch", files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [o["image"] for o in out] == [images[0].name, "broken.jpg", images[1].name]
+    assert "truncated or corrupt" in out[1]["error"] and "probabilities" not in out[1]
+    assert all(o["probabilities"] for o in (out[0], out[2]))
+    too_many = [("file", (f"{i}.jpg", images[0].read_bytes())) for i in range(5)]
+    r = requests.post(f"{served.url}/predict/batch", files=too_many, timeout=120)
+    assert r.status_code == 400 and "4" in r.json()["error"]
+
+
+def test_methods_paths_and_content_types_answer_json(served, cxr_image):
+    r = requests.get(f"{served.url}/predict", timeout=30)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST" and "GET" in r.json()["error"]
+    for method in ("PUT", "OPTIONS", "DELETE"):
+        r = requests.request(method, f"{served.url}/predict", timeout=30)
+        assert r.status_code == 405 and r.headers["Allow"] == "POST", method
+        assert r.headers["Content-Type"] == "application/json" and r.json()["error"]
+    r = requests.head(f"{served.url}/predict", timeout=30)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
+    assert requests.head(f"{served.url}/health", timeout=30).status_code == 200
+    r = requests.get(f"{served.url}/no/such/thing", timeout=30)
+    assert r.status_code == 404 and r.json() == {"error": "no such endpoint /no/such/thing"}
+    r = requests.post(
+        f"{served.url}/predict", data=b"{}", headers={"Content-Type": "application/json"},
+        timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 415 and "application/json" in r.json()["error"]
+    r = requests.post(f"{served.url}/predict", data=b"", timeout=30)
+    assert r.status_code == 400 and "empty body" in r.json()["error"]
+    r = requests.post(f"{served.url}/predict", data=b"not an image at all", timeout=30)
+    assert r.status_code == 400 and "not a readable image" in r.json()["error"]
+
+
+def test_oversized_bodies_declared_or_streamed_are_413(served):
+    reply = _raw(
+        served.port,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        + f"Content-Length: {MAX_BYTES + 1}\r\n\r\n".encode()
+        + b"\0" * 1024,
+    ).decode()
+    assert reply.startswith("HTTP/1.1 413") and f"exceeds the {MAX_BYTES} limit" in reply
+    chunks = (b"\0" * (1 << 20) for _ in range(8))  # chunked, 8 MB > 4 MB
+    try:
+        r = requests.post(f"{served.url}/predict", data=chunks, timeout=60)
+        assert r.status_code == 413 and str(MAX_BYTES) in r.json()["error"]
+    except requests.ConnectionError:  # the server may close before the client sent it all
+        pass
+    assert requests.get(f"{served.url}/health", timeout=30).status_code == 200
+
+
+def test_malformed_content_length_gets_json_400_and_the_server_goes_on(served):
+    reply = _raw(
+        served.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\nxx"
+    )
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert (
+        head.startswith(b"HTTP/1.1 400") and "malformed HTTP request" in json.loads(body)["error"]
+    )
+    assert requests.get(f"{served.url}/health", timeout=30).status_code == 200
+
+
+def test_a_body_that_does_not_arrive_is_cut(served):
+    reply = _raw(
+        served.port,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 1000\r\n\r\n0123456789",
+    )  # the client then sends nothing more: the server answers and closes
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and "not received within" in json.loads(body)["error"]
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(served, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("I;16", (10000, 10000)).save(bomb)  # 100 MP, 16-bit, mostly zero: a small file
+    data = bomb.read_bytes()
+    assert len(data) < MAX_BYTES
+    before = served.vm_hwm_kb()
+    for _ in range(5):
+        r = requests.post(f"{served.url}/predict", data=data, timeout=60)
+        assert r.status_code == 400, r.text
+        assert "10000x10000" in r.json()["error"] and "before decoding" in r.json()["error"]
+    grew_mb = (served.vm_hwm_kb() - before) / 1024
+    print(f"\n[serve] bomb ×5: VmHWM grew {grew_mb:.1f} MB")
+    assert grew_mb < 300
+
+
+def test_64_concurrent_clients_all_succeed(served, cxr_image):
+    data = cxr_image.read_bytes()
+
+    def one(i: int) -> int:
+        with requests.Session() as s:
+            r = s.post(f"{served.url}/predict?name={i}.jpg", data=data, timeout=300)
+            return r.status_code if r.json().get("image") == f"{i}.jpg" else -1
+
+    with ThreadPoolExecutor(64) as pool:
+        codes = list(pool.map(one, range(64)))
+    assert codes == [200] * 64
+
+
+def test_half_open_connections_and_resets(served, cxr_image):
+    """200 sockets that stop mid-header, one that resets mid-body: /health still answers, the
+    idle ones are closed by the header timeout, no traceback on stderr."""
+    idle = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", served.port), timeout=30)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Half")
+            idle.append(s)
+        r = requests.get(f"{served.url}/health", timeout=30)
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+        _raw(
+            served.port,
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"\xff" * 999,
+            linger=True,
+        )
+        closed = 0
+        for s in idle:  # bounded: each recv waits at most the socket timeout (30 s)
+            s.settimeout(TIMEOUT * 10)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:  # closed with a reset
+                closed += 1
+        assert closed == 200
+    finally:
+        for s in idle:
+            s.close()
+    data = cxr_image.read_bytes()
+    assert requests.post(f"{served.url}/predict", data=data, timeout=60).status_code == 200
+    log = served.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert '"POST /predict" 200' in log and " ms" in log  # the access log
+
+
+def test_serve_options_are_checked_in_one_line(edge_onnx):
+    for args, needle in (
+        (["--max-pixels", "0"], "--max-pixels 0"),
+        (["--concurrency", "0"], "--concurrency 0"),
+        (["--timeout", "-1"], "--timeout -1"),
+        (["--max-files", "0"], "--max-files 0"),
+    ):
+        result = fedbridge("edge", "serve", edge_onnx, "--port", "0", *args, timeout=120)
+        assert_one_line_error(result, needle)
+
+
+def test_over_the_concurrency_limit_is_503_json(edge_onnx):
+    """In-process, --concurrency 1: a POST whose body is still coming holds the one slot."""
+    import threading
+
+    from fedbridge_edge.runtime import Predictor
+    from fedbridge_edge.serve import make_server
+
+    server = make_server(
+        Predictor(edge_onnx, threads=1), "127.0.0.1", 0, concurrency=1, timeout=20,
+        access_log=False,
+    )  # fmt: skip
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        for _ in range(600):  # bounded: until uvicorn has started
+            try:
+                if requests.get(f"{url}/ready", timeout=30).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=30) as slow:
+            slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0")
+            r = None
+            for _ in range(100):  # bounded: until the slow request is admitted
+                r = requests.post(f"{url}/predict", data=b"x", timeout=30)
+                if r.status_code == 503:
+                    break
+                time.sleep(0.1)
+            assert r is not None and r.status_code == 503, r.text
+            assert "--concurrency" in r.json()["error"] and r.headers["Retry-After"] == "1"
+            assert requests.get(f"{url}/health", timeout=30).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
