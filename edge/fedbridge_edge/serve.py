@@ -234,15 +234,6 @@ class _Protocol(H11Protocol):
 # ---- the application ------------------------------------------------------------------------
 
 
-def _secondary_capture() -> Callable | None:
-    """``fedbridge_edge.dicom_out.secondary_capture(pred, dataset)`` when that module exists."""
-    try:
-        module = importlib.import_module("fedbridge_edge.dicom_out")
-    except ImportError:
-        return None
-    return getattr(module, "secondary_capture", None)
-
-
 class Api:
     """The endpoints over one Predictor."""
 
@@ -285,8 +276,6 @@ class Api:
         overlay = request.query_params.get("overlay", "none")
         if overlay not in OVERLAYS:
             raise ApiError(400, f"?overlay={overlay}: must be one of {', '.join(OVERLAYS)}")
-        if overlay == "dicom" and _secondary_capture() is None:
-            raise ApiError(400, "?overlay=dicom: DICOM output is not available in this version")
         return overlay
 
     async def _files(self, request: Request) -> list[tuple[str, bytes]]:
@@ -335,17 +324,23 @@ class Api:
         result = pred.to_json()
         if overlay == "png":
             result["overlay_png_base64"] = base64.b64encode(pred.overlay_png()).decode()
-        elif overlay == "dicom":
+        elif overlay == "dicom":  # the Secondary Capture and the SR, in the upload's study
             import io
 
             import pydicom
 
-            dataset = None
-            if len(data) > 132 and data[128:132] == b"DICM":
-                dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            sc = _secondary_capture()(pred, dataset)
-            raw = sc if isinstance(sc, bytes) else _dataset_bytes(sc)
-            result["overlay_dicom_base64"] = base64.b64encode(raw).decode()
+            from fedbridge_edge import dicom_out
+
+            if not (len(data) > 132 and data[128:132] == b"DICM"):
+                raise ApiError(
+                    400, f"{pred.image}: ?overlay=dicom needs a DICOM upload (its patient and "
+                    "study go into the results); use ?overlay=png"
+                )  # fmt: skip
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            model = f"fedbridge {self.predictor.meta.spec.get('arch', 'model')}"
+            sc, sr = dicom_out.build(pred, header, model_name=model, name=pred.image)
+            result["overlay_dicom_base64"] = base64.b64encode(dicom_out.encode(sc)).decode()
+            result["report_dicom_base64"] = base64.b64encode(dicom_out.encode(sr)).decode()
         return result
 
     async def predict(self, request: Request) -> Response:
@@ -371,14 +366,6 @@ class Api:
             except FedbridgeError as e:
                 results.append({"image": name, "error": str(e)})
         return JSONResponse(results)
-
-
-def _dataset_bytes(ds: Any) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import shutil
@@ -146,10 +145,30 @@ def test_overlay_png_none_and_dicom(served, cxr_image):
     r = requests.post(f"{served.url}/predict?overlay=gif", data=data, timeout=60)
     assert r.status_code == 400 and "none, png, dicom" in r.json()["error"]
     r = requests.post(f"{served.url}/predict?overlay=dicom", data=data, timeout=60)
-    if importlib.util.find_spec("fedbridge_edge.dicom_out") is None:
-        assert r.status_code == 400 and "not available" in r.json()["error"]
-    else:
-        assert r.status_code == 200 and r.json()["overlay_dicom_base64"]
+    assert r.status_code == 400 and "needs a DICOM upload" in r.json()["error"]
+
+
+def test_overlay_dicom_returns_sc_and_sr_in_the_uploads_study(served, cxr_image, tmp_path):
+    import pydicom
+    from test_dicom import make_dicom
+
+    upload = make_dicom(cxr_image, tmp_path / "scan.dcm")
+    source = pydicom.dcmread(upload)
+    r = requests.post(
+        f"{served.url}/predict?overlay=dicom", files={"file": ("scan.dcm", upload.read_bytes())},
+        timeout=60,
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    sc, sr = (
+        pydicom.dcmread(io.BytesIO(base64.b64decode(body[k])))
+        for k in ("overlay_dicom_base64", "report_dicom_base64")
+    )
+    for ds in (sc, sr):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.Modality == "OT" and sr.Modality == "SR"
 
 
 def test_batch_reports_a_broken_file_inline(served, cxr_parts, bad_inputs):

@@ -82,8 +82,12 @@ def test_bad_image_is_400_with_message(server, bad_inputs):
 
 
 def test_dicom_upload(server, bad_inputs):
+    """The MONOCHROME1 file holds a CXR's grey values, so displayed it is a negative: decoded,
+    predicted, and the label withheld (its pixel statistics are far from any calibration CXR)."""
     status, body = _request(server, "POST", "/predict", bad_inputs["dicom_mono1"].read_bytes())
-    assert status == 200 and body["label"]
+    assert status == 200 and body["status"] == "out_of_distribution"
+    assert body["label"] is None and body["probabilities"] is None and body["reason"]
+    assert body["input_distance"] > 0 and body["input_orientation"] > 0
 
 
 def test_bench_reports_batch_1_and_8(edge_onnx):
