@@ -264,6 +264,56 @@ def render_edge(d: dict) -> list[str]:
             f"Test accuracy (n = {a['n']}, edge preprocessing): fp32 {a['fp32']:.3f}, INT8 "
             f"{a['int8']:.3f} → INT8 − fp32 = **{a['int8_minus_fp32_points']:+.1f} points**.\n"
         )
+        chk = m.get("int8_held_out_check")
+        if chk:
+            lines.append(
+                f"Export's INT8 check on {chk['images']} held-out images: accuracy "
+                f"{chk['accuracy_int8']:.3f} vs fp32 {chk['accuracy_fp32']:.3f}, agreement "
+                f"{chk['top1_agreement']:.3f}, CAM rank correlation "
+                f"{chk['cam_rank_corr_mean']:.3f} → "
+                + (
+                    f"**refused** ({m['int8_refused']}); the rows above time the refused graph.\n"
+                    if m.get("int8_refused")
+                    else "**kept**.\n"
+                )
+            )
+    return lines
+
+
+def render_serve(d: dict) -> list[str]:
+    """``bench/edge_serve.py``: the HTTP API against ``session.run`` in the same run."""
+    lines = ["## 2b. Edge HTTP API (`edge serve`) against `session.run`\n", header(d)]
+    a, s, f = d["api"], d["session_run_b1"], d["decode_and_predict_in_process"]
+    lines.append(
+        f"Model `{Path(d['model']).name}` ({d['model']}), a {d['image']['bytes']} B CXR JPEG.\n"
+    )
+    lines.append("| path | p50 ms | p95 ms | images/s | failed |")
+    lines.append("|---|---|---|---|---|")
+    lines.append(f"| `session.run`, batch 1 | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | | |")
+    lines.append(f"| decode + predict, in process | {f['p50_ms']:.2f} | {f['p95_ms']:.2f} | | |")
+    for key in ("clients_1", "clients_8"):
+        r = a[key]
+        lines.append(
+            f"| API, {r['clients']} client(s) | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
+            f"{r['images_per_s']:.0f} | {r['failed']} |"
+        )
+    c = d["concurrent_64"]
+    lines.append(
+        f"| API, 64 concurrent clients | {c['p50_ms']:.2f} | {c['p95_ms']:.2f} | "
+        f"{c['images_per_s']:.0f} | {c['failed']} |"
+    )
+    b = d["bombs"]
+    ratio = d["overhead_ratio_vs_session_run"]
+    lines.append(
+        f"\nAPI overhead over `session.run` at batch 1: (API p50 − inference p50) / inference p50 "
+        f"= **{ratio:.1f}×** (goal ≤ 0.2: missed; against decode + predict in process "
+        f"{d['overhead_ratio_vs_decode_and_predict']:.2f}×, so most of it is JPEG decode and "
+        "preprocessing, which this small model's inference barely outweighs). "
+        f"{d['settings']['bombs']} decompression bombs ({b['bytes']} B, "
+        f"{b['declared_pixels'] / 1e6:.0f} MP declared): statuses {b['statuses']}, server peak "
+        f"RSS {b['vm_hwm_before_mb']:.1f} → {b['vm_hwm_after_mb']:.1f} MB "
+        f"(**+{b['vm_hwm_growth_mb']:.1f} MB**; the bound: `--max-pixels` × 2 decodes at once).\n"
+    )
     return lines
 
 
@@ -613,7 +663,8 @@ def main() -> None:
             load(n, mode) for n in ("accuracy", "edge_speed", "train_throughput", "federation_cost")
         ]
         dp, rounds = load("dp_accuracy", mode), load("deployed_rounds", mode)
-        if not any(found) and not dp and not rounds:
+        serve = load("edge_serve", mode)
+        if not any(found) and not dp and not rounds and not serve:
             continue
         run = load("run", mode)
         lines.append(
@@ -635,6 +686,8 @@ def main() -> None:
             lines += render_accuracy(acc)
         if edge:
             lines += render_edge(edge)
+        if serve:
+            lines += render_serve(serve)
         if thr:
             lines += render_throughput(thr)
         if fed:
