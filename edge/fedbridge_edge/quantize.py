@@ -16,6 +16,8 @@ than ``MAX_ACCURACY_DROP`` or the CAMs' rank correlation falls below ``MIN_CAM_R
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,11 +31,24 @@ from fedbridge_edge.preprocess import CalibrationBatcher, InputSpec
 
 
 class ImageCalibrationReader:
-    """onnxruntime ``CalibrationDataReader`` over a :class:`CalibrationBatcher`."""
+    """onnxruntime ``CalibrationDataReader`` over a :class:`CalibrationBatcher`.
+
+    ``__len__`` / ``set_range`` (in batches) let onnxruntime collect in strides
+    (``CalibStridedMinMax``): its histogram calibrators otherwise keep every intermediate tensor
+    of every calibration image in memory before building the histograms.
+    """
 
     def __init__(self, batcher: CalibrationBatcher) -> None:
         self.batcher = batcher
         self._batches = iter(batcher)
+
+    def __len__(self) -> int:
+        return len(self.batcher)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        b = self.batcher
+        part = b.paths[start_index * b.batch : end_index * b.batch]
+        self._batches = iter(CalibrationBatcher(part, b.spec, batch=b.batch))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         x = next(self._batches, None)
@@ -52,6 +67,11 @@ MAX_ACCURACY_DROP = 0.005
 MIN_CAM_RANK_CORR = 0.9
 """Mean Spearman rank correlation of the predicted class's CAM, INT8 vs fp32."""
 MIN_CHECK_IMAGES = 20
+
+
+def _stride(batches: int, most: int = 4) -> int:
+    """Largest stride ≤ ``most`` batches that divides ``batches`` (onnxruntime requires it)."""
+    return next(s for s in range(min(most, batches), 0, -1) if batches % s == 0)
 
 
 def _keep_float(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
@@ -101,24 +121,26 @@ def quantize_int8(
         fp32, pre, q = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         fp32.write_bytes(data)
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre),
-            str(q),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            calibrate_method=calibrate_method,
-            op_types_to_quantize=["Conv", "Gemm"],
-            nodes_to_exclude=keep_float,
-            extra_options={
-                "ActivationSymmetric": True,  # TensorRT: zero points must be 0
-                "WeightSymmetric": True,
-                "QuantizeBias": False,  # TensorRT adds biases in float
-                "CalibPercentile": CALIB_PERCENTILE,
-            },
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its histogram progress prints
+            quantize_static(
+                str(pre),
+                str(q),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                calibrate_method=calibrate_method,
+                op_types_to_quantize=["Conv", "Gemm"],
+                nodes_to_exclude=keep_float,
+                extra_options={
+                    "ActivationSymmetric": True,  # TensorRT: zero points must be 0
+                    "WeightSymmetric": True,
+                    "QuantizeBias": False,  # TensorRT adds biases in float
+                    "CalibPercentile": CALIB_PERCENTILE,
+                    "CalibStridedMinMax": _stride(len(reader)),
+                },
+            )
         quantized = onnx.load(str(q))
     info = {
         "method": "onnxruntime quantize_static, QDQ, symmetric S8 activations / S8 per-channel "
