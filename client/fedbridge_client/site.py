@@ -104,6 +104,7 @@ class Site:
             train_loss=last["train_loss"],
             train_accuracy=last["train_accuracy"],
             seconds=sum(row["seconds"] for row in result.history),
+            class_counts=_class_counts(targets, len(spec.labels)),
         )
         return shared_state(model), reply
 
@@ -112,10 +113,22 @@ class Site:
         spec = ModelSpec.from_dict(task.spec)
         _, (images, targets) = self._parts(spec, task.settings)
         if not images:
-            return EvalReply(num_examples=0)
+            return EvalReply(num_examples=0, class_counts=(0,) * len(spec.labels))
         model = build_model(spec)
         load_shared_state(model, state)
         device = resolve_device()
         loader = make_loader(images, targets, spec, batch_size=task.settings.batch_size)
         stats = evaluate(model.to(device), loader, device)
-        return EvalReply(num_examples=len(images), val_loss=stats.loss, val_accuracy=stats.accuracy)
+        return EvalReply(
+            num_examples=len(images),
+            val_loss=stats.loss,
+            val_accuracy=stats.accuracy,
+            class_counts=_class_counts(targets, len(spec.labels)),
+        )
+
+
+def _class_counts(targets: list[int], n_labels: int) -> tuple[int, ...]:
+    """Images per label index (before augmentation)."""
+    return tuple(
+        int(n) for n in np.bincount(np.asarray(targets, dtype=np.int64), minlength=n_labels)
+    )

@@ -70,6 +70,24 @@ def _server_val(cfg: FederationConfig, spec: ModelSpec, console: Console) -> Dat
     return make_loader(images, targets, spec, batch_size=32)
 
 
+def per_site_metrics(
+    labels: tuple[str, ...], names: dict[int, str], *, train: list, evaluated: list
+) -> dict[str, dict[str, Any]]:
+    """Each site's numbers this round: its training reply, and its validation metrics of the
+    new global weights (keys ``train_*``, ``val_*``, ``*_counts`` per label)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, messages, reply in (("train", train, P.TrainReply), ("val", evaluated, P.EvalReply)):
+        for msg in messages:
+            name = names.get(msg.metadata.src_node_id, f"node {msg.metadata.src_node_id}")
+            got = reply.from_metrics(msg.content.metric_records[P.METRICS])
+            row = out.setdefault(name, {})
+            row[f"{kind}_examples"] = int(got.num_examples)
+            row[f"{kind}_counts"] = got.counts_by_label(labels)
+            for key in ("loss", "accuracy"):
+                row[f"{kind}_{key}"] = float(getattr(got, f"{kind}_{key}"))
+    return dict(sorted(out.items()))
+
+
 def _examples(msg) -> float:
     metrics = msg.content.metric_records.get(P.METRICS)
     return float(metrics.get(P.NUM_EXAMPLES, 0)) if metrics is not None else 0.0
@@ -144,7 +162,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             private = None
             global_state = record_state(arrays, reference)
         eval_cfg = ConfigRecord(task.to_config())
-        eval_metrics = None
+        eval_metrics, usable_eval = None, []
         if cfg.fraction_evaluate > 0:
             connected = wait_for_sites(
                 grid, expected=cfg.min_available_sites, quorum=1,
@@ -173,6 +191,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             "federated_val_loss": assessed.val_loss if assessed else None,
             "federated_val_accuracy": assessed.val_accuracy if assessed else None,
         }
+        row["per_site"] = per_site_metrics(
+            spec.labels, names, train=usable, evaluated=usable_eval if eval_metrics else []
+        )
         if private is not None:
             row["privacy"] = private
         if val_loader is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -122,24 +123,45 @@ class RoundTask:
         return cls(spec, LocalSettings.from_config(config), server_round, num_rounds)
 
 
+CLASS_COUNT = "class-count-"
+"""Metric key prefix of a reply's images per class: ``class-count-0`` … by label index."""
+
+
 @dataclass(frozen=True)
 class _Reply:
-    """A typed metric reply; ``to_metrics`` gives the MetricRecord's plain numbers."""
+    """A typed metric reply; ``to_metrics`` gives the MetricRecord's plain numbers.
+
+    ``class_counts`` (images per label index, before augmentation) travel as one integer metric
+    per class: counts are aggregate numbers, never a file name or a patient id.
+    """
 
     num_examples: int = 0
+    class_counts: tuple[int, ...] = ()
 
     def to_metrics(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {NUM_EXAMPLES: int(self.num_examples)}
         for f in fields(self):
-            if f.name != "num_examples":
+            if f.name not in ("num_examples", "class_counts"):
                 out[kebab(f.name)] = float(getattr(self, f.name))
+        for i, n in enumerate(self.class_counts):
+            out[f"{CLASS_COUNT}{i}"] = int(n)
         return out
 
     @classmethod
     def from_metrics(cls, metrics: Any) -> _Reply:
         """From a (possibly aggregated) MetricRecord; missing keys keep their defaults."""
-        values = {f.name: metrics[kebab(f.name)] for f in fields(cls) if kebab(f.name) in metrics}
-        return cls(**values)
+        names = {f.name for f in fields(cls)} - {"class_counts"}
+        values: dict[str, Any] = {n: metrics[kebab(n)] for n in names if kebab(n) in metrics}
+        counts = []
+        while f"{CLASS_COUNT}{len(counts)}" in metrics:
+            counts.append(int(metrics[f"{CLASS_COUNT}{len(counts)}"]))
+        return cls(**values, class_counts=tuple(counts))
+
+    def counts_by_label(self, labels: Sequence[str]) -> dict[str, int]:
+        """``class_counts`` keyed by label name (empty when the site sent none)."""
+        if len(self.class_counts) != len(labels):
+            return {}
+        return dict(zip(labels, self.class_counts, strict=True))
 
 
 @dataclass(frozen=True)

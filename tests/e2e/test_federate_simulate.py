@@ -74,6 +74,17 @@ def test_simulation_writes_rounds_and_best_bundle_and_audits_every_message(fed, 
     assert bundle.training["stage"] == "federated" and bundle.training["best_round"] == best
     state = json.loads((tmp_path / "fed-rounds" / "state.json").read_text())
     assert state["completed"] == 2
+    # per site and round: its images per class (train + val = its folders) and its metrics
+    for row in summary["history"]:
+        assert list(row["per_site"]) == ["site-1", "site-2", "site-3"]
+        for name, site in row["per_site"].items():
+            on_disk = {
+                d.name: sum(1 for _ in d.glob("*.jpg")) for d in sorted((split / name).iterdir())
+            }
+            both = {k: site["train_counts"][k] + site["val_counts"][k] for k in on_disk}
+            assert both == on_disk and site["val_examples"] == sum(site["val_counts"].values())
+            assert 0.0 <= site["val_accuracy"] <= 1.0 and site["train_loss"] > 0
+    assert state["history"][-1]["per_site"] == summary["history"][-1]["per_site"]
     assert summary["test"]["n"] == sum(1 for _ in (split / "test").rglob("*.jpg"))
     # privacy: every message each site sent holds model tensors, numbers and its name only
     n_weights = sum(v.numel() for v in bundle.state_dict.values() if v.is_floating_point())

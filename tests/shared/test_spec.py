@@ -100,6 +100,11 @@ def test_protocol_round_trips_through_plain_config_and_metrics():
     assert metrics[NUM_EXAMPLES] == 7 and isinstance(metrics[NUM_EXAMPLES], int)
     assert TrainReply.from_metrics(metrics) == reply
     assert EvalReply.from_metrics({"num-examples": 3, "val-loss": 0.2}).val_loss == 0.2
+    counted = EvalReply(num_examples=5, val_accuracy=0.6, class_counts=(2, 3))
+    assert counted.to_metrics()["class-count-1"] == 3
+    back = EvalReply.from_metrics(counted.to_metrics())
+    assert back == counted and back.counts_by_label(("A", "B")) == {"A": 2, "B": 3}
+    assert back.counts_by_label(("A", "B", "C")) == {}  # a count per label, or none
 
 
 def _edit_record(out, change):
