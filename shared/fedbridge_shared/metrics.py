@@ -27,6 +27,8 @@ from fedbridge_shared import defaults
 
 __all__ = [
     "CI_METRICS",
+    "PER_CLASS_CI",
+    "calibration",
     "compute_metrics",
     "format_metrics_table",
     "headline_table",
@@ -38,6 +40,10 @@ __all__ = [
 
 #: The metrics that get a bootstrap confidence interval, in display order.
 CI_METRICS: tuple[str, ...] = ("accuracy", "macro_auc", "sensitivity_mean", "f1_mean")
+#: The per-class values that get a bootstrap interval (from the same resamples).
+PER_CLASS_CI: tuple[str, ...] = ("sensitivity", "specificity")
+#: Equal-width confidence bins of the reliability diagram and its ECE.
+CALIBRATION_BINS = 10
 
 # Resamples are processed in chunks so that the (chunk, N) weight matrix stays around 32 MB.
 _BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
@@ -140,7 +146,9 @@ def _resample_stats(
 
     Confusion counts of a resample are weighted sums over the original images, so every metric
     is a matrix product. Class averages use the classes present in the resample (as the point
-    estimate does); macro AUC is NaN in a resample with fewer than 2 classes present.
+    estimate does); macro AUC is NaN in a resample with fewer than 2 classes present. Per-class
+    ``sensitivity``/``specificity`` are ``(B, K)``, NaN where the resample lacks positives /
+    negatives of that class.
     """
     k = p.shape[1]
     true_onehot = np.eye(k)[y]  # (N, K)
@@ -162,8 +170,13 @@ def _resample_stats(
         numerator, n_pos, n_neg = _bootstrap_auc_numerators(weights, p[:, c], y == c)
         with np.errstate(invalid="ignore", divide="ignore"):
             auc_sum += np.where((n_pos > 0) & (n_neg > 0), numerator / (n_pos * n_neg), 0.0)
+    negatives = total[:, None] - support
     with np.errstate(invalid="ignore", divide="ignore"):
+        per_class_sens = np.where(present, tp / support, np.nan)
+        specificity = np.where(negatives > 0, (negatives - (predicted - tp)) / negatives, np.nan)
         return {
+            "sensitivity": per_class_sens,
+            "specificity": specificity,
             "accuracy": weights @ correct / total,
             "macro_auc": np.where(n_present >= 2, auc_sum / n_present, np.nan),
             "sensitivity_mean": sensitivity.sum(axis=1) / n_present,
@@ -181,17 +194,61 @@ def _bootstrap(
     statistic that is undefined in a resample (macro AUC with fewer than 2 classes present) is
     NaN there and is left out of the percentile interval.
     """
-    n = p.shape[0]
+    n, k = p.shape
     rng = np.random.default_rng(seed)
     out = {name: np.empty(n_bootstrap) for name in CI_METRICS}
+    out |= {name: np.empty((n_bootstrap, k)) for name in PER_CLASS_CI}
     chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
     for start in range(0, n_bootstrap, chunk):
         b = min(chunk, n_bootstrap - start)
         weights = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)
         stats = _resample_stats(y, p, y_pred, weights)
-        for name in CI_METRICS:
+        for name in (*CI_METRICS, *PER_CLASS_CI):
             out[name][start : start + b] = stats[name]
     return out
+
+
+def _percentile(values: np.ndarray, alpha: float) -> list[float] | None:
+    """The ``[alpha, 1 - alpha]`` quantiles of the finite ``values``, or None if there are none."""
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return None
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    return [float(low), float(high)]
+
+
+def calibration(y_true: Any, probs: Any, n_bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """Top-label reliability: confidence (max probability) against accuracy in equal bins.
+
+    Returns ``{"ece", "n_bins", "bins"}``; each bin is ``{lo, hi, n, confidence, accuracy}``
+    (``None`` for an empty bin). The expected calibration error is
+    ``ECE = sum_b n_b / N * |accuracy_b - confidence_b|``: 0 when every bin's accuracy equals
+    its mean confidence, 1 when every prediction is wrong with confidence 1. Bins are
+    ``(lo, hi]`` (the first also holds 0).
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if p.ndim != 2 or p.shape[0] != y.shape[0] or not y.size:
+        raise ValueError(f"probs {p.shape} do not match y_true {y.shape}")
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        mine = which == b
+        count = int(mine.sum())
+        conf = float(confidence[mine].mean()) if count else None
+        acc = float(correct[mine].mean()) if count else None
+        if count:
+            ece += count / y.size * abs(acc - conf)
+        bins.append(
+            {"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": count,
+             "confidence": conf, "accuracy": acc}
+        )  # fmt: skip
+    return {"ece": float(ece), "n_bins": int(n_bins), "bins": bins}
 
 
 def compute_metrics(
@@ -241,6 +298,9 @@ def compute_metrics(
           resample defines the metric or ``n_bootstrap`` is 0. Each resample draws N images
           with replacement; class averages in a resample use the classes present in it, and a
           resample with fewer than 2 classes has no macro AUC (left out of that interval).
+        - ``per_class_ci95``: label -> ``{sensitivity: [low, high], specificity: [...]}``
+          from the same resamples (``None`` where no resample defines the value).
+        - ``calibration``: :func:`calibration` of the predictions (reliability bins, ECE).
         - ``bootstrap``: ``{n_resamples, seed, ci, method, n_valid}`` describing the intervals.
 
     Raises:
@@ -297,15 +357,18 @@ def compute_metrics(
 
     ci95: dict[str, list[float] | None] = {name: None for name in CI_METRICS}
     n_valid = {name: 0 for name in CI_METRICS}
+    class_ci: dict[str, dict[str, list[float] | None]] = {
+        label: {name: None for name in PER_CLASS_CI} for label in label_list
+    }
     if n_bootstrap > 0:
         samples = _bootstrap(y, p, y_pred, int(n_bootstrap), int(seed))
         alpha = (1.0 - float(ci)) / 2.0
         for name in CI_METRICS:
-            values = samples[name][np.isfinite(samples[name])]
-            n_valid[name] = int(values.size)
-            if values.size:
-                low, high = np.quantile(values, [alpha, 1.0 - alpha])
-                ci95[name] = [float(low), float(high)]
+            n_valid[name] = int(np.isfinite(samples[name]).sum())
+            ci95[name] = _percentile(samples[name], alpha)
+        for c, label in enumerate(label_list):
+            for name in PER_CLASS_CI:
+                class_ci[label][name] = _percentile(samples[name][:, c], alpha)
 
     return {
         "labels": label_list,
@@ -321,6 +384,8 @@ def compute_metrics(
         "per_class": per_class,
         "confusion_matrix": cm.astype(int).tolist(),
         "ci95": ci95,
+        "per_class_ci95": class_ci,
+        "calibration": calibration(y, p),
         "bootstrap": {
             "n_resamples": int(n_bootstrap),
             "seed": int(seed),

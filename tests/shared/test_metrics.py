@@ -22,6 +22,7 @@ from sklearn.metrics import (
 from fedbridge_shared.metrics import (
     CI_METRICS,
     _resample_stats,
+    calibration,
     compute_metrics,
     format_metrics_table,
     ovr_auc,
@@ -455,3 +456,77 @@ def test_format_metrics_table_handles_undefined_values():
     text = render(format_metrics_table(m))
     assert "–" in text
     assert "absent from test set: neg" in text
+
+
+# ------------------------------------------------------------------------------------------
+# per-class intervals and calibration
+
+
+def test_per_class_intervals_come_from_the_same_resamples_as_the_headline():
+    """Replaying the bootstrap's draws with sklearn gives the same per-class and headline CIs."""
+    y, probs, labels = random_problem(3, 60, 3, signal=1.0)
+    m = compute_metrics(y, probs, labels, n_bootstrap=200, seed=7)
+    y_pred = probs.argmax(axis=1)
+    rng = np.random.default_rng(7)  # the draws compute_metrics made, in the same order
+    weights = rng.multinomial(60, np.full(60, 1 / 60), size=200)
+    sens, spec, acc = np.full((200, 3), np.nan), np.full((200, 3), np.nan), np.empty(200)
+    for b, w in enumerate(weights):
+        idx = np.repeat(np.arange(60), w)
+        yb, pb = y[idx], y_pred[idx]
+        acc[b] = accuracy_score(yb, pb)
+        for c in range(3):
+            if np.any(yb == c):
+                sens[b, c] = np.mean(pb[yb == c] == c)
+            if np.any(yb != c):
+                spec[b, c] = np.mean(pb[yb != c] != c)
+    assert m["ci95"]["accuracy"] == pytest.approx(np.quantile(acc, [0.025, 0.975]).tolist())
+    for c, label in enumerate(labels):
+        got = m["per_class_ci95"][label]
+        s, t = sens[:, c][np.isfinite(sens[:, c])], spec[:, c][np.isfinite(spec[:, c])]
+        assert got["sensitivity"] == pytest.approx(np.quantile(s, [0.025, 0.975]).tolist())
+        assert got["specificity"] == pytest.approx(np.quantile(t, [0.025, 0.975]).tolist())
+        lo, hi = got["sensitivity"]
+        assert lo <= m["per_class"][label]["sensitivity"] <= hi and lo < hi
+
+
+def test_per_class_intervals_of_known_answers():
+    """Class 0 always right, class 1 always called 0: sensitivities [1, 1] and [0, 0]."""
+    y = np.array([0] * 10 + [1] * 10)
+    probs = np.array([[0.9, 0.1]] * 20)
+    m = compute_metrics(y, probs, ["a", "b"], n_bootstrap=100)
+    assert m["per_class_ci95"]["a"]["sensitivity"] == [1.0, 1.0]
+    assert m["per_class_ci95"]["b"]["sensitivity"] == [0.0, 0.0]
+    assert m["per_class_ci95"]["a"]["specificity"] == [0.0, 0.0]
+    assert m["per_class_ci95"]["b"]["specificity"] == [1.0, 1.0]
+    none = compute_metrics(y, probs, ["a", "b"], n_bootstrap=0)["per_class_ci95"]
+    assert none == {"a": {"sensitivity": None, "specificity": None}, "b": none["a"]}
+
+
+def test_ece_of_a_perfectly_calibrated_model_is_about_zero():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, 20_000)
+    right = rng.random(20_000) < conf  # right exactly as often as it is confident
+    y = np.where(right, 0, 1)
+    probs = np.stack([conf, 1 - conf], axis=1)
+    cal = calibration(y, probs)
+    assert cal["ece"] < 0.015 and cal["n_bins"] == 10
+    assert sum(b["n"] for b in cal["bins"]) == 20_000
+    assert all(b["n"] == 0 for b in cal["bins"][:5])  # no confidence below 0.5 with 2 classes
+
+
+def test_ece_of_confident_wrong_predictions_is_one_and_hand_computed_bins():
+    y = np.array([0, 1, 2, 0])
+    wrong = np.eye(3)[[1, 2, 0, 2]]
+    assert calibration(y, wrong)["ece"] == pytest.approx(1.0)
+    # two at 0.9 (one right), two at 0.6 (both right): ECE = 0.5 * 0.4 + 0.5 * 0.4 = 0.4
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+    cal = calibration(np.array([0, 1, 1, 1]), probs)
+    assert cal["ece"] == pytest.approx(0.4)
+    filled = [b for b in cal["bins"] if b["n"]]
+    assert [(b["lo"], b["n"], b["accuracy"]) for b in filled] == [
+        (pytest.approx(0.5), 2, 1.0),
+        (pytest.approx(0.8), 2, 0.5),
+    ]
+    assert compute_metrics(np.array([0, 1, 1, 1]), probs, ["a", "b"], n_bootstrap=0)["calibration"][
+        "ece"
+    ] == pytest.approx(0.4)
