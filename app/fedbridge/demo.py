@@ -253,12 +253,14 @@ def _assess(
 
 def _html_report(name, bundle, split, metrics, y, probs, report_dir, synthetic, console) -> None:
     from fedbridge_shared.data.samples import scan_folder
+    from fedbridge_shared.data.sources import sample_sources
     from fedbridge_shared.html_report import write_bundle_report
 
+    test = scan_folder(split.out / "test")  # the order evaluate_bundle used
     write_bundle_report(
         report_dir,
         bundle,
-        scan_folder(split.out / "test").samples,  # the order evaluate_bundle used
+        test.samples,
         metrics,
         y,
         probs,
@@ -267,6 +269,7 @@ def _html_report(name, bundle, split, metrics, y, probs, report_dir, synthetic, 
         counts={
             part: dict(Counter(s.label for s in samples)) for part, samples in split.parts.items()
         },
+        sources=sample_sources(test.samples, test.manifest),
         warn=lambda text: console.print(f"[yellow]{text}[/]"),
     )
 

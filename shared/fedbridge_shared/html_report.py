@@ -1,15 +1,16 @@
 """One self-contained HTML assessment report: every figure is an embedded base64 PNG.
 
-Sections (each a ``<section id=…>``): ``config``, ``counts``, ``metrics`` (headline numbers with
-CIs and per-class values), ``confusion``, ``roc``, ``rounds`` (per-round or per-epoch curves,
-when given), ``saliency`` (grid of correct and wrong predictions per class, with where the maps
-put their mass) and ``sanity`` (when given). No script, stylesheet or font is fetched.
+Sections (each a ``<section id=…>``, in :data:`SECTIONS` order): ``card`` (model card, when
+given), ``config``, ``lineage`` (when given), ``counts``, ``metrics`` (headline numbers and
+per-class values with CIs), ``calibration`` (reliability diagram, ECE), ``confusion``, ``roc``,
+``sites`` and ``cross_site`` (federated runs with per-site numbers), ``rounds`` (per-round or
+per-epoch curves), ``saliency`` (correct and wrong predictions per class with their maps and a
+colour bar) and ``sanity``. No script, stylesheet or font is fetched; every table scrolls in
+its own box and figures shrink, so a 600 px window reads it.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -18,55 +19,48 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from fedbridge_shared import __version__
 from fedbridge_shared.files import atomic_write
-from fedbridge_shared.metrics import CI_METRICS
-from fedbridge_shared.report import plot_confusion_matrix, plot_roc
+from fedbridge_shared.metrics import CI_METRICS, calibration
+from fedbridge_shared.report import plot_confusion_matrix, plot_history, plot_reliability, plot_roc
+from fedbridge_shared.report_sections import (
+    card_section,
+    cross_site_section,
+    esc,
+    fmt,
+    fmt_ci,
+    lineage_section,
+    png_img,
+    section,
+    site_rows,
+    sites_section,
+    table,
+)
 
 REPORT_FILE = "report.html"
-SECTIONS = ("config", "counts", "metrics", "confusion", "roc", "rounds", "saliency", "sanity")
+SECTIONS = (
+    "card", "config", "lineage", "counts", "metrics", "calibration", "confusion", "roc",
+    "sites", "cross_site", "rounds", "saliency", "sanity",
+)  # fmt: skip
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem auto;
 max-width:1100px;color:#1b1f24;background:#fff;padding:0 1rem}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #d0d7de;padding-bottom:.2rem;
-margin-top:2rem}table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #d0d7de;
-padding:.25rem .6rem;text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f5f7}
-td:first-child,th:first-child{text-align:left}.muted{color:#57606a;font-size:.9rem}
+h1{font-size:1.6rem;margin-bottom:.2rem;overflow-wrap:anywhere}h2{border-bottom:2px solid #d0d7de;
+padding-bottom:.2rem;margin-top:2rem}.scroll{overflow-x:auto;max-width:100%;margin:.5rem 0}
+table{border-collapse:collapse}td,th{border:1px solid #d0d7de;padding:.25rem .6rem;
+text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}th{background:#f3f5f7}
+td:first-child,th:first-child{text-align:left}table.kv td{text-align:left;overflow-wrap:anywhere;
+white-space:normal;min-width:8rem}table.kv th{text-align:left}.muted{color:#57606a;font-size:.9rem}
 .grid{display:flex;flex-wrap:wrap;gap:.6rem}.cell{width:180px;font-size:.78rem;overflow-wrap:anywhere}
 .cell img{width:176px;height:176px;border:2px solid #2da44e}.cell.wrong img{border-color:#cf222e}
 .fail{color:#cf222e;font-weight:600}.pass{color:#1a7f37}pre{background:#f6f8fa;padding:.6rem;
-overflow-x:auto;font-size:.8rem}img.fig{max-width:100%}
+overflow-x:auto;font-size:.8rem}img.fig{max-width:100%;height:auto}img.bar{max-width:420px;
+width:100%;height:auto}
+@media (max-width:640px){body{margin:.5rem auto;padding:0 .5rem}.cell{width:46%}
+.cell img{width:100%;height:auto}td,th{padding:.2rem .35rem}}
 """
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return _e(value)
-
-
-def png_img(png: bytes, alt: str, cls: str = "fig") -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img class="{cls}" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _section(key: str, title: str, body: str) -> str:
-    return f'<section id="{key}"><h2>{_e(title)}</h2>{body}</section>'
 
 
 def _config_section(config: Mapping[str, Any]) -> str:
@@ -74,7 +68,7 @@ def _config_section(config: Mapping[str, Any]) -> str:
     for key, value in config.items():
         shown = json.dumps(value, default=str) if isinstance(value, dict | list) else value
         rows.append((key, shown))
-    return _section("config", "Configuration", _table(("setting", "value"), rows))
+    return section("config", "Configuration", table(("setting", "value"), rows, cls="kv"))
 
 
 def _counts_section(counts: Mapping[str, Mapping[str, int]], labels: Sequence[str]) -> str:
@@ -83,7 +77,7 @@ def _counts_section(counts: Mapping[str, Mapping[str, int]], labels: Sequence[st
     for part, per_class in counts.items():
         values = [int(per_class.get(label, 0)) for label in labels]
         rows.append((part, *values, sum(values)))
-    return _section("counts", "Images per split and site", _table(header, rows))
+    return section("counts", "Images per split and site", table(header, rows))
 
 
 def _metrics_section(metrics: Mapping[str, Any]) -> str:
@@ -98,24 +92,42 @@ def _metrics_section(metrics: Mapping[str, Any]) -> str:
     sds = {"sensitivity_mean": "sensitivity_sd", "f1_mean": "f1_sd"}
     rows = []
     for key in CI_METRICS:
-        interval = ci.get(key)
-        shown = "–" if not interval else f"{interval[0]:.3f} – {interval[1]:.3f}"
         sd = metrics.get(sds[key]) if key in sds else None
-        rows.append((names.get(key, key), metrics.get(key), sd, shown))
-    headline = _table(("metric", "value", "SD across classes", f"{level:.0%} CI"), rows)
+        rows.append((names.get(key, key), metrics.get(key), sd, fmt_ci(ci.get(key))))
+    headline = table(("metric", "value", "SD across classes", f"{level:.0%} CI"), rows)
     per_class = metrics.get("per_class") or {}
-    cols = ("sensitivity", "specificity", "precision", "f1", "auc", "support")
-    class_rows = [(label, *(v.get(c) for c in cols)) for label, v in per_class.items()]
+    class_ci = metrics.get("per_class_ci95") or {}
+    class_rows = []
+    for label, v in per_class.items():
+        cis = class_ci.get(label) or {}
+        class_rows.append(
+            (label, v.get("sensitivity"), fmt_ci(cis.get("sensitivity")), v.get("specificity"),
+             fmt_ci(cis.get("specificity")), v.get("precision"), v.get("f1"), v.get("auc"),
+             v.get("support"))
+        )  # fmt: skip
     n_boot = (metrics.get("bootstrap") or {}).get("n_resamples")
-    note = f'<p class="muted">n = {_e(metrics.get("n"))} images'
+    note = f'<p class="muted">n = {esc(metrics.get("n"))} images'
     if n_boot:
-        note += f"; percentile bootstrap over images, {n_boot} resamples"
+        note += (
+            f"; percentile bootstrap over images, {n_boot} resamples (the per-class intervals "
+            "come from the same resamples)"
+        )
     note += "</p>"
-    return _section(
-        "metrics",
-        "Metrics",
-        headline + note + "<h3>Per class</h3>" + _table(("class", *cols), class_rows),
+    header = ("class", "sensitivity", f"{level:.0%} CI", "specificity", f"{level:.0%} CI",
+              "precision", "f1", "auc", "support")  # fmt: skip
+    return section(
+        "metrics", "Metrics", headline + note + "<h3>Per class</h3>" + table(header, class_rows)
     )
+
+
+def _calibration_section(cal: Mapping[str, Any]) -> str:
+    body = png_img(plot_reliability(cal), "reliability diagram") + (
+        f'<p class="muted">Expected calibration error (ECE) {cal["ece"]:.3f} over '
+        f"{cal['n_bins']} equal confidence bins: the image-weighted mean gap between how sure "
+        "the model is (its highest probability) and how often it is right. 0 is perfectly "
+        "calibrated; bars below the diagonal are over-confident.</p>"
+    )
+    return section("calibration", "Calibration", body)
 
 
 def _temp_png(plot) -> bytes:
@@ -125,37 +137,30 @@ def _temp_png(plot) -> bytes:
         return path.read_bytes()
 
 
-def plot_history(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Loss and accuracy curves against ``round`` (federated) or ``epoch`` (central)."""
-    x_key = "round" if any("round" in r for r in rows) else "epoch"
-    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float)})
-    fig = Figure(figsize=(10, 3.8))
-    axes = fig.subplots(1, 2)
-    for ax, suffix in zip(axes, ("loss", "accuracy"), strict=True):
-        for key in (k for k in keys if k.endswith(suffix)):
-            pts = [(r[x_key], r[key]) for r in rows if r.get(key) is not None and x_key in r]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", label=key.replace("_", " "))
-        ax.set_xlabel(x_key)
-        ax.set_ylabel(suffix)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    from fedbridge_shared.explain.overlay import figure_png
-
-    return figure_png(fig)
-
-
 def _saliency_section(examples: Sequence[Any], labels: Sequence[str]) -> str:
+    from fedbridge_shared.explain.methods import SIGNED_METHODS
+    from fedbridge_shared.explain.overlay import colourbar_png
     from fedbridge_shared.explain.regions import summarise
 
     method = examples[0].method
+    signed = method in SIGNED_METHODS
+    if signed:
+        scale = (
+            f"<b>{esc(method)}</b> is signed, drawn in blue–white–red (bwr) around 0: red "
+            "pixels raise the predicted class's score, blue pixels lower it."
+        )
+    else:
+        scale = (
+            f"<b>{esc(method)}</b> is unsigned (how strongly each pixel affects the score, not "
+            "in which direction), drawn in inferno: faint and dark for little, through red "
+            "to bright yellow for the most."
+        )
     parts = [
         '<p class="muted">For each true class, the most confident correct (green frame) and '
-        f"wrong (red frame) test predictions, with the <b>{_e(method)}</b> map of the predicted "
-        "class over the image. Red/blue maps: red pushes the prediction up, blue down.</p>"
+        "wrong (red frame) test predictions, with the map of the predicted class over the "
+        f"image. {scale} Each map is scaled to its own 99th percentile; faint pixels let the "
+        "image show through.</p>",
+        png_img(colourbar_png(signed), f"colour scale of the {method} maps", "bar"),
     ]
     for label in labels:
         mine = [ex for ex in examples if ex.true_label == label]
@@ -165,11 +170,11 @@ def _saliency_section(examples: Sequence[Any], labels: Sequence[str]) -> str:
         for ex in mine:
             cls = "cell" if ex.correct else "cell wrong"
             caption = (
-                f"{'✓' if ex.correct else '✗'} predicted {_e(ex.predicted)} "
-                f"({ex.probability:.2f})<br>{_e(Path(ex.path).name)}"
+                f"{'✓' if ex.correct else '✗'} predicted {esc(ex.predicted)} "
+                f"({ex.probability:.2f})<br>{esc(Path(ex.path).name)}"
             )
             cells.append(f'<div class="{cls}">{png_img(ex.png, ex.path, "")}<br>{caption}</div>')
-        parts.append(f"<h3>true {_e(label)}</h3><div class='grid'>{''.join(cells)}</div>")
+        parts.append(f"<h3>true {esc(label)}</h3><div class='grid'>{''.join(cells)}</div>")
     rows = [{**ex.regions, "true_label": ex.true_label} for ex in examples]
     summary = summarise(rows, "true_label")
     table_rows = [
@@ -178,13 +183,13 @@ def _saliency_section(examples: Sequence[Any], labels: Sequence[str]) -> str:
     area = next(iter(summary.values()))["border_area"] if summary else None
     parts.append(
         "<h3>Where the maps put their mass</h3>"
-        + _table(("true class", "n", "left", "right", "centre", "border"), table_rows)
+        + table(("true class", "n", "left", "right", "centre", "border"), table_rows)
         + f'<p class="muted">Share of |map| in the image halves and in the border band; a '
-        f"uniform map puts {_fmt(area, 2)} in the border. Much more mass on one side or in the "
+        f"uniform map puts {fmt(area, 2)} in the border. Much more mass on one side or in the "
         "border (text markers, collimation, the source hospital's framing) suggests a shortcut."
         "</p>"
     )
-    return _section("saliency", "Saliency grid", "".join(parts))
+    return section("saliency", "Saliency grid", "".join(parts))
 
 
 def _sanity_section(sanity: Mapping[str, Any]) -> str:
@@ -192,15 +197,15 @@ def _sanity_section(sanity: Mapping[str, Any]) -> str:
     for method, res in sanity["methods"].items():
         verdict = "fails sanity check" if res["fails"] else "passes"
         rows.append((method, res["mean_abs_rho"], verdict))
-    body = _table(("method", "mean |Spearman rho|", "verdict"), rows).replace(
+    body = table(("method", "mean |Spearman rho|", "verdict"), rows).replace(
         "<td>fails sanity check</td>", '<td class="fail">fails sanity check</td>'
     )
     body += (
-        f'<p class="muted">{_e(sanity["n_images"])} images; maps on the trained model vs '
-        f"{_e(sanity['randomisation'])}; a method fails when mean |rho| > "
-        f"{_e(sanity['threshold'])}.</p>"
+        f'<p class="muted">{esc(sanity["n_images"])} images; maps on the trained model vs '
+        f"{esc(sanity['randomisation'])}; a method fails when mean |rho| > "
+        f"{esc(sanity['threshold'])}.</p>"
     )
-    return _section("sanity", "Sanity check (model-parameter randomisation)", body)
+    return section("sanity", "Sanity check (model-parameter randomisation)", body)
 
 
 def render_html_report(
@@ -215,81 +220,82 @@ def render_html_report(
     rounds: Sequence[Mapping[str, Any]] | None = None,
     saliency_examples: Sequence[Any] | None = None,
     sanity: Mapping[str, Any] | None = None,
+    card: Mapping[str, Any] | None = None,
+    lineage: Sequence[Mapping[str, str]] | None = None,
+    best_round: int | None = None,
+    sources: Sequence[str | None] | None = None,
+    test_name: str = "test set",
 ) -> str:
     """The report as one HTML string (see :func:`write_html_report`)."""
     labels = list(labels if labels is not None else metrics["labels"])
     y = np.asarray(y_true)
     p = np.asarray(probs)
-    confusion = _temp_png(lambda path: plot_confusion_matrix(dict(metrics), path))
+    metrics = dict(metrics)
+    metrics.setdefault("calibration", calibration(y, p))
+    rounds = list(rounds or [])
+    sites = site_rows(rounds)
+    confusion = _temp_png(lambda path: plot_confusion_matrix(metrics, path))
     roc = _temp_png(lambda path: plot_roc(y, p, labels, path))
     body = [
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="muted">fedbridge {_e(__version__)} · '
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="muted">fedbridge {esc(__version__)} · '
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}</p>",
-        _config_section(config),
+    ]
+    if card is not None:
+        body.append(
+            card_section(card=card, metrics=metrics, labels=labels, y_true=y, probs=p,
+                         sources=sources, counts=counts, sites=sites)
+        )  # fmt: skip
+    body.append(_config_section(config))
+    if lineage:
+        body.append(lineage_section(lineage))
+    body += [
         _counts_section(counts, labels),
         _metrics_section(metrics),
-        _section("confusion", "Confusion matrix", png_img(confusion, "confusion matrix")),
-        _section("roc", "ROC curves (one-vs-rest)", png_img(roc, "ROC curves")),
+        _calibration_section(metrics["calibration"]),
+        section("confusion", "Confusion matrix", png_img(confusion, "confusion matrix")),
+        section("roc", "ROC curves (one-vs-rest)", png_img(roc, "ROC curves")),
     ]
+    if sites:
+        body.append(sites_section(rounds, labels, best_round))
+        body.append(cross_site_section(rounds, best_round, metrics, y, p, test_name))
     if rounds:
         x_key = "round" if any("round" in r for r in rounds) else "epoch"
         heading = "Federated rounds" if x_key == "round" else "Training curves (per epoch)"
-        body.append(_section("rounds", heading, png_img(plot_history(rounds), heading)))
+        body.append(section("rounds", heading, png_img(plot_history(rounds), heading)))
     if saliency_examples:
         body.append(_saliency_section(saliency_examples, labels))
     if sanity:
         body.append(_sanity_section(sanity))
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n"
     )
 
 
-def write_html_report(
-    out_dir: Path,
-    *,
-    title: str,
-    config: Mapping[str, Any],
-    counts: Mapping[str, Mapping[str, int]],
-    metrics: Mapping[str, Any],
-    y_true: Any,
-    probs: Any,
-    labels: Sequence[str] | None = None,
-    rounds: Sequence[Mapping[str, Any]] | None = None,
-    saliency_examples: Sequence[Any] | None = None,
-    sanity: Mapping[str, Any] | None = None,
-    filename: str = REPORT_FILE,
-) -> Path:
+def write_html_report(out_dir: Path, *, filename: str = REPORT_FILE, **parts: Any) -> Path:
     """Write ``out_dir/report.html`` atomically and return its path.
 
-    Args:
-        title: the page heading.
-        config: setting → value (nested dicts/lists are shown as JSON).
-        counts: split or site name → {label: image count}, e.g.
-            ``{"bridge": {...}, "site-1": {...}, "test": {...}}``.
-        metrics: :func:`fedbridge_shared.metrics.compute_metrics` of ``y_true``/``probs``.
-        labels: class names in index order (default ``metrics["labels"]``).
-        rounds: per-round rows of a federated run (``training["history"]`` of its bundle, keys
-            ``round``, ``*_loss``, ``*_accuracy``) or per-epoch rows (key ``epoch``); optional.
-        saliency_examples: from :func:`fedbridge_shared.explain.grid.saliency_examples`.
-        sanity: from :func:`fedbridge_shared.explain.sanity.sanity_check`; optional.
+    ``parts`` are :func:`render_html_report`'s keywords:
+
+    - ``title``: the page heading; ``config``: setting → value (nested values shown as JSON).
+    - ``counts``: split or site name → {label: image count}.
+    - ``metrics``: :func:`fedbridge_shared.metrics.compute_metrics` of ``y_true``/``probs``;
+      ``labels``: class names in index order (default ``metrics["labels"]``).
+    - ``rounds``: ``training["history"]`` of a bundle: per-round rows of a federated run (keys
+      ``round``, ``*_loss``, ``*_accuracy``, ``per_site``) or per-epoch rows (``epoch``);
+      ``best_round``: the round kept as the final model (for the site tables).
+    - ``saliency_examples``: from :func:`fedbridge_shared.explain.grid.saliency_examples`;
+      ``sanity``: from :func:`fedbridge_shared.explain.sanity.sanity_check`.
+    - ``card``: model-card facts (``arch``, ``image_size``, ``stage``, ``privacy``,
+      ``label_map``); ``lineage``: :func:`report_sections.lineage_steps`; ``sources``: each
+      test image's source data set (``None`` unknown), for per-source accuracy;
+      ``test_name``: the test set's row name in the cross-site table.
     """
-    text = render_html_report(
-        title=title,
-        config=config,
-        counts=counts,
-        metrics=metrics,
-        y_true=y_true,
-        probs=probs,
-        labels=labels,
-        rounds=rounds,
-        saliency_examples=saliency_examples,
-        sanity=sanity,
-    )
-    payload = text.encode("utf-8")
+    payload = render_html_report(**parts).encode("utf-8")
     return atomic_write(Path(out_dir) / filename, lambda fh: fh.write(payload))
 
 
@@ -305,14 +311,19 @@ def privacy_line(privacy: Mapping[str, Any]) -> str:
 
 
 def bundle_context(bundle: Any) -> tuple[dict[str, Any], dict[str, dict[str, int]], list[dict]]:
-    """``(config, counts, rounds)`` for the report from a loaded bundle's record."""
+    """``(config, counts, rounds)`` for the report from a loaded bundle's record.
+
+    Counts are the stage's own (central) or each site's train and validation images per class
+    (federated, from the rounds' ``per_site``).
+    """
     spec, training = bundle.spec, bundle.training
+    init = spec.init or {}
     config: dict[str, Any] = {
         "bundle": str(bundle.path),
         "weights sha256": bundle.sha256,
         "model": f"{spec.arch} @ {spec.image_size} px",
         "labels": list(spec.labels),
-        "init": spec.init.get("kind"),
+        "init": f"{init.get('kind')} {init.get('source', '')}".strip() + " (see Lineage)",
         "stage": training.get("stage"),
     }
     if training.get("privacy"):
@@ -321,7 +332,22 @@ def bundle_context(bundle: Any) -> tuple[dict[str, Any], dict[str, dict[str, int
         config["training config"] = training["config"]
     counts = {f"training: {k}": dict(v) for k, v in (training.get("counts") or {}).items()}
     rounds = list(training.get("history") or [])
+    for name, s in site_rows(rounds).items():
+        counts[f"{name}: train"] = dict(s.get("train_counts") or {})
+        counts[f"{name}: validation"] = dict(s.get("val_counts") or {})
     return config, counts, rounds
+
+
+def bundle_card(bundle: Any) -> dict[str, Any]:
+    """The model-card facts of a loaded bundle (see :func:`write_html_report`'s ``card``)."""
+    spec, training = bundle.spec, bundle.training
+    return {
+        "arch": spec.arch,
+        "image_size": spec.image_size,
+        "stage": training.get("stage"),
+        "privacy": training.get("privacy"),
+        "label_map": (spec.init or {}).get("label_map"),
+    }
 
 
 def write_bundle_report(
@@ -335,16 +361,21 @@ def write_bundle_report(
     title: str,
     config: Mapping[str, Any] | None = None,
     counts: Mapping[str, Mapping[str, int]] | None = None,
+    sources: Sequence[str | None] | None = None,
+    test_name: str = "test set",
     device: str = "cpu",
     warn: Any = None,
 ) -> Path:
     """report.html for ``bundle`` assessed on ``test_samples`` (in the order of ``y_true``).
 
-    The bundle's record gives config, training counts and curves; ``config`` and ``counts`` add
-    to them. Without captum the report is written without its saliency grid (``warn`` is told).
+    The bundle's record gives config, lineage, training and site counts and curves; ``config``
+    and ``counts`` add to them; ``sources`` (one per test sample, e.g. from
+    :func:`fedbridge_shared.data.sources.sample_sources`) add per-source accuracy to the model
+    card. Without captum the report is written without its saliency grid (``warn`` is told).
     """
     from fedbridge_shared.errors import ConfigError
     from fedbridge_shared.explain.grid import saliency_examples
+    from fedbridge_shared.report_sections import lineage_steps
     from fedbridge_shared.spec import load_bundle
 
     loaded = load_bundle(bundle)
@@ -367,4 +398,9 @@ def write_bundle_report(
         probs=probs,
         rounds=rounds,
         saliency_examples=examples,
+        card=bundle_card(loaded),
+        lineage=lineage_steps(loaded.spec, loaded.training, loaded.sha256),
+        best_round=loaded.training.get("best_round"),
+        sources=sources,
+        test_name=test_name,
     )

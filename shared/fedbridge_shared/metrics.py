@@ -36,6 +36,7 @@ __all__ = [
     "confusion_table",
     "ovr_auc",
     "validate_predictions",
+    "wilson_interval",
 ]
 
 #: The metrics that get a bootstrap confidence interval, in display order.
@@ -215,6 +216,16 @@ def _percentile(values: np.ndarray, alpha: float) -> list[float] | None:
         return None
     low, high = np.quantile(values, [alpha, 1.0 - alpha])
     return [float(low), float(high)]
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """Wilson score interval of a proportion ``k / n`` (95 % by default); None when ``n`` is 0."""
+    if n <= 0:
+        return None
+    phat = k / n
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def calibration(y_true: Any, probs: Any, n_bins: int = CALIBRATION_BINS) -> dict[str, Any]:

@@ -7,19 +7,31 @@ file is written atomically: to a temporary file in the destination folder, then 
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, roc_curve
 
+from fedbridge_shared.colours import series_colour, site_colours
 from fedbridge_shared.files import atomic_write
 from fedbridge_shared.metrics import ovr_auc, validate_predictions
 
-__all__ = ["DPI", "plot_confusion_matrix", "plot_roc", "write_metrics"]
+__all__ = [
+    "DPI",
+    "plot_confusion_matrix",
+    "history_figure",
+    "plot_history",
+    "plot_reliability",
+    "plot_roc",
+    "plot_site_rounds",
+    "write_metrics",
+]
 
 DPI = 120
 
@@ -104,6 +116,107 @@ def plot_roc(y_true: Any, probs: Any, labels: Sequence[str], path: Path) -> Path
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return _save_figure(fig, Path(path))
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _x_key(rows: Sequence[Mapping[str, Any]]) -> str:
+    return "round" if any("round" in r for r in rows) else "epoch"
+
+
+def plot_history(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """:func:`history_figure` as PNG bytes."""
+    return _png(history_figure(rows))
+
+
+def history_figure(rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """Loss and accuracy against ``round`` (federated) or ``epoch`` (central).
+
+    Each series keeps one colour in both panels and in every report (``colours.series_colour``);
+    the x axis ticks at whole rounds/epochs only.
+    """
+    x_key = _x_key(rows)
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float)})
+    fig = Figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
+    for ax, suffix in zip(axes, ("loss", "accuracy"), strict=True):
+        for key in (k for k in keys if k.endswith("_" + suffix)):
+            pts = [(r[x_key], r[key]) for r in rows if r.get(key) is not None and x_key in r]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                label = key.removesuffix("_" + suffix).replace("_", " ")
+                ax.plot(xs, ys, marker="o", color=series_colour(key), label=label)
+        _axes_style(ax, x_key, suffix)
+    fig.tight_layout()
+    return fig
+
+
+def plot_site_rounds(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Each site's validation loss and accuracy of the global model per round (``per_site``)."""
+    names = sorted({n for r in rows for n in (r.get("per_site") or {})})
+    colours = site_colours(names)
+    fig = Figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
+    for ax, suffix in zip(axes, ("loss", "accuracy"), strict=True):
+        for name in names:
+            pts = [
+                (r["round"], r["per_site"][name][f"val_{suffix}"])
+                for r in rows
+                if (r.get("per_site") or {}).get(name, {}).get("val_examples")
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", color=colours[name], label=name)
+        _axes_style(ax, "round", f"site validation {suffix}")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _axes_style(ax, x_label: str, y_label: str) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def plot_reliability(cal: Mapping[str, Any]) -> bytes:
+    """Reliability diagram of :func:`fedbridge_shared.metrics.calibration`, with its ECE.
+
+    Top: accuracy of each confidence bin against the diagonal of perfect calibration (bars
+    below it are over-confident); bottom: how many predictions fall in each bin.
+    """
+    bins = [b for b in cal["bins"] if b["n"]]
+    width = 1.0 / cal["n_bins"]
+    fig = Figure(figsize=(5.5, 5.2))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect")
+    top.bar(
+        [b["lo"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
+        color=series_colour("test"), alpha=0.75, edgecolor="white", label="accuracy in bin",
+    )  # fmt: skip
+    top.plot(
+        [b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="black",
+        markersize=3, label="bin's mean confidence",
+    )  # fmt: skip
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"Reliability (top-label), ECE = {cal['ece']:.3f}")
+    top.legend(fontsize=8, loc="upper left")
+    top.grid(True, alpha=0.3)
+    bottom.bar([b["lo"] for b in bins], [b["n"] for b in bins], width=width, align="edge",
+               color="#57606a")  # fmt: skip
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=3))
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("confidence (highest class probability)")
+    bottom.set_ylabel("images")
+    fig.tight_layout()
+    return _png(fig)
 
 
 def write_metrics(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -16,6 +17,8 @@ from fedbridge_shared.html_report import SECTIONS, write_html_report
 from fedbridge_shared.metrics import compute_metrics
 
 LABELS = ["CNV", "DME", "DRUSEN", "NORMAL"]
+# CNV only from source "A"; the rest alternate between "A" and "B" (the last 4 unknown)
+SOURCES = ["A"] * 10 + ["A", "B"] * 13 + [None] * 4
 
 
 class _Collect(HTMLParser):
@@ -59,8 +62,26 @@ def report(tmp_path_factory):
         )
         for i in pick_examples(y, probs, per_class=2)
     ]
+    site_counts = {"CNV": 3, "DME": 2, "DRUSEN": 0, "NORMAL": 4}
     rounds = [
-        {"round": r, "train_loss": 1.0 / r, "federated_val_accuracy": 0.5 + 0.1 * r}
+        {
+            "round": r,
+            "train_loss": 1.0 / r,
+            "federated_val_accuracy": 0.5 + 0.1 * r,
+            "per_site": {
+                name: {
+                    "train_examples": 9,
+                    "train_counts": site_counts,
+                    "train_loss": 1.0,
+                    "train_accuracy": 0.5,
+                    "val_examples": 9,
+                    "val_counts": site_counts,
+                    "val_loss": 1.0 / r,
+                    "val_accuracy": 0.4 + 0.1 * r + 0.05 * i,
+                }
+                for i, name in enumerate(("site-b", "site-a"))
+            },
+        }  # fmt: skip
         for r in (1, 2, 3)
     ]
     sanity = {
@@ -84,6 +105,10 @@ def report(tmp_path_factory):
         rounds=rounds,
         saliency_examples=examples,
         sanity=sanity,
+        card={"arch": "tiny", "image_size": 48, "stage": "federated", "label_map": None},
+        lineage=[{"step": "ImageNet weights", "detail": "w.safetensors; sha256 abc"}],
+        best_round=2,
+        sources=SOURCES,
     )
     return path, metrics, examples
 
@@ -95,8 +120,8 @@ def test_report_has_every_section_and_only_embedded_images(report):
     parser = _Collect()
     parser.feed(text)
     assert parser.sections == list(SECTIONS)
-    # confusion + ROC + rounds + one thumbnail per saliency example, all inline PNGs
-    assert len(parser.imgs) == 3 + len(examples)
+    # confusion, calibration, ROC, sites, rounds, colour bar + one thumbnail per example
+    assert len(parser.imgs) == 6 + len(examples)
     assert all(src.startswith("data:image/png;base64,") for src in parser.imgs)
     assert parser.links == [] and "script" not in parser.tags  # nothing fetched or run
     assert "OCT &lt;test&gt; report" in text  # user text is escaped
@@ -105,6 +130,67 @@ def test_report_has_every_section_and_only_embedded_images(report):
     assert f"{lo:.3f} – {hi:.3f}" in text
     assert "fails sanity check" in text and "Federated rounds" in text
     assert text.count('class="cell wrong"') == sum(not e.correct for e in examples)
+
+
+def _section(text: str, key: str) -> str:
+    return text.split(f'<section id="{key}">')[1].split("</section>")[0]
+
+
+def _rows(part: str) -> list[list[str]]:
+    rows = [r.split("</tr>")[0] for r in part.split("<tr>")[1:]]
+    cells = [[c.split("</td>")[0] for c in r.split("<td>")[1:]] for r in rows]
+    return [c for c in cells if c]  # header rows hold <th> only
+
+
+def test_report_reads_at_600px_and_shows_sites_card_and_intervals(report):
+    path, metrics, _ = report
+    text = path.read_text(encoding="utf-8")
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text
+    assert text.count("<table") == text.count('<div class="scroll"><table') > 5
+    assert ".scroll{overflow-x:auto" in text and "img.fig{max-width:100%" in text
+    # per-class CIs beside the values
+    lo, hi = metrics["per_class_ci95"]["DME"]["specificity"]
+    assert f"{lo:.3f} – {hi:.3f}" in _section(text, "metrics")
+    # sites in name order, round 2 starred as the final model; cross-site uses round 2
+    per_round = _rows(_section(text, "sites"))[-3:]
+    assert per_round[1][:3] == ["2 ★", "0.650", "0.600"]
+    cross = _rows(_section(text, "cross_site"))
+    assert [c[:3] for c in cross[:2]] == [["site-a validation", "9", "0.650"],
+                                          ["site-b validation", "9", "0.600"]]  # fmt: skip
+    assert cross[2][:3] == ["test set", "40", f"{metrics['accuracy']:.3f}"]
+    # per-source accuracy, the confound, and the signed (shap) caption with its colour map
+    card = _section(text, "card")
+    right = np.asarray(metrics["confusion_matrix"]).trace()
+    assert [r[:2] for r in _rows(card) if r[0] in ("A", "B", "unknown")] == [
+        ["A", "23"], ["B", "13"], ["unknown", "4"]]  # fmt: skip
+    assert "every CNV test image comes from A" in card and right > 0
+    assert "Source confound" in card and "not a medical device" in card
+    saliency = _section(text, "saliency")
+    assert "bwr" in saliency and "red pixels raise" in saliency and "inferno" not in saliency
+
+
+def test_unsigned_saliency_caption_and_per_source_accuracy(report, tmp_path):
+    _, metrics, examples = report
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), 10)
+    probs = np.eye(4)[y] * 0.7 + 0.075
+    probs[:5] = [0.1, 0.7, 0.1, 0.1]  # 5 CNV images wrong, all from source "A"
+    plain = [
+        SaliencyExample(**{**e.__dict__, "method": "saliency",
+                           "png": thumbnail_png(np.zeros((8, 8)), rng.random((8, 8)), "saliency")})
+        for e in examples
+    ]  # fmt: skip
+    path = write_html_report(
+        tmp_path, title="t", config={}, counts={}, metrics=compute_metrics(y, probs, LABELS, 50),
+        y_true=y, probs=probs, saliency_examples=plain, card={}, sources=SOURCES,
+    )  # fmt: skip
+    text = path.read_text(encoding="utf-8")
+    saliency = _section(text, "saliency")
+    assert "unsigned" in saliency and "inferno" in saliency and "red pixels" not in saliency
+    rows = {r[0]: r for r in _rows(_section(text, "card"))}
+    assert rows["A"][1] == "23" and rows["A"][-2] == f"{18 / 23:.3f}"
+    assert rows["B"][-2] == "1.000"
+    assert "sites" not in re.findall(r'<section id="([a-z_]+)"', text)
 
 
 def test_pick_examples_takes_confident_correct_then_wrong_per_class():

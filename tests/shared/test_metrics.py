@@ -26,6 +26,7 @@ from fedbridge_shared.metrics import (
     compute_metrics,
     format_metrics_table,
     ovr_auc,
+    wilson_interval,
 )
 
 LABELS3 = ["normal", "pneumonia", "covid"]
@@ -530,3 +531,9 @@ def test_ece_of_confident_wrong_predictions_is_one_and_hand_computed_bins():
     assert compute_metrics(np.array([0, 1, 1, 1]), probs, ["a", "b"], n_bootstrap=0)["calibration"][
         "ece"
     ] == pytest.approx(0.4)
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert wilson_interval(0, 20) == pytest.approx([0.0, 0.1611], abs=1e-4)
+    assert wilson_interval(0, 0) is None

@@ -146,3 +146,26 @@ def test_plots_do_not_register_pyplot_figures(tmp_path):
     import matplotlib.pyplot as plt
 
     assert plt.get_fignums() == []
+
+
+def test_history_ticks_whole_rounds_and_keeps_each_series_colour():
+    from fedbridge_shared.colours import series_colour
+    from fedbridge_shared.report import history_figure
+
+    rows = [
+        {"round": r, "train_loss": 1 / r, "train_accuracy": 0.2 * r, "server_val_loss": 0.9,
+         "federated_val_loss": 0.8 / r, "federated_val_accuracy": 0.1 * r}
+        for r in (1, 2, 3, 4, 5, 6)
+    ]  # fmt: skip
+    fig = history_figure(rows)
+    fig.canvas.draw()
+    loss, acc = fig.axes
+    for ax in (loss, acc):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    colours = {ax: {ln.get_label(): ln.get_color() for ln in ax.get_lines()} for ax in (loss, acc)}
+    # loss has server val too (so a per-axis colour cycle would shift); colours still agree
+    assert set(colours[loss]) == {"train", "server val", "federated val"}
+    for name in ("train", "federated val"):
+        assert colours[loss][name] == colours[acc][name] == series_colour(name.replace(" ", "_"))
+    assert len(set(colours[loss].values())) == 3

@@ -215,6 +215,7 @@ def _write_report(bundle, data, manifest, metrics, y, probs, out_dir, device) ->
 def _html_report(bundle, data, manifest, metrics, y, probs, out_dir, device) -> Path:
     """report.html for ``evaluate --out``: bundle record, test counts and a saliency grid."""
     from fedbridge_shared.data.samples import scan_folder
+    from fedbridge_shared.data.sources import sample_sources
     from fedbridge_shared.html_report import write_bundle_report
     from fedbridge_shared.training import resolve_device
 
@@ -229,6 +230,8 @@ def _html_report(bundle, data, manifest, metrics, y, probs, out_dir, device) -> 
         title=f"fedbridge assessment: {Path(bundle).name} on {Path(data).name}",
         config={"data": str(Path(data).resolve()), "patient_ids": index.patient_source},
         counts={f"test: {Path(data).name}": index.counts()},
+        sources=sample_sources(index.samples, index.manifest),
+        test_name=f"test: {Path(data).name}",
         device=str(resolve_device(device)),
         warn=lambda text: err.print(f"[yellow]{text}[/]"),
     )

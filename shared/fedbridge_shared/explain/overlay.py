@@ -81,3 +81,25 @@ def thumbnail_png(image: np.ndarray, amap: np.ndarray, method: str, size_in: flo
     ax = fig.add_axes((0, 0, 1, 1))
     draw_overlay(ax, image, amap, method in SIGNED_METHODS)
     return figure_png(fig, dpi=80)
+
+
+def colourbar_png(signed: bool) -> bytes:
+    """The legend of the report's thumbnails: a horizontal colour bar of the map's scale.
+
+    Each thumbnail is scaled on its own (to its 99th percentile of ``|map|``), so the bar is
+    relative: ``0`` to that image's maximum (unsigned), or ``−max`` to ``+max`` around 0 (signed).
+    """
+    fig = Figure(figsize=(4.2, 0.9))
+    ax = fig.add_axes((0.08, 0.55, 0.84, 0.3))
+    norm = Normalize(-1.0, 1.0) if signed else Normalize(0.0, 1.0)
+    mappable = ScalarMappable(norm=norm, cmap=colormaps[SIGNED_CMAP if signed else UNSIGNED_CMAP])
+    bar = fig.colorbar(mappable, cax=ax, orientation="horizontal")
+    if signed:
+        bar.set_ticks([-1, 0, 1], labels=["−max (lowers)", "0", "+max (raises)"])
+    else:
+        bar.set_ticks([0, 1], labels=["0 (none)", "image's max"])
+    bar.ax.tick_params(labelsize=8)
+    ticks = bar.ax.get_xticklabels()
+    ticks[0].set_horizontalalignment("left")  # the end labels stay inside the figure
+    ticks[-1].set_horizontalalignment("right")
+    return figure_png(fig, dpi=100)
