@@ -279,8 +279,8 @@ def limitations(
                 )
     elif not known:
         out.append(
-            "The test images' source data sets are unknown (no source column in their "
-            "manifest), so a source confound cannot be checked here."
+            "The test images' source data sets are unknown (no manifest with a source_dataset "
+            "column lists them), so a source confound cannot be checked here."
         )
     ci = (metrics.get("ci95") or {}).get("accuracy")
     if ci and ci[1] - ci[0] > 0.1:
