@@ -11,7 +11,13 @@ import torch
 from fedbridge_shared.data.samples import check_labels
 from fedbridge_shared.data.split import assign_parts
 from fedbridge_shared.data.tensors import load_images, make_loader
-from fedbridge_shared.engine import CosineSchedule, evaluate, fit, proximal_penalty
+from fedbridge_shared.engine import (
+    CosineSchedule,
+    fit,
+    loss_and_accuracy,
+    predict,
+    proximal_penalty,
+)
 from fedbridge_shared.errors import DataError
 from fedbridge_shared.models import build_model
 from fedbridge_shared.protocol import EvalReply, LocalSettings, RoundTask, TrainReply
@@ -109,7 +115,8 @@ class Site:
         return shared_state(model), reply
 
     def evaluate(self, task: RoundTask, state: dict[str, torch.Tensor] | np.ndarray) -> EvalReply:
-        """Loss and accuracy of the global weights on this site's validation patients."""
+        """Loss, accuracy and per-class hits of the global weights on this site's validation
+        patients (the same loss and accuracy as ``engine.evaluate``)."""
         spec = ModelSpec.from_dict(task.spec)
         _, (images, targets) = self._parts(spec, task.settings)
         if not images:
@@ -118,12 +125,16 @@ class Site:
         load_shared_state(model, state)
         device = resolve_device()
         loader = make_loader(images, targets, spec, batch_size=task.settings.batch_size)
-        stats = evaluate(model.to(device), loader, device)
+        y, p = predict(model.to(device), loader, device)
+        loss, accuracy = loss_and_accuracy(y, p)
+        right = p.argmax(axis=1) == y
+        k = len(spec.labels)
         return EvalReply(
             num_examples=len(images),
-            val_loss=stats.loss,
-            val_accuracy=stats.accuracy,
-            class_counts=_class_counts(targets, len(spec.labels)),
+            val_loss=loss,
+            val_accuracy=accuracy,
+            class_counts=_class_counts(targets, k),
+            class_correct=tuple(int(n) for n in np.bincount(y[right], minlength=k)),
         )
 
 

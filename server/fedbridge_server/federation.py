@@ -74,7 +74,8 @@ def per_site_metrics(
     labels: tuple[str, ...], names: dict[int, str], *, train: list, evaluated: list
 ) -> dict[str, dict[str, Any]]:
     """Each site's numbers this round: its training reply, and its validation metrics of the
-    new global weights (keys ``train_*``, ``val_*``, ``*_counts`` per label)."""
+    new global weights (keys ``train_*``, ``val_*``, ``*_counts`` and ``val_correct`` per
+    label)."""
     out: dict[str, dict[str, Any]] = {}
     for kind, messages, reply in (("train", train, P.TrainReply), ("val", evaluated, P.EvalReply)):
         for msg in messages:
@@ -83,6 +84,8 @@ def per_site_metrics(
             row = out.setdefault(name, {})
             row[f"{kind}_examples"] = int(got.num_examples)
             row[f"{kind}_counts"] = got.counts_by_label(labels)
+            if kind == "val":
+                row["val_correct"] = got.correct_by_label(labels)
             for key in ("loss", "accuracy"):
                 row[f"{kind}_{key}"] = float(getattr(got, f"{kind}_{key}"))
     return dict(sorted(out.items()))

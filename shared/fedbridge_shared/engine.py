@@ -138,9 +138,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Epoc
     """Mean cross-entropy and accuracy over ``loader``."""
     start = time.perf_counter()
     y, p = predict(model, loader, device)
-    loss = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()) if len(y) else 0.0
-    acc = float((p.argmax(1) == y).mean()) if len(y) else 0.0
+    loss, acc = loss_and_accuracy(y, p)
     return EpochStats(loss, acc, len(y), time.perf_counter() - start)
+
+
+def loss_and_accuracy(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy ``-log p(true class)`` and accuracy of predictions (0, 0 when empty)."""
+    if not len(y):
+        return 0.0, 0.0
+    loss = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+    return loss, float((p.argmax(1) == y).mean())
 
 
 def fit(

@@ -125,6 +125,16 @@ class RoundTask:
 
 CLASS_COUNT = "class-count-"
 """Metric key prefix of a reply's images per class: ``class-count-0`` … by label index."""
+CLASS_CORRECT = "class-correct-"
+"""Metric key prefix of an evaluation's correctly classified images per true class."""
+_PER_CLASS = {"class_counts": CLASS_COUNT, "class_correct": CLASS_CORRECT}
+
+
+def _per_class(metrics: Any, prefix: str) -> tuple[int, ...]:
+    out: list[int] = []
+    while f"{prefix}{len(out)}" in metrics:
+        out.append(int(metrics[f"{prefix}{len(out)}"]))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -141,21 +151,22 @@ class _Reply:
     def to_metrics(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {NUM_EXAMPLES: int(self.num_examples)}
         for f in fields(self):
-            if f.name not in ("num_examples", "class_counts"):
+            if f.name in _PER_CLASS:
+                for i, n in enumerate(getattr(self, f.name)):
+                    out[f"{_PER_CLASS[f.name]}{i}"] = int(n)
+            elif f.name != "num_examples":
                 out[kebab(f.name)] = float(getattr(self, f.name))
-        for i, n in enumerate(self.class_counts):
-            out[f"{CLASS_COUNT}{i}"] = int(n)
         return out
 
     @classmethod
     def from_metrics(cls, metrics: Any) -> _Reply:
         """From a (possibly aggregated) MetricRecord; missing keys keep their defaults."""
-        names = {f.name for f in fields(cls)} - {"class_counts"}
-        values: dict[str, Any] = {n: metrics[kebab(n)] for n in names if kebab(n) in metrics}
-        counts = []
-        while f"{CLASS_COUNT}{len(counts)}" in metrics:
-            counts.append(int(metrics[f"{CLASS_COUNT}{len(counts)}"]))
-        return cls(**values, class_counts=tuple(counts))
+        names = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {
+            n: metrics[kebab(n)] for n in names - set(_PER_CLASS) if kebab(n) in metrics
+        }
+        per_class = {n: _per_class(metrics, _PER_CLASS[n]) for n in names & set(_PER_CLASS)}
+        return cls(**values, **per_class)
 
     def counts_by_label(self, labels: Sequence[str]) -> dict[str, int]:
         """``class_counts`` keyed by label name (empty when the site sent none)."""
@@ -179,3 +190,10 @@ class EvalReply(_Reply):
 
     val_loss: float = 0.0
     val_accuracy: float = 0.0
+    class_correct: tuple[int, ...] = ()  # correctly classified images per true class
+
+    def correct_by_label(self, labels: Sequence[str]) -> dict[str, int]:
+        """``class_correct`` keyed by label name (empty when the site sent none)."""
+        if len(self.class_correct) != len(labels):
+            return {}
+        return dict(zip(labels, self.class_correct, strict=True))

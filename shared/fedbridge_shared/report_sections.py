@@ -195,6 +195,10 @@ def sites_section(
     return section("sites", "Sites", body)
 
 
+def _ratio(k: int | None, n: int | None) -> float | None:
+    return k / n if k is not None and n else None
+
+
 def test_loss(y_true: Any, probs: Any) -> float:
     """Mean cross-entropy −log p(true class), as sites compute their validation loss."""
     y, p = np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64)
@@ -225,7 +229,21 @@ def cross_site_section(
         (test_name, metrics["n"], metrics["accuracy"],
          fmt_ci((metrics.get("ci95") or {}).get("accuracy")), test_loss(y_true, probs))
     )  # fmt: skip
-    body = table(("data", "images", "accuracy", "95% CI", "loss"), rows) + muted(
+    body = table(("data", "images", "accuracy", "95% CI", "loss"), rows)
+    labels = list(metrics["labels"])
+    sens_rows = [
+        (f"{name} validation",
+         *(_ratio((s.get("val_correct") or {}).get(c), (s.get("val_counts") or {}).get(c))
+           for c in labels))
+        for name, s in sorted((best.get("per_site") or {}).items())
+        if s.get("val_correct")
+    ]  # fmt: skip
+    if sens_rows:
+        test_sens = [metrics["per_class"][c]["sensitivity"] for c in labels]
+        body += "<h3>Sensitivity per class</h3>" + table(
+            ("data", *labels), [*sens_rows, (test_name, *test_sens)]
+        )
+    body += muted(
         f"The final model (round {esc(best.get('round'))}) on each site's validation patients "
         "(reported by the sites; Wilson interval) and on the held-out test set (percentile "
         "bootstrap). A site far below the others is one the model does not serve."

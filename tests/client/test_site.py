@@ -33,7 +33,8 @@ def test_train_returns_weights_of_the_same_layout_and_changes_them(site_and_mode
     assert any(not torch.equal(new[k], state[k]) for k in state)
     metrics = reply.to_metrics()
     assert metrics[NUM_EXAMPLES] == len(site._parts(spec, SETTINGS)[0][0])
-    assert set(metrics) == {NUM_EXAMPLES, "train-loss", "train-accuracy", "seconds"}
+    counts = {f"class-count-{i}" for i in range(len(spec.labels))}
+    assert set(metrics) == {NUM_EXAMPLES, "train-loss", "train-accuracy", "seconds", *counts}
 
 
 def test_same_round_same_weights_and_other_round_other_weights(site_and_model):
@@ -58,6 +59,10 @@ def test_evaluate_reports_validation_loss_and_accuracy(site_and_model):
     site, spec, state = site_and_model
     m = site.evaluate(task(spec), state)
     assert m.num_examples > 0 and 0 <= m.val_accuracy <= 1 and m.val_loss > 0
+    # per true class: images and how many of them the global model got right
+    assert sum(m.class_counts) == m.num_examples and len(m.class_correct) == len(spec.labels)
+    assert all(0 <= k <= n for k, n in zip(m.class_correct, m.class_counts, strict=True))
+    assert sum(m.class_correct) == round(m.val_accuracy * m.num_examples)
 
 
 def test_site_with_other_class_names_is_refused_before_training(site_and_model, oct_root, tmp_path):

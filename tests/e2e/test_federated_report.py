@@ -93,7 +93,16 @@ def test_federated_report_shows_sites_lineage_and_sources(fed, tmp_path):
             f"{name} validation", str(kept[name]["val_examples"]),
             f"{kept[name]['val_accuracy']:.3f}",
         ]  # fmt: skip
-    assert cross[-1][:3] == ["test: test", str(metrics["n"]), f"{metrics['accuracy']:.3f}"]
+    assert cross[3][:3] == ["test: test", str(metrics["n"]), f"{metrics['accuracy']:.3f}"]
+    # and each class's sensitivity there: the sites' correct counts over their images
+    labels = list(bundle.spec.labels)
+    for cells, name in zip(cross[4:7], sorted(kept), strict=True):
+        s = kept[name]
+        want = [s["val_correct"][c] / s["val_counts"][c] for c in labels]
+        assert cells == [f"{name} validation", *(f"{v:.3f}" for v in want)]
+        assert sum(s["val_correct"].values()) == round(s["val_accuracy"] * s["val_examples"])
+    sens_test = [metrics["per_class"][c]["sensitivity"] for c in labels]
+    assert cross[7] == ["test: test", *(f"{v:.3f}" for v in sens_test)]
 
     # lineage: random init → the bridge bundle (its data, sha) → 2 rounds → this bundle
     lineage = _section(text, "lineage")

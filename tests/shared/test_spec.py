@@ -105,6 +105,11 @@ def test_protocol_round_trips_through_plain_config_and_metrics():
     back = EvalReply.from_metrics(counted.to_metrics())
     assert back == counted and back.counts_by_label(("A", "B")) == {"A": 2, "B": 3}
     assert back.counts_by_label(("A", "B", "C")) == {}  # a count per label, or none
+    hits = EvalReply(num_examples=5, class_counts=(2, 3), class_correct=(1, 3))
+    assert hits.to_metrics()["class-correct-0"] == 1
+    back = EvalReply.from_metrics(hits.to_metrics())
+    assert back == hits and back.correct_by_label(("A", "B")) == {"A": 1, "B": 3}
+    assert TrainReply.from_metrics(hits.to_metrics()).class_counts == (2, 3)
 
 
 def _edit_record(out, change):
