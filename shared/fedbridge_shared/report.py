@@ -141,7 +141,7 @@ def history_figure(rows: Sequence[Mapping[str, Any]]) -> Figure:
     """
     x_key = _x_key(rows)
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float)})
-    fig = Figure(figsize=(9, 3.6))
+    fig = Figure(figsize=(8, 3.4))
     axes = fig.subplots(1, 2)
     for ax, suffix in zip(axes, ("loss", "accuracy"), strict=True):
         for key in (k for k in keys if k.endswith("_" + suffix)):
@@ -159,7 +159,7 @@ def plot_site_rounds(rows: Sequence[Mapping[str, Any]]) -> bytes:
     """Each site's validation loss and accuracy of the global model per round (``per_site``)."""
     names = sorted({n for r in rows for n in (r.get("per_site") or {})})
     colours = site_colours(names)
-    fig = Figure(figsize=(9, 3.6))
+    fig = Figure(figsize=(8, 3.4))
     axes = fig.subplots(1, 2)
     for ax, suffix in zip(axes, ("loss", "accuracy"), strict=True):
         for name in names:

@@ -89,9 +89,9 @@ def _init_step(init: Mapping[str, Any]) -> dict[str, str]:
     if kind == "none":
         return {"step": "random initialisation", "detail": "no pretrained weights"}
     if kind in ("imagenet", "file"):
-        what = init.get("description") or init.get("source") or ""
+        source, what = init.get("source", ""), init.get("description")
         name = "ImageNet weights" if kind == "imagenet" else "weights file"
-        return {"step": name, "detail": f"{what} ({init.get('source', '')}){sha}"}
+        return {"step": name, "detail": (f"{what} ({source})" if what else source) + sha}
     if kind != "bundle":
         return {"step": str(kind), "detail": json.dumps(init, default=str)}
     detail, name = f"{init.get('source', '')}{sha}", "bundle"
@@ -229,7 +229,11 @@ def cross_site_section(
         (test_name, metrics["n"], metrics["accuracy"],
          fmt_ci((metrics.get("ci95") or {}).get("accuracy")), test_loss(y_true, probs))
     )  # fmt: skip
-    body = table(("data", "images", "accuracy", "95% CI", "loss"), rows)
+    body = table(("data", "images", "accuracy", "95% CI", "loss"), rows) + muted(
+        f"The final model (round {esc(best.get('round'))}) on each site's validation patients "
+        "(reported by the sites; Wilson interval) and on the held-out test set (percentile "
+        "bootstrap). A site far below the others is one the model does not serve."
+    )
     labels = list(metrics["labels"])
     sens_rows = [
         (f"{name} validation",
@@ -243,11 +247,6 @@ def cross_site_section(
         body += "<h3>Sensitivity per class</h3>" + table(
             ("data", *labels), [*sens_rows, (test_name, *test_sens)]
         )
-    body += muted(
-        f"The final model (round {esc(best.get('round'))}) on each site's validation patients "
-        "(reported by the sites; Wilson interval) and on the held-out test set (percentile "
-        "bootstrap). A site far below the others is one the model does not serve."
-    )
     return section("cross_site", "Final model on each site's data and the test set", body)
 
 

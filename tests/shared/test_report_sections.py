@@ -23,3 +23,15 @@ def test_lineage_walks_random_init_bridge_bundle_retarget_to_this_bundle(tmp_pat
     (tmp_path / "bridge" / "model.json").unlink()
     again = lineage_steps(target, {"stage": "train"}, "f" * 64)[1]["detail"]
     assert bridge.sha256 in again and "/data/kermany" not in again
+
+
+def test_lineage_names_the_imagenet_weights_file_or_hub():
+    from types import SimpleNamespace
+
+    file_init = {"kind": "imagenet", "source": "/w/x.safetensors", "sha256": "ab",
+                 "description": "timm/x.in1k"}  # fmt: skip
+    hub_init = {"kind": "imagenet", "source": "timm hub: timm/x.in1k"}
+    for init, detail in ((file_init, "timm/x.in1k (/w/x.safetensors); sha256 ab"),
+                         (hub_init, "timm hub: timm/x.in1k")):  # fmt: skip
+        first = lineage_steps(SimpleNamespace(init=init), {"stage": "bridge"}, "c")[0]
+        assert first == {"step": "ImageNet weights", "detail": detail}
