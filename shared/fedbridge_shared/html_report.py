@@ -290,7 +290,7 @@ def write_html_report(out_dir: Path, *, filename: str = REPORT_FILE, **parts: An
       ``best_round``: the round kept as the final model (for the site tables).
     - ``saliency_examples``: from :func:`fedbridge_shared.explain.grid.saliency_examples`;
       ``sanity``: from :func:`fedbridge_shared.explain.sanity.sanity_check`.
-    - ``card``: model-card facts (``arch``, ``image_size``, ``stage``, ``privacy``,
+    - ``card``: model-card facts (``arch``, ``image_size``, ``stage``, ``privacy``, ``synthetic``,
       ``label_map``); ``lineage``: :func:`report_sections.lineage_steps`; ``sources``: each
       test image's source data set (``None`` unknown), for per-source accuracy;
       ``test_name``: the test set's row name in the cross-site table.
@@ -398,7 +398,7 @@ def write_bundle_report(
         probs=probs,
         rounds=rounds,
         saliency_examples=examples,
-        card=bundle_card(loaded),
+        card={**bundle_card(loaded), "synthetic": bool((config or {}).get("synthetic"))},
         lineage=lineage_steps(loaded.spec, loaded.training, loaded.sha256),
         best_round=loaded.training.get("best_round"),
         sources=sources,

@@ -281,6 +281,11 @@ def limitations(
 ) -> list[str]:
     """Known limitations, read off the numbers (each one sentence of HTML)."""
     out = []
+    if card.get("synthetic"):
+        out.append(
+            "<b>Synthetic data</b>: trained and tested on generated phantom images; these "
+            "numbers say nothing about patients."
+        )
     y = np.asarray(y_true, dtype=np.int64)
     known = [s for s in sources or [] if s]
     if len(set(known)) >= 2:

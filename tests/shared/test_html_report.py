@@ -182,7 +182,7 @@ def test_unsigned_saliency_caption_and_per_source_accuracy(report, tmp_path):
     ]  # fmt: skip
     path = write_html_report(
         tmp_path, title="t", config={}, counts={}, metrics=compute_metrics(y, probs, LABELS, 50),
-        y_true=y, probs=probs, saliency_examples=plain, card={}, sources=SOURCES,
+        y_true=y, probs=probs, saliency_examples=plain, card={"synthetic": True}, sources=SOURCES,
     )  # fmt: skip
     text = path.read_text(encoding="utf-8")
     saliency = _section(text, "saliency")
@@ -190,6 +190,7 @@ def test_unsigned_saliency_caption_and_per_source_accuracy(report, tmp_path):
     rows = {r[0]: r for r in _rows(_section(text, "card"))}
     assert rows["A"][1] == "23" and rows["A"][-2] == f"{18 / 23:.3f}"
     assert rows["B"][-2] == "1.000"
+    assert "<b>Synthetic data</b>" in text
     assert "sites" not in re.findall(r'<section id="([a-z_]+)"', text)
 
 
