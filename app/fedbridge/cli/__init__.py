@@ -16,6 +16,7 @@ from rich.markup import escape
 from fedbridge.cli import data, demo, deploy, edge, explain, federate, stages
 from fedbridge.cli.extras import missing_extra_message
 from fedbridge.cli.options import shown
+from fedbridge.cli.quiet import quiet_third_party
 from fedbridge_shared.errors import FedbridgeError
 
 app = typer.Typer(
@@ -66,6 +67,7 @@ def root(
 def main() -> None:
     """Entry point: user-facing errors become one line on stderr and exit code 2."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    quiet_third_party()
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:

@@ -11,7 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
+from fedbridge.cli.options import Augment as AugmentPreset
 from fedbridge.cli.options import Seed, make_console
+from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
 
 app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is_help=True)
@@ -19,9 +21,9 @@ app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is
 Init = Annotated[Path, typer.Option(help="Bridge bundle to start from.")]
 Out = Annotated[Path, typer.Option("--out", help="Final (best-round) bundle.")]
 Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
-Strategy = Annotated[str, typer.Option(help="fedavg | fedprox | fedadam")]
+Strategy = Annotated[StrategyName, typer.Option(help="Federated aggregation.")]
 AugmentPerSample = Annotated[int, typer.Option(help="Offline ×N expansion per site.")]
-Augment = Annotated[str, typer.Option(help="Augmentation preset: cxr | oct | none.")]
+Augment = Annotated[AugmentPreset, typer.Option(help="Augmentation preset.")]
 LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 Lr = Annotated[float, typer.Option(help="Local AdamW learning rate.")]
 BatchSize = Annotated[int, typer.Option(help="Local batch size.")]
@@ -98,9 +100,9 @@ def run_config(
         "init": str(Path(init).resolve()),
         "out": str(Path(out).resolve()),
         "num-server-rounds": rounds,
-        "strategy": strategy,
+        "strategy": str(strategy),
         "augment-per-sample": augment_per_sample,
-        "augment": augment,
+        "augment": str(augment),
         "local-epochs": local_epochs,
         "lr": lr,
         "batch-size": batch_size,
@@ -121,9 +123,9 @@ def simulate(
     sites: Annotated[list[Path], typer.Option("--site", help="A site's class folders (repeat).")],
     out_dir: Out,
     rounds: Rounds = defaults.ROUNDS,
-    strategy: Strategy = defaults.STRATEGY,
+    strategy: Strategy = StrategyName(defaults.STRATEGY),
     augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
-    augment: Augment = defaults.AUGMENT,
+    augment: Augment = AugmentPreset(defaults.AUGMENT),
     local_epochs: LocalEpochs = defaults.LOCAL_EPOCHS,
     lr: Lr = defaults.LR,
     batch_size: BatchSize = defaults.BATCH_SIZE,

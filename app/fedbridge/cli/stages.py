@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import Device, Manifest, Seed, StrEnum, make_console
+from fedbridge.cli.options import Augment, AugmentOpt, Device, Manifest, Seed, StrEnum, make_console
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
 
@@ -17,12 +17,6 @@ err = make_console(stderr=True)
 class Preset(StrEnum):
     cpu = "cpu"
     paper = "paper"
-
-
-class Augment(StrEnum):
-    cxr = "cxr"
-    oct = "oct"
-    none = "none"
 
 
 Data = Annotated[Path, typer.Argument(help="Folder of class folders.")]
@@ -42,7 +36,6 @@ ImageSize = Annotated[
 Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping on validation).")]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 Lr = Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")]
-AugmentPreset = Annotated[Augment, typer.Option("--augment", help="Augmentation preset.")]
 PresetOpt = Annotated[
     Preset, typer.Option(help="cpu: MobileNetV2 @224; paper: Inception-V4 @299, ×10 expansion.")
 ]
@@ -70,7 +63,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         batch_size: BatchSize = defaults.BATCH_SIZE,
         lr: Lr = defaults.LR,
         augment_per_sample: AugmentPerSample = None,
-        augment: AugmentPreset = Augment(defaults.AUGMENT),
+        augment: AugmentOpt = Augment(defaults.AUGMENT),
         preset: PresetOpt = Preset.cpu,
         val_fraction: ValFraction = defaults.VAL_FRACTION,
         patience: Patience = defaults.PATIENCE,
