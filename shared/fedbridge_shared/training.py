@@ -20,7 +20,7 @@ from fedbridge_shared import defaults
 from fedbridge_shared.data.augment import PRESETS
 from fedbridge_shared.data.samples import FolderIndex, Sample, check_labels, scan_folder
 from fedbridge_shared.data.split import assign_parts
-from fedbridge_shared.data.tensors import load_images, make_loader
+from fedbridge_shared.data.tensors import images_per_epoch, load_images, make_loader
 from fedbridge_shared.engine import fit, predict
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.files import check_writable
@@ -194,7 +194,8 @@ def run_stage(
         f"{len(train_ds)}), {len(parts['val'])} validation, device {dev}"
     )
     with _progress(console) as bar:
-        task = bar.add_task(f"{stage} epoch 1/{config.epochs}", total=len(train_ds), info="")
+        total = images_per_epoch(train_loader)  # the last partial batch is dropped
+        task = bar.add_task(f"{stage} epoch 1/{config.epochs}", total=total, info="")
 
         def on_epoch(row: dict) -> None:
             info = f"loss {row['train_loss']:.3f}"

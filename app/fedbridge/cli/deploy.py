@@ -47,7 +47,9 @@ def certs(
     out: Annotated[Path, typer.Option(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
     hosts: Annotated[
         list[str] | None,
-        typer.Option("--host", help="Name or IP the sites use to reach the SuperLink (repeat)."),
+        typer.Option(
+            "--cert-host", help="Name or IP the sites use to reach the SuperLink (repeat)."
+        ),
     ] = None,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
     force: Force = False,

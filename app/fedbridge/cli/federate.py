@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from fedbridge.cli.options import AsJson, Seed, make_console, print_json
 from fedbridge.cli.options import Augment as AugmentPreset
-from fedbridge.cli.options import Seed, make_console
 from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
 
@@ -29,18 +29,19 @@ Lr = Annotated[float, typer.Option(help="Local AdamW learning rate.")]
 BatchSize = Annotated[int, typer.Option(help="Local batch size.")]
 Val = Annotated[
     Path | None,
-    typer.Option(help="Server-side validation set for best-round selection."),
+    typer.Option("--val-data", help="Server-side validation set for best-round selection."),
 ]
 Test = Annotated[
     Path | None,
-    typer.Option(help="Test set assessed with the final bundle."),
+    typer.Option("--test-data", help="Test set assessed with the final bundle."),
 ]
 Labels = Annotated[
     str | None,
     typer.Option(
         help="Target labels, comma-separated, when they differ from the bridge bundle's "
         "(rows of shared labels are carried by name, new ones start fresh). "
-        "Default: the sites' class folders (simulate) or --val/--test's (server start)."
+        "Default: the sites' class folders (simulate) or --val-data/--test-data's (server "
+        "start)."
     ),
 ]
 Settings = Annotated[
@@ -138,6 +139,7 @@ def simulate(
         typer.Option(help="Write a JSON-lines audit of every message each site sends."),
     ] = None,
     seed: Seed = defaults.SEED,
+    as_json: AsJson = False,
 ) -> None:
     """Run the sites on this machine through Flower's simulation runtime."""
     from fedbridge.simulate import simulate as run
@@ -148,4 +150,6 @@ def simulate(
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
         labels=labels or folder_labels(sites[0] if sites else None),
     )  # fmt: skip
-    run(flat, sites, out=make_console(), audit_dir=audit_dir)
+    summary = run(flat, sites, out=make_console(stderr=as_json), audit_dir=audit_dir)
+    if as_json:
+        print_json(summary)

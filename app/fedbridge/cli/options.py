@@ -86,6 +86,34 @@ Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", callback
 Seed = Annotated[int, typer.Option(help="Random seed (splits, initialisation, augmentation).")]
 
 
+AsJson = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print the result as one JSON document on stdout (messages on stderr)."
+    ),
+]
+
+
+def print_json(result: object) -> None:
+    """``--json``: the one document on stdout; NaN and infinities become null (valid JSON)."""
+    import json
+
+    sys.stdout.write(json.dumps(_finite(result), indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _finite(obj: object) -> object:
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def make_console(stderr: bool = False) -> Console:
     """A rich console; 120 columns when not a terminal so tables in logs are not cut."""
     stream = sys.stderr if stderr else sys.stdout

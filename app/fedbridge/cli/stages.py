@@ -1,12 +1,21 @@
 """``fedbridge bridge | train | evaluate``: the central stages and the assessment."""
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import Augment, AugmentOpt, Device, Manifest, Seed, StrEnum, make_console
+from fedbridge.cli.options import (
+    AsJson,
+    Augment,
+    AugmentOpt,
+    Device,
+    Manifest,
+    Seed,
+    StrEnum,
+    make_console,
+    print_json,
+)
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
 
@@ -73,6 +82,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         force: Annotated[
             bool, typer.Option("--force", help="Replace the model of an existing bundle at --out.")
         ] = False,
+        as_json: AsJson = False,
     ) -> None:
         from fedbridge_shared.spec import IMAGE_SIZE_RANGE
         from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
@@ -99,6 +109,9 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
             stage, data, out=out_dir, init=init, config=config, arch=model,
             image_size=image_size, manifest=manifest, device=device, force=force, console=err,
         )  # fmt: skip
+        if as_json:
+            print_json({"bundle": str(Path(bundle).resolve()), "validation": metrics or None})
+            return
         line = f"wrote {bundle}"
         if metrics:
             line += (
@@ -135,7 +148,7 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         bundle: Annotated[Path, typer.Argument(help="Model bundle folder.")],
         data: Data,
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+        as_json: AsJson = False,
         out_dir: Annotated[
             Path | None,
             typer.Option(
@@ -173,7 +186,7 @@ def register(app: typer.Typer) -> None:
             written = _write_report(bundle, data, manifest, metrics, y, probs, out_dir, device)
             err.print("wrote " + ", ".join(str(out_dir / name) for name in written))
         if as_json:
-            typer.echo(json.dumps(metrics))
+            print_json(metrics)
         else:
             for renderable in _as_list(format_metrics_table(metrics)):
                 out.print(renderable)
