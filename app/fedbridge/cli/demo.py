@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         augment: AugmentOpt = Augment.cxr,
         seed: Seed = 0,
+        force: Annotated[
+            bool, typer.Option("--force", help="Replace an earlier demo run at --out.")
+        ] = False,
     ) -> None:
         """Split → bridge → target (federated, pooled, local-only) → assess, with HTML reports."""
         from fedbridge.demo import run_demo
@@ -42,4 +45,5 @@ def register(app: typer.Typer) -> None:
             seed,
             make_console(),
             image_size=image_size,
+            force=force,
         )

@@ -166,11 +166,14 @@ def build(
         Path | None,
         typer.Option("--out", help="Engine file (default: MODEL with .engine)."),
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing engine.")] = False,
 ) -> None:
     """Build a TensorRT engine ON THIS DEVICE (engines are not portable)."""
+    target = out_path or model.with_suffix(".engine")
+    if target.exists() and not force:
+        raise ConfigError(f"--out {target}: exists; add --force to replace it")
     from fedbridge_edge.trt import build_engine
 
-    target = out_path or model.with_suffix(".engine")
     path, header = build_engine(
         model, target, precision=precision.value, calib_dir=calib, workspace_mb=workspace,
         max_batch=max_batch,
