@@ -268,8 +268,11 @@ def evaluate_bundle(
     images = decode(index.samples, spec.image_size, console=console, what="evaluation images")
     loader = make_loader(images, [target_of[s.label] for s in index.samples], spec,
                          batch_size=batch_size)  # fmt: skip
-    y, probs = predict(model, loader, dev)
-    metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
+    with _progress(console) as bar:
+        task = bar.add_task("predicting", total=len(images), info="")
+        y, probs = predict(model, loader, dev, on_batch=lambda n: bar.advance(task, n))
+    with console.status(f"metrics with {n_bootstrap} bootstrap resamples"):
+        metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
     metrics["bundle"] = {"path": str(Path(bundle_path).resolve()), "sha256": bundle.sha256}
     metrics["data"] = {"path": str(Path(data).resolve()), "patient_ids": index.patient_source}
     return metrics, y, probs

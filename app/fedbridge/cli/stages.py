@@ -84,8 +84,9 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         ] = False,
         as_json: AsJson = False,
     ) -> None:
-        from fedbridge_shared.spec import IMAGE_SIZE_RANGE
-        from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
+        with err.status("loading torch"):  # seconds on a cold start
+            from fedbridge_shared.spec import IMAGE_SIZE_RANGE
+            from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
 
         low, high = IMAGE_SIZE_RANGE
         if image_size is not None and not low <= image_size <= high:
@@ -177,7 +178,8 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(
                     f"--out {out_dir}: inside the data folder {data}; write the report elsewhere"
                 )
-        from fedbridge_shared.training import evaluate_bundle
+        with err.status("loading torch"):
+            from fedbridge_shared.training import evaluate_bundle
 
         metrics, y, probs = evaluate_bundle(
             bundle, data, manifest=manifest, n_bootstrap=bootstrap, device=device, console=err
