@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -10,16 +11,23 @@ from pathlib import Path
 
 
 def fedbridge(
-    *args: str | Path, cwd: Path | None = None, timeout: int = 600, prefix: Sequence[str] = ()
+    *args: str | Path,
+    cwd: Path | None = None,
+    timeout: int = 600,
+    prefix: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    umask: int = -1,
 ):
     """Run ``fedbridge ARGS…`` (after ``prefix``, e.g. ``ip netns exec NS``); returns the
-    CompletedProcess (text output)."""
+    CompletedProcess (text output). ``env`` adds variables; ``umask`` (≥ 0) sets the child's."""
     return subprocess.run(
         [*prefix, sys.executable, "-m", "fedbridge", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
         timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
+        umask=umask,
     )
 
 

@@ -60,8 +60,11 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
     image_size: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Run every stage and arm into ``out`` and return the summary it prints."""
+    """Run every stage and arm into ``out`` and return the summary it prints.
+
+    Every option is checked before the phantom set is generated or anything is written."""
     console = console or Console()
     plan = DemoPlan.for_mode(quick)
     if image_size is not None:
@@ -69,7 +72,8 @@ def run_demo(
             raise ConfigError(f"--image-size {image_size}: use at least 32 pixels")
         plan = dataclasses.replace(plan, image_size=image_size)
     out = Path(out)
-    claim_demo_folder(out)
+    _check_options(init, arch, augment)
+    claim_demo_folder(out, force=force)
     synthetic = data is None
     if synthetic:
         console.print("[bold yellow]SYNTHETIC[/] data: generating a phantom set (no real images)")
@@ -161,8 +165,9 @@ def demo_entries() -> list[str]:
     ]  # fmt: skip
 
 
-def claim_demo_folder(out: Path) -> None:
-    """Make ``out`` the demo's folder: new, empty, or an earlier demo's (its marker present).
+def claim_demo_folder(out: Path, *, force: bool) -> None:
+    """Make ``out`` the demo's folder: new, empty, or (with ``force``) an earlier demo's (its
+    marker present).
 
     An earlier demo's entries are removed, anything else in the folder is left alone."""
     marker = out / DEMO_MARKER
@@ -171,6 +176,8 @@ def claim_demo_folder(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not marker.is_file():
             raise ConfigError(f"{out}: exists and is not a demo folder; choose another --out")
+        if not force:
+            raise ConfigError(f"{out}: holds an earlier demo run; add --force to replace it")
         for name in set(demo_entries()) - {DEMO_MARKER}:  # the names an earlier run wrote
             entry = out / name
             if entry.is_dir() and not entry.is_symlink():
@@ -180,6 +187,18 @@ def claim_demo_folder(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = {"written_by": "fedbridge demo", "entries": demo_entries()}
     atomic_write(marker, (json.dumps(text, indent=2) + "\n").encode())
+
+
+def _check_options(init: str, arch: str, augment: str) -> None:
+    """The options a later stage would refuse, refused now (no phantom set, no folder)."""
+    import timm
+
+    if augment not in defaults.AUGMENT_PRESETS:
+        raise ConfigError(f"--augment {augment!r}: one of {', '.join(defaults.AUGMENT_PRESETS)}")
+    if not timm.is_model(arch):
+        raise ConfigError(f"--model {arch!r}: not a timm model name")
+    if init not in ("none", "imagenet") and not Path(init).exists():
+        raise ConfigError(f"--init {init!r}: not 'none', 'imagenet' or an existing file or bundle")
 
 
 def _acc(row: dict[str, Any]) -> float:

@@ -11,7 +11,7 @@ if [ "$(id -u)" = 0 ] && [ -z "${FEDBRIDGE_UID:-}" ]; then
   exit 2
 fi
 mkdir -p "$fed/data" "$fed/keys" "$fed/secrets" "$fed/out" "$fed/home"
-fedbridge server certs --out "$fed/certs" --host coordinator
+fedbridge server certs --out "$fed/certs" --cert-host coordinator
 for i in 1 2 3; do
   fedbridge site keys --name "site-$i" --out "$fed/keys"
   mkdir -p "$fed/secrets/site-$i" "$fed/state/site-$i"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,13 +121,13 @@ def _val_labels(paths: list[Path], labels: list[str], logits: np.ndarray, root: 
     unknown = [f for f in folders if f not in labels]
     if unknown:
         raise EdgeError(
-            f"--val {root}: class folders {', '.join(unknown)} are not labels of this model "
+            f"--val-data {root}: class folders {', '.join(unknown)} are not labels of this model "
             f"({', '.join(labels)}); calibrate on held-out images of the modality it was "
             "trained on, one folder per label"
         )
     if len(folders) < 2:
         raise EdgeError(
-            f"--val {root}: images of one label only ({folders[0]}); calibrate on held-out "
+            f"--val-data {root}: images of one label only ({folders[0]}); calibrate on held-out "
             f"images of at least two of the model's labels ({', '.join(labels)})"
         )
     y = np.array([labels.index(p.parent.name) for p in paths])
@@ -135,8 +136,8 @@ def _val_labels(paths: list[Path], labels: list[str], logits: np.ndarray, root: 
     p_value = binomtest(correct, len(y), chance, alternative="greater").pvalue
     if p_value >= MIN_ABOVE_CHANCE_P:
         raise EdgeError(
-            f"--val {root}: the model labels only {correct} of {len(y)} images correctly (chance "
-            f"{chance:.2f}): either these are not images of the modality and labels it was "
+            f"--val-data {root}: the model labels only {correct} of {len(y)} images correctly "
+            f"(chance {chance:.2f}): either these are not images of the modality and labels it was "
             "trained on, or the model has not learnt them — refusing to calibrate its "
             "out-of-distribution test on them"
         )
@@ -158,10 +159,10 @@ def _val_images(val: Path | None, bundle, console) -> tuple[list[Path], str]:
         data = Path(str(bundle.training.get("data", "")))
         if not bundle.training.get("data") or not data.is_dir():
             raise EdgeError(
-                f"{bundle.path}: pass --val DIR (held-out images of the trained modality, one "
+                f"{bundle.path}: pass --val-data DIR (held-out images of the trained modality, one "
                 "folder per class) to calibrate the out-of-distribution threshold"
             )
-        console.print(f"[yellow]no --val: calibrating OOD on the training images in {data}[/]")
+        console.print(f"[yellow]no --val-data: calibrating OOD on the training images in {data}[/]")
         val = data
     paths = list_images([val])
     if not paths:
@@ -187,11 +188,73 @@ def export_onnx(
     from rich.console import Console
 
     console = console or Console(stderr=True, quiet=True)
+    with _Steps(console, total=6 + (int8_calib is not None)) as step:
+        return _export(
+            bundle_path, out, val=val, opset=opset, batch=batch, fp16=fp16,
+            int8_calib=int8_calib, int8_method=int8_method, int8_fallback=int8_fallback,
+            ood_percentile=ood_percentile, console=console, step=step,
+        )  # fmt: skip
+
+
+class _Steps:
+    """One progress bar over export's named steps (each takes seconds), on ``console``."""
+
+    def __init__(self, console, *, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("[bold]export[/] {task.description}"), BarColumn(),
+            MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+        )  # fmt: skip
+        self._task = self._bar.add_task("", total=total)
+        self._started = False
+
+    def __enter__(self) -> _Steps:
+        self._bar.start()
+        return self
+
+    def __call__(self, name: str) -> None:
+        """Start step ``name`` (the previous one is done)."""
+        if self._started:
+            self._bar.advance(self._task)
+        self._started = True
+        self._bar.update(self._task, description=name)
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self._bar.update(self._task, advance=1, description="done")
+        self._bar.stop()
+
+
+def _export(
+    bundle_path: Path,
+    out: Path,
+    *,
+    val: Path | None,
+    opset: int,
+    batch: int | None,
+    fp16: bool,
+    int8_calib: Path | None,
+    int8_method: str,
+    int8_fallback: bool,
+    ood_percentile: float,
+    console,
+    step: Callable[[str], None],
+) -> ExportResult:
     t0 = time.perf_counter()
+    step("loading the bundle")
     bundle, model = _torch_model(bundle_path)
     spec = InputSpec.from_spec(bundle.spec.to_dict())
     paths, val_root = _val_images(val, bundle, console)
+    step(f"reading {len(paths)} validation images")
     x_val, greys = _load_images(paths, spec)
+    step("calibrating the OOD score")
     feats, logits = _features(model, x_val)
     labels = list(bundle.spec.labels)
     y = _val_labels(paths, labels, logits, val_root)
@@ -203,6 +266,7 @@ def export_onnx(
     seconds = {"load_and_calibrate": time.perf_counter() - t0}
 
     t1 = time.perf_counter()
+    step("tracing the ONNX graph")
     head = EdgeHead(model, gaussians, fp16=fp16).eval()
     if fp16:
         head = head.half()
@@ -237,12 +301,14 @@ def export_onnx(
     }
     record = _bundle_record(bundle)
     data = seal(onnx_model, record, edge)
+    step("checking onnxruntime against PyTorch")
     parity = _parity(data, parity_x, reference, tol=None if fp16 else FP32_LOGITS_TOL)
     edge["parity"] = parity
     result = ExportResult(path=Path(out), parity=parity, ood=ood_record, seconds=seconds)
     edge["tensorrt"] = trt_ops.summary(onnx_model)
     if int8_calib is not None:
         t2 = time.perf_counter()
+        step("quantizing to INT8, checking it on held-out images")
         int8 = _int8(
             data, calib_dir=int8_calib, spec=spec, batch=batch, method=int8_method,
             held_out=[(p, x, t) for p, x, t in zip(paths, x_val, y, strict=True)],
@@ -266,6 +332,7 @@ def export_onnx(
     else:
         data = seal(onnx.load_from_string(data), record, edge)  # parity recorded inside
     result.tensorrt = edge["tensorrt"]
+    step(f"writing {Path(out).name}")
     atomic_write(Path(out), data)
     seconds["total"] = time.perf_counter() - t0
     return result
@@ -330,8 +397,8 @@ def _int8(
     check = [(x, t) for p, x, t in held_out if p.resolve() not in seen]
     if len(check) < MIN_CHECK_IMAGES:
         raise EdgeError(
-            f"--int8: only {len(check)} --val images are not among the --calib images; INT8 is "
-            f"checked against fp32 on at least {MIN_CHECK_IMAGES} held-out labelled images"
+            f"--int8: only {len(check)} --val-data images are not among the --calib images; INT8 "
+            f"is checked against fp32 on at least {MIN_CHECK_IMAGES} held-out labelled images"
         )
     model, info = quantize_int8(fp32, calib, spec, batch, method=method)
     x = np.stack([c[0] for c in check]).astype(np.float32)

@@ -79,7 +79,7 @@ def calibrate(
     if len(features) < MIN_IMAGES:
         raise EdgeError(
             f"OOD calibration needs at least {MIN_IMAGES} validation images, got {len(features)}; "
-            "pass --val with more held-out images of the trained modality"
+            "pass --val-data with more held-out images of the trained modality"
         )
     if not 50.0 <= percentile < 100.0:
         raise EdgeError(f"--ood-percentile must be in [50, 100), got {percentile}")

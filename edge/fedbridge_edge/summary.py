@@ -10,6 +10,7 @@ from typing import Any
 
 from fedbridge_shared.files import atomic_write
 
+CSV, JSONL = "predictions.csv", "predictions.jsonl"
 FIELDS = (
     "image", "status", "label", "top_probability", "ood", "ood_score", "ood_threshold",
     "model_sha256", "reason",
@@ -50,6 +51,6 @@ def write(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
         writer.writerow({k: "" if r[k] is None else r[k] for k in FIELDS})
     lines = "".join(json.dumps({k: r[k] for k in FIELDS}, allow_nan=False) + "\n" for r in rows)
     return (
-        atomic_write(Path(out) / "predictions.csv", text.getvalue().encode()),
-        atomic_write(Path(out) / "predictions.jsonl", lines.encode()),
+        atomic_write(Path(out) / CSV, text.getvalue().encode()),
+        atomic_write(Path(out) / JSONL, lines.encode()),
     )

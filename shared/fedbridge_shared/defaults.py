@@ -22,7 +22,7 @@ BRIDGE_AUGMENT_PER_SAMPLE = 0
 TARGET_AUGMENT_PER_SAMPLE = 10
 """The paper's offline ×10 expansion of the small target set."""
 SEED = 0
-BOOTSTRAP = 1000  # resamples for every CI fedbridge prints: evaluate, federate --test, reports
+BOOTSTRAP = 1000  # resamples for every CI fedbridge prints: evaluate, federate --test-data, reports
 
 ROUNDS = 3
 LOCAL_EPOCHS = 1

@@ -26,15 +26,16 @@ def atomic_write(
     ``path``, fsync it, then rename it onto ``path``: readers see the old file or the new one.
 
     ``mode`` sets the permissions (e.g. 0o600 for a private key); by default an existing file's
-    mode is kept, else 0o644.
+    mode is kept, else the process umask's (0o644 under umask 022, 0o640 under 027), as for
+    any file a program creates, so a service user of the group can read a bundle.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp creates the file 0600; keep an existing file's mode, else the usual 0644.
+        # mkstemp creates the file 0600; keep an existing file's mode, else the umask's.
         if mode is None:
-            mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+            mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~current_umask()
         os.chmod(tmp_name, mode)
         with os.fdopen(fd, "wb") as handle:
             if callable(data):
@@ -48,6 +49,21 @@ def atomic_write(
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux; elsewhere
+    set and restored at once)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_writable(out: Path, *, option: str = "--out") -> None:

@@ -36,7 +36,9 @@ _MOBILENETV1_025_CFG = {
 @register_model
 def mobilenetv1_025(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """MobileNet-V1 x0.25 (0.47 M params), the tiny ImageNet model in ../shared/weights."""
-    kwargs.setdefault("pretrained_cfg", _MOBILENETV1_025_CFG)
+    # timm's create_model passes pretrained_cfg=None explicitly (setdefault would keep it), and
+    # a None config makes timm warn "No pretrained configuration specified" on every build
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or _MOBILENETV1_025_CFG
     return _gen_mobilenet_v1("mobilenetv1_025", 0.25, pretrained=pretrained, **kwargs)
 
 

@@ -48,7 +48,7 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
             entries.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             if not host or any(c in host for c in " /:@"):
-                raise ConfigError(f"--host {host!r}: not a host name or IP address") from None
+                raise ConfigError(f"--cert-host {host!r}: not a host name or IP address") from None
             entries.append(x509.DNSName(host))
     return x509.SubjectAlternativeName(entries)
 

@@ -20,7 +20,7 @@ from fedbridge_shared import defaults
 from fedbridge_shared.data.augment import PRESETS
 from fedbridge_shared.data.samples import FolderIndex, Sample, check_labels, scan_folder
 from fedbridge_shared.data.split import assign_parts
-from fedbridge_shared.data.tensors import load_images, make_loader
+from fedbridge_shared.data.tensors import images_per_epoch, load_images, make_loader
 from fedbridge_shared.engine import fit, predict
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.files import check_writable
@@ -194,7 +194,8 @@ def run_stage(
         f"{len(train_ds)}), {len(parts['val'])} validation, device {dev}"
     )
     with _progress(console) as bar:
-        task = bar.add_task(f"{stage} epoch 1/{config.epochs}", total=len(train_ds), info="")
+        total = images_per_epoch(train_loader)  # the last partial batch is dropped
+        task = bar.add_task(f"{stage} epoch 1/{config.epochs}", total=total, info="")
 
         def on_epoch(row: dict) -> None:
             info = f"loss {row['train_loss']:.3f}"
@@ -267,8 +268,11 @@ def evaluate_bundle(
     images = decode(index.samples, spec.image_size, console=console, what="evaluation images")
     loader = make_loader(images, [target_of[s.label] for s in index.samples], spec,
                          batch_size=batch_size)  # fmt: skip
-    y, probs = predict(model, loader, dev)
-    metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
+    with _progress(console) as bar:
+        task = bar.add_task("predicting", total=len(images), info="")
+        y, probs = predict(model, loader, dev, on_batch=lambda n: bar.advance(task, n))
+    with console.status(f"metrics with {n_bootstrap} bootstrap resamples"):
+        metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
     metrics["bundle"] = {"path": str(Path(bundle_path).resolve()), "sha256": bundle.sha256}
     metrics["data"] = {"path": str(Path(data).resolve()), "patient_ids": index.patient_source}
     return metrics, y, probs

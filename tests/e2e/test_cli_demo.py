@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 from cli import assert_one_line_error, fedbridge, ok
 
 from fedbridge.demo import DEMO_MARKER, claim_demo_folder, demo_entries
+from fedbridge_shared.errors import ConfigError
 
 
 def test_demo_on_phantom_data_says_synthetic_everywhere(tmp_path):
@@ -50,7 +52,9 @@ def test_demo_rerun_replaces_its_own_entries_and_keeps_a_persons_files(tmp_path)
     (out / "split" / "stale.txt").write_text("old split")
     (out / "demo.json").write_text("{}")
     (out / "NOTES.txt").write_text("the coordinator's notes")  # … with a person's file added
-    claim_demo_folder(out)
+    with pytest.raises(ConfigError, match="add --force"):
+        claim_demo_folder(out, force=False)
+    claim_demo_folder(out, force=True)
     assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER, "NOTES.txt"]
     assert (out / "NOTES.txt").read_text() == "the coordinator's notes"
     assert json.loads((out / DEMO_MARKER).read_text())["entries"] == demo_entries()

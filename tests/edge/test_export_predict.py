@@ -127,8 +127,10 @@ def test_seal_hash_covers_metadata(edge_onnx, tmp_path):
 
 
 def test_export_refuses_bad_options_and_non_cam_models(cxr_bundle, tmp_path):
-    result = fedbridge("export", "onnx", cxr_bundle, "--out", tmp_path / "m.onnx", "--batch", "0")
-    assert_one_line_error(result, "--batch")
+    result = fedbridge(
+        "export", "onnx", cxr_bundle, "--out", tmp_path / "m.onnx", "--batch-size", "0"
+    )  # fmt: skip
+    assert_one_line_error(result, "--batch-size 0")
     result = fedbridge("export", "onnx", cxr_bundle, "--out", tmp_path / "m.onnx", "--int8")
     assert_one_line_error(result, "--calib")
     # a vision transformer has no spatial feature map: no in-graph CAM, so no edge model

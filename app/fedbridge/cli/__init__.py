@@ -14,8 +14,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedbridge.cli import data, demo, deploy, edge, explain, federate, stages
+from fedbridge.cli.aliases import rewrite
 from fedbridge.cli.extras import missing_extra_message
 from fedbridge.cli.options import shown
+from fedbridge.cli.quiet import quiet_third_party
 from fedbridge_shared.errors import FedbridgeError
 
 app = typer.Typer(
@@ -66,6 +68,8 @@ def root(
 def main() -> None:
     """Entry point: user-facing errors become one line on stderr and exit code 2."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    quiet_third_party()
+    sys.argv[1:] = rewrite(sys.argv[1:], note=lambda text: err.print(f"[yellow]note:[/] {text}"))
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedbridge.cli.options import Manifest, Seed, make_console, shown
+from fedbridge.cli.options import AsJson, Manifest, Seed, make_console, print_json, shown
 
 app = typer.Typer(help="Check, split and import image datasets.", no_args_is_help=True)
 out = make_console()
@@ -19,6 +19,7 @@ err = make_console(stderr=True)
 def check(
     data: Annotated[Path, typer.Argument(help="Folder of class folders.")],
     manifest: Manifest = None,
+    as_json: AsJson = False,
 ) -> None:
     """Count images per class, find unreadable files, duplicates and patient leakage."""
     from rich.progress import Progress
@@ -31,6 +32,11 @@ def check(
             data, manifest, progress=lambda i, n: bar.update(task, completed=i, total=n)
         )
     index = report.index
+    if as_json:
+        print_json(_check_record(data, report))
+        if report.errors:
+            raise typer.Exit(1)
+        return
     table = Table(title=f"{shown(data)} — {len(index.samples)} images, {len(index.labels)} classes")
     table.add_column("class")
     table.add_column("images", justify="right")
@@ -57,6 +63,31 @@ def check(
     out.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings")
     if report.errors:
         raise typer.Exit(1)
+
+
+def _check_record(data: Path, report) -> dict:
+    """``data check --json``: counts per class, patient-id source and every finding."""
+    index = report.index
+    return {
+        "data": str(Path(data).resolve()),
+        "images": len(index.samples),
+        "classes": {
+            label: {
+                "images": len(index.by_label(label)),
+                "patients": len({s.patient_id for s in index.by_label(label)}),
+            }
+            for label in index.labels
+        },
+        "patient_ids": index.patient_source,
+        "images_per_patient": report.images_per_patient,
+        "findings": [
+            {"level": f.level, "path": str(f.path) if f.path else None, "message": f.message}
+            for f in report.findings
+        ],
+        "errors": len(report.errors),
+        "warnings": len(report.warnings),
+        "ok": not report.errors,
+    }
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import Seed, make_console
+from fedbridge.cli.options import Augment, AugmentOpt, Seed, make_console
 from fedbridge_shared import defaults
 
 
@@ -26,14 +26,24 @@ def register(app: typer.Typer) -> None:
             int | None,
             typer.Option(help="Input size in pixels (default: 160 quick, 224 full)."),
         ] = None,
-        augment: Annotated[
-            str, typer.Option(help="Augmentation preset: cxr | oct | none.")
-        ] = "cxr",
+        augment: AugmentOpt = Augment.cxr,
         seed: Seed = 0,
+        force: Annotated[
+            bool, typer.Option("--force", help="Replace an earlier demo run at --out.")
+        ] = False,
     ) -> None:
         """Split → bridge → target (federated, pooled, local-only) → assess, with HTML reports."""
         from fedbridge.demo import run_demo
 
         run_demo(
-            out_dir, data, quick, init, model, augment, seed, make_console(), image_size=image_size
+            out_dir,
+            data,
+            quick,
+            init,
+            model,
+            augment.value,
+            seed,
+            make_console(),
+            image_size=image_size,
+            force=force,
         )

@@ -28,7 +28,9 @@ from fedbridge.cli.federate import (
     folder_labels,
     run_config,
 )
+from fedbridge.cli.options import Augment as AugmentPreset
 from fedbridge.cli.options import Seed, make_console
+from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
 
 server_app = typer.Typer(help="The coordinator: certificates and the federation run.")
@@ -45,7 +47,9 @@ def certs(
     out: Annotated[Path, typer.Option(help="Folder for ca.crt, ca.key, server.pem, server.key.")],
     hosts: Annotated[
         list[str] | None,
-        typer.Option("--host", help="Name or IP the sites use to reach the SuperLink (repeat)."),
+        typer.Option(
+            "--cert-host", help="Name or IP the sites use to reach the SuperLink (repeat)."
+        ),
     ] = None,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
     force: Force = False,
@@ -89,9 +93,9 @@ def start(
         typer.Option(help="Flower's database, logs and app folder (default: OUT-superlink)."),
     ] = None,
     rounds: Rounds = defaults.ROUNDS,
-    strategy: Strategy = defaults.STRATEGY,
+    strategy: Strategy = StrategyName(defaults.STRATEGY),
     augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
-    augment: Augment = defaults.AUGMENT,
+    augment: Augment = AugmentPreset(defaults.AUGMENT),
     local_epochs: LocalEpochs = defaults.LOCAL_EPOCHS,
     lr: Lr = defaults.LR,
     batch_size: BatchSize = defaults.BATCH_SIZE,

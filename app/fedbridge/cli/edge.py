@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import StrEnum, make_console, shown
+from fedbridge.cli.options import AsJson, StrEnum, make_console, print_json, shown
 from fedbridge_shared.errors import ConfigError
 
 out = make_console()
@@ -55,14 +55,15 @@ def export_onnx(
     val: Annotated[
         Path | None,
         typer.Option(
+            "--val-data",
             help="Held-out images (class folders) to calibrate the OOD threshold "
-            "(default: the bundle's training data, if present)."
+            "(default: the bundle's training data, if present).",
         ),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (TensorRT 10 parses up to 20).")] = 17,
     batch: Annotated[
         int | None,
-        typer.Option(help="Fixed batch size (default: dynamic batch)."),
+        typer.Option("--batch-size", help="Fixed batch size of the graph (default: dynamic)."),
     ] = None,
     fp16: Annotated[bool, typer.Option(help="Half-precision weights and compute.")] = False,
     int8: Annotated[
@@ -79,7 +80,7 @@ def export_onnx(
         bool,
         typer.Option(
             "--int8-fallback",
-            help="When INT8 loses accuracy or saliency on held-out --val images, write fp32 "
+            help="When INT8 loses accuracy or saliency on held-out --val-data images, write fp32 "
             "(with a loud warning) instead of refusing.",
         ),
     ] = False,
@@ -93,7 +94,7 @@ def export_onnx(
     if not 13 <= opset <= 20:
         raise ConfigError(f"--opset {opset}: must be in [13, 20] (TensorRT 10 parses up to 20)")
     if batch is not None and not 1 <= batch <= 1024:
-        raise ConfigError(f"--batch {batch}: must be in [1, 1024]")
+        raise ConfigError(f"--batch-size {batch}: must be in [1, 1024]")
     if out_path.is_dir():
         raise ConfigError(f"--out {out_path}: is a folder; give the .onnx file to write")
     if out_path.exists() and not force:
@@ -139,7 +140,7 @@ def export_onnx(
         kept = "kept" if "refused" not in result.int8 else "REFUSED (fp32 written)"
         out.print(
             f"INT8 {kept} ({result.int8['calibration']} calibration on "
-            f"{result.int8['calib_images']} images), on {c['images']} held-out --val images: "
+            f"{result.int8['calib_images']} images), on {c['images']} held-out --val-data images: "
             f"accuracy {c['accuracy_int8']:.3f} vs fp32 {c['accuracy_fp32']:.3f}, agreement "
             f"{c['top1_agreement']:.3f}, CAM rank correlation {c['cam_rank_corr_mean']:.3f}"
         )
@@ -165,11 +166,14 @@ def build(
         Path | None,
         typer.Option("--out", help="Engine file (default: MODEL with .engine)."),
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing engine.")] = False,
 ) -> None:
     """Build a TensorRT engine ON THIS DEVICE (engines are not portable)."""
+    target = out_path or model.with_suffix(".engine")
+    if target.exists() and not force:
+        raise ConfigError(f"--out {target}: exists; add --force to replace it")
     from fedbridge_edge.trt import build_engine
 
-    target = out_path or model.with_suffix(".engine")
     path, header = build_engine(
         model, target, precision=precision.value, calib_dir=calib, workspace_mb=workspace,
         max_batch=max_batch,
@@ -196,6 +200,10 @@ def predict(
             "IMAGE.sr.dcm (Comprehensive SR) in the input's study.",
         ),
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an earlier run's predictions at --out.")
+    ] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Predict each image: IMAGE.json (label, probabilities, OOD) and IMAGE.overlay.png;
     predictions.csv and predictions.jsonl summarise the run, one row per image."""
@@ -207,6 +215,11 @@ def predict(
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: is a file; give a folder")
+    if (out_dir / summary.JSONL).exists() and not force:
+        raise ConfigError(
+            f"--out {out_dir}: holds an earlier run's predictions; add --force to replace them"
+        )
+    shown_on = err if as_json else out  # --json: the document alone on stdout
     images = list_images(inputs)
     if not images:
         raise ConfigError(f"no PNG/JPEG/DICOM images in {', '.join(map(str, inputs))}")
@@ -236,9 +249,21 @@ def predict(
         if results is not None:
             dicom_out.write(*results, out_dir, stem)
         rows.append(summary.row(pred, path))
-        out.print(f"{shown(path.name)}: {verdict(pred)}  {pred.latency_ms:.1f} ms")
+        if as_json:
+            rows[-1]["probabilities"] = pred.to_json().get("probabilities")
+        shown_on.print(f"{shown(path.name)}: {verdict(pred)}  {pred.latency_ms:.1f} ms")
     summary.write(rows, out_dir)
-    out.print(f"{len(images) - failed} predictions in {out_dir} ({predictor.backend})")
+    shown_on.print(f"{len(images) - failed} predictions in {out_dir} ({predictor.backend})")
+    if as_json:
+        print_json(
+            {
+                "model": str(model.resolve()),
+                "backend": predictor.backend,
+                "out": str(out_dir.resolve()),
+                "predictions": rows,
+                "failed": failed,
+            }
+        )
     if failed:
         raise typer.Exit(1)
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import Device, Seed, StrEnum, make_console
+from fedbridge.cli.options import AsJson, Device, Seed, StrEnum, make_console, print_json
 
 out = make_console()
 err = make_console(stderr=True)
@@ -53,11 +53,17 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option(help="Images per batch.", min=1)] = 8,
         seed: Seed = 0,
         device: Device = "auto",
+        force: Annotated[
+            bool, typer.Option("--force", help="Replace an earlier explain run at --out.")
+        ] = False,
+        as_json: AsJson = False,
     ) -> None:
         """Explain predictions: a heat map per image and method, where the model looks, and
         whether each method passes the model-randomisation sanity check."""
-        from fedbridge_shared.explain.run import explain_images, region_table, sanity_table
         from fedbridge_shared.files import check_writable
+
+        with err.status("loading torch and captum"):  # seconds on a cold start
+            from fedbridge_shared.explain.run import explain_images, region_table, sanity_table
 
         check_writable(out_dir)
         methods = [m.value for m in method] if method else ["saliency"]
@@ -72,8 +78,12 @@ def register(app: typer.Typer) -> None:
             device=device,
             batch_size=batch_size,
             seed=seed,
+            force=force,
             console=err,
         )
+        if as_json:
+            print_json(record)
+            return
         out.print(region_table(record))
         if "sanity" in record:
             out.print(sanity_table(record["sanity"]))

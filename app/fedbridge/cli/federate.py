@@ -11,7 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from fedbridge.cli.options import Seed, make_console
+from fedbridge.cli.options import AsJson, Seed, make_console, print_json
+from fedbridge.cli.options import Augment as AugmentPreset
+from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
 
 app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is_help=True)
@@ -19,26 +21,27 @@ app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is
 Init = Annotated[Path, typer.Option(help="Bridge bundle to start from.")]
 Out = Annotated[Path, typer.Option("--out", help="Final (best-round) bundle.")]
 Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
-Strategy = Annotated[str, typer.Option(help="fedavg | fedprox | fedadam")]
+Strategy = Annotated[StrategyName, typer.Option(help="Federated aggregation.")]
 AugmentPerSample = Annotated[int, typer.Option(help="Offline ×N expansion per site.")]
-Augment = Annotated[str, typer.Option(help="Augmentation preset: cxr | oct | none.")]
+Augment = Annotated[AugmentPreset, typer.Option(help="Augmentation preset.")]
 LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 Lr = Annotated[float, typer.Option(help="Local AdamW learning rate.")]
 BatchSize = Annotated[int, typer.Option(help="Local batch size.")]
 Val = Annotated[
     Path | None,
-    typer.Option(help="Server-side validation set for best-round selection."),
+    typer.Option("--val-data", help="Server-side validation set for best-round selection."),
 ]
 Test = Annotated[
     Path | None,
-    typer.Option(help="Test set assessed with the final bundle."),
+    typer.Option("--test-data", help="Test set assessed with the final bundle."),
 ]
 Labels = Annotated[
     str | None,
     typer.Option(
         help="Target labels, comma-separated, when they differ from the bridge bundle's "
         "(rows of shared labels are carried by name, new ones start fresh). "
-        "Default: the sites' class folders (simulate) or --val/--test's (server start)."
+        "Default: the sites' class folders (simulate) or --val-data/--test-data's (server "
+        "start)."
     ),
 ]
 Settings = Annotated[
@@ -98,9 +101,9 @@ def run_config(
         "init": str(Path(init).resolve()),
         "out": str(Path(out).resolve()),
         "num-server-rounds": rounds,
-        "strategy": strategy,
+        "strategy": str(strategy),
         "augment-per-sample": augment_per_sample,
-        "augment": augment,
+        "augment": str(augment),
         "local-epochs": local_epochs,
         "lr": lr,
         "batch-size": batch_size,
@@ -121,9 +124,9 @@ def simulate(
     sites: Annotated[list[Path], typer.Option("--site", help="A site's class folders (repeat).")],
     out_dir: Out,
     rounds: Rounds = defaults.ROUNDS,
-    strategy: Strategy = defaults.STRATEGY,
+    strategy: Strategy = StrategyName(defaults.STRATEGY),
     augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
-    augment: Augment = defaults.AUGMENT,
+    augment: Augment = AugmentPreset(defaults.AUGMENT),
     local_epochs: LocalEpochs = defaults.LOCAL_EPOCHS,
     lr: Lr = defaults.LR,
     batch_size: BatchSize = defaults.BATCH_SIZE,
@@ -136,6 +139,7 @@ def simulate(
         typer.Option(help="Write a JSON-lines audit of every message each site sends."),
     ] = None,
     seed: Seed = defaults.SEED,
+    as_json: AsJson = False,
 ) -> None:
     """Run the sites on this machine through Flower's simulation runtime."""
     from fedbridge.simulate import simulate as run
@@ -146,4 +150,6 @@ def simulate(
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
         labels=labels or folder_labels(sites[0] if sites else None),
     )  # fmt: skip
-    run(flat, sites, out=make_console(), audit_dir=audit_dir)
+    summary = run(flat, sites, out=make_console(stderr=as_json), audit_dir=audit_dir)
+    if as_json:
+        print_json(summary)

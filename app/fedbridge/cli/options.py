@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 from rich.console import Console
 
 if sys.version_info >= (3, 11):
@@ -21,6 +24,47 @@ else:  # the bedside runs Python 3.10 on JetPack 6
             return str(self.value)
 
 
+def _keep_argument_help() -> None:
+    """Show positional arguments' help again.
+
+    typer's ``TyperArgument`` stores ``help`` and then calls click's ``Argument.__init__``
+    without it; since click 8.5 that ``__init__`` sets ``self.help`` itself (to None), so every
+    argument's help vanished from ``--help``. Put it back after the constructor.
+    """
+    init = typer.core.TyperArgument.__init__
+    if getattr(init, "_keeps_help", False):
+        return
+
+    @functools.wraps(init)
+    def keep_help(self, *args, help: str | None = None, **kwargs) -> None:  # noqa: A002
+        init(self, *args, help=help, **kwargs)
+        if help and not self.help:
+            self.help = help
+
+    keep_help._keeps_help = True  # type: ignore[attr-defined]
+    typer.core.TyperArgument.__init__ = keep_help  # type: ignore[method-assign]
+
+
+_keep_argument_help()
+
+
+class Augment(StrEnum):
+    """Augmentation presets (``fedbridge_shared.defaults.AUGMENT_PRESETS``)."""
+
+    cxr = "cxr"
+    oct = "oct"
+    none = "none"
+
+
+class Strategy(StrEnum):
+    """Federated aggregation (``fedbridge_server.config.STRATEGIES``)."""
+
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+
+
+AugmentOpt = Annotated[Augment, typer.Option("--augment", help="Augmentation preset.")]
 Manifest = Annotated[
     Path | None,
     typer.Option(
@@ -28,8 +72,46 @@ Manifest = Annotated[
         "in DATA or its parent)."
     ),
 ]
-Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+
+
+def _device_name(value: str) -> str:
+    """``--device`` checked by its form before any work (whether the GPU exists is checked
+    when training starts)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'.")
+    return value
+
+
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", callback=_device_name)]
 Seed = Annotated[int, typer.Option(help="Random seed (splits, initialisation, augmentation).")]
+
+
+AsJson = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print the result as one JSON document on stdout (messages on stderr)."
+    ),
+]
+
+
+def print_json(result: object) -> None:
+    """``--json``: the one document on stdout; NaN and infinities become null (valid JSON)."""
+    import json
+
+    sys.stdout.write(json.dumps(_finite(result), indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _finite(obj: object) -> object:
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def make_console(stderr: bool = False) -> Console:

@@ -1,12 +1,21 @@
 """``fedbridge bridge | train | evaluate``: the central stages and the assessment."""
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import Device, Manifest, Seed, StrEnum, make_console
+from fedbridge.cli.options import (
+    AsJson,
+    Augment,
+    AugmentOpt,
+    Device,
+    Manifest,
+    Seed,
+    StrEnum,
+    make_console,
+    print_json,
+)
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
 
@@ -17,12 +26,6 @@ err = make_console(stderr=True)
 class Preset(StrEnum):
     cpu = "cpu"
     paper = "paper"
-
-
-class Augment(StrEnum):
-    cxr = "cxr"
-    oct = "oct"
-    none = "none"
 
 
 Data = Annotated[Path, typer.Argument(help="Folder of class folders.")]
@@ -42,7 +45,6 @@ ImageSize = Annotated[
 Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping on validation).")]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 Lr = Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")]
-AugmentPreset = Annotated[Augment, typer.Option("--augment", help="Augmentation preset.")]
 PresetOpt = Annotated[
     Preset, typer.Option(help="cpu: MobileNetV2 @224; paper: Inception-V4 @299, ×10 expansion.")
 ]
@@ -70,7 +72,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         batch_size: BatchSize = defaults.BATCH_SIZE,
         lr: Lr = defaults.LR,
         augment_per_sample: AugmentPerSample = None,
-        augment: AugmentPreset = Augment(defaults.AUGMENT),
+        augment: AugmentOpt = Augment(defaults.AUGMENT),
         preset: PresetOpt = Preset.cpu,
         val_fraction: ValFraction = defaults.VAL_FRACTION,
         patience: Patience = defaults.PATIENCE,
@@ -80,9 +82,11 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         force: Annotated[
             bool, typer.Option("--force", help="Replace the model of an existing bundle at --out.")
         ] = False,
+        as_json: AsJson = False,
     ) -> None:
-        from fedbridge_shared.spec import IMAGE_SIZE_RANGE
-        from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
+        with err.status("loading torch"):  # seconds on a cold start
+            from fedbridge_shared.spec import IMAGE_SIZE_RANGE
+            from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
 
         low, high = IMAGE_SIZE_RANGE
         if image_size is not None and not low <= image_size <= high:
@@ -106,6 +110,9 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
             stage, data, out=out_dir, init=init, config=config, arch=model,
             image_size=image_size, manifest=manifest, device=device, force=force, console=err,
         )  # fmt: skip
+        if as_json:
+            print_json({"bundle": str(Path(bundle).resolve()), "validation": metrics or None})
+            return
         line = f"wrote {bundle}"
         if metrics:
             line += (
@@ -142,7 +149,7 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         bundle: Annotated[Path, typer.Argument(help="Model bundle folder.")],
         data: Data,
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+        as_json: AsJson = False,
         out_dir: Annotated[
             Path | None,
             typer.Option(
@@ -171,7 +178,8 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(
                     f"--out {out_dir}: inside the data folder {data}; write the report elsewhere"
                 )
-        from fedbridge_shared.training import evaluate_bundle
+        with err.status("loading torch"):
+            from fedbridge_shared.training import evaluate_bundle
 
         metrics, y, probs = evaluate_bundle(
             bundle, data, manifest=manifest, n_bootstrap=bootstrap, device=device, console=err
@@ -180,7 +188,7 @@ def register(app: typer.Typer) -> None:
             written = _write_report(bundle, data, manifest, metrics, y, probs, out_dir, device)
             err.print("wrote " + ", ".join(str(out_dir / name) for name in written))
         if as_json:
-            typer.echo(json.dumps(metrics))
+            print_json(metrics)
         else:
             for renderable in _as_list(format_metrics_table(metrics)):
                 out.print(renderable)

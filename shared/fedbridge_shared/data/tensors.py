@@ -129,3 +129,12 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed if shuffle_seed is None else shuffle_seed),
         drop_last=len(ds) > batch_size,
     )
+
+
+def images_per_epoch(loader: DataLoader) -> int:
+    """Images one pass over ``loader`` really yields: a dropped last partial batch excluded, so
+    a progress bar's total is the count it reaches."""
+    n = len(loader.dataset)
+    if loader.drop_last and loader.batch_size:
+        return (n // loader.batch_size) * loader.batch_size
+    return n

@@ -41,7 +41,7 @@ from fedbridge_shared.explain.methods import (
 )
 from fedbridge_shared.explain.overlay import overlay_png
 from fedbridge_shared.explain.regions import REGIONS, region_fractions, summarise
-from fedbridge_shared.explain.sanity import SANITY_THRESHOLD, sanity_check
+from fedbridge_shared.explain.sanity import SANITY_THRESHOLD, sanity_check, sanity_steps
 from fedbridge_shared.files import atomic_dir
 from fedbridge_shared.spec import load_bundle
 
@@ -133,13 +133,15 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, *, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not (out / RECORD_FILE).is_file():
         raise ConfigError(
             f"{out}: exists and is not a fedbridge explain folder; choose another --out"
         )
+    if (out / RECORD_FILE).is_file() and not force:
+        raise ConfigError(f"{out}: holds an earlier explain run; add --force to replace it")
 
 
 def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
@@ -161,9 +163,12 @@ def explain_images(
     device: str = "auto",
     batch_size: int = 8,
     seed: int = 0,
+    force: bool = False,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Explain every image of ``inputs`` with each of ``methods``; returns the run record."""
+    """Explain every image of ``inputs`` with each of ``methods``; returns the run record.
+
+    An earlier run at ``out`` is replaced only with ``force``."""
     from fedbridge_shared.training import resolve_device
 
     console = console or Console(stderr=True)
@@ -173,8 +178,9 @@ def explain_images(
     if bad or not methods:
         raise ConfigError(f"unknown method {bad[:1]}; choose from {', '.join(METHODS)}")
     out = Path(out)
-    _check_out(out)
-    bundle = load_bundle(bundle_path)
+    _check_out(out, force=force)
+    with console.status("loading the model"):
+        bundle = load_bundle(bundle_path)
     labels = list(bundle.spec.labels)
     target_index = resolve_target(target, labels)
     items = collect_images(inputs, labels)
@@ -188,7 +194,8 @@ def explain_images(
             images.append(load_resized(item.path, size))  # DataError names the file
             bar.advance(task)
 
-    model = load_explainer(bundle, dev)
+    with console.status(f"preparing the model on {dev}"):
+        model = load_explainer(bundle, dev)
     names = _unique_names([i.path for i in items])
     rows: list[dict[str, Any]] = []
     with atomic_dir(out, replace=True) as tmp:
@@ -211,7 +218,13 @@ def explain_images(
         record = _record(bundle, items, rows, methods, target, labels)
         if sanity:
             k = min(max(1, sanity_images), len(images))
-            record["sanity"] = sanity_check(bundle, images[:k], methods, dev, seed)
+            with _progress(console) as bar:
+                task = bar.add_task(
+                    f"sanity check on {k} image(s), randomised model", total=sanity_steps(methods)
+                )
+                record["sanity"] = sanity_check(
+                    bundle, images[:k], methods, dev, seed, on_step=lambda: bar.advance(task)
+                )
             record["sanity"]["images"] = [str(i.path) for i in items[:k]]
             (tmp / "sanity.json").write_text(json.dumps(record["sanity"], indent=2) + "\n")
         record["seconds"] = round(time.perf_counter() - started, 2)

@@ -12,7 +12,7 @@ is flagged "fails sanity check".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,11 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(spearmanr(x, y).statistic)
 
 
+def sanity_steps(methods: Sequence[str]) -> int:
+    """How many times :func:`sanity_check` calls ``on_step`` (a progress bar's total)."""
+    return 1 + 2 * len(methods)
+
+
 def sanity_check(
     bundle: Bundle,
     images: Sequence[np.ndarray],
@@ -65,8 +70,12 @@ def sanity_check(
     device: torch.device | str = "cpu",
     seed: int = 0,
     threshold: float = SANITY_THRESHOLD,
+    on_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Compare each method's maps on the trained and the randomised model for ``images``.
+
+    ``on_step`` is called after the models are set up and after each map batch:
+    :func:`sanity_steps` times in all.
 
     Returns ``{"randomisation", "threshold", "n_images", "methods": {method: {"rho": [...],
     "mean_abs_rho", "fails"}}}``. An undefined correlation (a constant map) is listed as
@@ -76,6 +85,8 @@ def sanity_check(
     randomised = randomised_explainer(bundle, device, seed)
     x = images_to_batch(images, device)
     target = predict_probs(trained, x).argmax(dim=1)
+    step = on_step or (lambda: None)
+    step()
     result: dict[str, Any] = {
         "randomisation": RANDOMISATION,
         "comparison": "Spearman rank correlation of |map|, per image, same target class",
@@ -85,7 +96,9 @@ def sanity_check(
     }
     for method in methods:
         a = attribute(method, trained, x, target, seed=seed)
+        step()
         b = attribute(method, randomised, x, target, seed=seed)
+        step()
         rhos = [rank_correlation(a[i], b[i]) for i in range(len(images))]
         valid = [abs(r) for r in rhos if r is not None]
         mean_abs = float(np.mean(valid)) if valid else None
