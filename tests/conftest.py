@@ -111,6 +111,6 @@ def edge_onnx(cxr_bundle, cxr_parts, tmp_path_factory) -> Path:
     from cli import ok
 
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    result = ok("export", "onnx", cxr_bundle, "--out", out, "--val", cxr_parts["val"])
+    result = ok("export", "onnx", cxr_bundle, "--out", out, "--val-data", cxr_parts["val"])
     assert "parity onnxruntime vs PyTorch" in result.stdout
     return out

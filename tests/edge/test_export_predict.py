@@ -195,7 +195,7 @@ def test_int8_that_moves_the_saliency_is_refused_or_falls_back_to_fp32(
     from fedbridge_edge import quantize
 
     out = tmp_path / "m.onnx"
-    args = ("export", "onnx", cxr_bundle, "--out", out, "--val", cxr_parts["val"], "--int8",
+    args = ("export", "onnx", cxr_bundle, "--out", out, "--val-data", cxr_parts["val"], "--int8",
             "--calib", cxr_parts["train"])  # fmt: skip
     with mock.patch.object(quantize, "MIN_CAM_RANK_CORR", 0.999):
         result = run(capsys, *args)

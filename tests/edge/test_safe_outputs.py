@@ -53,7 +53,7 @@ def _tiny_onnx(parts: dict[str, Path], tmp: Path) -> Path:
         console=Console(stderr=True, quiet=True),
     )  # fmt: skip
     out = tmp / "tiny.onnx"
-    ok("export", "onnx", bundle, "--out", out, "--val", parts["val"])
+    ok("export", "onnx", bundle, "--out", out, "--val-data", parts["val"])
     return out
 
 
@@ -130,8 +130,8 @@ def test_oct_model_flags_chest_x_rays(tiny_oct_onnx, oct_parts, cxr_root, photo_
 
 def test_calibration_of_another_modality_is_refused(cxr_bundle, oct_root, tmp_path):
     out = tmp_path / "m.onnx"
-    result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val", oct_root)
-    assert_one_line_error(result, "--val", "CNV", "not labels of this model")
+    result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val-data", oct_root)
+    assert_one_line_error(result, "--val-data", "CNV", "not labels of this model")
     assert not out.exists()
     # OCT scans filed under the CXR model's own label names: the model cannot label them
     labels = json.loads((cxr_bundle / "model.json").read_text())["spec"]["labels"]
@@ -140,15 +140,15 @@ def test_calibration_of_another_modality_is_refused(cxr_bundle, oct_root, tmp_pa
         folder = disguised / labels[i % len(labels)]
         folder.mkdir(parents=True, exist_ok=True)
         os.symlink(path, folder / path.name)
-    result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val", disguised)
-    assert_one_line_error(result, "--val", "correctly", "not images of the modality", "not learnt")
+    result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val-data", disguised)
+    assert_one_line_error(result, "--val-data", "correctly", "not images of the modality", "not learnt")
     assert not out.exists()
     one_label = tmp_path / "one-label"
     (one_label / labels[0]).mkdir(parents=True)
     for path in list_images([oct_root])[:25]:
         os.symlink(path, one_label / labels[0] / path.name)
-    result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val", one_label)
-    assert_one_line_error(result, "--val", "one label only", "at least two")
+    result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val-data", one_label)
+    assert_one_line_error(result, "--val-data", "one label only", "at least two")
     assert not out.exists()
 
 
