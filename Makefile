@@ -21,14 +21,18 @@ DEMO_ARGS ?= --quick $(DEMO_DATA) --out runs/demo
 
 install: $(STAMP)
 
-# Debian packages the coordinator and the tests need: nginx keeps Flower's Control API off the
-# sites' network (server/fedbridge_server/front.py). Installed when missing and apt-get can.
-SYSTEM_PACKAGES ?= nginx-light
+# Debian packages the coordinator and the tests need, installed when missing and apt-get can:
+# nginx keeps Flower's Control API off the sites' network (server/fedbridge_server/front.py);
+# chromium opens the HTML report and the explain index in tests/e2e/test_browser.py.
 system-packages:
-	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	@missing=""; \
+	{ command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || missing="$$missing nginx-light"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium fonts-dejavu-core"; \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
-	  else echo "install nginx (Debian: apt-get install $(SYSTEM_PACKAGES)) for server start and the tests" >&2; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "install$$missing (Debian: apt-get install$$missing) for server start and the tests" >&2; exit 1; fi; \
+	fi
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -44,7 +44,7 @@ SECTIONS = (
     "sites", "cross_site", "rounds", "saliency", "sanity",
 )  # fmt: skip
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem auto;
 max-width:1100px;color:#1b1f24;background:#fff;padding:0 1rem}
 h1{font-size:1.6rem;margin-bottom:.2rem;overflow-wrap:anywhere}h2{border-bottom:2px solid #d0d7de;
@@ -270,7 +270,7 @@ def render_html_report(
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n"
     )

@@ -141,7 +141,9 @@ def test_calibration_of_another_modality_is_refused(cxr_bundle, oct_root, tmp_pa
         folder.mkdir(parents=True, exist_ok=True)
         os.symlink(path, folder / path.name)
     result = fedbridge("export", "onnx", cxr_bundle, "--out", out, "--val-data", disguised)
-    assert_one_line_error(result, "--val-data", "correctly", "not images of the modality", "not learnt")
+    assert_one_line_error(
+        result, "--val-data", "correctly", "not images of the modality", "not learnt"
+    )
     assert not out.exists()
     one_label = tmp_path / "one-label"
     (one_label / labels[0]).mkdir(parents=True)

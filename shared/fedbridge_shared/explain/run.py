@@ -6,6 +6,7 @@ Layout of ``OUT``::
     explanations.csv      one row per image and method: prediction, target, region fractions
     class_summary.csv     mean region fractions per method and predicted / true class
     sanity.json           with --sanity: the randomisation check
+    index.html            every image's prediction and maps on one page, for a person
     <method>/<name>.png   image + overlay;  <method>/<name>.npy: the raw float32 map (H, W)
 
 Every image is decoded before anything is written, and the folder is built beside ``OUT`` and
@@ -32,6 +33,7 @@ from rich.table import Table
 from fedbridge_shared.data.images import IMAGE_SUFFIXES
 from fedbridge_shared.data.tensors import load_resized
 from fedbridge_shared.errors import ConfigError, DataError
+from fedbridge_shared.explain.index_page import INDEX_FILE, render_index
 from fedbridge_shared.explain.methods import (
     METHODS,
     attribute,
@@ -230,6 +232,7 @@ def explain_images(
         record["seconds"] = round(time.perf_counter() - started, 2)
         _write_csv(tmp / "explanations.csv", CSV_FIELDS, rows)
         _write_class_summary(tmp / "class_summary.csv", record["class_summary"])
+        (tmp / INDEX_FILE).write_text(render_index(record), encoding="utf-8")
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
