@@ -11,7 +11,15 @@ from typing import Annotated, Any
 
 import typer
 
-from fedbridge.cli.options import Seed, make_console
+from fedbridge.cli.options import (
+    Seed,
+    Tracking,
+    TrackingOpt,
+    TrackingUri,
+    check_tracking,
+    make_console,
+    track,
+)
 from fedbridge_shared import defaults
 
 app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is_help=True)
@@ -136,8 +144,11 @@ def simulate(
         typer.Option(help="Write a JSON-lines audit of every message each site sends."),
     ] = None,
     seed: Seed = defaults.SEED,
+    tracking: TrackingOpt = Tracking.none,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Run the sites on this machine through Flower's simulation runtime."""
+    check_tracking(tracking)
     from fedbridge.simulate import simulate as run
 
     flat = run_config(
@@ -146,4 +157,11 @@ def simulate(
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
         labels=labels or folder_labels(sites[0] if sites else None),
     )  # fmt: skip
-    run(flat, sites, out=make_console(), audit_dir=audit_dir)
+    console = make_console()
+    run(flat, sites, out=console, audit_dir=audit_dir)
+    track(tracking, tracking_uri, out_dir, console=console, extra_files=federation_files(out_dir))
+
+
+def federation_files(out: Path) -> tuple[Path, ...]:
+    """The round store's ``state.json`` (every round's numbers), tracked beside the bundle."""
+    return (out.with_name(out.name + "-rounds") / "state.json",)

@@ -6,7 +6,18 @@ from typing import Annotated
 
 import typer
 
-from fedbridge.cli.options import Device, Manifest, Seed, StrEnum, make_console
+from fedbridge.cli.options import (
+    Device,
+    Manifest,
+    Seed,
+    StrEnum,
+    Tracking,
+    TrackingOpt,
+    TrackingUri,
+    check_tracking,
+    make_console,
+    track,
+)
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
 
@@ -80,7 +91,10 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         force: Annotated[
             bool, typer.Option("--force", help="Replace the model of an existing bundle at --out.")
         ] = False,
+        tracking: TrackingOpt = Tracking.none,
+        tracking_uri: TrackingUri = None,
     ) -> None:
+        check_tracking(tracking)
         from fedbridge_shared.spec import IMAGE_SIZE_RANGE
         from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
 
@@ -113,6 +127,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
                 f"macro AUC {_fmt(metrics.get('macro_auc'))}, n={metrics['n']})"
             )
         out.print(line)
+        track(tracking, tracking_uri, bundle, console=out)
 
     command.__doc__ = doc
     return command
