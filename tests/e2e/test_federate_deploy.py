@@ -58,6 +58,21 @@ def _status_while_round_1_waits_for_site_b(net, out: Path, server: subprocess.Po
     assert "SuperLink: running" in text and "round 1 training" in text, text
 
 
+def _tracked_epsilon_is_the_bundles(store: Path, training: dict) -> None:
+    """`server start --tracking mlflow` logged the run beside --out: ε and the drops per round."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.as_uri())
+    exp = client.get_experiment_by_name("fedbridge")
+    [run] = client.search_runs([exp.experiment_id])
+    row = training["history"][0]
+    got = client.get_metric_history(run.info.run_id, "privacy/epsilon")
+    assert [(m.step, m.value) for m in got] == [(1, row["privacy"]["epsilon"])]
+    dropped = client.get_metric_history(run.info.run_id, "dropped_sites")
+    assert [m.value for m in dropped] == [len(row["dropped"])] and row["dropped"]
+
+
 @pytest.fixture
 def started():
     """Processes started by a test; all of them (and their children) end with it."""
@@ -208,6 +223,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     started.append(odd_site)
     second, second_log = _server(
         net, tmp_path, port, "fed2", "--rounds", "1", "--set", "dp.enabled=true",
+        "--tracking", "mlflow",
         root=root, split=split, sites=("site-a", "site-b", "site-c"),
     )  # fmt: skip
     started.append(second)
@@ -219,6 +235,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     assert "REFUSED" in (tmp_path / "site-c.out").read_text()
     privacy = training["privacy"]
     assert 0 < privacy["epsilon"] < float("inf") and privacy["rounds"] == 1
+    _tracked_epsilon_is_the_bundles(tmp_path / "mlruns", training)
     weights = load_bundle(tmp_path / "fed2").state_dict
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert "reconnecting" in (tmp_path / "site-b.out").read_text()
