@@ -10,6 +10,7 @@ round in progress, written by the round loop). Either may be absent: the SuperLi
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def _superlink(state: Path) -> dict[str, Any]:
     for key, args in (("nodes", ["supernode", "list"]), ("runs", ["ls"])):
         try:
             rc, text = _flwr([*args, CONNECTION, "--format", "json"], env, timeout=30)
-        except (OSError, TimeoutError) as e:
+        except (OSError, subprocess.TimeoutExpired) as e:
             out["error"] = f"`flwr {' '.join(args)}` failed: {e}"
             return out
         doc = _json_in(text)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedbridge_shared.errors import ConfigError
+from fedbridge_shared.errors import ConfigError, FedbridgeError
 
 EXPERIMENT = "fedbridge"
 REPORT_FILES = ("report.html", "metrics.json")
@@ -99,14 +99,36 @@ def log_bundle(
     require()
     if uri.startswith("file:") or "://" not in uri:  # MLflow 3 wants an opt-in for a file store
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
-
     path = Path(bundle) / "model.json"
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the bundle to track it ({e})") from e
+    try:
+        return _log(record, path, uri=uri, run_name=run_name, extra_files=extra_files,
+                    experiment=experiment)  # fmt: skip
+    except (FedbridgeError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # MLflow's own errors, an unreachable server: the bundle stays
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedbridgeError(
+            f"tracking at {uri} failed ({first}); the bundle {path.parent} is written"
+        ) from e
+
+
+def _log(
+    record: dict[str, Any],
+    path: Path,
+    *,
+    uri: str,
+    run_name: str | None,
+    extra_files: Sequence[Path],
+    experiment: str,
+) -> str:
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    bundle = path.parent
     training = record.get("training") or {}
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)

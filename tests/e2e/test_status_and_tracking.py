@@ -143,6 +143,13 @@ def test_tracked_train_logs_every_epoch_and_the_validation_metrics(fed, tmp_path
     assert [m.value for m in accuracy] == [record["metrics"]["validation"]["accuracy"]]
     assert run.data.params["epochs"] == "2" and run.data.params["arch"] == "test_efficientnet"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"model.json"}
+    # a store that cannot take the run: one line naming it, and the bundle stays as written
+    from fedbridge_shared.errors import FedbridgeError
+    from fedbridge_shared.tracking import log_bundle
+
+    with pytest.raises(FedbridgeError, match="tracking at bogus://nowhere failed") as e:
+        log_bundle(tmp_path / "central", uri="bogus://nowhere")
+    assert "\n" not in str(e.value) and read_bundle_record(tmp_path / "central") == record
 
 
 def test_tracking_is_off_by_default_and_a_bad_choice_is_one_line(fed, tmp_path):
