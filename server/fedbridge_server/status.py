@@ -116,6 +116,7 @@ def collect(out: Path, state: Path | None = None) -> dict[str, Any]:
     names = {str(k): v for k, v in ((live or {}).get("nodes") or {}).items()}
     current = live if live and int(live.get("round") or 0) > completed else None
     finished = (out / "model.json").is_file() and total is not None and completed >= int(total)
+    running = link["reachable"] and any(r.get("status") == "running" for r in link["runs"])
     return {
         "out": str(out),
         "state": str(state),
@@ -128,6 +129,7 @@ def collect(out: Path, state: Path | None = None) -> dict[str, Any]:
             "completed": completed,
             "current": current,
             "finished": finished,
+            "running": running,
             "best_round": saved.get("best_round") or None,
             "best_score": saved.get("best_score"),
         },
@@ -203,11 +205,17 @@ def render(doc: dict[str, Any], console: Console) -> None:
         console.print(t)
     rounds = doc["rounds"]
     line = f"rounds: {rounds['completed']} of {rounds['total'] or '?'} completed"
-    if rounds["current"]:
+    if rounds["current"] and rounds["running"]:
         c = rounds["current"]
         line += (
             f"; round {c['round']} {shown(c.get('phase'))} since {shown(c.get('started_at'))} "
             f"(waiting for {c.get('waiting_for')} site(s))"
+        )
+    elif rounds["current"]:
+        c = rounds["current"]
+        line += (
+            f"; round {c['round']} was in {shown(c.get('phase'))} when its run stopped "
+            "(`server start` again resumes after the last completed round)"
         )
     elif rounds["finished"]:
         line += f"; finished → {shown(doc['bundle'])}"

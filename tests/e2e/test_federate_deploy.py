@@ -51,6 +51,7 @@ def _status_while_round_1_waits_for_site_b(net, out: Path, server: subprocess.Po
     current = doc["rounds"]["current"]
     assert (current["round"], current["rounds"], current["phase"]) == (1, 2, "training")
     assert current["waiting_for"] == 2 and doc["rounds"]["completed"] == 0
+    assert doc["rounds"]["running"] is True
     [run] = doc["runs"]
     assert run["status"] == "running" and run["run_id"] == str(current["run_id"]), doc
     assert doc["history"] == [] and doc["bundle"] is None
@@ -198,6 +199,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     assert after["history"] == training["history"] and after["rounds"]["current"] is None
     assert after["rounds"]["best_round"] == training["best_round"]
     assert not after["superlink"]["reachable"]  # `server start` stopped it at the end
+    assert after["rounds"]["running"] is False
     assert "accuracy" in out.lower()  # test metrics printed by the ServerApp
 
     # each site admin saw what the site did, round by round, on the site's own console

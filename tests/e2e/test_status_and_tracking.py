@@ -51,6 +51,7 @@ def test_status_after_a_run_reads_rounds_sites_best_and_history(tracked_federati
     rounds = doc["rounds"]
     assert rounds["total"] == 2 and rounds["completed"] == 2 and rounds["finished"]
     assert rounds["current"] is None  # live.json names round 2, which completed
+    assert rounds["running"] is False
     assert (
         rounds["best_round"] == state["best_round"] and rounds["best_score"] == state["best_score"]
     )
@@ -88,6 +89,9 @@ def test_status_mid_run_shows_the_round_in_progress(tracked_federation, tmp_path
     assert doc["rounds"]["current"]["round"] == 2
     assert doc["rounds"]["current"]["phase"] == "training"
     assert doc["bundle"] is None and len(doc["history"]) == 1
+    assert doc["rounds"]["running"] is False  # no SuperLink runs it: interrupted, resumable
+    text = ok("server", "status", "--out", out).stdout
+    assert "round 2 was in training when its run stopped" in text, text
 
 
 def test_status_without_a_coordinator_is_one_line_error(tmp_path):
