@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from fedbridge_server import privacy
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.quorum import QuorumError, SnapshotGrid, exchange, wait_for_sites
+from fedbridge_server.status import write_live
 from fedbridge_server.store import RoundStore, RunState
 from fedbridge_server.strategy import (
     build_strategy,
@@ -140,6 +141,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
         task = P.RoundTask(spec.to_dict(), settings, rnd, cfg.num_server_rounds)
         config = ConfigRecord(task.to_config())
         first = rnd == state.completed + 1
+        live = _live(grid, store, rnd, cfg, names)
+        live("training")
         connected = wait_for_sites(
             grid, expected=cfg.min_available_sites, quorum=cfg.min_train_sites,
             timeout=cfg.join_timeout if first else cfg.site_wait_timeout,
@@ -167,6 +170,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
         eval_cfg = ConfigRecord(task.to_config())
         eval_metrics, usable_eval = None, []
         if cfg.fraction_evaluate > 0:
+            live("evaluation")
             connected = wait_for_sites(
                 grid, expected=cfg.min_available_sites, quorum=1,
                 timeout=cfg.site_wait_timeout, what=f"round {rnd} evaluation",
@@ -264,6 +268,20 @@ class _Privacy:
             "accountant": privacy.ACCOUNTANT,
             **info.__dict__,
         }
+
+
+def _live(grid: Grid, store: RoundStore, rnd: int, cfg: FederationConfig, names: dict):
+    """A writer of ``live.json`` for round ``rnd``: ``live(phase)`` (see ``status``)."""
+    try:
+        run_id = grid.run.run_id
+    except Exception:  # a grid without a run (tests' grids): the status shows none
+        run_id = None
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return lambda phase: write_live(
+        store.dir, run_id=run_id, round=rnd, rounds=cfg.num_server_rounds, phase=phase,
+        started_at=started, waiting_for=cfg.min_available_sites,
+        nodes={str(k): v for k, v in names.items()},
+    )  # fmt: skip
 
 
 def _resumable(store: RoundStore, state: RunState) -> str:

@@ -8,6 +8,7 @@ never registered is refused. Every process started here is stopped by PID, Flowe
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import assert_one_line_error, fedbridge, launch, ok
+from cli import assert_one_line_error, fedbridge, json_out, launch, ok
 
 from fedbridge_shared.processes import alive, descendants, free_port, process_table, stop
 from fedbridge_shared.spec import load_bundle
@@ -33,6 +34,44 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> 
         assert proc.poll() is None, path.read_text(errors="replace")
         time.sleep(0.5)
     raise AssertionError(f"{text!r} not in {path} after {timeout} s")
+
+
+def _status_while_round_1_waits_for_site_b(net, out: Path, server: subprocess.Popen) -> None:
+    """`fedbridge server status` on the coordinator mid-run: the SuperLink's sites and run,
+    round 1 of 2 waiting in training (site-b's key is registered, site-b not yet connected)."""
+    deadline = time.monotonic() + 180
+    while True:
+        doc = json_out("server", "status", "--out", out, "--json", prefix=net.prefix("coord"))
+        states = sorted(s["status"] for s in doc["sites"])
+        if doc["rounds"]["current"] and states == ["online", "registered"]:
+            break
+        assert server.poll() is None and time.monotonic() < deadline, json.dumps(doc)
+        time.sleep(1.0)
+    assert doc["superlink"] == {"reachable": True, "error": None}, doc
+    current = doc["rounds"]["current"]
+    assert (current["round"], current["rounds"], current["phase"]) == (1, 2, "training")
+    assert current["waiting_for"] == 2 and doc["rounds"]["completed"] == 0
+    assert doc["rounds"]["running"] is True
+    [run] = doc["runs"]
+    assert run["status"] == "running" and run["run_id"] == str(current["run_id"]), doc
+    assert doc["history"] == [] and doc["bundle"] is None
+    text = ok("server", "status", "--out", out, prefix=net.prefix("coord")).stdout
+    assert "SuperLink: running" in text and "round 1 training" in text, text
+
+
+def _tracked_epsilon_is_the_bundles(store: Path, training: dict) -> None:
+    """`server start --tracking mlflow` logged the run beside --out: ε and the drops per round."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.as_uri())
+    exp = client.get_experiment_by_name("fedbridge")
+    [run] = client.search_runs([exp.experiment_id])
+    row = training["history"][0]
+    got = client.get_metric_history(run.info.run_id, "privacy/epsilon")
+    assert [(m.step, m.value) for m in got] == [(1, row["privacy"]["epsilon"])]
+    dropped = client.get_metric_history(run.info.run_id, "dropped_sites")
+    assert [m.value for m in dropped] == [len(row["dropped"])] and row["dropped"]
 
 
 @pytest.fixture
@@ -138,6 +177,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
         text = done.stdout + done.stderr
         assert done.returncode != 0 and "403 Forbidden" in text, (args, text)
     assert server.poll() is None  # all of that happened while the coordinator ran
+    _status_while_round_1_waits_for_site_b(net, tmp_path / "fed", server)
 
     join(2, "site-b")
     sites = started[1:]
@@ -154,6 +194,12 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     assert all(h["dropped"] == [] for h in training["history"])
     rounds = sorted(p.name for p in (tmp_path / "fed-rounds").glob("round-*"))
     assert rounds == ["round-0001", "round-0002"]
+    after = json_out("server", "status", "--out", tmp_path / "fed", "--json")
+    assert after["rounds"]["completed"] == 2 and after["rounds"]["finished"]
+    assert after["history"] == training["history"] and after["rounds"]["current"] is None
+    assert after["rounds"]["best_round"] == training["best_round"]
+    assert not after["superlink"]["reachable"]  # `server start` stopped it at the end
+    assert after["rounds"]["running"] is False
     assert "accuracy" in out.lower()  # test metrics printed by the ServerApp
 
     # each site admin saw what the site did, round by round, on the site's own console
@@ -179,6 +225,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     started.append(odd_site)
     second, second_log = _server(
         net, tmp_path, port, "fed2", "--rounds", "1", "--set", "dp.enabled=true",
+        "--tracking", "mlflow",
         root=root, split=split, sites=("site-a", "site-b", "site-c"),
     )  # fmt: skip
     started.append(second)
@@ -190,6 +237,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     assert "REFUSED" in (tmp_path / "site-c.out").read_text()
     privacy = training["privacy"]
     assert 0 < privacy["epsilon"] < float("inf") and privacy["rounds"] == 1
+    _tracked_epsilon_is_the_bundles(tmp_path / "mlruns", training)
     weights = load_bundle(tmp_path / "fed2").state_dict
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert "reconnecting" in (tmp_path / "site-b.out").read_text()

@@ -25,11 +25,20 @@ from fedbridge.cli.federate import (
     Strategy,
     Test,
     Val,
+    federation_files,
     folder_labels,
     run_config,
 )
 from fedbridge.cli.options import Augment as AugmentPreset
-from fedbridge.cli.options import Seed, make_console
+from fedbridge.cli.options import (
+    Seed,
+    Tracking,
+    TrackingOpt,
+    TrackingUri,
+    check_tracking,
+    make_console,
+    track,
+)
 from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
 
@@ -105,11 +114,14 @@ def start(
     labels: Labels = None,
     insecure: Insecure = False,
     seed: Seed = defaults.SEED,
+    tracking: TrackingOpt = Tracking.none,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Start the SuperLink, admit the sites' keys and run the federation to the end.
 
     Restarting with the same --out resumes after the last completed round.
     """
+    check_tracking(tracking)
     from fedbridge_server.config import FederationConfig
     from fedbridge_server.deploy import Coordinator
     from fedbridge_server.deploy import start as run
@@ -132,7 +144,35 @@ def start(
     )
     record = run(coord, make_console())
     best = (record.get("metrics") or {}).get("best_round") or {}
-    make_console().print(f"federated bundle: {out_dir} (best round {best.get('round', '?')})")
+    console = make_console()
+    console.print(f"federated bundle: {out_dir} (best round {best.get('round', '?')})")
+    track(tracking, tracking_uri, out_dir, console=console, extra_files=federation_files(out_dir))
+
+
+@server_app.command("status")
+def status(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="The final bundle's folder given to `server start`.")
+    ],
+    state: Annotated[
+        Path | None,
+        typer.Option(help="The coordinator's state folder (default: OUT-superlink)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document on stdout, for tools.")
+    ] = False,
+) -> None:
+    """Sites, runs, rounds (current and completed), per-round and per-site metrics, the best
+    round and dropped sites: from the SuperLink (while it runs) and the round store."""
+    import json
+
+    from fedbridge_server.status import collect, render
+
+    doc = collect(out_dir, state)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        render(doc, make_console())
 
 
 @site_app.command("keys")

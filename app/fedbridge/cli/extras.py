@@ -23,6 +23,7 @@ _EXTRA_OF_MODULE = {
     "pynetdicom": "edge",
     "highdicom": "edge",
     "onnxscript": "export",
+    "mlflow": "tracking",
 }
 _EXTRA_OF_COMMAND = {
     ("federate",): "simulation",
@@ -45,7 +46,11 @@ def missing_extra_message(module: str | None, argv: list[str]) -> str | None:
     elif top in _EXTRA_OF_MODULE:
         extra = _EXTRA_OF_MODULE[top]
         # the role's extra also brings the library, and everything else the command needs
-        if by_command and (extra in ("train", "edge") or by_command == "simulation"):
+        if (
+            by_command
+            and extra != "tracking"
+            and (extra in ("train", "edge") or by_command == "simulation")
+        ):
             extra = by_command
     else:
         return None

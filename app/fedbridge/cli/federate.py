@@ -11,7 +11,17 @@ from typing import Annotated, Any
 
 import typer
 
-from fedbridge.cli.options import AsJson, Seed, make_console, print_json
+from fedbridge.cli.options import (
+    AsJson,
+    Seed,
+    Tracking,
+    TrackingOpt,
+    TrackingUri,
+    check_tracking,
+    make_console,
+    print_json,
+    track,
+)
 from fedbridge.cli.options import Augment as AugmentPreset
 from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
@@ -140,8 +150,11 @@ def simulate(
     ] = None,
     seed: Seed = defaults.SEED,
     as_json: AsJson = False,
+    tracking: TrackingOpt = Tracking.none,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Run the sites on this machine through Flower's simulation runtime."""
+    check_tracking(tracking)
     from fedbridge.simulate import simulate as run
 
     flat = run_config(
@@ -150,6 +163,13 @@ def simulate(
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
         labels=labels or folder_labels(sites[0] if sites else None),
     )  # fmt: skip
-    summary = run(flat, sites, out=make_console(stderr=as_json), audit_dir=audit_dir)
+    console = make_console(stderr=as_json)
+    summary = run(flat, sites, out=console, audit_dir=audit_dir)
+    track(tracking, tracking_uri, out_dir, console=console, extra_files=federation_files(out_dir))
     if as_json:
         print_json(summary)
+
+
+def federation_files(out: Path) -> tuple[Path, ...]:
+    """The round store's ``state.json`` (every round's numbers), tracked beside the bundle."""
+    return (out.with_name(out.name + "-rounds") / "state.json",)

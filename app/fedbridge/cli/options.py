@@ -128,3 +128,53 @@ def shown(text: object) -> str:
     raw = str(text)
     safe = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in raw)
     return escape(safe)
+
+
+class Tracking(StrEnum):
+    """Experiment tracking backends (``fedbridge[tracking]``)."""
+
+    none = "none"
+    mlflow = "mlflow"
+
+
+TrackingOpt = Annotated[
+    Tracking,
+    typer.Option(
+        "--tracking",
+        help="Log the config, metrics and report files to MLflow (needs fedbridge[tracking]).",
+    ),
+]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI, e.g. a hospital server (default: a local mlruns folder "
+        "beside --out).",
+    ),
+]
+
+
+def check_tracking(tracking: Tracking) -> None:
+    """Before any work: the tracking extra is installed when tracking is asked for."""
+    if tracking is Tracking.mlflow:
+        from fedbridge_shared.tracking import require
+
+        require()
+
+
+def track(
+    tracking: Tracking,
+    uri: str | None,
+    bundle: Path,
+    *,
+    console: Console,
+    extra_files: tuple[Path, ...] = (),
+) -> None:
+    """Log a finished bundle to the tracking backend (nothing when tracking is off)."""
+    if tracking is Tracking.none:
+        return
+    from fedbridge_shared.tracking import default_uri, log_bundle
+
+    where = uri or default_uri(bundle)
+    run_id = log_bundle(bundle, uri=where, extra_files=extra_files)
+    console.print(f"tracked in MLflow {shown(where)} (run {run_id})")

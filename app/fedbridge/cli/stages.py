@@ -13,8 +13,13 @@ from fedbridge.cli.options import (
     Manifest,
     Seed,
     StrEnum,
+    Tracking,
+    TrackingOpt,
+    TrackingUri,
+    check_tracking,
     make_console,
     print_json,
+    track,
 )
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
@@ -83,7 +88,10 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
             bool, typer.Option("--force", help="Replace the model of an existing bundle at --out.")
         ] = False,
         as_json: AsJson = False,
+        tracking: TrackingOpt = Tracking.none,
+        tracking_uri: TrackingUri = None,
     ) -> None:
+        check_tracking(tracking)
         with err.status("loading torch"):  # seconds on a cold start
             from fedbridge_shared.spec import IMAGE_SIZE_RANGE
             from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
@@ -111,6 +119,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
             image_size=image_size, manifest=manifest, device=device, force=force, console=err,
         )  # fmt: skip
         if as_json:
+            track(tracking, tracking_uri, bundle, console=err)
             print_json({"bundle": str(Path(bundle).resolve()), "validation": metrics or None})
             return
         line = f"wrote {bundle}"
@@ -120,6 +129,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
                 f"macro AUC {_fmt(metrics.get('macro_auc'))}, n={metrics['n']})"
             )
         out.print(line)
+        track(tracking, tracking_uri, bundle, console=out)
 
     command.__doc__ = doc
     return command
