@@ -100,7 +100,7 @@ def _server(
         "--host", net.address("coord"), "--port", port,
         "--sites", len(sites), "--min-sites", "2",
         "--augment-per-sample", "1", "--batch-size", "32", "--lr", "0.001",
-        "--test", split / "test",
+        "--test-data", split / "test",
         *extra,
         log=log, prefix=net.prefix("coord"),
     )  # fmt: skip

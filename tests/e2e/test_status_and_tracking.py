@@ -24,7 +24,7 @@ def tracked_federation(fed, tmp_path_factory):
         "federate", "simulate", "--init", root / "bridge",
         "--site", split / "site-1", "--site", split / "site-2", "--site", split / "site-3",
         "--out", out, "--rounds", "2", "--augment-per-sample", "0", "--batch-size", "32",
-        "--val", split / "test",
+        "--val-data", split / "test",
         "--tracking", "mlflow",
     )  # fmt: skip
     return out
