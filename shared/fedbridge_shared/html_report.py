@@ -192,10 +192,13 @@ def _saliency_section(examples: Sequence[Any], labels: Sequence[str]) -> str:
     return section("saliency", "Saliency grid", "".join(parts))
 
 
-def _sanity_section(sanity: Mapping[str, Any]) -> str:
+def sanity_section(sanity: Mapping[str, Any]) -> str:
+    """The model-randomisation check as a table with its verdicts (report and explain index)."""
     rows = []
     for method, res in sanity["methods"].items():
         verdict = "fails sanity check" if res["fails"] else "passes"
+        if res["mean_abs_rho"] is None:
+            verdict = "undefined (constant maps)"
         rows.append((method, res["mean_abs_rho"], verdict))
     body = table(("method", "mean |Spearman rho|", "verdict"), rows).replace(
         "<td>fails sanity check</td>", '<td class="fail">fails sanity check</td>'
@@ -203,7 +206,7 @@ def _sanity_section(sanity: Mapping[str, Any]) -> str:
     body += (
         f'<p class="muted">{esc(sanity["n_images"])} images; maps on the trained model vs '
         f"{esc(sanity['randomisation'])}; a method fails when mean |rho| > "
-        f"{esc(sanity['threshold'])}.</p>"
+        f"{esc(sanity['threshold'])}: its maps then say little about what the model learnt.</p>"
     )
     return section("sanity", "Sanity check (model-parameter randomisation)", body)
 
@@ -266,7 +269,7 @@ def render_html_report(
     if saliency_examples:
         body.append(_saliency_section(saliency_examples, labels))
     if sanity:
-        body.append(_sanity_section(sanity))
+        body.append(sanity_section(sanity))
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -17,7 +17,7 @@ from fedbridge_shared.colours import SIGNED_CMAP, UNSIGNED_CMAP
 from fedbridge_shared.explain.methods import SIGNED_METHODS
 from fedbridge_shared.explain.overlay import colourbar_png
 from fedbridge_shared.explain.regions import REGIONS
-from fedbridge_shared.html_report import CSS
+from fedbridge_shared.html_report import CSS, sanity_section
 from fedbridge_shared.report_sections import esc, fmt, muted, section, table
 
 INDEX_FILE = "index.html"
@@ -92,22 +92,6 @@ def _summary(record: Mapping[str, Any]) -> str:
     return section("regions", "Where the maps put their mass", body)
 
 
-def _sanity(sanity: Mapping[str, Any]) -> str:
-    rows = []
-    for method, res in sanity["methods"].items():
-        verdict = "fails sanity check" if res["fails"] else "passes"
-        rows.append((method, res["mean_abs_rho"], verdict))
-    body = table(("method", "mean |Spearman rho|", "verdict"), rows).replace(
-        "<td>fails sanity check</td>", '<td class="fail">fails sanity check</td>'
-    )
-    body += muted(
-        f"{sanity['n_images']} images; maps of the trained model vs {sanity['randomisation']}; "
-        f"a method fails when mean |rho| > {sanity['threshold']}: its maps then say little "
-        "about what the model learnt."
-    )
-    return section("sanity", "Sanity check (model-parameter randomisation)", body)
-
-
 def render_index(record: Mapping[str, Any]) -> str:
     """The page for an explain run record (``explain.json``)."""
     methods = list(record["methods"])
@@ -123,7 +107,7 @@ def render_index(record: Mapping[str, Any]) -> str:
     )
     body = [head, _legend(methods)]
     if record.get("sanity"):
-        body.append(_sanity(record["sanity"]))
+        body.append(sanity_section(record["sanity"]))
     body.append(_summary(record))
     items = "".join(_item(name, rows) for name, rows in by_name.items())
     body.append(section("images", "Images", items))
