@@ -64,3 +64,16 @@ def test_an_unknown_intensity_is_refused():
         ModelSpec(arch="x", labels=("a", "b"), image_size=32, intensity="gamma")
     with pytest.raises(ValueError, match="intensity 'gamma'"):
         intensity(np.zeros((4, 4), np.uint8), "gamma")
+
+
+def test_a_clahe_bridge_makes_a_clahe_target(tmp_path):
+    import dataclasses
+
+    from fedbridge_shared.models import init_model
+
+    model, spec = init_model("none", ("NORMAL", "VIRAL_PNEUMONIA"), "test_efficientnet", 32)
+    bridge = save_bundle(
+        tmp_path / "bridge", dataclasses.replace(spec, intensity="clahe"), model.state_dict()
+    )
+    _, target = init_model(str(bridge), ("COVID19", "NORMAL", "VIRAL_PNEUMONIA"))
+    assert target.intensity == "clahe" and target.init["head"] == "mapped"
