@@ -77,3 +77,25 @@ def test_a_clahe_bridge_makes_a_clahe_target(tmp_path):
     )
     _, target = init_model(str(bridge), ("COVID19", "NORMAL", "VIRAL_PNEUMONIA"))
     assert target.intensity == "clahe" and target.init["head"] == "mapped"
+
+
+def test_explain_feeds_a_clahe_model_the_pixels_training_did(cxr_root, tmp_path):
+    """explain hands GreyModel intensity(load_resized(...)): the logits of training's input."""
+    import dataclasses
+
+    from fedbridge_shared.explain.methods import images_to_batch, load_explainer
+    from fedbridge_shared.models import build_model, init_model
+
+    torch.manual_seed(0)
+    model, spec = init_model("none", ("NORMAL", "COVID19"), "test_efficientnet", 64)
+    spec = dataclasses.replace(spec, intensity="clahe")
+    bundle = load_bundle(save_bundle(tmp_path / "b", spec, model.state_dict()))
+    images = [load_resized(p, 64) for p in list_images([cxr_root])[::200]]
+    plain = build_model(spec)
+    plain.load_state_dict(bundle.state_dict)
+    with torch.no_grad():
+        grey = load_explainer(bundle)(
+            images_to_batch([intensity(i, "clahe") for i in images], "cpu")
+        )
+        trained = plain.eval()(torch.stack([to_tensor(i, spec) for i in images]))
+    torch.testing.assert_close(grey, trained, rtol=1e-5, atol=1e-5)

@@ -72,8 +72,8 @@ def saliency_examples(
     if not chosen:
         return []
     paths = [Path(getattr(samples[i], "path", samples[i])) for i in chosen]
-    size, method = bundle.spec.image_size, bundle.spec.intensity
-    images = [intensity(load_resized(path, size), method) for path in paths]
+    size, normalisation = bundle.spec.image_size, bundle.spec.intensity
+    images = [intensity(load_resized(path, size), normalisation) for path in paths]
     model = load_explainer(bundle, device)
     y = np.asarray(y_true, dtype=np.int64)
     pred = p.argmax(axis=1)
