@@ -86,6 +86,7 @@ class Site:
             augment_per_sample=settings.augment_per_sample,
             seed=settings.seed,
             shuffle_seed=seed,
+            balanced=settings.balanced,
         )
         per_round = settings.local_epochs * len(loader)
         done = task.server_round - 1
@@ -103,6 +104,7 @@ class Site:
             ),
             epoch_offset=done * settings.local_epochs,
             penalty=proximal_penalty(model, settings.proximal_mu) if settings.proximal_mu else None,
+            ema_decay=settings.ema_decay,
         )
         last = result.history[-1]
         reply = TrainReply(

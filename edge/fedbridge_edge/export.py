@@ -27,6 +27,7 @@ from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, seal
 from fedbridge_edge.preprocess import InputSpec, list_images, normalise, resize
 from fedbridge_shared.files import atomic_write
+from fedbridge_shared.modality import MODALITY_LABELS, modality_of  # noqa: F401 (re-exported)
 
 DEFAULT_OPSET = 17
 FP32_LOGITS_TOL = 1e-4
@@ -339,17 +340,6 @@ def _export(
 
 
 CAM_REFERENCE_PERCENTILE = 99.0
-MODALITY_LABELS = {
-    "cxr": {"COVID19", "BACTERIAL_PNEUMONIA", "VIRAL_PNEUMONIA", "PNEUMONIA"},
-    "oct": {"CNV", "DME", "DRUSEN"},
-}
-
-
-def modality_of(labels: list[str]) -> str:
-    """ "cxr" / "oct" from the label names (the overlay's R/L markers need it), else "unknown"."""
-    names = {label.upper() for label in labels}
-    found = [m for m, known in MODALITY_LABELS.items() if names & known]
-    return found[0] if len(found) == 1 else "unknown"
 
 
 def _cam_reference(model: nn.Module, x: np.ndarray, gaussians: ood.Gaussians) -> float:

@@ -15,7 +15,7 @@ from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.protocol import LocalSettings, kebab
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 INLINE = {"inline": True}
 """Field metadata: the sub-config's keys sit at the top level of the flat run config."""
 
@@ -23,7 +23,7 @@ INLINE = {"inline": True}
 _HINTS = {
     "min-train-sites": ": the quorum must be between 1 and min-available-sites",
     "min-evaluate-sites": ": must be between 0 and min-available-sites",
-    "dp.enabled": ": differential privacy works with fedavg or fedprox, not fedadam",
+    "dp.enabled": ": differential privacy works with fedavg or fedprox, not fedadam or fedavgm",
 }
 
 
@@ -47,6 +47,15 @@ class FedAdamConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-9
+
+
+@dataclass(frozen=True)
+class FedAvgMConfig:
+    """FedAvg with server momentum (Hsu et al. 2019): v ← β·v + Δ, w ← w − η·v, where Δ is the
+    global weights minus the sites' weighted mean."""
+
+    server_lr: float = defaults.SERVER_LR
+    momentum: float = defaults.SERVER_MOMENTUM
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,7 @@ class FederationConfig:
     local: LocalSettings = field(default_factory=LocalSettings, metadata=INLINE)
     """What every site does each round (keys ``lr``, ``local-epochs``… at the top level)."""
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
+    fedavgm: FedAvgMConfig = field(default_factory=FedAvgMConfig)
     dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
@@ -97,7 +107,9 @@ class FederationConfig:
             "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
             "dp.target-epsilon": self.dp.target_epsilon > 0,
             "dp.delta": 0 < self.dp.delta < 1,
-            "dp.enabled": not (self.dp.enabled and self.strategy == "fedadam"),
+            "fedavgm.server-lr": 0 < self.fedavgm.server_lr <= 10,
+            "fedavgm.momentum": 0 <= self.fedavgm.momentum < 1,
+            "dp.enabled": not (self.dp.enabled and self.strategy in ("fedadam", "fedavgm")),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

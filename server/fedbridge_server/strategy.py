@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedProx,
     Strategy,
 )
@@ -22,6 +23,7 @@ from fedbridge_shared.weights import WeightsError, pack, unpack
 
 log = logging.getLogger("fedbridge.server")
 _OPT_STATE = ("current_arrays", "m_t", "v_t")  # FedOpt's server optimizer state
+_MOMENTUM = "momentum_vector"  # FedAvgM's: a list of arrays (the current weights are resent)
 
 
 def state_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -38,7 +40,7 @@ def record_state(record: ArrayRecord, reference: dict[str, torch.Tensor]) -> dic
 
 
 def build_strategy(cfg: FederationConfig) -> Strategy:
-    """FedAvg, FedProx or FedAdam."""
+    """FedAvg, FedProx, FedAdam or FedAvgM."""
     # The waits and the quorum are fedbridge's (quorum.py): the strategy samples from the
     # snapshot of connected nodes it is given and never waits itself.
     common = {
@@ -54,6 +56,12 @@ def build_strategy(cfg: FederationConfig) -> Strategy:
         a = cfg.fedadam
         strategy = FedAdam(
             **common, eta=a.eta, eta_l=a.eta_l, beta_1=a.beta_1, beta_2=a.beta_2, tau=a.tau
+        )
+    elif cfg.strategy == "fedavgm":
+        strategy = FedAvgM(
+            **common,
+            server_learning_rate=cfg.fedavgm.server_lr,
+            server_momentum=cfg.fedavgm.momentum,
         )
     else:
         strategy = FedAvg(**common)
@@ -71,6 +79,11 @@ def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
         value = getattr(inner, attr, None)
         if isinstance(value, dict):
             out.update({f"{attr}/{k}": torch.from_numpy(np.array(v)) for k, v in value.items()})
+    momentum = getattr(inner, _MOMENTUM, None)
+    if isinstance(momentum, list):
+        out.update(
+            {f"{_MOMENTUM}/{i}": torch.from_numpy(np.array(v)) for i, v in enumerate(momentum)}
+        )
     return out
 
 
@@ -81,6 +94,10 @@ def restore_strategy_state(strategy: Strategy, saved: dict[str, torch.Tensor]) -
         values = {k[len(prefix) :]: v.numpy() for k, v in saved.items() if k.startswith(prefix)}
         if values:
             setattr(inner, attr, values)
+    prefix = _MOMENTUM + "/"
+    momentum = {int(k[len(prefix) :]): v.numpy() for k, v in saved.items() if k.startswith(prefix)}
+    if momentum and hasattr(inner, _MOMENTUM):  # FedAvgM resumes with its velocity
+        setattr(inner, _MOMENTUM, [momentum[i] for i in sorted(momentum)])
 
 
 def site_name(msg: Message) -> str:

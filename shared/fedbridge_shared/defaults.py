@@ -15,6 +15,15 @@ WEIGHT_DECAY = 1e-4
 PATIENCE = 3
 VAL_FRACTION = 0.15
 LABEL_SMOOTHING = 0.0
+EMA_DECAY = 0.0
+"""Decay of the EMA of weights validated and kept (0 = off: the raw weights)."""
+BALANCED = False
+"""Class-balanced sampling of training batches (inverse class frequency)."""
+INTENSITY = "none"
+"""Intensity normalisation before mean/std: ``none`` or ``clahe`` (recorded in the ModelSpec)."""
+INTENSITIES = ("none", "clahe")
+TTA = False
+"""Test-time augmentation at evaluation (deterministic views, no flip for CXR)."""
 AUGMENT = "cxr"
 AUGMENT_PRESETS = ("cxr", "oct", "none")
 """Augmentation presets (``fedbridge_shared.data.augment`` defines them)."""
@@ -27,6 +36,9 @@ BOOTSTRAP = 1000  # resamples for every CI fedbridge prints: evaluate, federate 
 ROUNDS = 3
 LOCAL_EPOCHS = 1
 STRATEGY = "fedavg"
+SERVER_LR = 1.0
+SERVER_MOMENTUM = 0.0
+"""FedAvgM (``--strategy fedavgm``): server learning rate and momentum."""
 PROXIMAL_MU = 0.01
 ROUND_TIMEOUT = 600.0
 JOIN_TIMEOUT = 1800.0  # the first round waits this long for every expected site

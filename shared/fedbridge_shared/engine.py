@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from fedbridge_shared import defaults
@@ -62,6 +63,16 @@ def proximal_penalty(model: nn.Module, mu: float) -> Callable[[], torch.Tensor]:
     return penalty
 
 
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics).
+
+    After steps to weights w_1..w_T: ema_1 = w_1, ema_t = d · ema_{t-1} + (1 − d) · w_t, d = decay.
+    """
+    if not 0 < decay < 1:
+        raise FedbridgeError(f"--ema-decay {decay}: must be in (0, 1), or 0 for off")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def make_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float = defaults.WEIGHT_DECAY
 ) -> torch.optim.Optimizer:
@@ -87,10 +98,12 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     on_batch: BatchHook | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    ema: AveragedModel | None = None,
 ) -> EpochStats:
     """One pass over ``loader``; raises if the loss stops being finite.
 
-    ``penalty`` is added to every batch loss (e.g. FedProx's proximal term).
+    ``penalty`` is added to every batch loss (e.g. FedProx's proximal term); ``ema`` is updated
+    after every optimiser step.
     """
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -108,6 +121,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if scheduler is not None:
             scheduler.step()
         total_loss += loss.item() * len(y)
@@ -164,6 +179,7 @@ def fit(
     schedule: CosineSchedule | None = None,
     epoch_offset: int = 0,
     penalty: Callable[[], torch.Tensor] | None = None,
+    ema_decay: float = defaults.EMA_DECAY,
     on_batch: BatchHook | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
@@ -174,9 +190,13 @@ def fit(
     online augmentation is redrawn per global epoch). ``penalty`` is added to every batch loss
     (FedProx). Stops early when the validation loss has not improved for ``patience`` epochs;
     without a validation loader every epoch runs and the last weights are kept.
+    ``ema_decay`` > 0 keeps an EMA of the weights (:func:`make_ema`): validation, early stopping
+    and the weights left in ``model`` are then the EMA's.
     """
     model.to(device)
     optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
+    ema = make_ema(model, ema_decay) if ema_decay else None
+    kept = ema.module if ema is not None else model  # the weights validated and returned
     schedule = schedule or CosineSchedule(max(1, epochs * len(train_loader)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
     result = FitResult()
@@ -194,6 +214,7 @@ def fit(
             label_smoothing=label_smoothing,
             on_batch=on_batch,
             penalty=penalty,
+            ema=ema,
         )
         row = {
             "epoch": epoch_offset + epoch,
@@ -203,11 +224,11 @@ def fit(
             "seconds": train.seconds,
         }
         if val_loader is not None:
-            val = evaluate(model, val_loader, device)
+            val = evaluate(kept, val_loader, device)
             row.update(val_loss=val.loss, val_accuracy=val.accuracy)
             if val.loss < best_loss - 1e-6:
                 best_loss, stale, result.best_epoch = val.loss, 0, epoch
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(kept.state_dict())
             else:
                 stale += 1
         else:
@@ -218,6 +239,8 @@ def fit(
         if val_loader is not None and stale >= patience:
             result.stopped_early = True
             break
+    if best_state is None and ema is not None:
+        best_state = ema.module.state_dict()
     if best_state is not None:
         model.load_state_dict(best_state)
     return result

@@ -254,6 +254,7 @@ def retarget(
         mean=src.mean,
         std=src.std,
         timm_kwargs=src.timm_kwargs,
+        intensity=src.intensity,  # a CLAHE bridge makes a CLAHE target
         init={
             "kind": "bundle",
             "source": str(bundle.path.resolve()),

@@ -61,6 +61,9 @@ class LocalSettings:
     label_smoothing: float = defaults.LABEL_SMOOTHING
     seed: int = defaults.SEED
     proximal_mu: float = defaults.PROXIMAL_MU
+    ema_decay: float = defaults.EMA_DECAY
+    """EMA of the site's weights within its round (0: off); the site replies with the EMA."""
+    balanced: bool = defaults.BALANCED
     # torch CPU threads while training (0: torch's default). Floating-point sums depend on the
     # thread count, so bitwise-identical reruns need the same value on the same site.
     threads: int = 0
@@ -76,6 +79,7 @@ class LocalSettings:
             "val-fraction": 0 <= self.val_fraction <= 0.5,
             "seed": 0 <= self.seed < 2**32,
             "threads": self.threads >= 0,
+            "ema-decay": math.isfinite(self.ema_decay) and 0 <= self.ema_decay < 1,
         }
         bad = next((k for k, ok in checks.items() if not ok), None)
         if bad is not None:
@@ -91,7 +95,10 @@ class LocalSettings:
         values = {}
         for f in fields(cls):
             if kebab(f.name) in config:
-                values[f.name] = type(getattr(cls(), f.name))(config[kebab(f.name)])
+                kind, value = type(getattr(cls(), f.name)), config[kebab(f.name)]
+                if kind is bool and not isinstance(value, bool):  # bool("false") is True
+                    raise ConfigError(f"run config: {kebab(f.name)!r} must be true or false")
+                values[f.name] = kind(value)
         return cls(**values)
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedbridge_shared import __version__
+from fedbridge_shared.data.pixels import INTENSITIES
 from fedbridge_shared.errors import BundleError
 from fedbridge_shared.files import atomic_dir, strict_json
 
@@ -47,6 +48,9 @@ class ModelSpec:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     init: dict[str, Any] = field(default_factory=dict)
     """Provenance of the starting weights: kind (none|imagenet|file|bundle), source, sha256."""
+    intensity: str = "none"
+    """Intensity normalisation before mean/std (``none`` | ``clahe``, ``data.pixels.intensity``);
+    left out of model.json when ``none``, so older bundles (and their seals) read unchanged."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -59,6 +63,8 @@ class ModelSpec:
         d = asdict(self)
         d["labels"] = list(self.labels)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.intensity == "none":
+            del d["intensity"]
         return d
 
     @classmethod
@@ -79,6 +85,7 @@ class ModelSpec:
                 std=tuple(float(x) for x in d.get("std", (0.5, 0.5, 0.5))),
                 timm_kwargs=dict(d.get("timm_kwargs", {})),
                 init=dict(d.get("init", {})),
+                intensity=str(d.get("intensity", "none")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"model spec is incomplete or malformed: {e!r}") from e
@@ -102,6 +109,9 @@ def _validate(spec: ModelSpec) -> None:
             raise BundleError(f"model spec: {name} {list(values)} must be {spec.in_chans} finite")
     if not all(v > 0 for v in spec.std):
         raise BundleError(f"model spec: std {list(spec.std)} must be > 0")
+    if spec.intensity not in INTENSITIES:
+        allowed = " | ".join(INTENSITIES)
+        raise BundleError(f"model spec: intensity {spec.intensity!r} (must be {allowed})")
     for key, value in spec.timm_kwargs.items():
         kind = TIMM_KWARGS.get(key)
         if kind is None:

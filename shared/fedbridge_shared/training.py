@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -27,6 +28,7 @@ from fedbridge_shared.files import check_writable
 from fedbridge_shared.metrics import compute_metrics
 from fedbridge_shared.models import init_model, model_from_bundle
 from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
+from fedbridge_shared.tta import predict_tta, views_for
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class TrainConfig:
     preset: str = defaults.AUGMENT
     label_smoothing: float = defaults.LABEL_SMOOTHING
     seed: int = defaults.SEED
+    ema_decay: float = defaults.EMA_DECAY
+    balanced: bool = defaults.BALANCED
+    intensity: str | None = None
+    """``none`` | ``clahe``, recorded in the spec; None: the init bundle's (``none`` for others)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -57,6 +63,11 @@ class TrainConfig:
             "preset": (self.preset in PRESETS, f"one of {', '.join(PRESETS)}"),
             "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
             "seed": (0 <= self.seed < 2**32, "in [0, 2**32)"),
+            "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1) (0: off)"),
+            "intensity": (
+                self.intensity in (None, *defaults.INTENSITIES),
+                " | ".join(defaults.INTENSITIES),
+            ),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -156,6 +167,8 @@ def run_stage(
     index = usable_index(data, manifest)
     seed_everything(config.seed)
     model, spec = init_model(init, index.labels, arch, image_size)
+    if config.intensity is not None:
+        spec = dataclasses.replace(spec, intensity=config.intensity)
     target_of = {label: i for i, label in enumerate(spec.labels)}
 
     parts = {"train": list(index.samples), "val": []}
@@ -181,6 +194,7 @@ def run_stage(
         augment_per_sample=config.augment_per_sample,
         online=config.online_augment,
         seed=config.seed,
+        balanced=config.balanced,
     )
     val_loader = None
     if val_imgs:
@@ -220,6 +234,7 @@ def run_stage(
             weight_decay=config.weight_decay,
             patience=config.patience,
             label_smoothing=config.label_smoothing,
+            ema_decay=config.ema_decay,
             on_batch=lambda n: bar.advance(task, n),
             on_epoch=on_epoch,
         )
@@ -252,9 +267,13 @@ def evaluate_bundle(
     batch_size: int = 32,
     n_bootstrap: int = defaults.BOOTSTRAP,
     device: str = "auto",
+    tta: bool = defaults.TTA,
     console: Console | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Predict every image of ``data`` and compute the paper's metrics with bootstrap CIs."""
+    """Predict every image of ``data`` and compute the paper's metrics with bootstrap CIs.
+
+    ``tta`` averages the probabilities over :func:`~fedbridge_shared.tta.views_for` the labels.
+    """
     console = console or Console(stderr=True)
     dev = resolve_device(device)
     bundle = load_bundle(bundle_path)
@@ -270,9 +289,16 @@ def evaluate_bundle(
                          batch_size=batch_size)  # fmt: skip
     with _progress(console) as bar:
         task = bar.add_task("predicting", total=len(images), info="")
-        y, probs = predict(model, loader, dev, on_batch=lambda n: bar.advance(task, n))
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        if tta:
+            views = views_for(spec.labels)
+            y, probs = predict_tta(model, loader, dev, views=views, on_batch=advance)
+        else:
+            y, probs = predict(model, loader, dev, on_batch=advance)
     with console.status(f"metrics with {n_bootstrap} bootstrap resamples"):
         metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
     metrics["bundle"] = {"path": str(Path(bundle_path).resolve()), "sha256": bundle.sha256}
+    if tta:
+        metrics["tta"] = list(views_for(spec.labels))
     metrics["data"] = {"path": str(Path(data).resolve()), "patient_ids": index.patient_source}
     return metrics, y, probs

@@ -153,6 +153,17 @@ def test_other_strategies_run(fed, tmp_path, strategy):
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+def test_server_momentum_with_site_ema_and_balanced_sampling_runs(fed, tmp_path):
+    """FedAvgM over 2 rounds, sites keeping an EMA and sampling class-balanced (issue #16)."""
+    root, split = fed
+    recipe = {"strategy": "fedavgm", "fedavgm.momentum": 0.9, "ema-decay": 0.9, "balanced": True}
+    summary = _run(_flat(root, tmp_path / "fed", **recipe), _sites(split))
+    assert [r["sites"] for r in summary["history"]] == [["site-1", "site-2", "site-3"]] * 2
+    bundle = load_bundle(tmp_path / "fed")
+    assert all(torch.isfinite(v).all() for v in bundle.state_dict.values() if v.is_floating_point())
+    assert (tmp_path / "fed-rounds").is_dir()
+
+
 def test_dp_noises_trainable_weights_only_and_reports_the_privacy_spent(fed, tmp_path):
     root, split = fed
     out = tmp_path / "fed"

@@ -62,6 +62,14 @@ class Strategy(StrEnum):
     fedavg = "fedavg"
     fedprox = "fedprox"
     fedadam = "fedadam"
+    fedavgm = "fedavgm"
+
+
+class Intensity(StrEnum):
+    """Intensity normalisation (``fedbridge_shared.defaults.INTENSITIES``)."""
+
+    none = "none"
+    clahe = "clahe"
 
 
 AugmentOpt = Annotated[Augment, typer.Option("--augment", help="Augmentation preset.")]

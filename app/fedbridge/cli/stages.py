@@ -10,6 +10,7 @@ from fedbridge.cli.options import (
     Augment,
     AugmentOpt,
     Device,
+    Intensity,
     Manifest,
     Seed,
     StrEnum,
@@ -55,6 +56,22 @@ PresetOpt = Annotated[
 ]
 ValFraction = Annotated[float, typer.Option(help="Share of patients held out for validation.")]
 Patience = Annotated[int, typer.Option(help="Epochs without validation improvement to stop.")]
+EmaDecay = Annotated[
+    float,
+    typer.Option(help="EMA of weights: validate and keep the EMA with this decay (0: off)."),
+]
+Balanced = Annotated[
+    bool,
+    typer.Option("--balanced", help="Class-balanced sampling (inverse class frequency)."),
+]
+IntensityOpt = Annotated[
+    Intensity | None,
+    typer.Option(
+        "--intensity",
+        help="Intensity normalisation recorded in the bundle: none | clahe "
+        "(default: the --init bundle's, else none).",
+    ),
+]
 
 
 def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
@@ -81,6 +98,9 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         preset: PresetOpt = Preset.cpu,
         val_fraction: ValFraction = defaults.VAL_FRACTION,
         patience: Patience = defaults.PATIENCE,
+        ema_decay: EmaDecay = defaults.EMA_DECAY,
+        balanced: Balanced = defaults.BALANCED,
+        intensity: IntensityOpt = None,
         seed: Seed = defaults.SEED,
         manifest: Manifest = None,
         device: Device = "auto",
@@ -113,6 +133,9 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
             val_fraction=val_fraction,
             patience=patience,
             seed=seed,
+            ema_decay=ema_decay,
+            balanced=balanced,
+            intensity=None if intensity is None else intensity.value,
         )
         bundle, metrics = run_stage(
             stage, data, out=out_dir, init=init, config=config, arch=model,
@@ -172,6 +195,14 @@ def register(app: typer.Typer) -> None:
         ] = defaults.BOOTSTRAP,
         manifest: Manifest = None,
         device: Device = "auto",
+        tta: Annotated[
+            bool,
+            typer.Option(
+                "--tta",
+                help="Test-time augmentation: average over shifted/scaled views "
+                "(a left-right flip too, except for CXR).",
+            ),
+        ] = defaults.TTA,
         force: Annotated[
             bool,
             typer.Option("--force", help="Replace the report in an existing --out folder."),
@@ -192,7 +223,13 @@ def register(app: typer.Typer) -> None:
             from fedbridge_shared.training import evaluate_bundle
 
         metrics, y, probs = evaluate_bundle(
-            bundle, data, manifest=manifest, n_bootstrap=bootstrap, device=device, console=err
+            bundle,
+            data,
+            manifest=manifest,
+            n_bootstrap=bootstrap,
+            device=device,
+            tta=tta,
+            console=err,
         )
         if out_dir is not None:
             written = _write_report(bundle, data, manifest, metrics, y, probs, out_dir, device)

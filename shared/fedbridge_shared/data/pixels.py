@@ -20,6 +20,8 @@ class InputSpec:
     in_chans: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    intensity: str = "none"
+    """Intensity normalisation of the resized greyscale before mean/std (:func:`intensity`)."""
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> InputSpec:
@@ -30,6 +32,7 @@ class InputSpec:
             in_chans=in_chans,
             mean=tuple(float(x) for x in spec.get("mean", (0.5,) * 3))[:in_chans],
             std=tuple(float(x) for x in spec.get("std", (0.5,) * 3))[:in_chans],
+            intensity=str(spec.get("intensity", "none")),
         )
 
 
@@ -39,9 +42,26 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
+INTENSITIES = ("none", "clahe")
+CLAHE_CLIP_LIMIT = 2.0
+CLAHE_TILES = (8, 8)
+
+
+def intensity(img: np.ndarray, method: str) -> np.ndarray:
+    """Intensity normalisation of a greyscale uint8 image: ``none`` (as is) or ``clahe``
+    (OpenCV's contrast-limited adaptive histogram equalisation, clip 2, 8 × 8 tiles)."""
+    if method == "none":
+        return img
+    if method == "clahe":
+        clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES)
+        return clahe.apply(np.ascontiguousarray(img, dtype=np.uint8))
+    raise ValueError(f"intensity {method!r}: must be one of {', '.join(INTENSITIES)}")
+
+
 def normalise(img: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Resized greyscale uint8 (H, W) → float32 (C, H, W), channel repeated, mean/std applied."""
-    x = img.astype(np.float32) / np.float32(255.0)
+    """Resized greyscale uint8 (H, W) → float32 (C, H, W): the spec's intensity normalisation,
+    then the channel repeated and mean/std applied."""
+    x = intensity(img, spec.intensity).astype(np.float32) / np.float32(255.0)
     mean = np.asarray(spec.mean[: spec.in_chans], dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(spec.std[: spec.in_chans], dtype=np.float32).reshape(-1, 1, 1)
     return (np.broadcast_to(x, (spec.in_chans, *x.shape)) - mean) / std

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from fedbridge_shared.data.augment import offline_transform, online_transform
 from fedbridge_shared.data.images import read_image
@@ -39,7 +39,9 @@ def to_tensor(img: np.ndarray, spec: ModelSpec) -> torch.Tensor:
 
 
 def _input_spec(spec: ModelSpec) -> InputSpec:
-    return InputSpec(spec.image_size, spec.in_chans, tuple(spec.mean), tuple(spec.std))
+    return InputSpec(
+        spec.image_size, spec.in_chans, tuple(spec.mean), tuple(spec.std), spec.intensity
+    )
 
 
 def _seed(*parts: int) -> int:
@@ -104,11 +106,14 @@ def make_loader(
     online: bool = True,
     seed: int = 0,
     shuffle_seed: int | None = None,
+    balanced: bool = False,
 ) -> DataLoader:
     """The DataLoader every stage uses: samples → tensors → batches.
 
     ``train=True`` adds the ×N offline expansion and online augmentation (``online``), shuffles
     with a generator seeded by ``shuffle_seed`` (default ``seed``) and drops a last partial batch.
+    ``balanced`` draws the epoch's items with replacement, weighted by inverse class frequency
+    (every class equally likely), from the same seeded generator.
     Otherwise the images are served in order, unaugmented.
     """
     if not train:
@@ -122,13 +127,27 @@ def make_loader(
         online=online,
         seed=seed,
     )
+    generator = torch.Generator().manual_seed(seed if shuffle_seed is None else shuffle_seed)
+    sampler = None
+    if balanced:
+        sampler = WeightedRandomSampler(
+            class_balanced_weights(ds), len(ds), replacement=True, generator=generator
+        )
     return DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed if shuffle_seed is None else shuffle_seed),
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator if sampler is None else None,
         drop_last=len(ds) > batch_size,
     )
+
+
+def class_balanced_weights(ds: ImageDataset) -> torch.Tensor:
+    """Per-item weight 1 / (items of its class): every class gets the same total weight."""
+    targets = np.repeat(np.asarray(ds.targets, dtype=np.int64), ds.copies)
+    counts = np.bincount(targets)
+    return torch.from_numpy(1.0 / counts[targets]).double()
 
 
 def images_per_epoch(loader: DataLoader) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fedbridge_shared.data.pixels import intensity
 from fedbridge_shared.data.tensors import load_resized
 from fedbridge_shared.explain.methods import attribute, images_to_batch, load_explainer
 from fedbridge_shared.explain.overlay import thumbnail_png
@@ -71,7 +72,8 @@ def saliency_examples(
     if not chosen:
         return []
     paths = [Path(getattr(samples[i], "path", samples[i])) for i in chosen]
-    images = [load_resized(path, bundle.spec.image_size) for path in paths]
+    size, normalisation = bundle.spec.image_size, bundle.spec.intensity
+    images = [intensity(load_resized(path, size), normalisation) for path in paths]
     model = load_explainer(bundle, device)
     y = np.asarray(y_true, dtype=np.int64)
     pred = p.argmax(axis=1)

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedbridge_shared.data.images import IMAGE_SUFFIXES
+from fedbridge_shared.data.pixels import intensity
 from fedbridge_shared.data.tensors import load_resized
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.explain.index_page import INDEX_FILE, render_index
@@ -193,7 +194,9 @@ def explain_images(
         task = bar.add_task("reading images", total=len(items))
         images = []
         for item in items:
-            images.append(load_resized(item.path, size))  # DataError names the file
+            # the model's inputs are the intensity-normalised pixels (CLAHE when the spec says)
+            img = load_resized(item.path, size)  # DataError names the file
+            images.append(intensity(img, bundle.spec.intensity))
             bar.advance(task)
 
     with console.status(f"preparing the model on {dev}"):

@@ -1,0 +1,71 @@
+"""The recipe components end to end on real CXR: EMA + balanced + CLAHE in training, TTA at
+evaluation, each recorded where a later step (or a reader) finds it."""
+
+import json
+
+from cli import assert_one_line_error, fedbridge, json_out, ok
+
+WEIGHTS_NAME = "mobilenetv1_025_tfslim_quant_in1k_128.safetensors"  # as tests/conftest.py
+
+
+def test_train_with_ema_balanced_clahe_then_evaluate_with_tta(cxr_parts, weights_root, tmp_path):
+    """A tiny ImageNet MobileNet-V1 0.25 @ 64 px (export refuses a model at chance level)."""
+    weights = weights_root / WEIGHTS_NAME
+    bundle = tmp_path / "model"
+    json_out(
+        "train", cxr_parts["train"], "--out", bundle, "--init", weights,
+        "--model", "mobilenetv1_025", "--image-size", "64", "--epochs", "3", "--lr", "2e-3",
+        "--batch-size", "32", "--augment-per-sample", "0", "--val-fraction", "0.2",
+        "--ema-decay", "0.9", "--balanced", "--intensity", "clahe", "--device", "cpu", "--json",
+    )  # fmt: skip
+    record = json.loads((bundle / "model.json").read_text())
+    assert record["spec"]["intensity"] == "clahe"
+    config = record["training"]["config"]
+    assert config["ema_decay"] == 0.9 and config["balanced"] is True
+    assert config["intensity"] == "clahe"
+    assert all("val_loss" in row for row in record["training"]["history"])  # the EMA validated
+
+    common = ("evaluate", bundle, cxr_parts["test"], "--bootstrap", "0", "--device", "cpu")
+    plain = json_out(*common, "--json")
+    tta = json_out(*common, "--tta", "--json")
+    assert "tta" not in plain
+    assert tta["tta"][0] == "identity" and "hflip" not in tta["tta"]  # CXR is never flipped
+    assert len(tta["tta"]) == 6 and tta["n"] == plain["n"] > 100
+    assert 0 <= tta["accuracy"] <= 1
+
+    # the bedside: the ONNX metadata carries the CLAHE spec and the logits equal training's
+    onnx_path = tmp_path / "model.onnx"
+    ok("export", "onnx", bundle, "--out", onnx_path, "--val-data", cxr_parts["val"])
+    _bedside_equals_training(bundle, onnx_path, cxr_parts["test"])
+
+
+def _bedside_equals_training(bundle, onnx_path, folder):
+    import numpy as np
+    import torch
+
+    from fedbridge_edge.preprocess import list_images, load
+    from fedbridge_edge.runtime import Predictor
+    from fedbridge_shared.data.tensors import load_resized, to_tensor
+    from fedbridge_shared.models import model_from_bundle
+    from fedbridge_shared.spec import load_bundle
+
+    predictor = Predictor(onnx_path, backend="onnxruntime")
+    assert predictor.meta.spec["intensity"] == predictor.spec.intensity == "clahe"
+    loaded = load_bundle(bundle)
+    model = model_from_bundle(loaded).eval()
+    paths = list_images([folder])[::25]
+    x_edge = np.stack([load(p, predictor.spec)[0] for p in paths])
+    x_train = torch.stack([to_tensor(load_resized(p, 64), loaded.spec) for p in paths])
+    np.testing.assert_array_equal(x_edge, x_train.numpy())
+    with torch.no_grad():
+        expected = model(x_train).numpy()
+    np.testing.assert_allclose(predictor.run(x_edge)["logits"], expected, atol=1e-4)
+
+
+def test_bad_recipe_options_are_one_line_errors(cxr_parts, tmp_path):
+    base = ("train", cxr_parts["train"], "--out", tmp_path / "m", "--init", "none",
+            "--model", "test_efficientnet", "--image-size", "32", "--device", "cpu")  # fmt: skip
+    assert_one_line_error(fedbridge(*base, "--ema-decay", "1.0"), "--ema-decay 1.0")
+    result = fedbridge(*base, "--intensity", "gamma")
+    assert result.returncode != 0 and "gamma" in result.stderr
+    assert not (tmp_path / "m").exists()
