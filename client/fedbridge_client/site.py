@@ -136,11 +136,11 @@ class Site:
             val_loss=loss,
             val_accuracy=accuracy,
             class_counts=_class_counts(targets, k),
-            class_correct=tuple(int(n) for n in np.bincount(y[right], minlength=k)),
+            class_correct=_class_counts(y[right], k),
         )
 
 
-def _class_counts(targets: list[int], n_labels: int) -> tuple[int, ...]:
+def _class_counts(targets: list[int] | np.ndarray, n_labels: int) -> tuple[int, ...]:
     """Images per label index (before augmentation)."""
     return tuple(
         int(n) for n in np.bincount(np.asarray(targets, dtype=np.int64), minlength=n_labels)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from fedbridge_server import privacy
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.quorum import QuorumError, SnapshotGrid, exchange, wait_for_sites
-from fedbridge_server.status import write_live
+from fedbridge_server.status import now, write_live
 from fedbridge_server.store import RoundStore, RunState
 from fedbridge_server.strategy import (
     build_strategy,
@@ -276,7 +276,7 @@ def _live(grid: Grid, store: RoundStore, rnd: int, cfg: FederationConfig, names:
         run_id = grid.run.run_id
     except Exception:  # a grid without a run (tests' grids): the status shows none
         run_id = None
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started = now()
     return lambda phase: write_live(
         store.dir, run_id=run_id, round=rnd, rounds=cfg.num_server_rounds, phase=phase,
         started_at=started, waiting_for=cfg.min_available_sites,

@@ -33,12 +33,13 @@ def rounds_dir(out: Path) -> Path:
 
 def write_live(folder: Path, **fields: Any) -> None:
     """Record the round in progress (round, rounds, phase, sites waited for, …), atomically."""
-    doc = {**fields, "updated_at": _now()}
+    doc = {**fields, "updated_at": now()}
     text = strict_json(doc, where=str(folder / LIVE_FILE), indent=2, default=str) + "\n"
     atomic_write(folder / LIVE_FILE, text.encode())
 
 
-def _now() -> str:
+def now() -> str:
+    """UTC now as the status files write it."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
