@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedbridge_shared.errors import ConfigError
-from fedbridge_shared.files import atomic_write, strict_json
+from fedbridge_shared.files import atomic_write, read_json_object, strict_json
 
 LIVE_FILE = "live.json"
 STATE_FILE = "state.json"
@@ -44,15 +44,7 @@ def now() -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable ({e})") from e
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: not a JSON object")
-    return doc
+    return read_json_object(path, what="status JSON")
 
 
 def _superlink(state: Path) -> dict[str, Any]:

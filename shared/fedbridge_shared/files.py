@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from fedbridge_shared.errors import FedbridgeError
+from fedbridge_shared.errors import ConfigError, FedbridgeError
 
 
 def atomic_write(
@@ -182,3 +182,21 @@ def _non_finite(obj: Any, path: str) -> str | None:
         if found:
             return found
     return None
+
+
+def read_json_object(path: Path, *, what: str = "JSON") -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when there is no such file.
+
+    A file that is unreadable, not JSON or not an object is a one-line ``ConfigError`` naming
+    ``path`` and ``what`` it was meant to hold.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable {what} ({e})") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: {what} must be an object")
+    return doc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 from fedbridge_shared import defaults
 from fedbridge_shared.data.images import file_sha256
 from fedbridge_shared.errors import BundleError, ConfigError
+from fedbridge_shared.files import read_json_object
 from fedbridge_shared.spec import Bundle, ModelSpec, is_bundle, load_bundle
 
 WEIGHTS_DIR_ENV = "FEDBRIDGE_WEIGHTS_DIR"
@@ -178,16 +178,7 @@ def _init_from_hub(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
 
 
 def _read_sidecar(weights: Path) -> dict[str, Any]:
-    sidecar = weights.with_suffix(".json")
-    if not sidecar.is_file():
-        return {}
-    try:
-        data = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{sidecar}: unreadable sidecar JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{sidecar}: sidecar JSON must be an object")
-    return data
+    return read_json_object(weights.with_suffix(".json"), what="sidecar JSON") or {}
 
 
 def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
