@@ -14,6 +14,10 @@ endif
 # The demo runs on real chest X-rays when present, else on a generated SYNTHETIC phantom set.
 ifneq ($(wildcard $(SHARED)/data/cxr),)
 DEMO_DATA ?= --data $(SHARED)/data/cxr
+# ... bridged on the large public Kermany set (3 classes; the target's COVID19 row starts fresh)
+ifneq ($(wildcard $(SHARED)/data/bridge/cxr),)
+DEMO_DATA += --bridge-data $(SHARED)/data/bridge/cxr
+endif
 endif
 DEMO_ARGS ?= --quick $(DEMO_DATA) --out runs/demo
 

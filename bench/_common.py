@@ -122,6 +122,15 @@ class Results:
         }
         self.save()
 
+    @staticmethod
+    def load(name: str, mode: str) -> dict[str, Any] | None:
+        """An earlier run's JSON (to resume from), or None."""
+        path = RESULTS / f"{name}-{mode}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
 

@@ -194,7 +194,7 @@ def stage(kind: str, data: Path, out: Path, init: str, cfg: dict, aug: int, pres
 
 
 def federate(sites: list[Path], init: Path, out: Path, cfg: dict, preset: str, seed: int,
-             aug: int) -> tuple[Path, float, dict]:  # fmt: skip
+             aug: int, extra: list[str] = ()) -> tuple[Path, float, dict]:  # fmt: skip
     """`fedbridge federate simulate` as a subprocess (Flower simulation, 3 SuperNodes)."""
     from fedbridge_shared.spec import is_bundle, load_bundle
 
@@ -213,6 +213,8 @@ def federate(sites: list[Path], init: Path, out: Path, cfg: dict, preset: str, s
         ]  # fmt: skip
         for s in sites:
             cmd += ["--site", str(s)]
+        for kv in extra:  # run-config keys (`--set key=value`)
+            cmd += ["--set", kv]
         logf = out.with_name(out.name + ".log")
         with logf.open("w") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
@@ -267,7 +269,7 @@ def _nbytes(a: dict) -> int:
     return n * np.dtype(a["dtype"].replace("torch.", "")).itemsize
 
 
-def assess(bundle: Path, test: Path, n_bootstrap: int) -> dict[str, Any]:
+def assess(bundle: Path, test: Path, n_bootstrap: int, tta: bool = False) -> dict[str, Any]:
     """`fedbridge evaluate` (evaluate_bundle) plus per-source accuracy from the file names."""
     from rich.console import Console
 
@@ -275,7 +277,7 @@ def assess(bundle: Path, test: Path, n_bootstrap: int) -> dict[str, Any]:
     from fedbridge_shared.training import evaluate_bundle
 
     metrics, y, probs = evaluate_bundle(
-        bundle, test, n_bootstrap=n_bootstrap, console=Console(stderr=True, quiet=True)
+        bundle, test, n_bootstrap=n_bootstrap, tta=tta, console=Console(stderr=True, quiet=True)
     )
     keep = ("n", "accuracy", "macro_auc", "sensitivity_mean", "f1_mean", "ci95", "per_class",
             "confusion_matrix", "labels")  # fmt: skip

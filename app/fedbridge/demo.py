@@ -42,12 +42,13 @@ class DemoPlan:
     augment_per_sample: int
     phantom_per_class: int
     bootstrap: int  # the same everywhere (defaults.BOOTSTRAP): one model, one CI
+    bridge_per_class: int | None  # images per class taken from --bridge-data (None: all)
 
     @classmethod
     def for_mode(cls, quick: bool) -> DemoPlan:
         if quick:
-            return cls(160, 4, 4, 4, 50, defaults.BOOTSTRAP)
-        return cls(224, 8, 6, 10, 80, defaults.BOOTSTRAP)
+            return cls(160, 2, 4, 4, 50, defaults.BOOTSTRAP, 200)
+        return cls(224, 3, 6, 10, 80, defaults.BOOTSTRAP, None)
 
 
 def run_demo(
@@ -61,10 +62,14 @@ def run_demo(
     console: Console | None = None,
     image_size: int | None = None,
     force: bool = False,
+    bridge_data: Path | None = None,
 ) -> dict[str, Any]:
     """Run every stage and arm into ``out`` and return the summary it prints.
 
-    Every option is checked before the phantom set is generated or anything is written."""
+    ``bridge_data``: a large public set of the same modality to bridge on (the paper's
+    protocol; its labels may differ from the target's: shared classifier rows are carried by
+    name); without it the bridge is the split's own bridge part. Every option is checked
+    before the phantom set is generated or anything is written."""
     console = console or Console()
     plan = DemoPlan.for_mode(quick)
     if image_size is not None:
@@ -73,6 +78,7 @@ def run_demo(
         plan = dataclasses.replace(plan, image_size=image_size)
     out = Path(out)
     _check_options(init, arch, augment)
+    bridge_index = usable_index(Path(bridge_data)) if bridge_data is not None else None
     claim_demo_folder(out, force=force)
     synthetic = data is None
     if synthetic:
@@ -82,11 +88,14 @@ def run_demo(
         data, out / "split", sites=SITES, bridge_fraction=0.5, test_fraction=0.2, seed=seed
     )
     stage_config = TrainConfig(epochs=plan.bridge_epochs, preset=augment, seed=seed)
+    bridge_folder = split.out / "bridge"
+    if bridge_index is not None:
+        bridge_folder = _subset(bridge_index, out / "bridge-data", plan.bridge_per_class, seed)
 
     def bridge_from(start: str):
         return run_stage(
             "bridge",
-            split.out / "bridge",
+            bridge_folder,
             out=out / "bridge-bundle",
             init=start,
             config=stage_config,
@@ -95,7 +104,8 @@ def run_demo(
             console=console,
         )
 
-    console.rule("bridge: central fine-tuning on the public pool")
+    where = f"{bridge_data} ({_count(bridge_folder)} images)" if bridge_index else "the public pool"
+    console.rule(f"bridge: central fine-tuning on {where}")
     try:
         bridge, _ = bridge_from(init)
     except ConfigError as e:
@@ -128,25 +138,29 @@ def run_demo(
         )  # fmt: skip
         locals_.append(bundle)
 
-    arms = [
-        ("bridge only", bridge),
-        ("federated (3 sites)", federated),
-        ("central pooled", central),
-    ]
+    arms = [("bridge only", bridge)] if _labels(bridge) == _labels(central) else []
+    if not arms:
+        console.print("[dim]bridge only: not assessed (the bridge set has other labels)[/]")
+    arms += [("federated (3 sites)", federated), ("central pooled", central)]
     arms += [
         (f"local only: {b.name.removeprefix('local-').removesuffix('-bundle')}", b) for b in locals_
     ]
     rows = [_assess(name, bundle, split, plan, synthetic, out, console) for name, bundle in arms]
+    def row(prefix: str) -> dict[str, Any]:
+        return next(r for r in rows if r["model"].startswith(prefix))
+
     best_local = max((r for r in rows if r["model"].startswith("local only")), key=_acc)
     best_local["best_local"] = True
     summary = {
         "synthetic": synthetic,
         "init": init,
         "data": str(Path(data).resolve()),
+        "bridge_data": str(Path(bridge_data).resolve()) if bridge_data else None,
+        "bridge_images": _count(bridge_folder),
         "counts": {k: len(v) for k, v in split.parts.items()},
         "test": rows,
-        "federated_minus_central": _acc(rows[1]) - _acc(rows[2]),
-        "federated_minus_best_local": _acc(rows[1]) - _acc(best_local),
+        "federated_minus_central": _acc(row("federated")) - _acc(row("central")),
+        "federated_minus_best_local": _acc(row("federated")) - _acc(best_local),
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(summary_table(summary))
@@ -159,7 +173,7 @@ def demo_entries() -> list[str]:
     exactly these, so a file a person added there is kept)."""
     arms = ["bridge", "federated", "central", *(f"local-site-{i}" for i in range(1, SITES + 1))]
     return [
-        DEMO_MARKER, "phantom-data", "split", "pooled-data", "demo.json",
+        DEMO_MARKER, "phantom-data", "split", "bridge-data", "pooled-data", "demo.json",
         "federated-bundle-rounds", *(f"{arm}-bundle" for arm in arms),
         *(f"report-{arm}" for arm in arms),
     ]  # fmt: skip
@@ -201,6 +215,12 @@ def _check_options(init: str, arch: str, augment: str) -> None:
         raise ConfigError(f"--init {init!r}: not 'none', 'imagenet' or an existing file or bundle")
 
 
+def _labels(bundle: Path) -> tuple[str, ...]:
+    from fedbridge_shared.spec import load_bundle
+
+    return load_bundle(bundle).spec.labels
+
+
 def _acc(row: dict[str, Any]) -> float:
     return float(row["accuracy"])
 
@@ -214,6 +234,7 @@ def _federate(
     flat = {
         "init": str(bridge.resolve()),
         "out": str(out.resolve()),
+        "labels": ",".join(usable_index(sites[0]).labels),  # the bridge's may differ
         "num-server-rounds": cfg.epochs,
         "local-epochs": 1,
         "batch-size": cfg.batch_size,
@@ -221,6 +242,9 @@ def _federate(
         "augment-per-sample": cfg.augment_per_sample,
         "augment": cfg.preset,
         "seed": cfg.seed,
+        "label-smoothing": cfg.label_smoothing,
+        "ema-decay": cfg.ema_decay,
+        "balanced": cfg.balanced,
         "min-train-sites": len(sites),
         "min-evaluate-sites": len(sites),
         "min-available-sites": len(sites),
@@ -229,21 +253,53 @@ def _federate(
     return out
 
 
-def _pool(sites: list[Path], out: Path) -> Path:
-    """Copy every site's images into one class-folder tree with a patient manifest."""
+def _count(folder: Path) -> int:
+    return len(usable_index(folder).samples)
+
+
+def _subset(index, out: Path, per_class: int | None, seed: int) -> Path:
+    """Up to ``per_class`` images of each class of ``index`` (drawn by whole patients, seeded),
+    copied into ``out`` with a patient manifest; ``per_class`` None: all of them."""
+    import random
+
+    by_label: dict[str, dict[str, list]] = {}
+    for sample in index.samples:
+        by_label.setdefault(sample.label, {}).setdefault(sample.patient_id, []).append(sample)
+    chosen = []
+    for label in index.labels:
+        patients = sorted(by_label.get(label, {}))
+        random.Random(f"{seed}/{label}").shuffle(patients)
+        taken: list = []
+        for patient in patients:
+            if per_class is not None and len(taken) >= per_class:
+                break
+            taken += by_label[label][patient]
+        chosen += taken
+    return _write_tree([(Path(s.label) / s.path.name, s) for s in chosen], out)
+
+
+def _write_tree(items: list[tuple[Path, Any]], out: Path) -> Path:
+    """Copy each (relative path, sample) into ``out`` and write its MANIFEST.csv."""
     rows = []
-    for site in sites:
-        index = usable_index(site)
-        for sample in index.samples:
-            rel = Path(sample.label) / f"{site.name}-{sample.path.name}"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(sample.path, out / rel)
-            rows.append((rel.as_posix(), sample.label, sample.patient_id))
+    for rel, sample in items:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(sample.path, out / rel)
+        rows.append((rel.as_posix(), sample.label, sample.patient_id))
     with open(out / "MANIFEST.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "patient_id"])
         writer.writerows(rows)
     return out
+
+
+def _pool(sites: list[Path], out: Path) -> Path:
+    """Copy every site's images into one class-folder tree with a patient manifest."""
+    items = [
+        (Path(sample.label) / f"{site.name}-{sample.path.name}", sample)
+        for site in sites
+        for sample in usable_index(site).samples
+    ]
+    return _write_tree(items, out)
 
 
 def _assess(

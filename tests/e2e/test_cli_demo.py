@@ -65,3 +65,41 @@ def test_demo_refuses_to_overwrite_a_folder_it_did_not_make(tmp_path):
     result = fedbridge("demo", "--quick", "--out", tmp_path, "--init", "none")
     assert_one_line_error(result, str(tmp_path), "not a demo folder")
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def _real_subset(root, out, per_class):
+    """``out/<label>/`` symlinks to the first ``per_class`` images of each class of ``root``."""
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        (out / label_dir.name).mkdir(parents=True)
+        for img in sorted(label_dir.iterdir())[:per_class]:
+            (out / label_dir.name / img.name).symlink_to(img)
+    return out
+
+
+def test_demo_bridges_on_a_public_set_with_other_labels(tmp_path, cxr_root, data_root):
+    """Real images: a 3-class Kermany bridge, a 4-class target; shared rows carried by name."""
+    bridge_root = data_root / "bridge" / "cxr"
+    assert bridge_root.is_dir(), f"{bridge_root} not found (the team folder's bridge sets)"
+    data = _real_subset(cxr_root, tmp_path / "target", 24)
+    bridge = _real_subset(bridge_root, tmp_path / "bridge", 12)
+    out = tmp_path / "demo"
+    ok(
+        "demo", "--quick", "--data", data, "--bridge-data", bridge, "--out", out,
+        "--model", "test_efficientnet", "--init", "none", "--image-size", "64",
+    )  # fmt: skip
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["bridge_data"] == str(bridge.resolve()) and summary["bridge_images"] == 36
+    bridge_spec = json.loads((out / "bridge-bundle" / "model.json").read_text())["spec"]
+    assert bridge_spec["labels"] == ["BACTERIAL_PNEUMONIA", "NORMAL", "VIRAL_PNEUMONIA"]
+    expected = {
+        "BACTERIAL_PNEUMONIA": "BACTERIAL_PNEUMONIA", "COVID19": None,
+        "NORMAL": "NORMAL", "VIRAL_PNEUMONIA": "VIRAL_PNEUMONIA",
+    }  # fmt: skip
+    for arm in ("central-bundle", "federated-bundle", "local-site-1-bundle"):
+        spec = json.loads((out / arm / "model.json").read_text())["spec"]
+        assert spec["labels"] == ["BACTERIAL_PNEUMONIA", "COVID19", "NORMAL", "VIRAL_PNEUMONIA"]
+        assert spec["init"]["label_map"] == expected, arm
+    # "bridge only" cannot be assessed on the target's labels, every target arm is
+    assert [r["model"] for r in summary["test"]][:2] == ["federated (3 sites)", "central pooled"]
+    assert [r["n"] for r in summary["test"]] == [summary["test"][0]["n"]] * 5
+    assert {p.name for p in out.iterdir()} <= set(demo_entries())

@@ -18,6 +18,14 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(help="Real class folders; default: a generated SYNTHETIC phantom set."),
         ] = None,
+        bridge_data: Annotated[
+            Path | None,
+            typer.Option(
+                help="A large public set of the same modality to bridge on (e.g. "
+                "../shared/data/bridge/cxr; --quick takes 200 images per class); default: the "
+                "split's own bridge part."
+            ),
+        ] = None,
         out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/demo"),
         quick: Annotated[bool, typer.Option(help="Small budget: minutes on a CPU.")] = False,
         init: Annotated[str, typer.Option(help="none | imagenet | FILE.safetensors")] = "imagenet",
@@ -46,4 +54,5 @@ def register(app: typer.Typer) -> None:
             make_console(),
             image_size=image_size,
             force=force,
+            bridge_data=bridge_data,
         )

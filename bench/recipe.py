@@ -1,0 +1,397 @@
+"""The default recipe at the product's default model, with the large bridge sets (issue #16).
+
+MobileNetV2 @ 224 (``../shared/weights``), everything through the product's own functions
+(split_folder, run_stage, evaluate_bundle) and CLI (``fedbridge federate simulate``):
+
+1. **Bridge once per modality** on the large public set (``../shared/data/bridge``, disjoint by
+   patient from the target corpus). CXR: Kermany 3,000 images, 3 classes; the 4-class target
+   carries the 3 shared classifier rows by name and starts COVID19 fresh. OCT: the 4-class images
+   a split leaves in its bridge part, alone or together with the partial Kermany OCT set (CNV,
+   NORMAL): which of the two is chosen on validation accuracy.
+2. **Recipe ablation on validation patients only.** The split's bridge part is not needed as a
+   bridge any more (CXR), so its patients, disjoint from the sites and from the test patients,
+   are the validation set (OCT: a quarter of the bridge part's patients, held out of the bridge).
+   Each component is tried alone on top of the base recipe; the components that beat the base
+   by at least ``min_gain`` on validation are combined, and the combination is kept only if it
+   is at least as good as the best single component on validation. The test split is not read
+   until the recipe is fixed.
+3. **Headline arms on the test patients** with that recipe: 3-stage central, FedAvg over 3 IID
+   sites, FedAvg over 3 label-skewed sites (Dirichlet α = 0.5), local-only on each site, and the
+   ablations (no ImageNet, no bridge, small bridge, no augmentation); seeds outermost, so a
+   cut-short run still has a complete first seed. CPU time (user + system, this process and its
+   children) is recorded for every arm.
+
+Results: ``bench/results/recipe-<mode>.json``, rewritten after every arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import accuracy
+from bench._common import DATA, WORK, Results, log
+
+BRIDGE = DATA / "bridge"
+MAIN = ["central", "fed-iid", "fed-skew", "local-iid", "local-skew"]
+ABLATIONS = ["no-imagenet", "no-bridge", "small-bridge", "no-augment"]
+CANDIDATES: dict[str, dict[str, Any]] = {
+    # name -> (TrainConfig overrides, evaluate with TTA)
+    "base": {},
+    "label-smoothing": {"label_smoothing": 0.1},
+    "ema": {"ema_decay": 0.99},
+    "balanced": {"balanced": True},
+    "lr-1e-3": {"lr": 1e-3},
+    "clahe": {"intensity": "clahe"},
+    "tta": {"tta": True},
+}
+FULL: dict[str, Any] = {
+    "arch": "mobilenetv2_100",
+    "image_size": 224,
+    "seeds": [0, 1, 2],
+    "bridge_epochs": 3,
+    "target_epochs": 2,
+    "augment_per_sample": 10,
+    "rounds": 2,
+    "local_epochs": 1,
+    "batch_size": 16,
+    "lr": 5e-4,
+    "skew_alpha": 0.5,
+    "bootstrap": 1000,
+    "min_gain": 0.01,
+    "modalities": {
+        "cxr": {
+            "candidates": list(CANDIDATES),
+            "arms": {**dict.fromkeys(MAIN), **dict.fromkeys(ABLATIONS, [0])},
+        },
+        "oct": {
+            "candidates": ["base"],
+            "arms": {**dict.fromkeys(MAIN), **dict.fromkeys(ABLATIONS, [0])},
+        },
+    },  # fmt: skip
+}
+QUICK: dict[str, Any] = {
+    **FULL,
+    "seeds": [0],
+    "bridge_epochs": 1,
+    "target_epochs": 1,
+    "rounds": 1,
+    "bootstrap": 200,
+    "modalities": {
+        "cxr": {"candidates": ["base", "tta"], "arms": dict.fromkeys(["central", "fed-iid"])},
+    },
+}
+TRAIN_KEYS = ("label_smoothing", "ema_decay", "balanced", "lr", "intensity")
+SET_KEYS = {"label_smoothing": "label-smoothing", "ema_decay": "ema-decay", "balanced": "balanced"}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def link_tree(parts: list[tuple[Path, str]], out: Path, manifests: list[Path]) -> Path:
+    """Hard-link the class folders of ``parts`` (folder, file prefix) into one tree with a
+    MANIFEST.csv whose patient ids come from ``manifests`` (by file name), cached."""
+    if (out / "MANIFEST.csv").exists():
+        return out
+    ids: dict[str, str] = {}
+    for m in manifests:
+        with m.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                ids[Path(r["path"]).name] = r["patient_id"]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for folder, prefix in parts:
+        for img in sorted(folder.glob("*/*")):
+            if not img.is_file() or img.name not in ids:
+                continue
+            dst = tmp / img.parent.name / f"{prefix}{img.name}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(img, dst)
+            except OSError:  # another file system
+                shutil.copy2(img, dst)
+            rows.append((f"{img.parent.name}/{dst.name}", img.parent.name, ids[img.name]))
+    with (tmp / "MANIFEST.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("path", "label", "patient_id"))
+        w.writerows(rows)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def split_by_patient(folder: Path, out: Path, fraction: float, seed: int) -> tuple[Path, Path]:
+    """``folder``'s patients into (rest, held-out ``fraction``), cached: the OCT validation set."""
+    import random
+
+    rest, held = out / "bridge-rest", out / "val"
+    if (held / "MANIFEST.csv").exists():
+        return rest, held
+    with (folder.parent / "split.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["part"] == folder.name]
+    patients = sorted({r["patient_id"] for r in rows})
+    random.Random(seed).shuffle(patients)
+    chosen = set(patients[: max(1, round(fraction * len(patients)))])
+    manifest = folder.parent / "split.csv"
+    for target, keep in ((rest, False), (held, True)):
+        sub = out / f".pick-{target.name}"
+        shutil.rmtree(sub, ignore_errors=True)
+        for r in rows:
+            if (r["patient_id"] in chosen) == keep:
+                src = folder.parent / r["path"]
+                dst = sub / src.parent.name / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.link(src, dst)
+        link_tree([(sub, "")], target, [manifest])
+        shutil.rmtree(sub)
+    return rest, held
+
+
+def train(kind: str, data: Path, out: Path, init: str, cfg: dict, *, aug: int, preset: str,
+          seed: int, epochs: int, recipe: dict[str, Any]) -> float:  # fmt: skip
+    """`fedbridge bridge|train` (run_stage) with the recipe's overrides; cached; CPU seconds."""
+    from rich.console import Console
+
+    from fedbridge_shared.spec import is_bundle
+    from fedbridge_shared.training import TrainConfig, run_stage
+
+    if is_bundle(out):
+        return 0.0
+    c0 = cpu_seconds()
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=cfg["batch_size"],
+        lr=recipe.get("lr", cfg["lr"]),
+        augment_per_sample=aug,
+        preset=preset,
+        online_augment=preset != "none",
+        seed=seed,
+        **{k: v for k, v in recipe.items() if k in TRAIN_KEYS and k != "lr"},
+    )
+    run_stage(
+        kind, data, out=out, init=init, config=config, arch=cfg["arch"],
+        image_size=cfg["image_size"], console=Console(stderr=True, quiet=True),
+    )  # fmt: skip
+    return cpu_seconds() - c0
+
+
+def assess(bundle: Path, data: Path, cfg: dict, recipe: dict[str, Any]) -> dict[str, Any]:
+    """evaluate_bundle (with TTA when the recipe says so) plus accuracy per image source."""
+    return accuracy.assess(bundle, data, cfg["bootstrap"], tta=bool(recipe.get("tta")))
+
+
+def choose(scores: dict[str, float], min_gain: float) -> tuple[list[str], str]:
+    """The components that beat ``base`` by ``min_gain`` (validation accuracy), and why."""
+    base = scores["base"]
+    good = sorted((k for k, v in scores.items() if k != "base" and v >= base + min_gain),
+                  key=lambda k: -scores[k])  # fmt: skip
+    return good, (
+        f"base {base:.3f}; kept (≥ base + {min_gain:g}): "
+        + (", ".join(f"{k} {scores[k]:.3f}" for k in good) or "none")
+    )
+
+
+def merge(names: list[str]) -> dict[str, Any]:
+    recipe: dict[str, Any] = {}
+    for n in names:
+        recipe.update(CANDIDATES[n])
+    return recipe
+
+
+def run_modality(name: str, plan: dict, seed: int, cfg: dict, res: Results) -> None:
+    ds = accuracy.DATASETS[name]
+    preset, n_aug, ep = ds["augment"], cfg["augment_per_sample"], cfg["target_epochs"]
+    base = accuracy.ACC["dir"] / name
+    seed_dir = base / f"seed{seed}"
+    iid = accuracy.make_split(name, seed, None)
+    arms = [a for a, seeds in plan["arms"].items() if seeds is None or seed in seeds]
+    skewed = any("skew" in a for a in arms)
+    skew = accuracy.make_split(name, seed, cfg["skew_alpha"]) if skewed else None
+    counts = res.setdefault("splits", {})
+    counts[f"{name}/seed{seed}/iid"] = accuracy.part_counts(iid)
+    if skew:
+        counts[f"{name}/seed{seed}/skew"] = accuracy.part_counts(skew)
+    bridges = res.setdefault("bridges", {})
+    recipes = res.setdefault("recipes", {})
+
+    def bridge(init: str, which: str, seed: int = seed) -> Path:
+        """The bridge bundle ``which`` from ``init``: the large CXR set is disjoint from every
+        split, so it is trained once; a bridge made of a split's own part belongs to that seed."""
+        bseed = 0 if (name, which) == ("cxr", "large") else seed
+        key = f"{name}/{which}/{init}/seed{bseed}"
+        out = base / f"bridge-{which}-{init}-seed{bseed}"
+        if key not in bridges or "error" in bridges[key]:
+            log(f"{name}: bridge {which} from {init} (seed {bseed})")
+            data = bridge_data(which, bseed)
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            train("bridge", data, out, init, cfg, aug=0, preset=preset, seed=0,
+                  epochs=cfg["bridge_epochs"], recipe={})  # fmt: skip
+            bridges[key] = {"data": str(data), "cpu_s": round(cpu_seconds() - c0, 1),
+                            "wall_s": round(time.perf_counter() - t0, 1),
+                            "images": sum(1 for _ in data.glob("*/*"))}  # fmt: skip
+            res["bridges"] = bridges
+        return out
+
+    def bridge_data(which: str, bseed: int) -> Path:
+        split = accuracy.make_split(name, bseed, None)
+        if name == "cxr":
+            return BRIDGE / "cxr" if which == "large" else split / "bridge"
+        rest, _ = split_by_patient(split / "bridge", base / f"seed{bseed}-val", 0.25, bseed)
+        if which == "small":
+            return rest
+        return link_tree([(rest, ""), (BRIDGE / "oct", "kermany-partial_")],
+                         base / f"bridge-union-seed{bseed}",
+                         [split / "split.csv", BRIDGE / "MANIFEST.csv"])  # fmt: skip
+
+    def validation() -> Path:
+        split0 = accuracy.make_split(name, 0, None)
+        if name == "cxr":
+            return split0 / "bridge"
+        return split_by_patient(split0 / "bridge", base / "seed0-val", 0.25, 0)[1]
+
+    # -- 2. the recipe, on validation patients (seed 0's split), once per modality
+    if name not in recipes:
+        val = validation()
+        pool0 = accuracy.pooled(accuracy.make_split(name, 0, None))
+        which = "large"
+        rows: dict[str, Any] = {}
+        if name == "oct":  # which bridge: the split's own 4-class part, or with the partial set
+            for w in ("small", "union"):
+                b = bridge("imagenet", w, 0)
+                out = base / f"val-bridge-{w}"
+                cpu = train("train", pool0, out, str(b), cfg, aug=n_aug, preset=preset, seed=0,
+                            epochs=ep, recipe={})  # fmt: skip
+                rows[f"bridge-{w}"] = {"cpu_s": round(cpu, 1), **assess(out, val, cfg, {})}
+                log(f"{name} val: bridge {w}: {rows[f'bridge-{w}']['accuracy']:.3f}")
+            which = max(("small", "union"), key=lambda w: rows[f"bridge-{w}"]["accuracy"])
+        b = bridge("imagenet", which, 0)
+        scores = {}
+        for cand in plan["candidates"]:
+            recipe = CANDIDATES[cand]
+            trained = cand if any(k in TRAIN_KEYS for k in recipe) else "base"
+            out = base / f"val-{which}-{trained}"
+            cpu = train("train", pool0, out, str(b), cfg, aug=n_aug, preset=preset, seed=0,
+                        epochs=ep, recipe=recipe)  # fmt: skip
+            rows[cand] = {"cpu_s": round(cpu, 1), **assess(out, val, cfg, recipe)}
+            scores[cand] = rows[cand]["accuracy"]
+            auc = rows[cand].get("macro_auc") or 0
+            log(f"{name} val: {cand}: {scores[cand]:.3f}  AUC {auc:.3f}")
+            recipes[name] = {"bridge": which, "validation": str(val), "rows": rows, "final": None}
+            res["recipes"] = recipes
+        good, why = choose(scores, cfg["min_gain"])
+        chosen = good[:1]
+        if len(good) > 1:  # the combination must earn its place on validation too
+            out = base / f"val-{which}-combined"
+            combo = merge(good)
+            cpu = train("train", pool0, out, str(b), cfg, aug=n_aug, preset=preset, seed=0,
+                        epochs=ep, recipe=combo)  # fmt: skip
+            rows["combined"] = {"cpu_s": round(cpu, 1), "components": good,
+                                **assess(out, val, cfg, combo)}  # fmt: skip
+            if rows["combined"]["accuracy"] >= scores[good[0]]:
+                chosen = good
+            why += f"; combined {rows['combined']['accuracy']:.3f}"
+        recipes[name] = {"bridge": which, "validation": str(val), "rows": rows,
+                         "final": chosen, "why": why}  # fmt: skip
+        res["recipes"] = recipes
+        log(f"{name} recipe: {chosen or ['base']} ({why})")
+
+    rec = recipes[name]
+    recipe = merge(rec["final"])
+    which = rec["bridge"]
+    fed_set = [f"{SET_KEYS[k]}={str(v).lower()}" for k, v in recipe.items() if k in SET_KEYS]
+    fed_cfg = {**cfg, "lr": recipe.get("lr", cfg["lr"])}
+    test, pool = iid / "test", accuracy.pooled(iid)
+    sites = {"iid": [iid / f"site-{i}" for i in (1, 2, 3)]}
+    if skew:
+        sites["skew"] = [skew / f"site-{i}" for i in (1, 2, 3)]
+
+    # -- 3. the headline arms, on the test patients
+    for arm in arms:
+        done = {(r["modality"], r["seed"], r["arm"]) for r in res.setdefault("runs", [])}
+        if (name, seed, arm) in done:
+            continue
+        log(f"{name} seed {seed}: arm {arm}")
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        row: dict[str, Any] = {"modality": name, "seed": seed, "arm": arm}
+        try:
+            if arm in ("central", "no-imagenet", "small-bridge", "no-augment", "no-bridge"):
+                if arm == "no-bridge":
+                    init = "imagenet"
+                else:
+                    init = str(bridge("none" if arm == "no-imagenet" else "imagenet",
+                                      "small" if arm == "small-bridge" else which))  # fmt: skip
+                aug, pre = (0, "none") if arm == "no-augment" else (n_aug, preset)
+                out = seed_dir / arm
+                row["target_cpu_s"] = round(train("train", pool, out, init, cfg, aug=aug,
+                                                  preset=pre, seed=seed, epochs=ep,
+                                                  recipe=recipe), 1)  # fmt: skip
+                row["metrics"] = assess(out, test, cfg, recipe)
+            elif arm.startswith("fed-"):
+                b = bridge("imagenet", which)
+                out = seed_dir / arm
+                m, fs, cost = accuracy.federate(sites[arm[4:]], b, out, fed_cfg, preset, seed,
+                                                n_aug, extra=fed_set)  # fmt: skip
+                row.update(federate_s=fs, cost=cost, metrics=assess(m, test, cfg, recipe))
+            elif arm.startswith("local-"):
+                b = bridge("imagenet", which)
+                per_site = []
+                for i, site in enumerate(sites[arm[6:]], start=1):
+                    out = seed_dir / f"{arm}-site{i}"
+                    cpu = train("train", site, out, str(b), cfg, aug=n_aug, preset=preset,
+                                seed=seed, epochs=ep, recipe=recipe)  # fmt: skip
+                    per_site.append({"site": i, "target_cpu_s": round(cpu, 1),
+                                     **assess(out, test, cfg, recipe)})  # fmt: skip
+                row.update(per_site=per_site, metrics=accuracy._mean_sites(per_site))
+                row["metrics"]["best_site_accuracy"] = max(s["accuracy"] for s in per_site)
+            else:
+                raise ValueError(f"unknown arm {arm}")
+        except Exception as e:  # noqa: BLE001 - one failed arm is recorded, the rest go on
+            row["error"] = f"{type(e).__name__}: {e}"[-2000:]
+            log(f"  FAILED: {row['error'][:300]}")
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        row["cpu_s"] = round(cpu_seconds() - c0, 1)
+        if "metrics" in row:
+            m = row["metrics"]
+            log(f"  accuracy {m['accuracy']:.3f}  macro AUC {m.get('macro_auc') or 0:.3f}"
+                f"  ({row['seconds']:.0f}s, {row['cpu_s']:.0f} CPU-s)")  # fmt: skip
+        res["runs"] = [*res["runs"], row]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, 2 candidates, 2 arms, 1 epoch")
+    p.add_argument("--only", default="", help="comma-separated modalities to run")
+    p.add_argument("--resume", action="store_true", help="keep the finished arms of the JSON")
+    args = p.parse_args()
+    mode = "quick" if args.quick else "full"
+    cfg = QUICK if args.quick else FULL
+    accuracy.ACC["dir"] = WORK / f"recipe-{mode}"
+    datasets = {k: {kk: str(vv) for kk, vv in v.items()}
+                for k, v in accuracy.DATASETS.items() if k in cfg["modalities"]}  # fmt: skip
+    settings = {**cfg, "candidates": CANDIDATES, "paper": accuracy.PAPER, "datasets": datasets}
+    old = Results.load("recipe", mode) if args.resume else None
+    res = Results("recipe", mode, settings)
+    for key in ("runs", "recipes", "bridges", "splits"):
+        res[key] = (old or {}).get(key, [] if key == "runs" else {})
+    only = [m for m in args.only.split(",") if m]
+    for seed in cfg["seeds"]:
+        for name, plan in cfg["modalities"].items():
+            if not only or name in only:
+                run_modality(name, plan, seed, cfg, res)
+    res.done()
+    log(f"recipe ({mode}) done in {res['wall_s']:.0f}s → {res.path}")
+
+
+if __name__ == "__main__":
+    main()
