@@ -213,8 +213,7 @@ def federate(sites: list[Path], init: Path, out: Path, cfg: dict, preset: str, s
         ]  # fmt: skip
         for s in sites:
             cmd += ["--site", str(s)]
-        for kv in extra:  # run-config keys (`--set key=value`)
-            cmd += ["--set", kv]
+        cmd += list(extra)  # more options, e.g. --strategy, --set key=value
         logf = out.with_name(out.name + ".log")
         with logf.open("w") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode

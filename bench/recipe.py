@@ -3,23 +3,23 @@
 MobileNetV2 @ 224 (``../shared/weights``), everything through the product's own functions
 (split_folder, run_stage, evaluate_bundle) and CLI (``fedbridge federate simulate``):
 
-1. **Bridge once per modality** on the large public set (``../shared/data/bridge``, disjoint by
-   patient from the target corpus). CXR: Kermany 3,000 images, 3 classes; the 4-class target
-   carries the 3 shared classifier rows by name and starts COVID19 fresh. OCT: the 4-class images
-   a split leaves in its bridge part, alone or together with the partial Kermany OCT set (CNV,
-   NORMAL): which of the two is chosen on validation accuracy.
-2. **Recipe ablation on validation patients only.** The split's bridge part is not needed as a
-   bridge any more (CXR), so its patients, disjoint from the sites and from the test patients,
-   are the validation set (OCT: a quarter of the bridge part's patients, held out of the bridge).
-   Each component is tried alone on top of the base recipe; the components that beat the base
-   by at least ``min_gain`` on validation are combined, and the combination is kept only if it
-   is at least as good as the best single component on validation. The test split is not read
-   until the recipe is fixed.
+1. **Bridges.** A split's own bridge part (patients left over after the sites and the test set)
+   is cut by patient into a validation quarter and the rest (``small``). CXR: ``large`` is the
+   public Kermany set (``../shared/data/bridge``, 3,000 images, 3 classes, disjoint by patient;
+   trained once, every seed reuses it), ``union`` is Kermany plus ``small`` (4 classes). OCT:
+   ``small`` alone or ``union`` with the partial Kermany OCT set (CNV, NORMAL). A 4-class target
+   carries the classifier rows of the labels its bridge has, by name; the others start fresh.
+2. **Recipe ablation on validation patients only** (seed 0's validation quarter: disjoint from
+   the sites and from the test patients). First the bridge, with the base recipe; then each
+   component alone on top of the base recipe; the components that beat the base by at least
+   ``min_gain`` on validation are combined, and the combination is kept only if it is at least
+   as good as the best single component on validation. The test split is not read until the
+   recipe is fixed.
 3. **Headline arms on the test patients** with that recipe: 3-stage central, FedAvg over 3 IID
    sites, FedAvg over 3 label-skewed sites (Dirichlet α = 0.5), local-only on each site, and the
-   ablations (no ImageNet, no bridge, small bridge, no augmentation); seeds outermost, so a
-   cut-short run still has a complete first seed. CPU time (user + system, this process and its
-   children) is recorded for every arm.
+   ablations (no ImageNet, no bridge, small bridge, no augmentation), in the order of
+   ``schedule`` (a cut-short run has seed 0 of both modalities first). CPU time (user +
+   system, this process and its children) is recorded for every arm.
 
 Results: ``bench/results/recipe-<mode>.json``, rewritten after every arm.
 """
@@ -54,7 +54,6 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 FULL: dict[str, Any] = {
     "arch": "mobilenetv2_100",
     "image_size": 224,
-    "seeds": [0, 1, 2],
     "bridge_epochs": 3,
     "target_epochs": 2,
     "augment_per_sample": 10,
@@ -67,25 +66,50 @@ FULL: dict[str, Any] = {
     "min_gain": 0.01,
     "modalities": {
         "cxr": {
+            "bridges": ["large", "union"],
             "candidates": list(CANDIDATES),
-            "arms": {**dict.fromkeys(MAIN), **dict.fromkeys(ABLATIONS, [0])},
         },
         "oct": {
+            "bridges": ["small", "union"],
             "candidates": ["base"],
-            "arms": {**dict.fromkeys(MAIN), **dict.fromkeys(ABLATIONS, [0])},
         },
-    },  # fmt: skip
+    },
+    # (modality, seeds, arms) in the order they run: whatever a cut-short run finished is a
+    # complete first seed of both modalities, then more seeds, then the ablations
+    "schedule": [
+        ("cxr", [0], MAIN),
+        ("oct", [0], MAIN),
+        ("cxr", [0], ["fed-skew-fedprox", "fed-skew-fedavgm"]),
+        ("cxr", [1, 2], MAIN),
+        ("oct", [1, 2], MAIN),
+        ("cxr", [0], ABLATIONS),
+        ("oct", [0], ABLATIONS),
+    ],
 }
 QUICK: dict[str, Any] = {
     **FULL,
-    "seeds": [0],
     "bridge_epochs": 1,
     "target_epochs": 1,
     "rounds": 1,
     "bootstrap": 200,
     "modalities": {
-        "cxr": {"candidates": ["base", "tta"], "arms": dict.fromkeys(["central", "fed-iid"])},
+        "cxr": {
+            "bridges": ["large"],
+            "candidates": ["base", "tta"],
+        },
     },
+    "schedule": [("cxr", [0], ["central", "fed-iid"])],
+}
+STRATEGY_SET = {  # extra federated arms: `--set` for another server strategy
+    "fedprox": ["--strategy", "fedprox", "--set", "proximal-mu=0.01"],
+    "fedavgm": [
+        "--strategy",
+        "fedavgm",
+        "--set",
+        "fedavgm.server-lr=1.0",
+        "--set",
+        "fedavgm.momentum=0.9",
+    ],
 }
 TRAIN_KEYS = ("label_smoothing", "ema_decay", "balanced", "lr", "intensity")
 SET_KEYS = {"label_smoothing": "label-smoothing", "ema_decay": "ema-decay", "balanced": "balanced"}
@@ -209,13 +233,14 @@ def merge(names: list[str]) -> dict[str, Any]:
     return recipe
 
 
-def run_modality(name: str, plan: dict, seed: int, cfg: dict, res: Results) -> None:
+def run_modality(
+    name: str, plan: dict, seed: int, cfg: dict, res: Results, arms: list[str]
+) -> None:
     ds = accuracy.DATASETS[name]
     preset, n_aug, ep = ds["augment"], cfg["augment_per_sample"], cfg["target_epochs"]
     base = accuracy.ACC["dir"] / name
     seed_dir = base / f"seed{seed}"
     iid = accuracy.make_split(name, seed, None)
-    arms = [a for a, seeds in plan["arms"].items() if seeds is None or seed in seeds]
     skewed = any("skew" in a for a in arms)
     skew = accuracy.make_split(name, seed, cfg["skew_alpha"]) if skewed else None
     counts = res.setdefault("splits", {})
@@ -228,7 +253,7 @@ def run_modality(name: str, plan: dict, seed: int, cfg: dict, res: Results) -> N
     def bridge(init: str, which: str, seed: int = seed) -> Path:
         """The bridge bundle ``which`` from ``init``: the large CXR set is disjoint from every
         split, so it is trained once; a bridge made of a split's own part belongs to that seed."""
-        bseed = 0 if (name, which) == ("cxr", "large") else seed
+        bseed = 0 if which == "large" else seed
         key = f"{name}/{which}/{init}/seed{bseed}"
         out = base / f"bridge-{which}-{init}-seed{bseed}"
         if key not in bridges or "error" in bridges[key]:
@@ -244,37 +269,38 @@ def run_modality(name: str, plan: dict, seed: int, cfg: dict, res: Results) -> N
         return out
 
     def bridge_data(which: str, bseed: int) -> Path:
+        """``small``: the split's own bridge part less its validation patients; ``large``: the
+        public bridge set (CXR); ``union``: both in one tree."""
         split = accuracy.make_split(name, bseed, None)
-        if name == "cxr":
-            return BRIDGE / "cxr" if which == "large" else split / "bridge"
         rest, _ = split_by_patient(split / "bridge", base / f"seed{bseed}-val", 0.25, bseed)
         if which == "small":
             return rest
-        return link_tree([(rest, ""), (BRIDGE / "oct", "kermany-partial_")],
+        if which == "large":
+            return BRIDGE / name
+        return link_tree([(rest, ""), (BRIDGE / name, "kermany-bridge_")],
                          base / f"bridge-union-seed{bseed}",
                          [split / "split.csv", BRIDGE / "MANIFEST.csv"])  # fmt: skip
 
     def validation() -> Path:
         split0 = accuracy.make_split(name, 0, None)
-        if name == "cxr":
-            return split0 / "bridge"
         return split_by_patient(split0 / "bridge", base / "seed0-val", 0.25, 0)[1]
 
     # -- 2. the recipe, on validation patients (seed 0's split), once per modality
-    if name not in recipes:
+    if (recipes.get(name) or {}).get("final") is None:
         val = validation()
         pool0 = accuracy.pooled(accuracy.make_split(name, 0, None))
-        which = "large"
         rows: dict[str, Any] = {}
-        if name == "oct":  # which bridge: the split's own 4-class part, or with the partial set
-            for w in ("small", "union"):
+        choices = plan["bridges"]
+        which = choices[0]
+        if len(choices) > 1:  # which bridge, with the base recipe
+            for w in choices:
                 b = bridge("imagenet", w, 0)
-                out = base / f"val-bridge-{w}"
+                out = base / f"val-{w}-base"  # the base row reuses it
                 cpu = train("train", pool0, out, str(b), cfg, aug=n_aug, preset=preset, seed=0,
                             epochs=ep, recipe={})  # fmt: skip
                 rows[f"bridge-{w}"] = {"cpu_s": round(cpu, 1), **assess(out, val, cfg, {})}
                 log(f"{name} val: bridge {w}: {rows[f'bridge-{w}']['accuracy']:.3f}")
-            which = max(("small", "union"), key=lambda w: rows[f"bridge-{w}"]["accuracy"])
+            which = max(choices, key=lambda w: rows[f"bridge-{w}"]["accuracy"])
         b = bridge("imagenet", which, 0)
         scores = {}
         for cand in plan["candidates"]:
@@ -309,7 +335,8 @@ def run_modality(name: str, plan: dict, seed: int, cfg: dict, res: Results) -> N
     rec = recipes[name]
     recipe = merge(rec["final"])
     which = rec["bridge"]
-    fed_set = [f"{SET_KEYS[k]}={str(v).lower()}" for k, v in recipe.items() if k in SET_KEYS]
+    fed_set = [x for k, v in recipe.items() if k in SET_KEYS
+               for x in ("--set", f"{SET_KEYS[k]}={str(v).lower()}")]  # fmt: skip
     fed_cfg = {**cfg, "lr": recipe.get("lr", cfg["lr"])}
     test, pool = iid / "test", accuracy.pooled(iid)
     sites = {"iid": [iid / f"site-{i}" for i in (1, 2, 3)]}
@@ -340,8 +367,10 @@ def run_modality(name: str, plan: dict, seed: int, cfg: dict, res: Results) -> N
             elif arm.startswith("fed-"):
                 b = bridge("imagenet", which)
                 out = seed_dir / arm
-                m, fs, cost = accuracy.federate(sites[arm[4:]], b, out, fed_cfg, preset, seed,
-                                                n_aug, extra=fed_set)  # fmt: skip
+                kind, _, strategy = arm[4:].partition("-")  # fed-skew-fedprox: --strategy
+                extra = [*fed_set, *STRATEGY_SET.get(strategy, [])]
+                m, fs, cost = accuracy.federate(sites[kind], b, out, fed_cfg, preset, seed,
+                                                n_aug, extra=extra)  # fmt: skip
                 row.update(federate_s=fs, cost=cost, metrics=assess(m, test, cfg, recipe))
             elif arm.startswith("local-"):
                 b = bridge("imagenet", which)
@@ -385,10 +414,10 @@ def main() -> None:
     for key in ("runs", "recipes", "bridges", "splits"):
         res[key] = (old or {}).get(key, [] if key == "runs" else {})
     only = [m for m in args.only.split(",") if m]
-    for seed in cfg["seeds"]:
-        for name, plan in cfg["modalities"].items():
+    for name, seeds, arms in cfg["schedule"]:
+        for seed in seeds:
             if not only or name in only:
-                run_modality(name, plan, seed, cfg, res)
+                run_modality(name, cfg["modalities"][name], seed, cfg, res, arms)
     res.done()
     log(f"recipe ({mode}) done in {res['wall_s']:.0f}s → {res.path}")
 

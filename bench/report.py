@@ -24,6 +24,9 @@ ARM_TITLES = {
 PAPER_NAMES = {"cxr": "CXR", "oct": "OCT"}
 
 
+from bench.report_recipe import render_recipe  # noqa: E402
+
+
 def load(name: str, mode: str) -> dict | None:
     path = RESULTS / f"{name}-{mode}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -663,8 +666,8 @@ def main() -> None:
             load(n, mode) for n in ("accuracy", "edge_speed", "train_throughput", "federation_cost")
         ]
         dp, rounds = load("dp_accuracy", mode), load("deployed_rounds", mode)
-        serve = load("edge_serve", mode)
-        if not any(found) and not dp and not rounds and not serve:
+        serve, recipe = load("edge_serve", mode), load("recipe", mode)
+        if not any(found) and not dp and not rounds and not serve and not recipe:
             continue
         run = load("run", mode)
         lines.append(
@@ -682,6 +685,8 @@ def main() -> None:
             )
         lines += goals(mode)
         acc, edge, thr, fed = found
+        if recipe:
+            lines += render_recipe(recipe)
         if acc:
             lines += render_accuracy(acc)
         if edge:
