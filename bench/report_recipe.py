@@ -9,6 +9,8 @@ import numpy as np
 TARGETS = {"cxr": (0.95, 0.98), "oct": (0.985, 0.999)}
 TITLES = {
     "central": "3-stage central (ImageNet → bridge → pooled target)",
+    "central-all-kept": "central, all four kept components (LS + EMA + CLAHE + TTA; run before "
+    "the tie rule, not used for any choice)",
     "fed-iid": "federated, 3 IID sites (FedAvg)",
     "fed-skew": "federated, 3 label-skewed sites (Dirichlet 0.5)",
     "fed-skew-fedprox": "federated, skewed sites, FedProx (μ 0.01)",

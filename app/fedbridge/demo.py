@@ -87,7 +87,9 @@ def run_demo(
     split = split_folder(
         data, out / "split", sites=SITES, bridge_fraction=0.5, test_fraction=0.2, seed=seed
     )
-    stage_config = TrainConfig(epochs=plan.bridge_epochs, preset=augment, seed=seed)
+    stage_config = TrainConfig(
+        epochs=plan.bridge_epochs, preset=augment, seed=seed, ema_decay=defaults.BRIDGE_EMA_DECAY
+    )
     bridge_folder = split.out / "bridge"
     if bridge_index is not None:
         bridge_folder = _subset(bridge_index, out / "bridge-data", plan.bridge_per_class, seed)
@@ -146,6 +148,7 @@ def run_demo(
         (f"local only: {b.name.removeprefix('local-').removesuffix('-bundle')}", b) for b in locals_
     ]
     rows = [_assess(name, bundle, split, plan, synthetic, out, console) for name, bundle in arms]
+
     def row(prefix: str) -> dict[str, Any]:
         return next(r for r in rows if r["model"].startswith(prefix))
 
@@ -243,7 +246,6 @@ def _federate(
         "augment": cfg.preset,
         "seed": cfg.seed,
         "label-smoothing": cfg.label_smoothing,
-        "ema-decay": cfg.ema_decay,
         "balanced": cfg.balanced,
         "min-train-sites": len(sites),
         "min-evaluate-sites": len(sites),

@@ -21,6 +21,7 @@ INLINE = {"inline": True}
 
 
 _HINTS = {
+    "intensity": ": one of none, clahe (empty: the bridge bundle's)",
     "min-train-sites": ": the quorum must be between 1 and min-available-sites",
     "min-evaluate-sites": ": must be between 0 and min-available-sites",
     "dp.enabled": ": differential privacy works with fedavg or fedprox, not fedadam or fedavgm",
@@ -66,6 +67,9 @@ class FederationConfig:
     labels: str = ""
     """The target's labels, comma-separated (empty: the bridge bundle's). Rows of labels the
     bridge has are carried by name, new labels start fresh (``shared.models.retarget``)."""
+    intensity: str = ""
+    """Intensity normalisation of the target (``none`` | ``clahe``; empty: the bridge bundle's),
+    written into the spec every site preprocesses by."""
     out: str = "runs/federated/model"  # final (best) bundle; rounds go to OUT-rounds/
     val_data: str = ""  # optional server-side validation set for best-model selection
     test_data: str = ""  # optional server-side test set, assessed once at the end
@@ -94,6 +98,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         checks = {
             "strategy": self.strategy in STRATEGIES,
+            "intensity": self.intensity in ("", *defaults.INTENSITIES),
             "num-server-rounds": 1 <= self.num_server_rounds <= 10_000,
             "fraction-train": 0 < self.fraction_train <= 1,
             "fraction-evaluate": 0 <= self.fraction_evaluate <= 1,

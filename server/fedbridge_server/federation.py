@@ -6,6 +6,7 @@ completed round, drops failing sites with a logged reason, and keeps the best ro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -113,6 +114,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
         raise ConfigError("run config: 'init' must name the bridge bundle to start from")
     init = load_bundle(Path(cfg.init))
     model, spec = initial_model(init, cfg.target_labels())
+    if cfg.intensity:  # the target's preprocessing may differ from the bridge's
+        spec = dataclasses.replace(spec, intensity=cfg.intensity)
     store = RoundStore(Path(cfg.out))
     state, resumed, saved_strategy = store.load(fingerprint(cfg, init.sha256))
     store.dir.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,15 @@ WEIGHT_DECAY = 1e-4
 PATIENCE = 3
 VAL_FRACTION = 0.15
 LABEL_SMOOTHING = 0.0
-EMA_DECAY = 0.0
-"""Decay of the EMA of weights validated and kept (0 = off: the raw weights)."""
+EMA_DECAY = 0.99
+"""Decay of the EMA of weights validated and kept at a target stage (``train``; 0 = off: the raw
+weights). Chosen on validation patients (BENCHMARKS.md §0); a stage shorter than the EMA's
+horizon of 1 / (1 − decay) steps keeps its raw weights (``training.ema_plan``)."""
+BRIDGE_EMA_DECAY = 0.0
+"""The bridge stage's (``bridge``): off, as in the benchmarked bridges."""
+SITE_EMA_DECAY = 0.0
+"""A federated site's EMA within its round: off, a round (≈ 25 steps at a clinic's size) is
+far shorter than the target's EMA horizon."""
 BALANCED = False
 """Class-balanced sampling of training batches (inverse class frequency)."""
 INTENSITY = "none"

@@ -179,7 +179,7 @@ def fit(
     schedule: CosineSchedule | None = None,
     epoch_offset: int = 0,
     penalty: Callable[[], torch.Tensor] | None = None,
-    ema_decay: float = defaults.EMA_DECAY,
+    ema_decay: float = 0.0,
     on_batch: BatchHook | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:

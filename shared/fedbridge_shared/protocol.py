@@ -61,7 +61,7 @@ class LocalSettings:
     label_smoothing: float = defaults.LABEL_SMOOTHING
     seed: int = defaults.SEED
     proximal_mu: float = defaults.PROXIMAL_MU
-    ema_decay: float = defaults.EMA_DECAY
+    ema_decay: float = defaults.SITE_EMA_DECAY
     """EMA of the site's weights within its round (0: off); the site replies with the EMA."""
     balanced: bool = defaults.BALANCED
     # torch CPU threads while training (0: torch's default). Floating-point sums depend on the

@@ -103,3 +103,29 @@ def test_demo_bridges_on_a_public_set_with_other_labels(tmp_path, cxr_root, data
     assert [r["model"] for r in summary["test"]][:2] == ["federated (3 sites)", "central pooled"]
     assert [r["n"] for r in summary["test"]] == [summary["test"][0]["n"]] * 5
     assert {p.name for p in out.iterdir()} <= set(demo_entries())
+
+
+def test_bridge_subset_takes_whole_patients_up_to_the_cap_per_class(tmp_path, data_root):
+    """--quick's bridge subset: ≤ cap images per class unless one patient's images cross it,
+    patients never split, the same draw for the same seed, a manifest with their ids."""
+    import csv
+
+    from fedbridge.demo import _subset
+    from fedbridge_shared.data.samples import scan_folder
+
+    index = scan_folder(data_root / "bridge" / "cxr")
+    a = _subset(index, tmp_path / "a", 10, seed=0)
+    b = _subset(index, tmp_path / "b", 10, seed=0)
+    with (a / "MANIFEST.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    with (b / "MANIFEST.csv").open() as fh:
+        assert [r["path"] for r in csv.DictReader(fh)] == [r["path"] for r in rows]
+    for label in index.labels:
+        mine = [r for r in rows if r["label"] == label]
+        assert 10 <= len(mine) <= 12, label  # at most 3 images per patient in this set
+        for pid in {r["patient_id"] for r in mine}:  # every image of a chosen patient
+            whole = [s for s in index.samples if s.patient_id == pid and s.label == label]
+            assert sum(r["patient_id"] == pid for r in mine) == len(whole)
+    assert all((a / r["path"]).is_file() for r in rows)
+    everything = _subset(index, tmp_path / "all", None, seed=0)
+    assert len(scan_folder(everything).samples) == len(index.samples)

@@ -23,6 +23,8 @@ def test_train_with_ema_balanced_clahe_then_evaluate_with_tta(cxr_parts, weights
     config = record["training"]["config"]
     assert config["ema_decay"] == 0.9 and config["balanced"] is True
     assert config["intensity"] == "clahe"
+    # 3 epochs × 7 batches = 21 steps ≥ the horizon 1 / (1 − 0.9) = 10: the EMA ran
+    assert record["training"]["ema"] == {"decay": 0.9, "steps": 21, "horizon": 10, "applied": True}
     assert all("val_loss" in row for row in record["training"]["history"])  # the EMA validated
 
     common = ("evaluate", bundle, cxr_parts["test"], "--bootstrap", "0", "--device", "cpu")
@@ -69,3 +71,20 @@ def test_bad_recipe_options_are_one_line_errors(cxr_parts, tmp_path):
     result = fedbridge(*base, "--intensity", "gamma")
     assert result.returncode != 0 and "gamma" in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_the_default_ema_is_not_applied_to_a_stage_shorter_than_its_horizon(cxr_parts, tmp_path):
+    """`train` defaults to --ema-decay 0.99 (horizon 100 steps); 1 epoch of 8 batches keeps the
+    raw weights, says so, and records it."""
+    bundle = tmp_path / "m"
+    result = ok(
+        "train", cxr_parts["train"], "--out", bundle, "--init", "none",
+        "--model", "test_efficientnet", "--image-size", "32", "--epochs", "1",
+        "--batch-size", "36", "--augment-per-sample", "0", "--val-fraction", "0.2",
+        "--device", "cpu",
+    )  # fmt: skip
+    training = json.loads((bundle / "model.json").read_text())["training"]
+    assert training["config"]["ema_decay"] == 0.99
+    ema = training["ema"]
+    assert (ema["horizon"], ema["applied"]) == (100, False) and 0 < ema["steps"] < 100
+    assert "--ema-decay 0.99 not applied" in " ".join(result.stderr.split())

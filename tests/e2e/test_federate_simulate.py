@@ -153,13 +153,17 @@ def test_other_strategies_run(fed, tmp_path, strategy):
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
-def test_server_momentum_with_site_ema_and_balanced_sampling_runs(fed, tmp_path):
-    """FedAvgM over 2 rounds, sites keeping an EMA and sampling class-balanced (issue #16)."""
+def test_server_momentum_with_site_ema_balanced_sampling_and_clahe_runs(fed, tmp_path):
+    """FedAvgM over 2 rounds, sites keeping an EMA, sampling class-balanced and normalising
+    intensity with CLAHE where the bridge did not (issue #16)."""
     root, split = fed
-    recipe = {"strategy": "fedavgm", "fedavgm.momentum": 0.9, "ema-decay": 0.9, "balanced": True}
+    recipe = {"strategy": "fedavgm", "fedavgm.momentum": 0.9, "ema-decay": 0.9, "balanced": True,
+              "intensity": "clahe"}  # fmt: skip
     summary = _run(_flat(root, tmp_path / "fed", **recipe), _sites(split))
     assert [r["sites"] for r in summary["history"]] == [["site-1", "site-2", "site-3"]] * 2
     bundle = load_bundle(tmp_path / "fed")
+    assert load_bundle(root / "bridge").spec.intensity == "none"
+    assert bundle.spec.intensity == "clahe"  # the run config's, which every site trained with
     assert all(torch.isfinite(v).all() for v in bundle.state_dict.values() if v.is_floating_point())
     assert (tmp_path / "fed-rounds").is_dir()
 

@@ -58,7 +58,10 @@ ValFraction = Annotated[float, typer.Option(help="Share of patients held out for
 Patience = Annotated[int, typer.Option(help="Epochs without validation improvement to stop.")]
 EmaDecay = Annotated[
     float,
-    typer.Option(help="EMA of weights: validate and keep the EMA with this decay (0: off)."),
+    typer.Option(
+        help="EMA of weights: validate and keep the EMA with this decay (0: off; not applied "
+        "to a stage shorter than 1 / (1 − decay) steps)."
+    ),
 ]
 Balanced = Annotated[
     bool,
@@ -74,7 +77,7 @@ IntensityOpt = Annotated[
 ]
 
 
-def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
+def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: float, doc: str):
     """The ``bridge`` and ``train`` commands: the same options, declared once."""
     AugmentPerSample = Annotated[
         int | None,
@@ -98,7 +101,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, doc: str):
         preset: PresetOpt = Preset.cpu,
         val_fraction: ValFraction = defaults.VAL_FRACTION,
         patience: Patience = defaults.PATIENCE,
-        ema_decay: EmaDecay = defaults.EMA_DECAY,
+        ema_decay: EmaDecay = ema_default,
         balanced: Balanced = defaults.BALANCED,
         intensity: IntensityOpt = None,
         seed: Seed = defaults.SEED,
@@ -167,6 +170,7 @@ def register(app: typer.Typer) -> None:
         stage_command(
             "bridge",
             augment_per_sample_default=defaults.BRIDGE_AUGMENT_PER_SAMPLE,
+            ema_default=defaults.BRIDGE_EMA_DECAY,
             doc="Stage 2: fine-tune on a large public dataset of the same modality.",
         )
     )
@@ -174,6 +178,7 @@ def register(app: typer.Typer) -> None:
         stage_command(
             "train",
             augment_per_sample_default=defaults.TARGET_AUGMENT_PER_SAMPLE,
+            ema_default=defaults.EMA_DECAY,
             doc="Stage 3 (central) or a local-only baseline: train on the small target set.",
         )
     )
