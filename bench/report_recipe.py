@@ -63,6 +63,7 @@ def render_recipe(d: dict) -> list[str]:
         "the sites' cosine schedule runs across rounds). CPU time = user + system seconds of the "
         "benchmark process and its children (Flower/Ray workers), summed over both cores.\n",
     ]
+    lines += [f"*Note: {n}*\n" for n in d.get("notes", [])]
     for key, b in (d.get("bridges") or {}).items():
         lines.append(
             f"* bridge `{key}`: {b.get('images')} images from `{b.get('data')}`, "

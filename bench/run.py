@@ -15,7 +15,7 @@ from bench._common import Results, log
 
 SCRIPTS = (
     "train_throughput", "edge_speed", "edge_serve", "federation_cost", "deployed_rounds",
-    "dp_accuracy", "accuracy",
+    "dp_accuracy", "recipe", "accuracy",
 )  # fmt: skip
 
 
