@@ -19,7 +19,8 @@ MobileNetV2 @ 224 (``../shared/weights``), everything through the product's own 
    sites, FedAvg over 3 label-skewed sites (Dirichlet α = 0.5), local-only on each site, and the
    ablations (no ImageNet, no bridge, small bridge, no augmentation), in the order of
    ``schedule`` (a cut-short run has seed 0 of both modalities first). CPU time (user +
-   system, this process and its children) is recorded for every arm.
+   system, this process and its children) is recorded for every arm; for a federated arm it
+   misses the Ray worker processes that run the sites (not this process's children).
 
 Results: ``bench/results/recipe-<mode>.json``, rewritten after every arm.
 """

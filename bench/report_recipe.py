@@ -61,7 +61,9 @@ def render_recipe(d: dict) -> list[str]:
         f"{s['target_epochs']} epochs over the ×{s['augment_per_sample']}-expanded set; federated: "
         f"FedAvg {s['rounds']} rounds × {s['local_epochs']} local epoch (the same epoch budget; "
         "the sites' cosine schedule runs across rounds). CPU time = user + system seconds of the "
-        "benchmark process and its children (Flower/Ray workers), summed over both cores.\n",
+        "benchmark process and its children, summed over both cores; for federated arms it is not "
+        "measured (Flower's simulation runs the sites in Ray worker processes that are not the "
+        "benchmark's children), so their wall time is given.\n",
     ]
     lines += [f"*Note: {n}*\n" for n in d.get("notes", [])]
     for key, b in (d.get("bridges") or {}).items():
@@ -125,12 +127,14 @@ def _headline(d: dict, modality: str, s: dict) -> list[str]:
                 src.setdefault(k, []).append(v["accuracy"])
         src_text = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in src.items()) or "—"
         err = f" ⚠ {len(failed)} failed: {failed[0]['error'][:100]}" if failed else ""
-        cpu = np.mean([r["cpu_s"] for r in rows]) / 60 if rows else 0.0
+        cpu_text = f"{np.mean([r['cpu_s'] for r in rows]) / 60:.1f}" if rows else "—"
+        if arm.startswith("fed-") and rows:  # Ray's workers are not this process's children
+            cpu_text = f"not measured ({np.mean([r['seconds'] for r in rows]) / 60:.1f} min wall)"
         lines.append(
             f"| {title}{err} | {len(rows)} | {_pm([m['accuracy'] for m in ms])} | "
             f"{_ci(rows, 'accuracy')} | {_pm([m.get('macro_auc') for m in ms])} | "
             f"{_ci(rows, 'macro_auc')} | {_pm([m.get('sensitivity_mean') for m in ms])} | "
-            f"{src_text} | {cpu:.1f} |"
+            f"{src_text} | {cpu_text} |"
         )
     if paper:
         lines.append(
