@@ -437,8 +437,9 @@ def main() -> None:
     settings = {**cfg, "candidates": CANDIDATES, "paper": accuracy.PAPER, "datasets": datasets}
     old = Results.load("recipe", mode) if args.resume else None
     res = Results("recipe", mode, settings)
-    for key in ("runs", "recipes", "bridges", "splits"):
-        res[key] = (old or {}).get(key, [] if key == "runs" else {})
+    for key in ("runs", "recipes", "bridges", "splits", "notes"):
+        res[key] = (old or {}).get(key, [] if key in ("runs", "notes") else {})
+    res["launches"] = [*(old.get("launches", [old["started"]]) if old else []), res["started"]]
     only = [m for m in args.only.split(",") if m]
     for name, seeds, arms in cfg["schedule"]:
         for seed in seeds:

@@ -66,11 +66,17 @@ def render_recipe(d: dict) -> list[str]:
         "benchmark's children), so their wall time is given.\n",
     ]
     lines += [f"*Note: {n}*\n" for n in d.get("notes", [])]
+    if len(d.get("launches", [])) > 1:
+        lines.append(f"*Launched {len(d['launches'])} times (`--resume` keeps finished arms): "
+                     + ", ".join(d["launches"]) + ".*\n")  # fmt: skip
     for key, b in (d.get("bridges") or {}).items():
         lines.append(
             f"* bridge `{key}`: {b.get('images')} images from `{b.get('data')}`, "
-            f"{b.get('cpu_s', 0) / 60:.1f} CPU-min ({b.get('wall_s', 0) / 60:.1f} min wall)."
-        )
+            f"{b.get('cpu_s', 0) / 60:.1f} CPU-min ({b.get('wall_s', 0) / 60:.1f} min wall)"
+            + (f"; retrained when a resumed run found it missing: "
+               f"{b['retrained']['cpu_s'] / 60:.1f} CPU-min" if b.get("retrained") else "")
+            + "."
+        )  # fmt: skip
     lines.append("")
     for modality, rec in (d.get("recipes") or {}).items():
         lines += _recipe_table(modality, rec, s)
