@@ -42,6 +42,8 @@ from bench._common import DATA, WORK, Results, log
 BRIDGE = DATA / "bridge"
 MAIN = ["central", "fed-iid", "fed-skew", "local-iid", "local-skew"]
 ABLATIONS = ["no-imagenet", "no-bridge", "small-bridge", "no-augment"]
+# rounds × local epochs at the same budget of 2 site epochs, scored on validation patients
+SCHEDULES = ["val-fed-iid-r2e1", "val-fed-iid-r1e2", "val-fed-skew-r2e1", "val-fed-skew-r1e2"]
 CANDIDATES: dict[str, dict[str, Any]] = {
     # name -> (TrainConfig overrides, evaluate with TTA)
     "base": {},
@@ -51,6 +53,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "lr-1e-3": {"lr": 1e-3},
     "clahe": {"intensity": "clahe"},
     "tta": {"tta": True},
+    # measured after the recipe was fixed (``late``): reported beside the others, not chosen
+    "discriminative-lr": {"backbone_lr_scale": 0.1},
 }
 FULL: dict[str, Any] = {
     "arch": "mobilenetv2_100",
@@ -68,7 +72,8 @@ FULL: dict[str, Any] = {
     "modalities": {
         "cxr": {
             "bridges": ["large", "union"],
-            "candidates": list(CANDIDATES),
+            "candidates": [c for c in CANDIDATES if c != "discriminative-lr"],
+            "late": ["discriminative-lr"],
         },
         "oct": {
             "bridges": ["small", "union"],
@@ -83,6 +88,7 @@ FULL: dict[str, Any] = {
         ("cxr", [0], ["fed-skew-fedprox", "fed-skew-fedavgm"]),
         ("cxr", [1, 2], MAIN),
         ("oct", [1, 2], MAIN),
+        ("cxr", [0], SCHEDULES),
         ("cxr", [0], ABLATIONS),
         ("oct", [0], ABLATIONS),
     ],
@@ -112,7 +118,7 @@ STRATEGY_SET = {  # extra federated arms: `--set` for another server strategy
         "fedavgm.momentum=0.9",
     ],
 }
-TRAIN_KEYS = ("label_smoothing", "ema_decay", "balanced", "lr", "intensity")
+TRAIN_KEYS = ("label_smoothing", "ema_decay", "balanced", "lr", "intensity", "backbone_lr_scale")
 # What federated arms pass to the sites (`--set`). Not the EMA: it was validated on central
 # stages (≈ 140 steps); a site's round is ≈ 25 steps, far shorter than a 0.99 EMA's horizon.
 SET_KEYS = {"label_smoothing": "label-smoothing", "balanced": "balanced", "intensity": "intensity"}
@@ -190,12 +196,16 @@ def train(kind: str, data: Path, out: Path, init: str, cfg: dict, *, aug: int, p
     """`fedbridge bridge|train` (run_stage) with the recipe's overrides; cached; CPU seconds."""
     from rich.console import Console
 
+    from fedbridge_shared import defaults
     from fedbridge_shared.spec import is_bundle
     from fedbridge_shared.training import TrainConfig, run_stage
 
     if is_bundle(out):
         return 0.0
     c0 = cpu_seconds()
+    # the base recipe has no component: no EMA unless the recipe says so (TrainConfig's default
+    # is the chosen recipe's EMA); a bridge has `fedbridge bridge`'s default (off)
+    recipe = {"ema_decay": defaults.BRIDGE_EMA_DECAY if kind == "bridge" else 0.0, **recipe}
     config = TrainConfig(
         epochs=epochs,
         batch_size=cfg["batch_size"],
@@ -239,6 +249,16 @@ def parsimonious(options: list[list[str]], rows: dict[str, dict]) -> list[str]:
         return rows[option[0]] if len(option) == 1 else rows["combined"]
 
     return max(options, key=lambda o: (row(o)["accuracy"], -len(o), row(o).get("macro_auc") or 0))
+
+
+def parse_schedule(arm: str) -> tuple[str, int, int]:
+    """``val-fed-skew-r1e2`` → ("skew", 1 round, 2 local epochs)."""
+    import re
+
+    m = re.fullmatch(r"val-fed-(iid|skew)-r(\d+)e(\d+)", arm)
+    if m is None:
+        raise ValueError(f"{arm}: not val-fed-<iid|skew>-r<rounds>e<local epochs>")
+    return m[1], int(m[2]), int(m[3])
 
 
 def merge(names: list[str]) -> dict[str, Any]:
@@ -359,6 +379,18 @@ def run_modality(
         log(f"{name} recipe: {chosen or ['base']} ({why})")
 
     rec = recipes[name]
+    for cand in plan.get("late", []):  # measured after the choice: reported, never chosen
+        if cand in rec["rows"]:
+            continue
+        b = bridge("imagenet", rec["bridge"], 0)
+        out = base / f"val-{rec['bridge']}-{cand}"
+        cpu = train("train", accuracy.pooled(accuracy.make_split(name, 0, None)), out, str(b),
+                    cfg, aug=n_aug, preset=preset, seed=0, epochs=ep,
+                    recipe=CANDIDATES[cand])  # fmt: skip
+        rec["rows"][cand] = {"cpu_s": round(cpu, 1), "late": True,
+                             **assess(out, validation(), cfg, CANDIDATES[cand])}  # fmt: skip
+        res["recipes"] = recipes
+        log(f"{name} val (late): {cand}: {rec['rows'][cand]['accuracy']:.3f}")
     recipe = merge(rec["final"])
     which = rec["bridge"]
     fed_set = [x for k, v in recipe.items() if k in SET_KEYS
@@ -390,6 +422,16 @@ def run_modality(
                                                   preset=pre, seed=seed, epochs=ep,
                                                   recipe=recipe), 1)  # fmt: skip
                 row["metrics"] = assess(out, test, cfg, recipe)
+            elif arm.startswith("val-fed-"):  # val-fed-skew-r1e2: 1 round × 2 local epochs
+                kind, r, e = parse_schedule(arm)
+                b = bridge("imagenet", which)
+                m, fs, cost = accuracy.federate(
+                    sites[kind], b, seed_dir / arm, {**fed_cfg, "rounds": r, "local_epochs": e},
+                    preset, seed, n_aug, extra=fed_set,
+                )  # fmt: skip
+                row.update(federate_s=fs, cost=cost, rounds=r, local_epochs=e,
+                           scored_on="validation")  # fmt: skip
+                row["metrics"] = assess(m, validation(), cfg, recipe)
             elif arm.startswith("fed-"):
                 b = bridge("imagenet", which)
                 out = seed_dir / arm

@@ -24,6 +24,9 @@ BRIDGE_EMA_DECAY = 0.0
 SITE_EMA_DECAY = 0.0
 """A federated site's EMA within its round: off, a round (≈ 25 steps at a clinic's size) is
 far shorter than the target's EMA horizon."""
+BACKBONE_LR_SCALE = 1.0
+"""Discriminative learning rates: every layer but the classifier at this fraction of the LR
+(1: one LR). A recipe candidate measured on validation patients (BENCHMARKS.md §0)."""
 BALANCED = False
 """Class-balanced sampling of training batches (inverse class frequency)."""
 INTENSITY = "none"

@@ -74,18 +74,41 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
 
 
 def make_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float = defaults.WEIGHT_DECAY
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = defaults.WEIGHT_DECAY,
+    backbone_lr_scale: float = defaults.BACKBONE_LR_SCALE,
 ) -> torch.optim.Optimizer:
-    """AdamW without weight decay on norms and biases."""
-    decay, no_decay = [], []
+    """AdamW without weight decay on norms and biases.
+
+    ``backbone_lr_scale`` < 1 gives discriminative learning rates: the classifier (timm's
+    ``get_classifier()``) learns at ``lr``, every other layer at ``lr * backbone_lr_scale``.
+    """
+    if not (math.isfinite(backbone_lr_scale) and 0 < backbone_lr_scale <= 1):
+        raise FedbridgeError(f"--backbone-lr-scale {backbone_lr_scale}: must be in (0, 1]")
+    head: set[int] = set()
+    if backbone_lr_scale != 1:
+        if not hasattr(model, "get_classifier"):
+            raise FedbridgeError(
+                f"--backbone-lr-scale: {type(model).__name__} has no classifier to tell apart"
+            )
+        head = {id(p) for p in model.get_classifier().parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr)
+            groups.setdefault((id(p) in head, p.ndim <= 1), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr": lr if is_head or backbone_lr_scale == 1 else lr * backbone_lr_scale,
+            }
+            for (is_head, no_decay), params in sorted(groups.items())
+        ],
+        lr=lr,
+    )
 
 
 def train_one_epoch(
@@ -180,6 +203,7 @@ def fit(
     epoch_offset: int = 0,
     penalty: Callable[[], torch.Tensor] | None = None,
     ema_decay: float = 0.0,
+    backbone_lr_scale: float = defaults.BACKBONE_LR_SCALE,
     on_batch: BatchHook | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
@@ -191,10 +215,13 @@ def fit(
     (FedProx). Stops early when the validation loss has not improved for ``patience`` epochs;
     without a validation loader every epoch runs and the last weights are kept.
     ``ema_decay`` > 0 keeps an EMA of the weights (:func:`make_ema`): validation, early stopping
-    and the weights left in ``model`` are then the EMA's.
+    and the weights left in ``model`` are then the EMA's. ``backbone_lr_scale``: see
+    :func:`make_optimizer`.
     """
     model.to(device)
-    optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(
+        model, lr=lr, weight_decay=weight_decay, backbone_lr_scale=backbone_lr_scale
+    )
     ema = make_ema(model, ema_decay) if ema_decay else None
     kept = ema.module if ema is not None else model  # the weights validated and returned
     schedule = schedule or CosineSchedule(max(1, epochs * len(train_loader)))

@@ -48,6 +48,8 @@ class TrainConfig:
     seed: int = defaults.SEED
     ema_decay: float = defaults.EMA_DECAY
     balanced: bool = defaults.BALANCED
+    backbone_lr_scale: float = defaults.BACKBONE_LR_SCALE
+    """Every layer but the classifier at this fraction of ``lr`` (discriminative LRs)."""
     intensity: str | None = None
     """``none`` | ``clahe``, recorded in the spec; None: the init bundle's (``none`` for others)."""
 
@@ -64,6 +66,10 @@ class TrainConfig:
             "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
             "seed": (0 <= self.seed < 2**32, "in [0, 2**32)"),
             "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1) (0: off)"),
+            "backbone_lr_scale": (
+                math.isfinite(self.backbone_lr_scale) and 0 < self.backbone_lr_scale <= 1,
+                "in (0, 1] (1: one learning rate)",
+            ),
             "intensity": (
                 self.intensity in (None, *defaults.INTENSITIES),
                 " | ".join(defaults.INTENSITIES),
@@ -242,6 +248,7 @@ def run_stage(
             patience=config.patience,
             label_smoothing=config.label_smoothing,
             ema_decay=config.ema_decay if ema["applied"] else 0.0,
+            backbone_lr_scale=config.backbone_lr_scale,
             on_batch=lambda n: bar.advance(task, n),
             on_epoch=on_epoch,
         )

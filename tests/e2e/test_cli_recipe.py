@@ -1,5 +1,5 @@
-"""The recipe components end to end on real CXR: EMA + balanced + CLAHE in training, TTA at
-evaluation, each recorded where a later step (or a reader) finds it."""
+"""The recipe components end to end on real CXR: EMA + balanced + CLAHE + discriminative LRs in
+training, TTA at evaluation, each recorded where a later step (or a reader) finds it."""
 
 import json
 
@@ -16,13 +16,14 @@ def test_train_with_ema_balanced_clahe_then_evaluate_with_tta(cxr_parts, weights
         "train", cxr_parts["train"], "--out", bundle, "--init", weights,
         "--model", "mobilenetv1_025", "--image-size", "64", "--epochs", "3", "--lr", "2e-3",
         "--batch-size", "32", "--augment-per-sample", "0", "--val-fraction", "0.2",
-        "--ema-decay", "0.9", "--balanced", "--intensity", "clahe", "--device", "cpu", "--json",
+        "--ema-decay", "0.9", "--balanced", "--intensity", "clahe", "--backbone-lr-scale", "0.5",
+        "--device", "cpu", "--json",
     )  # fmt: skip
     record = json.loads((bundle / "model.json").read_text())
     assert record["spec"]["intensity"] == "clahe"
     config = record["training"]["config"]
     assert config["ema_decay"] == 0.9 and config["balanced"] is True
-    assert config["intensity"] == "clahe"
+    assert config["intensity"] == "clahe" and config["backbone_lr_scale"] == 0.5
     # 3 epochs × 7 batches = 21 steps ≥ the horizon 1 / (1 − 0.9) = 10: the EMA ran
     assert record["training"]["ema"] == {"decay": 0.9, "steps": 21, "horizon": 10, "applied": True}
     assert all("val_loss" in row for row in record["training"]["history"])  # the EMA validated
@@ -68,6 +69,7 @@ def test_bad_recipe_options_are_one_line_errors(cxr_parts, tmp_path):
     base = ("train", cxr_parts["train"], "--out", tmp_path / "m", "--init", "none",
             "--model", "test_efficientnet", "--image-size", "32", "--device", "cpu")  # fmt: skip
     assert_one_line_error(fedbridge(*base, "--ema-decay", "1.0"), "--ema-decay 1.0")
+    assert_one_line_error(fedbridge(*base, "--backbone-lr-scale", "0"), "--backbone-lr-scale 0")
     result = fedbridge(*base, "--intensity", "gamma")
     assert result.returncode != 0 and "gamma" in result.stderr
     assert not (tmp_path / "m").exists()

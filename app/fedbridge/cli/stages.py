@@ -63,6 +63,13 @@ EmaDecay = Annotated[
         "to a stage shorter than 1 / (1 − decay) steps)."
     ),
 ]
+BackboneLrScale = Annotated[
+    float,
+    typer.Option(
+        help="Discriminative learning rates: every layer but the classifier at this fraction "
+        "of --lr (1: one learning rate)."
+    ),
+]
 Balanced = Annotated[
     bool,
     typer.Option("--balanced", help="Class-balanced sampling (inverse class frequency)."),
@@ -103,6 +110,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
         patience: Patience = defaults.PATIENCE,
         ema_decay: EmaDecay = ema_default,
         balanced: Balanced = defaults.BALANCED,
+        backbone_lr_scale: BackboneLrScale = defaults.BACKBONE_LR_SCALE,
         intensity: IntensityOpt = None,
         seed: Seed = defaults.SEED,
         manifest: Manifest = None,
@@ -138,6 +146,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
             seed=seed,
             ema_decay=ema_decay,
             balanced=balanced,
+            backbone_lr_scale=backbone_lr_scale,
             intensity=None if intensity is None else intensity.value,
         )
         bundle, metrics = run_stage(
