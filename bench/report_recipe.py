@@ -149,6 +149,9 @@ def _headline(d: dict, modality: str, s: dict) -> list[str]:
         cpu_text = f"{np.mean([r['cpu_s'] for r in rows]) / 60:.1f}" if rows else "—"
         if arm.startswith("fed-") and rows:  # Ray's workers are not this process's children
             cpu_text = f"not measured ({np.mean([r['seconds'] for r in rows]) / 60:.1f} min wall)"
+            proxy = _same_budget_cpu(d, modality, arm, s)
+            if proxy is not None:
+                cpu_text += f"; ≈ {proxy / 60:.1f} machine CPU-min †"
         lines.append(
             f"| {title}{err} | {len(rows)} | {_pm([m['accuracy'] for m in ms])} | "
             f"{_ci(rows, 'accuracy')} | {_pm([m.get('macro_auc') for m in ms])} | "
@@ -160,10 +163,26 @@ def _headline(d: dict, modality: str, s: dict) -> list[str]:
             f"| **paper** (Inception-V4 @ 299) | — | {paper['accuracy']} | | "
             f"{paper['macro_auc']} | | | | |"
         )
+    if any(r["arm"].startswith("val-fed-") and r.get("machine_cpu_s") for r in d["runs"]):
+        lines.append(
+            "\n† The same federation (seed 0's sites, the same rounds × local epochs) rerun "
+            "alone and scored on validation patients: busy CPU of the whole machine "
+            "(`/proc/stat`, the Ray workers included) over that run.\n"
+        )
     lines += _per_class(d, modality)
     lines += _gaps(d, modality)
     lines += _schedules(d, modality)
     return lines
+
+
+def _same_budget_cpu(d: dict, modality: str, arm: str, s: dict) -> float | None:
+    """Machine CPU seconds of the validation rerun of ``arm`` (fed-iid / fed-skew) at the
+    headline's rounds × local epochs, if it was measured."""
+    name = f"val-{arm}-r{s['rounds']}e{s['local_epochs']}"
+    for r in d.get("runs", []):
+        if r["modality"] == modality and r["arm"] == name and r.get("machine_cpu_s"):
+            return float(r["machine_cpu_s"])
+    return None
 
 
 def _schedules(d: dict, modality: str) -> list[str]:
@@ -178,13 +197,14 @@ def _schedules(d: dict, modality: str) -> list[str]:
         f"\n#### {modality}: federated rounds × local epochs, same budget (validation patients)\n",
         "Seed 0's sites, scored on the validation quarter (never the test split); each row trains "
         "from the same bridge with the chosen recipe.\n",
-        "| sites | rounds × local epochs | val accuracy | 95 % CI | val macro AUC | wall min |",
-        "|---|---|---|---|---|---|",
+        "| sites | rounds × local epochs | val accuracy | 95 % CI | val macro AUC | wall min | "
+        "machine CPU-min |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kind = "IID" if "-iid-" in r["arm"] else "label-skewed (Dirichlet 0.5)"
         if "metrics" not in r:
-            lines.append(f"| {kind} | {r['arm']} | ⚠ {r.get('error', '')[:100]} | | | |")
+            lines.append(f"| {kind} | {r['arm']} | ⚠ {r.get('error', '')[:100]} | | | | |")
             continue
         m = r["metrics"]
         ci = m.get("ci95", {}).get("accuracy") or [0.0, 0.0]
@@ -192,7 +212,7 @@ def _schedules(d: dict, modality: str) -> list[str]:
         lines.append(
             f"| {kind} | {r['rounds']} × {r['local_epochs']} | {m['accuracy']:.3f} | "
             f"[{ci[0]:.3f}, {ci[1]:.3f}] | {'—' if auc is None else f'{auc:.3f}'} | "
-            f"{r['seconds'] / 60:.1f} |"
+            f"{r['seconds'] / 60:.1f} | {r.get('machine_cpu_s', 0) / 60:.1f} |"
         )
     return lines
 
