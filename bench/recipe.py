@@ -56,8 +56,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # measured after the recipe was fixed (``late``): reported beside the others, not chosen
     "discriminative-lr": {"backbone_lr_scale": 0.1},
     "input-288": {"image_size": 288},  # the target stage at 288 px from the 224-px bridge
+    # base and chosen again on the bridge the late candidates had (a resumed run may retrain it)
+    "late-base": {},
+    "late-ema": {"ema_decay": 0.99},
+    "ema+discriminative-lr": {"ema_decay": 0.99, "backbone_lr_scale": 0.1},
 }
-LATE = ["discriminative-lr", "input-288"]
+LATE = ["discriminative-lr", "input-288", "late-base", "late-ema", "ema+discriminative-lr"]
 FULL: dict[str, Any] = {
     "arch": "mobilenetv2_100",
     "image_size": 224,

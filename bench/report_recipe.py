@@ -110,16 +110,24 @@ def _recipe_table(modality: str, rec: dict, s: dict) -> list[str]:
     verdict = "not decided yet" if final is None else (", ".join(final) or "the base recipe")
     lines.append(f"\n**Chosen: {verdict}.** {rec.get('why', '')}\n")
     rows = rec.get("rows", {})
-    chosen = rows.get(final[0] if final and len(final) == 1 else "combined" if final else "base")
-    for name, r in rows.items():
-        if r.get("late") and chosen and "base" in rows:
-            gain = 100 * (r["accuracy"] - rows["base"]["accuracy"])
-            vs = 100 * (r["accuracy"] - chosen["accuracy"])
-            lines.append(
-                f"Late candidate **{name}** (after the recipe was fixed, so never chosen): "
-                f"{gain:+.1f} points over the base, {vs:+.1f} against the chosen recipe on "
-                "validation; the headline arms below do not use it.\n"
+    chosen_name = final[0] if final and len(final) == 1 else "combined" if final else "base"
+    # late candidates against the base and the chosen recipe retrained on their own bridge
+    base = rows.get("late-base") or rows.get("base")
+    chosen = rows.get(f"late-{chosen_name}") or rows.get(chosen_name)
+    late = [n for n, r in rows.items() if r.get("late") and not n.startswith("late-")]
+    if late and base and chosen:
+        lines.append(
+            "Measured after the recipe was fixed (never chosen; the headline arms do not use "
+            "them), in accuracy points on validation against the base and the chosen recipe"
+            + (" retrained on the same bridge (`late-*` rows)" if "late-base" in rows else "")
+            + ": "
+            + "; ".join(
+                f"**{n}** {100 * (rows[n]['accuracy'] - base['accuracy']):+.1f} / "
+                f"{100 * (rows[n]['accuracy'] - chosen['accuracy']):+.1f}"
+                for n in late
             )
+            + f". One validation image is {100 / max(1, base.get('n', 1)):.1f} points.\n"
+        )
     return lines
 
 
