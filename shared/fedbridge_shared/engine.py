@@ -103,7 +103,7 @@ def make_optimizer(
             {
                 "params": params,
                 "weight_decay": 0.0 if no_decay else weight_decay,
-                "lr": lr if is_head or backbone_lr_scale == 1 else lr * backbone_lr_scale,
+                "lr": lr if is_head else lr * backbone_lr_scale,
             }
             for (is_head, no_decay), params in sorted(groups.items())
         ],
