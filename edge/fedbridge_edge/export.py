@@ -27,7 +27,6 @@ from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, seal
 from fedbridge_edge.preprocess import InputSpec, list_images, normalise, resize
 from fedbridge_shared.files import atomic_write
-from fedbridge_shared.modality import MODALITY_LABELS, modality_of  # noqa: F401 (re-exported)
 
 DEFAULT_OPSET = 17
 FP32_LOGITS_TOL = 1e-4
@@ -296,7 +295,7 @@ def _export(
             "reference": cam_reference,
         },
         "ood": ood_record,
-        "modality": modality_of(labels),
+        "modality": bundle.spec.modality,
         "bundle_weights_sha256": bundle.sha256,
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

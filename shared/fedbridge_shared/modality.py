@@ -1,17 +1,17 @@
-"""Which imaging modality a model reads, told by its label names."""
+"""Which imaging modality a model reads: a sealed field of its spec, never guessed from labels."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-MODALITY_LABELS = {
-    "cxr": {"COVID19", "BACTERIAL_PNEUMONIA", "VIRAL_PNEUMONIA", "PNEUMONIA"},
-    "oct": {"CNV", "DME", "DRUSEN"},
-}
+MODALITIES = ("cxr", "oct", "other")
+"""``cxr``: chest radiographs (never flipped; laterality matters); ``oct``: retinal OCT B-scans;
+``other``: anything else (no modality-specific behaviour)."""
 
 
-def modality_of(labels: Sequence[str]) -> str:
-    """ "cxr" / "oct" from the label names, else "unknown"."""
-    names = {label.upper() for label in labels}
-    found = [m for m, known in MODALITY_LABELS.items() if names & known]
-    return found[0] if len(found) == 1 else "unknown"
+def modality_for_stage(*, requested: str | None, inherited: str, augment: str) -> str:
+    """A stage's modality: ``--modality`` if given, else the init bundle's, else the
+    augmentation preset's when it names one (``cxr`` / ``oct``), else ``other``."""
+    if requested is not None:
+        return requested
+    if inherited != "other":
+        return inherited
+    return augment if augment in MODALITIES else "other"

@@ -246,6 +246,7 @@ def retarget(
         std=src.std,
         timm_kwargs=src.timm_kwargs,
         intensity=src.intensity,  # a CLAHE bridge makes a CLAHE target
+        modality=src.modality,
         init={
             "kind": "bundle",
             "source": str(bundle.path.resolve()),

@@ -23,6 +23,7 @@ from fedbridge_shared import __version__
 from fedbridge_shared.data.pixels import INTENSITIES
 from fedbridge_shared.errors import BundleError
 from fedbridge_shared.files import atomic_dir, strict_json
+from fedbridge_shared.modality import MODALITIES
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
@@ -51,6 +52,10 @@ class ModelSpec:
     intensity: str = "none"
     """Intensity normalisation before mean/std (``none`` | ``clahe``, ``data.pixels.intensity``);
     left out of model.json when ``none``, so older bundles (and their seals) read unchanged."""
+    modality: str = "other"
+    """What the model reads (``cxr`` | ``oct`` | ``other``), set at bridge/train and inherited:
+    TTA, augmentation defaults and the bedside use it, never the label names. Left out of
+    model.json when ``other``, so older bundles (and their seals) read unchanged."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -65,6 +70,8 @@ class ModelSpec:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         if self.intensity == "none":
             del d["intensity"]
+        if self.modality == "other":
+            del d["modality"]
         return d
 
     @classmethod
@@ -86,6 +93,7 @@ class ModelSpec:
                 timm_kwargs=dict(d.get("timm_kwargs", {})),
                 init=dict(d.get("init", {})),
                 intensity=str(d.get("intensity", "none")),
+                modality=str(d.get("modality", "other")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"model spec is incomplete or malformed: {e!r}") from e
@@ -112,6 +120,10 @@ def _validate(spec: ModelSpec) -> None:
     if spec.intensity not in INTENSITIES:
         allowed = " | ".join(INTENSITIES)
         raise BundleError(f"model spec: intensity {spec.intensity!r} (must be {allowed})")
+    if spec.modality not in MODALITIES:
+        raise BundleError(
+            f"model spec: modality {spec.modality!r} (must be {' | '.join(MODALITIES)})"
+        )
     for key, value in spec.timm_kwargs.items():
         kind = TIMM_KWARGS.get(key)
         if kind is None:

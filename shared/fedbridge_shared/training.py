@@ -26,6 +26,7 @@ from fedbridge_shared.engine import fit, predict
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.files import check_writable
 from fedbridge_shared.metrics import compute_metrics
+from fedbridge_shared.modality import MODALITIES, modality_for_stage
 from fedbridge_shared.models import init_model, model_from_bundle
 from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
 from fedbridge_shared.tta import predict_tta, views_for
@@ -52,6 +53,9 @@ class TrainConfig:
     """Every layer but the classifier at this fraction of ``lr`` (discriminative LRs)."""
     intensity: str | None = None
     """``none`` | ``clahe``, recorded in the spec; None: the init bundle's (``none`` for others)."""
+    modality: str | None = None
+    """``cxr`` | ``oct`` | ``other``, sealed in the spec; None: the init bundle's, else the
+    augmentation preset's (``modality.modality_for_stage``)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -74,6 +78,7 @@ class TrainConfig:
                 self.intensity in (None, *defaults.INTENSITIES),
                 " | ".join(defaults.INTENSITIES),
             ),
+            "modality": (self.modality in (None, *MODALITIES), " | ".join(MODALITIES)),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -175,6 +180,10 @@ def run_stage(
     model, spec = init_model(init, index.labels, arch, image_size)
     if config.intensity is not None:
         spec = dataclasses.replace(spec, intensity=config.intensity)
+    modality = modality_for_stage(
+        requested=config.modality, inherited=spec.modality, augment=config.preset
+    )
+    spec = dataclasses.replace(spec, modality=modality)
     target_of = {label: i for i, label in enumerate(spec.labels)}
 
     parts = {"train": list(index.samples), "val": []}
@@ -296,7 +305,8 @@ def evaluate_bundle(
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Predict every image of ``data`` and compute the paper's metrics with bootstrap CIs.
 
-    ``tta`` averages the probabilities over :func:`~fedbridge_shared.tta.views_for` the labels.
+    ``tta`` averages the probabilities over the views of the spec's modality
+    (:func:`~fedbridge_shared.tta.views_for`).
     """
     console = console or Console(stderr=True)
     dev = resolve_device(device)
@@ -315,7 +325,7 @@ def evaluate_bundle(
         task = bar.add_task("predicting", total=len(images), info="")
         advance = lambda n: bar.advance(task, n)  # noqa: E731
         if tta:
-            views = views_for(spec.labels)
+            views = views_for(spec.modality)
             y, probs = predict_tta(model, loader, dev, views=views, on_batch=advance)
         else:
             y, probs = predict(model, loader, dev, on_batch=advance)
@@ -323,6 +333,6 @@ def evaluate_bundle(
         metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
     metrics["bundle"] = {"path": str(Path(bundle_path).resolve()), "sha256": bundle.sha256}
     if tta:
-        metrics["tta"] = list(views_for(spec.labels))
+        metrics["tta"] = list(views_for(spec.modality))
     metrics["data"] = {"path": str(Path(data).resolve()), "patient_ids": index.patient_source}
     return metrics, y, probs

@@ -2,7 +2,8 @@
 
 A view is an affine resampling of the normalised input (``grid_sample``, border padding): a
 small scale-up, small shifts, and a left-right flip only where anatomy allows it. A chest
-radiograph is never flipped: the heart is on the left and the overlay marks R/L.
+radiograph is never flipped (the heart is on the left; laterality matters), nor is an image of
+an unknown modality: only a model whose spec says ``oct`` gets the flipped view.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedbridge_shared.engine import BatchHook
-from fedbridge_shared.modality import modality_of
 
 SCALE = 1.1
 """Zoom of the scale-up view (the central 1/1.1 of the image fills the input)."""
@@ -25,11 +25,11 @@ SHIFT = 0.05
 VIEWS = ("identity", "scale", "shift-left", "shift-right", "shift-up", "shift-down", "hflip")
 
 
-def views_for(labels: Sequence[str]) -> tuple[str, ...]:
-    """The views used for a model with these labels: every view but ``hflip`` for CXR."""
-    if modality_of(labels) == "cxr":
-        return tuple(v for v in VIEWS if v != "hflip")
-    return VIEWS
+def views_for(modality: str) -> tuple[str, ...]:
+    """The views for a model of this modality (``ModelSpec.modality``): ``hflip`` only for OCT."""
+    if modality == "oct":
+        return VIEWS
+    return tuple(v for v in VIEWS if v != "hflip")
 
 
 def apply_view(x: torch.Tensor, view: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """``fedbridge bridge | train | evaluate``: the central stages and the assessment."""
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -84,6 +85,22 @@ IntensityOpt = Annotated[
 ]
 
 
+class ModalityChoice(str, Enum):
+    cxr = "cxr"
+    oct = "oct"
+    other = "other"
+
+
+ModalityOpt = Annotated[
+    ModalityChoice | None,
+    typer.Option(
+        "--modality",
+        help="What the model reads, sealed in the bundle: cxr | oct | other (default: the "
+        "--init bundle's, else the --augment preset's). Decides TTA views and bedside markers.",
+    ),
+]
+
+
 def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: float, doc: str):
     """The ``bridge`` and ``train`` commands: the same options, declared once."""
     AugmentPerSample = Annotated[
@@ -112,6 +129,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
         balanced: Balanced = defaults.BALANCED,
         backbone_lr_scale: BackboneLrScale = defaults.BACKBONE_LR_SCALE,
         intensity: IntensityOpt = None,
+        modality: ModalityOpt = None,
         seed: Seed = defaults.SEED,
         manifest: Manifest = None,
         device: Device = "auto",
@@ -148,6 +166,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
             balanced=balanced,
             backbone_lr_scale=backbone_lr_scale,
             intensity=None if intensity is None else intensity.value,
+            modality=None if modality is None else modality.value,
         )
         bundle, metrics = run_stage(
             stage, data, out=out_dir, init=init, config=config, arch=model,
