@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class Status(str, Enum):
@@ -85,9 +85,15 @@ class PredictionRecord(BaseModel):
     latency_ms: float
     inference_ms: float
 
+    @computed_field(description="status == out_of_distribution (derived here only)")
     @property
     def ood(self) -> bool:
         return self.status is Status.OUT_OF_DISTRIBUTION
+
+    @computed_field(description="model.sha256, at the top level for clients that index by it")
+    @property
+    def model_sha256(self) -> str:
+        return self.model.sha256
 
     @property
     def top_score(self) -> float | None:

@@ -1,4 +1,4 @@
-"""The bedside runtime: verified model → (label, probabilities, OOD flag, CAM) per image.
+"""The bedside runtime: verified model → one prediction record (and its map) per image.
 
 No torch here. Backends: onnxruntime (any CPU/GPU box) and TensorRT (a Jetson engine built on
 the device by ``fedbridge edge build``, imported only from ``fedbridge_edge.trt``).
@@ -7,6 +7,7 @@ the device by ``fedbridge edge build``, imported only from ``fedbridge_edge.trt`
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from fedbridge_edge import fingerprint, overlay, scores
+from fedbridge_edge import fingerprint, laterality, overlay, scores
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, EdgeModel, read_edge_model
 from fedbridge_edge.preprocess import InputSpec, normalise, resize
+from fedbridge_edge.record import Markers, ModelIdentity, PredictionRecord, ScoreKind, Status
+from fedbridge_shared import __version__
 from fedbridge_shared.files import atomic_write
+from fedbridge_shared.modality import MODALITIES
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -51,74 +55,61 @@ class OnnxRuntimeRunner:
         return dict(zip(OUTPUTS, self.session.run(list(OUTPUTS), {"input": x}), strict=True))
 
 
-OK = "ok"
-OUT_OF_DISTRIBUTION = "out_of_distribution"
-
-
 @dataclass
 class Prediction:
-    """One image's result; ``to_json`` gives the per-image JSON the CLI, API and DICOM write.
+    """One image's result: the typed :class:`~fedbridge_edge.record.PredictionRecord` every
+    output is built from, plus what the overlay needs (the decoded image and the class map)."""
 
-    Out of distribution, nothing diagnostic leaves: ``label`` and ``probabilities`` are None,
-    ``status`` is ``"out_of_distribution"`` and ``reason`` says which test failed and why.
-    """
-
-    image: str
-    status: str
-    label: str | None
-    probabilities: dict[str, float] | None
-    reason: str | None
-    ood_score: float
-    ood_threshold: float
-    input_scores: dict[str, float]
-    energy: float
+    record: PredictionRecord
     cam: np.ndarray | None
+    """The map of ``record.cam_label`` (None: no map drawn)."""
     grey: np.ndarray
-    latency_ms: float
-    inference_ms: float
-    backend: str
-    model_sha256: str
-    overlay: OverlayStyle
+    style: OverlayStyle
+
+    @property
+    def image(self) -> str:
+        return self.record.image
+
+    @property
+    def label(self) -> str | None:
+        return self.record.label
 
     @property
     def ood(self) -> bool:
-        return self.status == OUT_OF_DISTRIBUTION
+        return self.record.ood
+
+    @property
+    def reason(self) -> str | None:
+        return self.record.reason
+
+    @property
+    def latency_ms(self) -> float:
+        return self.record.latency_ms
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "status": self.status,
-            "label": self.label,
-            "probabilities": self.probabilities,
-            "reason": self.reason,
-            "ood": self.ood,
-            "ood_score": self.ood_score,
-            "ood_threshold": self.ood_threshold,
-            **self.input_scores,
-            "energy": self.energy,
-            "model_sha256": self.model_sha256,
-            "backend": self.backend,
-            "latency_ms": round(self.latency_ms, 3),
-            "inference_ms": round(self.inference_ms, 3),
-        }
+        return self.record.to_json()
 
     def caption(self) -> overlay.Caption:
-        style = self.overlay
-        if self.ood:
-            verdict, detail = "NOT ASSESSED: out of distribution", _short(self.reason or "")
+        record = self.record
+        if record.ood:
+            verdict, detail = "NOT ASSESSED: out of distribution", _short(record.reason or "")
         else:
-            assert self.label is not None and self.probabilities is not None
-            verdict = f"{self.label}  {self.probabilities[self.label]:.2f}"
-            detail = ""
+            kind = "p" if record.score_kind is ScoreKind.PROBABILITY else "score"
+            verdict, detail = f"{record.label}  {kind} {record.top_score:.2f}", ""
+            if record.cam_label is None:
+                detail = f"no heat map for {record.label} (a normal class)"
+        markers = record.markers
         return overlay.Caption(
-            verdict=verdict, ood=self.ood, model=style.model, modality=style.modality,
-            detail=detail,
+            verdict=verdict, ood=record.ood, model=self.style.model, detail=detail,
+            map_label=record.cam_label,
+            markers=None if markers is None else (markers.left, markers.right),
         )  # fmt: skip
 
-    def overlay_png(self) -> bytes:
+    def overlay_png(self, max_side: int = overlay.MAX_SIDE) -> bytes:
         image = overlay.render(
-            self.grey, self.cam, caption=self.caption(), reference=self.overlay.reference
-        )
+            self.grey, self.cam, caption=self.caption(), reference=self.style.reference,
+            max_side=max_side,
+        )  # fmt: skip
         return overlay.png_bytes(image)
 
 
@@ -131,7 +122,6 @@ class OverlayStyle:
     """Per-model overlay settings read from the edge metadata."""
 
     model: str
-    modality: str
     reference: float
 
     @classmethod
@@ -139,9 +129,27 @@ class OverlayStyle:
         reference = float(edge.get("cam", {}).get("reference") or 0.0)
         return cls(
             model=f"{spec.get('arch', 'model')} · sha {sha256[:12]}",
-            modality=str(edge.get("modality", "unknown")),
             reference=reference if reference > 0 else 1.0,
         )
+
+
+def temperature_of(edge: dict[str, Any], path: Path) -> float | None:
+    """The softmax temperature fitted at export (None: the model was not calibrated)."""
+    record = edge.get("calibration") or {}
+    if record.get("method") != "temperature":
+        return None
+    t = record.get("temperature")
+    if not isinstance(t, int | float) or not math.isfinite(t) or not 0 < t < 1e3:
+        raise EdgeError(f"{path}: its calibration temperature {t!r} is not a positive number")
+    return float(t)
+
+
+def normal_labels(edge: dict[str, Any], labels: list[str]) -> frozenset[str]:
+    """The classes the bundle marks as normal/negative (no heat map is drawn for them)."""
+    table = edge.get("label_codes")
+    if isinstance(table, dict):
+        return frozenset(k for k, v in table.items() if isinstance(v, dict) and v.get("normal"))
+    return frozenset(label for label in labels if label.upper() == "NORMAL")
 
 
 MAX_THREADS = 256
@@ -150,7 +158,14 @@ MAX_THREADS = 256
 class Predictor:
     """Load and verify a model (ONNX or TensorRT engine) and predict images with it."""
 
-    def __init__(self, model_path: Path, backend: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        backend: str = "auto",
+        threads: int | None = None,
+        *,
+        map_normal: bool = False,
+    ) -> None:
         model_path = Path(model_path)
         if backend not in BACKENDS:
             raise EdgeError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -182,6 +197,17 @@ class Predictor:
         self.sha256 = self.meta.sha256
         self.input_test = _input_test(self.meta.edge, model_path)
         self.style = OverlayStyle.from_meta(self.meta.edge, self.meta.spec, self.sha256)
+        self.temperature = temperature_of(self.meta.edge, model_path)
+        self.normal = normal_labels(self.meta.edge, list(self.labels))
+        self.map_normal = map_normal
+        modality = str(self.meta.edge.get("modality") or self.meta.spec.get("modality") or "")
+        self.identity = ModelIdentity(
+            name=str(self.meta.spec.get("arch", "model")),
+            sha256=self.sha256,
+            modality=modality if modality in MODALITIES else "other",
+            version=__version__,
+            calibrated=self.temperature is not None,
+        )
 
     @property
     def backend(self) -> str:
@@ -199,9 +225,14 @@ class Predictor:
         return {k: v[:n] for k, v in out.items()}
 
     def predict_array(
-        self, grey: np.ndarray, name: str, started: float | None = None
+        self,
+        grey: np.ndarray,
+        name: str,
+        started: float | None = None,
+        *,
+        markers: tuple[Markers | None, str] = (None, "none: no orientation given"),
     ) -> Prediction:
-        """Predict one decoded greyscale uint8 image."""
+        """Predict one decoded greyscale uint8 image; ``markers`` from its DICOM header."""
         started = time.perf_counter() if started is None else started
         reason, input_scores = (
             self.input_test.check(grey) if self.input_test is not None else (None, {})
@@ -211,7 +242,7 @@ class Predictor:
         out = self.run(x)
         inference_ms = (time.perf_counter() - t0) * 1e3
         logits = out["logits"].astype(np.float64)
-        probs = scores.softmax(logits)[0]
+        probs = scores.softmax(logits if self.temperature is None else logits / self.temperature)[0]
         k = int(probs.argmax())
         score = float(out["ood_score"][0])
         if reason is None and score > self.threshold:
@@ -220,32 +251,66 @@ class Predictor:
                 f"{score:.2f} > {self.threshold:.2f})"
             )
         ood = reason is not None
-        return Prediction(
+        label = None if ood else self.labels[k]
+        mapped = label is not None and (self.map_normal or label not in self.normal)
+        record = PredictionRecord(
             image=name,
-            status=OUT_OF_DISTRIBUTION if ood else OK,
-            label=None if ood else self.labels[k],
-            probabilities=None
+            status=Status.OUT_OF_DISTRIBUTION if ood else Status.OK,
+            label=label,
+            scores=None
             if ood
             else {lab: float(p) for lab, p in zip(self.labels, probs, strict=True)},
+            score_kind=ScoreKind.SCORE if self.temperature is None else ScoreKind.PROBABILITY,
             reason=reason,
             ood_score=score,
             ood_threshold=self.threshold,
-            input_scores=input_scores,
+            input_distance=input_scores.get("input_distance"),
+            input_orientation=input_scores.get("input_orientation"),
             energy=float(scores.energy(logits)[0]),
-            cam=None if ood else out["cam"][0, k],
-            grey=grey,
-            latency_ms=(time.perf_counter() - started) * 1e3,
-            inference_ms=inference_ms,
+            markers=markers[0],
+            markers_source=markers[1],
+            cam_label=label if mapped else None,
+            model=self.identity,
             backend=self.backend,
-            model_sha256=self.sha256,
-            overlay=self.style,
+            latency_ms=round((time.perf_counter() - started) * 1e3, 3),
+            inference_ms=round(inference_ms, 3),
+        )
+        return Prediction(
+            record=record, cam=out["cam"][0, k] if mapped else None, grey=grey, style=self.style
         )
 
     def predict_file(self, path: Path) -> Prediction:
         from fedbridge_shared.data.images import read_image
 
         started = time.perf_counter()
-        return self.predict_array(read_image(Path(path)), str(path), started)
+        grey = read_image(Path(path))
+        return self.predict_array(grey, str(path), started, markers=markers_of_file(Path(path)))
+
+
+def markers_of_file(path: Path) -> tuple[Markers | None, str]:
+    """Markers of an image file: from its DICOM header, none for PNG/JPEG."""
+    if not is_dicom_file(path):
+        return laterality.markers_from_dataset(None)
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - the pixels were read; an odd header just means no markers
+        return None, "none: the DICOM header could not be read"
+    return laterality.markers_from_dataset(header)
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM input by the same rule the image reader uses: suffix or DICM magic."""
+    from fedbridge_shared.data.images import DICOM_SUFFIXES
+
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _input_test(edge: dict[str, Any], path: Path) -> fingerprint.InputTest | None:
@@ -260,7 +325,7 @@ def _input_test(edge: dict[str, Any], path: Path) -> fingerprint.InputTest | Non
 
 
 def write_prediction(pred: Prediction, out: Path, stem: str) -> tuple[Path, Path]:
-    """Write ``stem.json`` and ``stem.overlay.png`` into ``out`` (atomically)."""
+    """Write ``stem.json`` (the record and its overlay's name) and ``stem.overlay.png``."""
     png = atomic_write(out / f"{stem}.overlay.png", pred.overlay_png())
     record = {**pred.to_json(), "overlay": png.name}
     js = atomic_write(out / f"{stem}.json", (json.dumps(record, indent=2) + "\n").encode())

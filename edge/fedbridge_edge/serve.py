@@ -9,6 +9,15 @@ Endpoints (``GET /openapi.json`` describes them):
 - ``POST /predict/batch``: multipart with up to ``max_files`` files → a JSON list, one entry per
   file; a file that cannot be read gets ``{"image", "error"}`` without failing the others.
 - ``GET /health`` (model, labels, backend, version) and ``GET /ready`` (503 until warmed up).
+- The Open Inference Protocol (KServe v2) beside them: ``GET /v2``, ``/v2/health/live``,
+  ``/v2/health/ready``, ``/v2/models/{name}``, ``/v2/models/{name}/ready``; ``POST
+  /v2/models/{name}/infer`` (input ``image``: BYTES of base64 image files, or UINT8 pixels).
+- ``GET /metrics``: Prometheus counters and histograms (prometheus-client).
+
+Every JSON body is a pydantic model (``fedbridge_edge.api_models``, the prediction record of
+``fedbridge_edge.record``), and ``/openapi.json`` is generated from those models. Each reply
+carries ``X-Request-ID`` (the client's, when it sent a sane one, else a new one); a DICOM
+upload's reply echoes its Study and SOP Instance UIDs.
 
 Every error is JSON ``{"error": "..."}``: 404 unknown path, 405 (with ``Allow``) wrong method,
 408 body too slow, 413 body too large, 415 content type, 400 unreadable image or a declared
@@ -23,13 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import importlib
+import io
 import json
 import logging
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +56,23 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedbridge_edge import laterality
+from fedbridge_edge.api_models import (
+    Health,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    PredictReply,
+    Ready,
+    ResponseOutput,
+    ServerMetadata,
+    TensorMetadata,
+    component_schemas,
+    ref,
+)
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.preprocess import check_declared_size, decode_bytes
+from fedbridge_edge.record import ApiErrorBody, FileError
 from fedbridge_edge.runtime import Prediction, Predictor
 from fedbridge_shared.errors import FedbridgeError
 
@@ -104,27 +131,94 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     headers = dict(headers or {})
     if status in (408, 413):  # the rest of the body may be unread: do not reuse the connection
         headers.setdefault("Connection", "close")
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse(
+        ApiErrorBody(error=message).model_dump(), status_code=status, headers=headers
+    )
 
 
 # ---- ASGI middleware: body bounds, admission, access log ------------------------------------
+
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID = 128
+
+
+def request_id_of(given: bytes | None) -> str:
+    """The client's X-Request-ID when it is 1–128 printable ASCII characters, else a new one."""
+    if given:
+        text = given.decode("latin-1")
+        if len(text) <= MAX_REQUEST_ID and text.isascii() and text.isprintable():
+            return text
+    return uuid.uuid4().hex
+
+
+def escape_log(text: str) -> str:
+    """A request path or query as one log line: control characters escaped, never raw."""
+    return "".join(
+        c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode() for c in text
+    )
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry, so several apps never clash)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.predictions = Counter(
+            "fedbridge_predictions", "Images assessed, by status", ["status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.responses = Counter(
+            "fedbridge_http_responses", "HTTP responses, by status code", ["code"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "fedbridge_request_seconds", "Wall time per HTTP request", registry=self.registry
+        )
+        self.inference_seconds = Histogram(
+            "fedbridge_inference_seconds", "Model run time per image", registry=self.registry
+        )
+        self.ready = Gauge(
+            "fedbridge_ready", "1 once the model is warmed up", registry=self.registry
+        )
+
+    def observe(self, pred: Prediction) -> None:
+        self.predictions.labels(status=pred.record.status.value).inc()
+        self.inference_seconds.observe(pred.record.inference_ms / 1e3)
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class _Bounds:
     """Declared and streamed body size, body deadline, requests in flight, access log."""
 
-    def __init__(self, app: Any, limits: Limits) -> None:
-        self.app, self.limits, self.in_flight = app, limits, 0
+    def __init__(self, app: Any, limits: Limits, metrics: Metrics | None = None) -> None:
+        self.app, self.limits, self.in_flight, self.metrics = app, limits, 0, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status, sent = time.perf_counter(), 0, 0
+        request_id = request_id_of(dict(scope["headers"]).get(REQUEST_ID_HEADER))
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_logged(message: Message) -> None:
             nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = [
+                    (k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER
+                ]
+                message = {
+                    **message,
+                    "headers": [*headers, (REQUEST_ID_HEADER, request_id.encode())],
+                }
+                if self.metrics is not None:
+                    self.metrics.responses.labels(code=str(status)).inc()
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
@@ -133,14 +227,17 @@ class _Bounds:
             await self._handle(scope, receive, send_logged)
         finally:
             path = scope["path"] + (
-                f"?{scope['query_string'].decode()}" if scope["query_string"] else ""
+                f"?{scope['query_string'].decode('latin-1')}" if scope["query_string"] else ""
             )
             host_port = scope.get("client")
             client = f"{host_port[0]}:{host_port[1]}" if host_port else "-"
+            seconds = time.perf_counter() - started
+            if self.metrics is not None:
+                self.metrics.request_seconds.observe(seconds)
             log.info(
-                '%s "%s %s" %s %d B %.1f ms',
-                client, scope["method"], path, status or "-", sent,
-                (time.perf_counter() - started) * 1e3,
+                '%s "%s %s" %s %d B %.1f ms id=%s',
+                client, scope["method"], escape_log(path), status or "-", sent, seconds * 1e3,
+                request_id,
             )  # fmt: skip
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -237,40 +334,42 @@ class _Protocol(H11Protocol):
 class Api:
     """The endpoints over one Predictor."""
 
-    def __init__(self, predictor: Predictor, limits: Limits) -> None:
-        self.predictor, self.limits = predictor, limits
+    def __init__(self, predictor: Predictor, limits: Limits, metrics: Metrics) -> None:
+        self.predictor, self.limits, self.metrics = predictor, limits, metrics
         self.ready = False
         self.infer_lock = threading.Lock()  # one inference at a time (TensorRT contexts)
         self.decoders = threading.BoundedSemaphore(2)
+        self.model_name = predictor.identity.name
 
     def warm_up(self) -> None:
         size = self.predictor.spec.image_size
         with self.infer_lock:
             self.predictor.predict_array(np.zeros((size, size), np.uint8), "warm-up")
         self.ready = True
+        self.metrics.ready.set(1)
 
     async def health(self, request: Request) -> Response:
         p = self.predictor
-        return JSONResponse(
-            {
-                "status": "ok",
-                "ready": self.ready,
-                "model_sha256": p.sha256,
-                "labels": p.labels,
-                "backend": p.backend,
-                "version": version(),
-                "max_bytes": self.limits.max_bytes,
-                "max_pixels": self.limits.max_pixels,
-            }
-        )
+        return _json(
+            Health(
+                status="ok", ready=self.ready, model_sha256=p.sha256, labels=list(p.labels),
+                modality=p.identity.modality, calibrated=p.identity.calibrated,
+                backend=p.backend, version=version(), max_bytes=self.limits.max_bytes,
+                max_pixels=self.limits.max_pixels,
+            )
+        )  # fmt: skip
 
     async def ready_check(self, request: Request) -> Response:
         if not self.ready:
             return _error(503, "model warming up", {"Retry-After": "1"})
-        return JSONResponse({"status": "ready"})
+        return _json(Ready(status="ready"))
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_schema(self.limits))
+
+    async def prometheus(self, request: Request) -> Response:
+        body, media_type = self.metrics.exposition()
+        return Response(body, media_type=media_type)
 
     def _overlay(self, request: Request) -> str:
         overlay = request.query_params.get("overlay", "none")
@@ -307,41 +406,46 @@ class Api:
             "application/dicom, application/octet-stream) or multipart/form-data",
         )
 
-    async def _predict_one(self, name: str, data: bytes, overlay: str) -> dict[str, Any]:
+    async def _predict_one(self, name: str, data: bytes, overlay: str) -> PredictReply:
         """Decode, infer and render in one worker thread (the event loop stays free)."""
         return await run_in_threadpool(self._predict_sync, name, data, overlay)
 
-    def _predict_sync(self, name: str, data: bytes, overlay: str) -> dict[str, Any]:
+    def _predict_sync(self, name: str, data: bytes, overlay: str) -> PredictReply:
         started = time.perf_counter()
+        header = dicom_header(data, name)
         with self.decoders:  # decoded images in memory at once, bounded
             check_declared_size(data, self.limits.max_pixels, name)
             grey = decode_bytes(data, name)
+        pred = self._infer(grey, name, started, header)
+        return self._render(pred, header, overlay)
+
+    def _infer(self, grey: np.ndarray, name: str, started: float, header: Any) -> Prediction:
+        markers = laterality.markers_from_dataset(header)
         with self.infer_lock:
-            pred = self.predictor.predict_array(grey, name, started)
-        return self._render(pred, data, overlay)
+            pred = self.predictor.predict_array(grey, name, started, markers=markers)
+        self.metrics.observe(pred)
+        return pred
 
-    def _render(self, pred: Prediction, data: bytes, overlay: str) -> dict[str, Any]:
-        result = pred.to_json()
+    def _render(self, pred: Prediction, header: Any, overlay: str) -> PredictReply:
+        extra: dict[str, Any] = {}
+        if header is not None:
+            extra["study_instance_uid"] = str(header.get("StudyInstanceUID", "")) or None
+            extra["sop_instance_uid"] = str(header.get("SOPInstanceUID", "")) or None
         if overlay == "png":
-            result["overlay_png_base64"] = base64.b64encode(pred.overlay_png()).decode()
+            extra["overlay_png_base64"] = base64.b64encode(pred.overlay_png()).decode()
         elif overlay == "dicom":  # the Secondary Capture and the SR, in the upload's study
-            import io
-
-            import pydicom
-
             from fedbridge_edge import dicom_out
 
-            if not (len(data) > 132 and data[128:132] == b"DICM"):
+            if header is None:
                 raise ApiError(
                     400, f"{pred.image}: ?overlay=dicom needs a DICOM upload (its patient and "
                     "study go into the results); use ?overlay=png"
                 )  # fmt: skip
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
             model = f"fedbridge {self.predictor.meta.spec.get('arch', 'model')}"
             sc, sr = dicom_out.build(pred, header, model_name=model, name=pred.image)
-            result["overlay_dicom_base64"] = base64.b64encode(dicom_out.encode(sc)).decode()
-            result["report_dicom_base64"] = base64.b64encode(dicom_out.encode(sr)).decode()
-        return result
+            extra["overlay_dicom_base64"] = base64.b64encode(dicom_out.encode(sc)).decode()
+            extra["report_dicom_base64"] = base64.b64encode(dicom_out.encode(sr)).decode()
+        return PredictReply(**dict(pred.record), **extra)
 
     async def predict(self, request: Request) -> Response:
         overlay = self._overlay(request)
@@ -350,7 +454,7 @@ class Api:
             raise ApiError(400, f"{len(files)} files sent: /predict takes one (/predict/batch)")
         name, data = files[0]
         try:
-            return JSONResponse(await self._predict_one(name, data, overlay))
+            return _json(await self._predict_one(name, data, overlay))
         except FedbridgeError as e:  # ImageTooLarge (over --max-pixels) included
             raise ApiError(400, str(e)) from e
 
@@ -359,13 +463,162 @@ class Api:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "multipart/form-data":
             raise ApiError(415, f"content type {ctype!r}: /predict/batch takes multipart/form-data")
-        results = []
+        results: list[dict[str, Any]] = []
         for name, data in await self._files(request):
             try:
-                results.append(await self._predict_one(name, data, overlay))
+                results.append(_dump(await self._predict_one(name, data, overlay)))
             except FedbridgeError as e:
-                results.append({"image": name, "error": str(e)})
+                results.append(_dump(FileError(image=name, error=str(e))))
         return JSONResponse(results)
+
+    # ---- Open Inference Protocol (KServe v2) ----------------------------------------------
+
+    async def v2_server(self, request: Request) -> Response:
+        return _json(ServerMetadata(name="fedbridge", version=version(), extensions=[]))
+
+    async def v2_live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def v2_ready(self, request: Request) -> Response:
+        return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
+
+    def _model(self, request: Request) -> None:
+        name = request.path_params["name"]
+        if name != self.model_name:
+            raise ApiError(404, f"no model {name!r} here (this server has {self.model_name!r})")
+
+    async def v2_model(self, request: Request) -> Response:
+        self._model(request)
+        p = self.predictor
+        k = len(p.labels)
+        return _json(
+            ModelMetadata(
+                name=self.model_name, versions=[p.sha256], platform=f"fedbridge_{p.backend}",
+                inputs=[TensorMetadata(name="image", datatype="BYTES", shape=[-1])],
+                outputs=[
+                    TensorMetadata(name="status", datatype="BYTES", shape=[-1]),
+                    TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+                    TensorMetadata(name="scores", datatype="FP32", shape=[-1, k]),
+                    TensorMetadata(name="record", datatype="BYTES", shape=[-1]),
+                ],
+                parameters={"labels": list(p.labels), "modality": p.identity.modality,
+                            "score_kind": "probability" if p.identity.calibrated else "score"},
+            )
+        )  # fmt: skip
+
+    async def v2_model_ready(self, request: Request) -> Response:
+        self._model(request)
+        return JSONResponse(
+            {"name": self.model_name, "ready": self.ready}, status_code=200 if self.ready else 503
+        )
+
+    async def v2_infer(self, request: Request) -> Response:
+        self._model(request)
+        body = await request.body()
+        try:
+            infer = InferRequest.model_validate_json(body)
+        except ValueError as e:
+            first = str(e).splitlines()
+            raise ApiError(400, f"not an inference request: {' '.join(first[:3])}") from None
+        if len(infer.inputs) != 1 or infer.inputs[0].name != "image":
+            raise ApiError(400, "inference request: send exactly one input named 'image'")
+        images = self._v2_images(infer.inputs[0])
+        preds: list[Prediction] = []
+        for i, (name, item) in enumerate(images):
+            try:
+                preds.append(await run_in_threadpool(self._v2_predict, name, item))
+            except FedbridgeError as e:
+                raise ApiError(400, f"image {i}: {e}") from e
+        return _json(self._v2_response(infer, preds))
+
+    def _v2_images(self, tensor: Any) -> list[tuple[str, bytes | np.ndarray]]:
+        n_max = self.limits.max_files
+        if tensor.datatype == "BYTES":
+            if len(tensor.shape) != 1 or tensor.shape[0] != len(tensor.data):
+                raise ApiError(400, "input 'image' BYTES: shape must be [N] with N data items")
+            if not 1 <= len(tensor.data) <= n_max:
+                raise ApiError(400, f"input 'image': 1 to {n_max} images per request")
+            out: list[tuple[str, bytes | np.ndarray]] = []
+            for i, item in enumerate(tensor.data):
+                try:
+                    out.append((f"image-{i}", base64.b64decode(str(item), validate=True)))
+                except (binascii.Error, ValueError):
+                    raise ApiError(400, f"input 'image' item {i}: not base64") from None
+            return out
+        if tensor.datatype == "UINT8":
+            shape = (
+                tensor.shape[1:]
+                if len(tensor.shape) == 3 and tensor.shape[0] == 1
+                else tensor.shape
+            )
+            if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
+                raise ApiError(400, "input 'image' UINT8: shape [H, W] or [1, H, W] (greyscale)")
+            if shape[0] * shape[1] > self.limits.max_pixels:
+                raise ApiError(400, f"input 'image': over --max-pixels {self.limits.max_pixels}")
+            try:
+                pixels = np.asarray(tensor.data, dtype=np.int64).reshape(shape)
+            except ValueError:
+                raise ApiError(400, "input 'image' UINT8: data do not fill its shape") from None
+            if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255:
+                raise ApiError(400, "input 'image' UINT8: values must be in [0, 255]")
+            return [("image-0", pixels.astype(np.uint8))]
+        raise ApiError(400, f"input 'image': datatype {tensor.datatype!r} (BYTES or UINT8)")
+
+    def _v2_predict(self, name: str, item: bytes | np.ndarray) -> Prediction:
+        started = time.perf_counter()
+        if isinstance(item, np.ndarray):
+            return self._infer(item, name, started, None)
+        header = dicom_header(item, name)
+        with self.decoders:
+            check_declared_size(item, self.limits.max_pixels, name)
+            grey = decode_bytes(item, name)
+        return self._infer(grey, name, started, header)
+
+    def _v2_response(self, infer: InferRequest, preds: list[Prediction]) -> InferResponse:
+        n, labels = len(preds), list(self.predictor.labels)
+        records = [p.record for p in preds]
+        outputs = [
+            ResponseOutput(name="status", datatype="BYTES", shape=[n],
+                           data=[r.status.value for r in records]),
+            ResponseOutput(name="label", datatype="BYTES", shape=[n],
+                           data=[r.label or "" for r in records]),
+        ]  # fmt: skip
+        if all(r.scores is not None for r in records):  # none at all when one is not assessed
+            outputs.append(
+                ResponseOutput(
+                    name="scores", datatype="FP32", shape=[n, len(labels)],
+                    data=[r.scores[lab] for r in records for lab in labels if r.scores],
+                    parameters={"labels": labels, "score_kind": records[0].score_kind.value},
+                )
+            )  # fmt: skip
+        outputs.append(
+            ResponseOutput(name="record", datatype="BYTES", shape=[n],
+                           data=[r.model_dump_json() for r in records])
+        )  # fmt: skip
+        return InferResponse(
+            model_name=self.model_name, model_version=self.predictor.sha256, id=infer.id,
+            outputs=outputs,
+        )  # fmt: skip
+
+
+def dicom_header(data: bytes, name: str) -> Any:
+    """The header of a DICOM upload (None for PNG/JPEG or a header that cannot be read)."""
+    if not (len(data) > 132 and data[128:132] == b"DICM"):
+        return None
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - the decoder reports an unreadable file in one line
+        return None
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    return model.model_dump(mode="json", exclude_unset=True)
+
+
+def _json(model: Any) -> JSONResponse:
+    return JSONResponse(_dump(model))
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -398,7 +651,8 @@ async def _internal(request: Request, exc: Exception) -> Response:
 
 def make_app(predictor: Predictor, limits: Limits = Limits()) -> tuple[Any, Api]:  # noqa: B008
     """The ASGI application (bounds middleware around Starlette) and its Api."""
-    api = Api(predictor, limits)
+    metrics = Metrics()
+    api = Api(predictor, limits, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -414,6 +668,13 @@ def make_app(predictor: Predictor, limits: Limits = Limits()) -> tuple[Any, Api]
             Route("/health", api.health, methods=["GET"]),
             Route("/ready", api.ready_check, methods=["GET"]),
             Route("/openapi.json", api.openapi, methods=["GET"]),
+            Route("/metrics", api.prometheus, methods=["GET"]),
+            Route("/v2", api.v2_server, methods=["GET"]),
+            Route("/v2/health/live", api.v2_live, methods=["GET"]),
+            Route("/v2/health/ready", api.v2_ready, methods=["GET"]),
+            Route("/v2/models/{name}", api.v2_model, methods=["GET"]),
+            Route("/v2/models/{name}/ready", api.v2_model_ready, methods=["GET"]),
+            Route("/v2/models/{name}/infer", api.v2_infer, methods=["POST"]),
         ],
         exception_handlers={
             ApiError: _api_error,
@@ -423,7 +684,7 @@ def make_app(predictor: Predictor, limits: Limits = Limits()) -> tuple[Any, Api]
         },
         lifespan=lifespan,
     )
-    return _Bounds(app, limits), api
+    return _Bounds(app, limits, metrics), api
 
 
 class EdgeServer:
@@ -529,12 +790,12 @@ def make_server(
 
 
 def openapi_schema(limits: Limits) -> dict[str, Any]:
-    """OpenAPI 3.1 for every endpoint (written by hand: Starlette has no models to derive it)."""
-    err = {"$ref": "#/components/schemas/Error"}
-    pred = {"$ref": "#/components/schemas/Prediction"}
+    """OpenAPI 3.1 for every endpoint; the bodies' schemas are generated from the pydantic
+    models the replies are built from (``api_models.component_schemas``)."""
+    err = ref(ApiErrorBody)
 
-    def replies(ok: dict, *codes: int) -> dict:
-        out = {"200": {"description": "OK", "content": {"application/json": {"schema": ok}}}}
+    def replies(ok: dict, *codes: int, media: str = "application/json") -> dict:
+        out = {"200": {"description": "OK", "content": {media: {"schema": ok}}}}
         for code in codes:
             out[str(code)] = {
                 "description": ERRORS[code],
@@ -542,12 +803,16 @@ def openapi_schema(limits: Limits) -> dict[str, Any]:
             }
         return out
 
+    def get(summary: str, ok: dict, *codes: int, **kw: Any) -> dict:
+        return {"get": {"summary": summary, "responses": replies(ok, *codes, **kw)}}
+
     overlay = {
         "name": "overlay", "in": "query", "required": False,
         "schema": {"type": "string", "enum": list(OVERLAYS), "default": "none"},
-        "description": "png: add overlay_png_base64 (CAM on the image); dicom: a DICOM "
-        "Secondary Capture in overlay_dicom_base64 where available (else 400).",
+        "description": "png: add overlay_png_base64 (CAM on the image); dicom: the Secondary "
+        "Capture and the SR in overlay_dicom_base64 / report_dicom_base64 (DICOM uploads).",
     }  # fmt: skip
+    model_name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     binary = {"type": "string", "format": "binary"}
     multipart_one = {
         "type": "object", "properties": {"file": binary}, "required": ["file"],
@@ -557,6 +822,12 @@ def openapi_schema(limits: Limits) -> dict[str, Any]:
         "properties": {"file": {"type": "array", "items": binary, "maxItems": limits.max_files}},
     }
     post_codes = (400, 408, 413, 415, 503)
+    live = {"type": "object", "properties": {"live": {"type": "boolean"}}}
+    ready_body = {"schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}
+    model_ready = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "fedbridge edge", "version": version()},
@@ -583,7 +854,7 @@ def openapi_schema(limits: Limits) -> dict[str, Any]:
                             "multipart/form-data": {"schema": multipart_one},
                         },
                     },
-                    "responses": replies(pred, *post_codes),
+                    "responses": replies(ref(PredictReply), *post_codes),
                 }
             },
             "/predict/batch": {
@@ -595,81 +866,65 @@ def openapi_schema(limits: Limits) -> dict[str, Any]:
                         "content": {"multipart/form-data": {"schema": multipart_many}},
                     },
                     "responses": replies(
-                        {
-                            "type": "array",
-                            "items": {"oneOf": [pred, {"$ref": "#/components/schemas/FileError"}]},
-                        },  # noqa: E501
+                        {"type": "array", "items": {"anyOf": [ref(PredictReply), ref(FileError)]}},
                         *post_codes,
                     ),
                 }
             },
-            "/health": {
+            "/health": get("Model hash, labels, backend, version, limits", ref(Health)),
+            "/ready": get("200 once the model is loaded and warmed up, else 503", ref(Ready), 503),
+            "/metrics": get(
+                "Prometheus metrics", {"type": "string"}, media="text/plain; version=0.0.4"
+            ),
+            "/openapi.json": get("This document", {"type": "object"}),
+            "/v2": get("Open Inference Protocol: server metadata", ref(ServerMetadata)),
+            "/v2/health/live": get("Open Inference Protocol: liveness", live),
+            "/v2/health/ready": {
                 "get": {
-                    "summary": "Model hash, labels, backend, version, limits",
-                    "responses": replies({"$ref": "#/components/schemas/Health"}),
+                    "summary": "Open Inference Protocol: readiness (503 until warmed up)",
+                    "responses": {
+                        code: {
+                            "description": text,
+                            "content": {"application/json": ready_body},
+                        }
+                        for code, text in (("200", "ready"), ("503", "warming up"))
+                    },
                 }
             },
-            "/ready": {
+            "/v2/models/{name}": {
                 "get": {
-                    "summary": "200 once the model is loaded and warmed up, else 503",
-                    "responses": replies({"type": "object"}, 503),
+                    "summary": "Open Inference Protocol: model metadata",
+                    "parameters": [model_name],
+                    "responses": replies(ref(ModelMetadata), 404),
                 }
             },
-            "/openapi.json": {
-                "get": {"summary": "This document", "responses": replies({"type": "object"})}
-            },
-        },
-        "components": {
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {"error": {"type": "string"}},
-                },
-                "FileError": {
-                    "type": "object",
-                    "required": ["image", "error"],
-                    "properties": {"image": {"type": "string"}, "error": {"type": "string"}},
-                },
-                "Prediction": {
-                    "type": "object",
-                    "required": ["image", "probabilities", "model_sha256", "backend"],
-                    "properties": {
-                        "image": {"type": "string"},
-                        "status": {"type": "string", "enum": ["ok", "out_of_distribution"]},
-                        "label": {"type": ["string", "null"]},
-                        "reason": {"type": ["string", "null"]},
-                        "probabilities": {
-                            "type": "object",
-                            "additionalProperties": {"type": "number"},
+            "/v2/models/{name}/ready": {
+                "get": {
+                    "summary": "Open Inference Protocol: model readiness (503 until warmed up)",
+                    "parameters": [model_name],
+                    "responses": {
+                        **replies(model_ready, 404),
+                        "503": {
+                            "description": "warming up",
+                            "content": {"application/json": {"schema": model_ready}},
                         },
-                        "ood": {"type": "boolean"},
-                        "ood_score": {"type": "number"},
-                        "ood_threshold": {"type": "number"},
-                        "energy": {"type": "number"},
-                        "model_sha256": {"type": "string"},
-                        "backend": {"type": "string"},
-                        "latency_ms": {"type": "number"},
-                        "inference_ms": {"type": "number"},
-                        "overlay_png_base64": {"type": "string"},
-                        "overlay_dicom_base64": {"type": "string"},
                     },
-                },
-                "Health": {
-                    "type": "object",
-                    "properties": {
-                        "status": {"type": "string"},
-                        "ready": {"type": "boolean"},
-                        "model_sha256": {"type": "string"},
-                        "labels": {"type": "array", "items": {"type": "string"}},
-                        "backend": {"type": "string"},
-                        "version": {"type": "string"},
-                        "max_bytes": {"type": "integer"},
-                        "max_pixels": {"type": "integer"},
+                }
+            },
+            "/v2/models/{name}/infer": {
+                "post": {
+                    "summary": "Open Inference Protocol: infer (input 'image': BYTES of base64 "
+                    "PNG/JPEG/DICOM files, shape [N]; or UINT8 greyscale pixels, [H, W])",
+                    "parameters": [model_name],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref(InferRequest)}},
                     },
-                },
-            }  # fmt: skip
+                    "responses": replies(ref(InferResponse), 400, 404, 408, 413, 503),
+                }
+            },
         },
+        "components": {"schemas": component_schemas()},
     }
 
 
@@ -678,6 +933,7 @@ ERRORS = {
     "bad query or multipart body",
     408: "The body did not arrive in time",
     413: "Body over --max-bytes (declared or streamed)",
+    404: "No such model",
     415: "Unsupported content type",
     503: "Busy (over --concurrency) or not ready",
 }

@@ -1,4 +1,8 @@
-"""A run's summary: ``predictions.csv`` and ``predictions.jsonl``, one row per input image."""
+"""A run's summary: ``predictions.csv`` and ``predictions.jsonl``, one row per input image.
+
+Each row is read off the image's :class:`~fedbridge_edge.record.PredictionRecord`; an image
+that could not be predicted gets a row with status ``error`` and the reason.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +12,37 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedbridge_edge.record import PredictionRecord
 from fedbridge_shared.files import atomic_write
 
 CSV, JSONL = "predictions.csv", "predictions.jsonl"
+ERROR = "error"
 FIELDS = (
-    "image", "status", "label", "top_probability", "ood", "ood_score", "ood_threshold",
-    "model_sha256", "reason",
+    "image", "status", "label", "top_score", "score_kind", "ood_score", "ood_threshold",
+    "markers", "model_sha256", "reason",
 )  # fmt: skip
 
 
-def row(pred: Any, image: Path | str) -> dict[str, Any]:
-    """One image's row from its prediction (``to_json``); no label out of distribution."""
-    record = pred.to_json()
-    ood = bool(record.get("ood"))
-    probabilities = record.get("probabilities") or {}
-    label = None if ood else record.get("label")
+def row(record: PredictionRecord, image: Path | str) -> dict[str, Any]:
+    """One image's row; no label out of distribution (the record has none)."""
+    markers = record.markers
     return {
         "image": str(image),
-        "status": record.get("status") or ("out_of_distribution" if ood else "ok"),
-        "label": label,
-        "top_probability": probabilities.get(label) if label is not None else None,
-        "ood": ood,
-        "ood_score": record.get("ood_score"),
-        "ood_threshold": record.get("ood_threshold"),
-        "model_sha256": record.get("model_sha256"),
-        "reason": record.get("reason") if ood else None,
+        "status": record.status.value,
+        "label": record.label,
+        "top_score": record.top_score,
+        "score_kind": record.score_kind.value,
+        "ood_score": record.ood_score,
+        "ood_threshold": record.ood_threshold,
+        "markers": None if markers is None else f"{markers.left}|{markers.right}",
+        "model_sha256": record.model.sha256,
+        "reason": record.reason,
     }
 
 
 def error_row(image: Path | str, reason: str, sha256: str) -> dict[str, Any]:
     """The row of an image that could not be predicted."""
-    return {**dict.fromkeys(FIELDS), "image": str(image), "status": "error",
+    return {**dict.fromkeys(FIELDS), "image": str(image), "status": ERROR,
             "model_sha256": sha256, "reason": reason}  # fmt: skip
 
 

@@ -245,7 +245,7 @@ def test_export_progress_modes_and_edge_predict_json(cxr_bundle, cxr_parts, tmp_
     record = json.loads(result.stdout)
     assert [p["image"] for p in record["predictions"]] == [str(p) for p in images]
     for p in record["predictions"]:
-        assert abs(sum(p["probabilities"].values()) - 1) < 1e-4
+        assert abs(sum(p["scores"].values()) - 1) < 1e-4
     assert record["failed"] == 0 and "2 predictions in" in result.stderr
     again = fedbridge("edge", "predict", model, *images, "--out", out)
     assert_one_line_error(again, "earlier run's predictions", "--force")

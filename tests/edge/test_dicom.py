@@ -168,7 +168,7 @@ def test_predict_dicom_folder_writes_sc_sr_and_summary(edge_onnx, cxr_dicoms, ph
     assert by_name["photo.jpg"]["ood"] is True and by_name["photo.jpg"]["label"] is None
     for name in ("a.dcm", "b.dcm"):
         r = by_name[name]
-        assert r["status"] == "ok" and r["label"] and 0 < r["top_probability"] <= 1
+        assert r["status"] == "ok" and r["label"] and 0 < r["top_score"] <= 1
         assert r["model_sha256"] == Predictor(edge_onnx).sha256
     assert [r["image"] for r in rows] == [r["image"] for r in lines]
 

@@ -85,8 +85,8 @@ def test_the_edge_install_predicts_a_real_image(edge_venv, edge_onnx, cxr_parts,
     result = _run(fedbridge, "edge", "predict", edge_onnx, image, "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "out" / f"{image.stem}.json").read_text())
-    assert record["label"] in record["probabilities"]
-    assert abs(sum(record["probabilities"].values()) - 1) < 1e-5
+    assert record["label"] in record["scores"]
+    assert abs(sum(record["scores"].values()) - 1) < 1e-5
     assert (tmp_path / "out" / record["overlay"]).stat().st_size > 1000
     # a training command says which extra it needs, in one line
     train = _run(fedbridge, "train", cxr_parts["train"], "--out", tmp_path / "b")
@@ -120,7 +120,7 @@ def test_the_edge_install_serves_over_http(edge_venv, edge_onnx, cxr_parts, tmp_
         request = urllib.request.Request(f"http://{url}/predict", data=image.read_bytes())
         with urllib.request.urlopen(request, timeout=60) as r:
             body = json.loads(r.read())
-        assert body["label"] in body["probabilities"] and body["backend"] == "onnxruntime"
+        assert body["label"] in body["scores"] and body["backend"] == "onnxruntime"
     finally:
         stop([proc])
 

@@ -50,15 +50,15 @@ def test_predict_writes_json_and_overlay_and_flags_ood(
     assert len(records) == len(test_images) + 2
     sha = read_edge_model(edge_onnx).sha256
     for r in records.values():
-        for key in ("status", "label", "probabilities", "reason", "ood", "model_sha256"):
+        for key in ("status", "label", "scores", "reason", "ood", "model_sha256"):
             assert key in r
         assert r["model_sha256"] == sha and r["backend"] == "onnxruntime"
         if r["ood"]:  # withheld: nothing diagnostic in the record
             assert r["status"] == "out_of_distribution" and r["reason"]
-            assert r["label"] is None and r["probabilities"] is None
+            assert r["label"] is None and r["scores"] is None
         else:
             assert r["status"] == "ok" and r["reason"] is None
-            assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+            assert sum(r["scores"].values()) == pytest.approx(1.0, abs=1e-6)
         assert r["latency_ms"] > 0 and (out / r["overlay"]).stat().st_size > 500
     assert records["photo"]["ood"] is True
     assert records["noise"]["ood"] is True

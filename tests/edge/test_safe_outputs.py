@@ -77,7 +77,7 @@ def _flagged(predictor: Predictor, greys: list[np.ndarray]) -> float:
     for p in preds:  # withheld everywhere in the record
         record = p.to_json()
         assert (record["label"] is None) == p.ood == (record["status"] == "out_of_distribution")
-        assert (record["probabilities"] is None) == p.ood and bool(record["reason"]) == p.ood
+        assert (record["scores"] is None) == p.ood and bool(record["reason"]) == p.ood
     return float(np.mean([p.ood for p in preds]))
 
 

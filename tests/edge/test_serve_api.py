@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from cli import assert_one_line_error, fedbridge
@@ -28,8 +29,8 @@ TIMEOUT = 3  # --timeout: header and body deadline (s)
 
 
 class Served:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path, model: Path) -> None:
+        self.proc, self.url, self.log, self.model = proc, url, log, model
         self.port = int(url.rsplit(":", 1)[1])
 
     def vm_hwm_kb(self) -> int:
@@ -65,7 +66,7 @@ def served(edge_onnx, tmp_path_factory):
             if requests.get(f"{url}/ready", timeout=30).status_code == 200:
                 break
             time.sleep(0.1)
-        yield Served(proc, url, err)
+        yield Served(proc, url, err, edge_onnx)
     finally:
         stop([proc])
 
@@ -77,7 +78,8 @@ def cxr_image(cxr_parts) -> Path:
 
 def _prediction(body: dict, name: str) -> None:
     assert body["image"] == name, body
-    assert set(body["probabilities"]) and abs(sum(body["probabilities"].values()) - 1) < 1e-5
+    assert body["score_kind"] == "score" and body["model"]["calibrated"] is False
+    assert set(body["scores"]) and abs(sum(body["scores"].values()) - 1) < 1e-5
     assert "overlay_png_base64" not in body  # ?overlay=none is the default
 
 
@@ -129,8 +131,8 @@ def test_requests_raw_multipart_and_chunked(served, cxr_image):
     r = requests.post(f"{served.url}/predict", data=chunks, timeout=60)
     assert r.status_code == 200, r.text
     assert (
-        r.json()["probabilities"]
-        == requests.post(f"{served.url}/predict", data=data, timeout=60).json()["probabilities"]
+        r.json()["scores"]
+        == requests.post(f"{served.url}/predict", data=data, timeout=60).json()["scores"]
     )
 
 
@@ -141,7 +143,7 @@ def test_overlay_png_none_and_dicom(served, cxr_image):
     png.load()
     assert png.format == "PNG" and min(png.size) > 64
     body = requests.post(f"{served.url}/predict?overlay=none", data=data, timeout=60).json()
-    assert "overlay_png_base64" not in body and body["probabilities"]
+    assert "overlay_png_base64" not in body and body["scores"]
     r = requests.post(f"{served.url}/predict?overlay=gif", data=data, timeout=60)
     assert r.status_code == 400 and "none, png, dicom" in r.json()["error"]
     r = requests.post(f"{served.url}/predict?overlay=dicom", data=data, timeout=60)
@@ -179,8 +181,8 @@ def test_batch_reports_a_broken_file_inline(served, cxr_parts, bad_inputs):
     assert r.status_code == 200, r.text
     out = r.json()
     assert [o["image"] for o in out] == [images[0].name, "broken.jpg", images[1].name]
-    assert "truncated or corrupt" in out[1]["error"] and "probabilities" not in out[1]
-    assert all(o["probabilities"] for o in (out[0], out[2]))
+    assert "truncated or corrupt" in out[1]["error"] and "scores" not in out[1]
+    assert all(o["scores"] for o in (out[0], out[2]))
     too_many = [("file", (f"{i}.jpg", images[0].read_bytes())) for i in range(5)]
     r = requests.post(f"{served.url}/predict/batch", files=too_many, timeout=120)
     assert r.status_code == 400 and "4" in r.json()["error"]
@@ -358,3 +360,160 @@ def test_over_the_concurrency_limit_is_503_json(edge_onnx):
         server.server_close()
         thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+# ---- the contract: every reply validates against the served /openapi.json --------------------
+
+
+def _validator(doc: dict, schema: dict):
+    """A JSON Schema validator for ``schema`` resolving ``#/components/...`` in ``doc``."""
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator({**doc, **schema})
+
+
+def _check_reply(doc: dict, path: str, method: str, r: requests.Response) -> None:
+    """The reply's status is declared for this operation and its JSON body fits the schema."""
+    op = doc["paths"][path][method]
+    declared = op["responses"].get(str(r.status_code))
+    assert declared is not None, f"{method.upper()} {path}: {r.status_code} not in the schema"
+    schema = next(iter(declared["content"].values()))["schema"]
+    if "json" not in r.headers.get("content-type", ""):
+        return
+    errors = sorted(_validator(doc, schema).iter_errors(r.json()), key=str)
+    assert not errors, f"{method.upper()} {path} {r.status_code}: {errors[0].message}"
+    assert r.headers.get("x-request-id"), "every reply carries X-Request-ID"
+
+
+def _dicom_bytes(image: Path, tmp_path: Path, orientation: str | None) -> bytes:
+    from test_dicom import make_dicom
+
+    path = make_dicom(image, tmp_path / f"{orientation or 'none'}.dcm".replace("\\", "-"))
+    if orientation is not None:
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        ds.PatientOrientation = orientation.split("\\")
+        ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def test_every_reply_fits_the_published_schema(served, cxr_image, photo_png, tmp_path):
+    """ok, out of distribution, DICOM (with UIDs echoed), batch with an inline error, each
+    error status, /health, /ready, KServe v2: all validated against /openapi.json."""
+    url, doc = served.url, requests.get(f"{served.url}/openapi.json", timeout=30).json()
+    ok_reply = requests.post(f"{url}/predict", data=cxr_image.read_bytes(), timeout=60)
+    _check_reply(doc, "/predict", "post", ok_reply)
+    ood = requests.post(f"{url}/predict?overlay=png", data=photo_png.read_bytes(), timeout=60)
+    _check_reply(doc, "/predict", "post", ood)
+    assert ood.json()["status"] == "out_of_distribution" and ood.json()["scores"] is None
+    dcm = requests.post(
+        f"{url}/predict", data=_dicom_bytes(cxr_image, tmp_path, "L\\F"), timeout=60
+    )
+    _check_reply(doc, "/predict", "post", dcm)
+    assert dcm.json()["study_instance_uid"] and dcm.json()["sop_instance_uid"]
+    files = [("file", ("a.png", cxr_image.read_bytes())), ("file", ("b.png", b"\x89PNG broken"))]
+    batch = requests.post(f"{url}/predict/batch", files=files, timeout=60)
+    _check_reply(doc, "/predict/batch", "post", batch)
+    assert "error" in batch.json()[1]
+    for r in (
+        requests.post(f"{url}/predict", data=b"not an image", timeout=30),  # 400
+        requests.post(f"{url}/predict?overlay=svg", data=b"x", timeout=30),  # 400
+        requests.post(f"{url}/predict", data=b"x" * (MAX_BYTES + 1), timeout=30),  # 413
+        requests.post(f"{url}/predict", data=b"{}", headers={"Content-Type": "text/json"}),  # 415
+    ):
+        assert r.status_code >= 400, r.text
+        _check_reply(doc, "/predict", "post", r)
+    for path, model in (("/health", "Health"), ("/ready", "Ready")):
+        _check_reply(doc, path, "get", requests.get(f"{url}{path}", timeout=30))
+        assert doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"][
+            "schema"
+        ] == {"$ref": f"#/components/schemas/{model}"}
+    assert ok_reply.json()["markers"] is None and "PNG" in ok_reply.json()["markers_source"]
+
+
+def test_open_inference_protocol_v2(served, cxr_image, photo_png):
+    """KServe v2: server and model metadata, health, infer with base64 files and UINT8 pixels,
+    the client's request id echoed; a wrong model name is 404 JSON."""
+    url, doc = served.url, requests.get(f"{served.url}/openapi.json", timeout=30).json()
+    server = requests.get(f"{url}/v2", timeout=30)
+    _check_reply(doc, "/v2", "get", server)
+    assert server.json()["name"] == "fedbridge"
+    assert requests.get(f"{url}/v2/health/live", timeout=30).json() == {"live": True}
+    assert requests.get(f"{url}/v2/health/ready", timeout=30).json() == {"ready": True}
+    health = requests.get(f"{url}/health", timeout=30).json()
+    meta = requests.get(f"{url}/v2", timeout=30).json()
+    assert meta["version"] == health["version"]
+    models = requests.get(f"{url}/v2/models/nonexistent", timeout=30)
+    assert models.status_code == 404 and "no model" in models.json()["error"]
+    _check_reply(doc, "/v2/models/{name}", "get", models)
+    from fedbridge_edge.runtime import Predictor
+
+    name = Predictor(served.model).identity.name
+    model = requests.get(f"{url}/v2/models/{name}", timeout=30)
+    _check_reply(doc, "/v2/models/{name}", "get", model)
+    assert model.json()["versions"] == [health["model_sha256"]]
+    assert requests.get(f"{url}/v2/models/{name}/ready", timeout=30).json()["ready"] is True
+    body = {
+        "id": "req-7",
+        "inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                    "data": [base64.b64encode(p.read_bytes()).decode()
+                             for p in (cxr_image, photo_png)]}],
+    }  # fmt: skip
+    r = requests.post(
+        f"{url}/v2/models/{name}/infer", json=body, headers={"X-Request-ID": "abc-1"}, timeout=60
+    )
+    _check_reply(doc, "/v2/models/{name}/infer", "post", r)
+    assert r.headers["x-request-id"] == "abc-1" and r.json()["id"] == "req-7"
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["status"]["data"] == ["ok", "out_of_distribution"]
+    assert "scores" not in outputs  # one image not assessed: no dense score tensor
+    records = [json.loads(x) for x in outputs["record"]["data"]]
+    direct = requests.post(f"{url}/predict", data=cxr_image.read_bytes(), timeout=60).json()
+    assert records[0]["scores"] == pytest.approx(direct["scores"])
+    assert outputs["label"]["data"] == [direct["label"], ""]
+    pixels = np.asarray(Image.open(cxr_image).convert("L"))
+    one = {"inputs": [{"name": "image", "shape": list(pixels.shape), "datatype": "UINT8",
+                       "data": pixels.ravel().tolist()}]}  # fmt: skip
+    r = requests.post(f"{url}/v2/models/{name}/infer", json=one, timeout=120)
+    _check_reply(doc, "/v2/models/{name}/infer", "post", r)
+    scores = next(o for o in r.json()["outputs"] if o["name"] == "scores")
+    assert scores["data"] == pytest.approx([direct["scores"][k] for k in health["labels"]])
+    bad = requests.post(f"{url}/v2/models/{name}/infer", json={"inputs": []}, timeout=30)
+    assert bad.status_code == 400
+    _check_reply(doc, "/v2/models/{name}/infer", "post", bad)
+
+
+def test_metrics_count_predictions_by_status(served, cxr_image, photo_png):
+    def count(status: str) -> float:
+        text = requests.get(f"{served.url}/metrics", timeout=30).text
+        for line in text.splitlines():
+            if line.startswith(f'fedbridge_predictions_total{{status="{status}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before_ok, before_ood = count("ok"), count("out_of_distribution")
+    requests.post(f"{served.url}/predict", data=cxr_image.read_bytes(), timeout=60)
+    requests.post(f"{served.url}/predict", data=photo_png.read_bytes(), timeout=60)
+    assert count("ok") == before_ok + 1 and count("out_of_distribution") == before_ood + 1
+    assert "fedbridge_ready 1.0" in requests.get(f"{served.url}/metrics", timeout=30).text
+
+
+def test_dicom_markers_follow_patient_orientation(served, cxr_image, tmp_path):
+    """A film hung as usual (L\\F) gets R on the viewer's left; a mirrored one (R\\F) gets
+    mirrored markers; a DICOM without PatientOrientation gets none, and says so."""
+    seen = {}
+    for orientation in ("L\\F", "R\\F", None):
+        data = _dicom_bytes(cxr_image, tmp_path, orientation)
+        seen[orientation] = requests.post(f"{served.url}/predict", data=data, timeout=60).json()
+    assert seen["L\\F"]["markers"] == {"left": "R", "right": "L"}
+    assert seen["R\\F"]["markers"] == {"left": "L", "right": "R"}
+    assert seen[None]["markers"] is None and "no PatientOrientation" in seen[None]["markers_source"]
+
+
+def test_an_encoded_newline_in_the_path_cannot_forge_a_log_line(served):
+    requests.get(f"{served.url}/x%0a127.0.0.1%20%22GET%20/forged", timeout=30)
+    time.sleep(0.5)
+    lines = served.log.read_text().splitlines()
+    assert not any(line.startswith('127.0.0.1 "GET /forged') for line in lines)
+    assert any("\\n127.0.0.1" in line for line in lines)

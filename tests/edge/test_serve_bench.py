@@ -50,7 +50,7 @@ def test_post_real_image_round_trip(server, cxr_parts):
     image = list_images([cxr_parts["test"]])[0]
     status, body = _request(server, "POST", "/predict?overlay=png", image.read_bytes())
     assert status == 200, body
-    assert body["label"] in body["probabilities"] and body["ood"] is False
+    assert body["label"] in body["scores"] and body["ood"] is False
     png = Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"])))
     assert png.format == "PNG" and png.mode == "RGB" and min(png.size) > 64
     print(f"serve round trip: latency_ms {body['latency_ms']}")
@@ -86,7 +86,7 @@ def test_dicom_upload(server, bad_inputs):
     predicted, and the label withheld (its pixel statistics are far from any calibration CXR)."""
     status, body = _request(server, "POST", "/predict", bad_inputs["dicom_mono1"].read_bytes())
     assert status == 200 and body["status"] == "out_of_distribution"
-    assert body["label"] is None and body["probabilities"] is None and body["reason"]
+    assert body["label"] is None and body["scores"] is None and body["reason"]
     assert body["input_distance"] > 0 and body["input_orientation"] > 0
 
 

@@ -40,6 +40,14 @@ class Backend(StrEnum):
 
 ModelArg = Annotated[Path, typer.Argument(help="Edge model: .onnx from `export onnx` or .engine.")]
 BackendOpt = Annotated[Backend, typer.Option(help="Inference backend (auto: by file type).")]
+MapNormal = Annotated[
+    bool,
+    typer.Option(
+        "--map-normal",
+        help="Also draw the heat map for a class the model marks as normal (off: a normal "
+        "prediction's hot spots would read as a lesion).",
+    ),
+]
 Threads = Annotated[
     int | None,
     typer.Option(
@@ -203,9 +211,10 @@ def predict(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an earlier run's predictions at --out.")
     ] = False,
+    map_normal: MapNormal = False,
     as_json: AsJson = False,
 ) -> None:
-    """Predict each image: IMAGE.json (label, probabilities, OOD) and IMAGE.overlay.png;
+    """Predict each image: IMAGE.json (label, scores, OOD, markers) and IMAGE.overlay.png;
     predictions.csv and predictions.jsonl summarise the run, one row per image."""
     from fedbridge_edge import summary
     from fedbridge_edge.errors import EdgeError
@@ -225,7 +234,7 @@ def predict(
         raise ConfigError(f"no PNG/JPEG/DICOM images in {', '.join(map(str, inputs))}")
     if dicom and not any(_is_dicom(p) for p in images):
         raise ConfigError("--dicom: none of the inputs is a DICOM file")
-    predictor = Predictor(model, backend.value, threads)
+    predictor = Predictor(model, backend.value, threads, map_normal=map_normal)
     if dicom:
         from fedbridge_edge import dicom_out
 
@@ -248,9 +257,9 @@ def predict(
         write_prediction(pred, out_dir, stem)
         if results is not None:
             dicom_out.write(*results, out_dir, stem)
-        rows.append(summary.row(pred, path))
+        rows.append(summary.row(pred.record, path))
         if as_json:
-            rows[-1]["probabilities"] = pred.to_json().get("probabilities")
+            rows[-1]["scores"] = pred.record.scores
         shown_on.print(f"{shown(path.name)}: {verdict(pred)}  {pred.latency_ms:.1f} ms")
     summary.write(rows, out_dir)
     shown_on.print(f"{len(images) - failed} predictions in {out_dir} ({predictor.backend})")
@@ -269,23 +278,16 @@ def predict(
 
 
 def _is_dicom(path: Path) -> bool:
-    """A DICOM input by the same rule the image reader uses: suffix or DICM magic."""
-    from fedbridge_shared.data.images import DICOM_SUFFIXES
+    from fedbridge_edge.runtime import is_dicom_file
 
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with path.open("rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
+    return is_dicom_file(path)
 
 
 def verdict(pred) -> str:
-    """One console line's verdict: label and probability, or why the label was withheld."""
+    """One console line's verdict: label and score, or why the label was withheld."""
     if pred.ood:
         return f"[bold yellow]not assessed: out of distribution[/] ({shown(pred.reason)})"
-    return f"{pred.label} {pred.probabilities[pred.label]:.3f}"
+    return shown(pred.record.summary())
 
 
 @edge_app.command("serve")
@@ -306,6 +308,7 @@ def serve(
     max_files: Annotated[int, typer.Option(help="Files per /predict/batch request.")] = 16,
     backend: BackendOpt = Backend.auto,
     threads: Threads = None,
+    map_normal: MapNormal = False,
 ) -> None:
     """HTTP API: POST /predict, /predict/batch; GET /health, /ready, /openapi.json."""
     import math
@@ -325,7 +328,7 @@ def serve(
         raise ConfigError(f"--timeout {timeout}: must be in (0, 3600] seconds")
     if not 1 <= max_files <= 1000:
         raise ConfigError(f"--max-files {max_files}: must be in [1, 1000]")
-    predictor = Predictor(model, backend.value, threads)
+    predictor = Predictor(model, backend.value, threads, map_normal=map_normal)
     server = make_server(
         predictor, host, port, max_bytes, max_pixels=max_pixels, concurrency=concurrency,
         timeout=timeout, max_files=max_files,
