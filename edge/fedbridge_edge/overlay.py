@@ -168,7 +168,7 @@ def render(
         size = max(18, h // 40)
         for text, x in ((caption.markers[0], 6), (caption.markers[1], w - 6 - size)):
             _text(draw, (x, HEADER + h // 2 - size // 2), text, size, "yellow")
-    bar_height = max(h - 48, 40)
+    bar_height = colour_bar_height(h)
     off = cam is None or caption.ood
     _colour_bar(draw, canvas, x0=w_img + 14, y0=HEADER + 16, height=bar_height, off=off)
     if caption.map_label is not None and not off:
@@ -177,6 +177,11 @@ def render(
     _text(draw, (8, HEADER + h + 3), RESEARCH_USE, 13, "white")
     _text(draw, (8, HEADER + h + 19), caption.model, 11, (190, 190, 190))
     return canvas
+
+
+def colour_bar_height(image_height: int) -> int:
+    """The colour bar's height for an image of this height (room for "map: LABEL" below)."""
+    return max(image_height - 48, 40)
 
 
 def _colour_bar(
