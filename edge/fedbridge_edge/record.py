@@ -99,7 +99,9 @@ class PredictionRecord(BaseModel):
     def summary(self) -> str:
         """One line: ``LABEL 0.934 (probability)``, or why there is none."""
         if self.ood:
-            return "not assessed: out of distribution" + (f" ({self.reason})" if self.reason else "")
+            return "not assessed: out of distribution" + (
+                f" ({self.reason})" if self.reason else ""
+            )
         return f"{self.label} {self.top_score:.3f} ({self.score_kind.value})"
 
     def to_json(self) -> dict[str, Any]:

@@ -337,8 +337,12 @@ class Api:
                     "study go into the results); use ?overlay=png"
                 )  # fmt: skip
             header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            model = f"fedbridge {self.predictor.meta.spec.get('arch', 'model')}"
-            sc, sr = dicom_out.build(pred, header, model_name=model, name=pred.image)
+            from fedbridge_edge import _legacy_record  # until runtime carries .record
+
+            record = _legacy_record.record_of(pred, _legacy_record.model_identity(self.predictor))
+            codes = _legacy_record.codes_of(self.predictor)
+            png = pred.overlay_png()
+            sc, sr = dicom_out.build(record, png, header, codes=codes, name=pred.image)
             result["overlay_dicom_base64"] = base64.b64encode(dicom_out.encode(sc)).decode()
             result["report_dicom_base64"] = base64.b64encode(dicom_out.encode(sr)).decode()
         return result

@@ -227,9 +227,10 @@ def predict(
         raise ConfigError("--dicom: none of the inputs is a DICOM file")
     predictor = Predictor(model, backend.value, threads)
     if dicom:
-        from fedbridge_edge import dicom_out
+        from fedbridge_edge import _legacy_record, dicom_out
 
-        model_name = f"fedbridge {predictor.meta.spec.get('arch', 'model')}"
+        identity = _legacy_record.model_identity(predictor)  # until runtime carries .record
+        codes = _legacy_record.codes_of(predictor)
     failed, rows = 0, []
     for path, stem in zip(images, unique_stems(images), strict=True):
         try:
@@ -237,7 +238,10 @@ def predict(
             results = None
             if dicom and _is_dicom(path):
                 header = dicom_out.read_header(path)
-                results = dicom_out.build(pred, header, model_name=model_name, name=str(path))
+                record = _legacy_record.record_of(pred, identity)  # until runtime carries .record
+                results = dicom_out.build(
+                    record, pred.overlay_png(), header, codes=codes, name=str(path)
+                )
         except (DataError, EdgeError) as e:
             if len(images) == 1:
                 raise
