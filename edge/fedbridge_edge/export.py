@@ -26,6 +26,7 @@ from fedbridge_edge import ood, trt_ops
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, seal
 from fedbridge_edge.preprocess import InputSpec, list_images, normalise, resize
+from fedbridge_shared import label_codes
 from fedbridge_shared.files import atomic_write
 
 DEFAULT_OPSET = 17
@@ -296,6 +297,7 @@ def _export(
         },
         "ood": ood_record,
         "modality": bundle.spec.modality,
+        "label_codes": label_codes.to_json(label_codes.default_codes(labels)),
         "bundle_weights_sha256": bundle.sha256,
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from fedbridge_edge import dicom_out
+from fedbridge_edge import _legacy_record, dicom_out
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.preprocess import decode_bytes
 from fedbridge_edge.runtime import Predictor, write_prediction
@@ -203,7 +203,8 @@ class Listener:
         self.predictor, self.out = predictor, Path(out)
         self.ae_title = check_ae_title(ae_title, option="--ae-title")
         self.timeout = timeout
-        self.model_name = f"fedbridge {predictor.meta.spec.get('arch', 'model')}"
+        self.model = _legacy_record.model_identity(predictor)  # until runtime carries .record
+        self.codes = _legacy_record.codes_of(predictor)
         self.lock = threading.Lock()  # one inference at a time (TensorRT contexts)
         self.forwarder = (
             Forwarder(forward, ae_title=self.ae_title, timeout=timeout) if forward else None
@@ -266,13 +267,14 @@ class Listener:
         grey = decode_bytes(data, name)
         with self.lock:
             pred = self.predictor.predict_array(grey, name)
-        sc, sr = dicom_out.build(pred, ds, model_name=self.model_name, name=name)
+        record = _legacy_record.record_of(pred, self.model)  # until runtime carries .record
+        sc, sr = dicom_out.build(record, pred.overlay_png(), ds, codes=self.codes, name=name)
         folder = self.out / str(ds.StudyInstanceUID)
         stem = str(ds.SOPInstanceUID)
         atomic_write(folder / f"{stem}.dcm", data)
         dicom_out.write(sc, sr, folder, stem)
         write_prediction(pred, folder, stem)  # the JSON last: its presence means complete
-        log.info("%s: %s", name, dicom_out.Outcome.of(pred).summary())
+        log.info("%s: %s", name, record.summary())
         if self.forwarder is not None:
             self.forwarder.put([sc, sr], name)
 

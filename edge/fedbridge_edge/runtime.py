@@ -20,7 +20,8 @@ from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, EdgeModel, read_edge_model
 from fedbridge_edge.preprocess import InputSpec, normalise, resize
 from fedbridge_edge.record import Markers, ModelIdentity, PredictionRecord, ScoreKind, Status
-from fedbridge_shared import __version__
+from fedbridge_shared import __version__, label_codes
+from fedbridge_shared.errors import FedbridgeError
 from fedbridge_shared.files import atomic_write
 from fedbridge_shared.modality import MODALITIES
 
@@ -144,14 +145,6 @@ def temperature_of(edge: dict[str, Any], path: Path) -> float | None:
     return float(t)
 
 
-def normal_labels(edge: dict[str, Any], labels: list[str]) -> frozenset[str]:
-    """The classes the bundle marks as normal/negative (no heat map is drawn for them)."""
-    table = edge.get("label_codes")
-    if isinstance(table, dict):
-        return frozenset(k for k, v in table.items() if isinstance(v, dict) and v.get("normal"))
-    return frozenset(label for label in labels if label.upper() == "NORMAL")
-
-
 MAX_THREADS = 256
 
 
@@ -198,7 +191,12 @@ class Predictor:
         self.input_test = _input_test(self.meta.edge, model_path)
         self.style = OverlayStyle.from_meta(self.meta.edge, self.meta.spec, self.sha256)
         self.temperature = temperature_of(self.meta.edge, model_path)
-        self.normal = normal_labels(self.meta.edge, list(self.labels))
+        try:
+            self.codes = label_codes.from_edge(self.meta.edge, list(self.labels))
+        except FedbridgeError as e:
+            raise EdgeError(f"{model_path}: {e}") from e
+        self.normal = frozenset(label for label, code in self.codes.items() if code.normal)
+        """Classes the bundle marks as normal/negative: no heat map is drawn for them."""
         self.map_normal = map_normal
         modality = str(self.meta.edge.get("modality") or self.meta.spec.get("modality") or "")
         self.identity = ModelIdentity(

@@ -441,8 +441,10 @@ class Api:
                     400, f"{pred.image}: ?overlay=dicom needs a DICOM upload (its patient and "
                     "study go into the results); use ?overlay=png"
                 )  # fmt: skip
-            model = f"fedbridge {self.predictor.meta.spec.get('arch', 'model')}"
-            sc, sr = dicom_out.build(pred, header, model_name=model, name=pred.image)
+            sc, sr = dicom_out.build(
+                pred.record, pred.overlay_png(max_side=dicom_out.SC_MAX_SIDE), header,
+                codes=self.predictor.codes, name=pred.image,
+            )  # fmt: skip
             extra["overlay_dicom_base64"] = base64.b64encode(dicom_out.encode(sc)).decode()
             extra["report_dicom_base64"] = base64.b64encode(dicom_out.encode(sr)).decode()
         return PredictReply(**dict(pred.record), **extra)

@@ -1,8 +1,10 @@
 """DICOM in and out at the bedside: SC + SR results, `edge predict --dicom`, `edge listen`.
 
 The DICOM inputs are made from real chest X-ray pixels (../shared/data holds no DICOM). The
-network tests run on loopback only: pynetdicom's own ``storescu`` plays the modality, an
-in-test pynetdicom SCP plays the PACS.
+SC and SR tests build records directly (no model) and check every object with dicom3tools'
+``dciodvfy`` (no Error, no Warning) and dcmtk's ``dsrdump``; both must be installed (CI
+installs them): a missing tool fails the tests. The network tests run on loopback only:
+pynetdicom's own ``storescu`` plays the modality, an in-test pynetdicom SCP plays the PACS.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,18 +27,29 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from fedbridge_edge import dicom_out
+from fedbridge_edge import dicom_out, overlay
 from fedbridge_edge.preprocess import list_images
+from fedbridge_edge.record import ModelIdentity, PredictionRecord
 from fedbridge_edge.runtime import Predictor
+from fedbridge_shared import label_codes
 from fedbridge_shared.processes import stop
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 SC = "1.2.840.10008.5.1.4.1.1.7"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+CXR_LABELS = ["BACTERIAL_PNEUMONIA", "COVID19", "NORMAL", "VIRAL_PNEUMONIA"]
+CODES = label_codes.default_codes(CXR_LABELS)
+SEAL = "5e" * 32
 POLLS = 150  # bounded waits: at most POLLS × 0.2 s
 
 
-def make_dicom(image: Path, out: Path, *, patient: str = "FB-0001", sop_class: str = DX) -> Path:
-    """A DX DICOM file of ``image``'s real pixels with patient and study identifiers."""
+def make_dicom(
+    image: Path, out: Path, *, patient: str = "FB-0001", sop_class: str = DX, **attrs
+) -> Path:
+    """A DX DICOM file of ``image``'s real pixels with patient and study identifiers.
+
+    ``attrs`` adds or replaces attributes (Laterality, PatientOrientation, ...).
+    """
     pixels = np.asarray(Image.open(image).convert("L"), dtype=np.uint8)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -54,6 +68,8 @@ def make_dicom(image: Path, out: Path, *, patient: str = "FB-0001", sop_class: s
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
     ds.PixelData = pixels.tobytes()
     out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(out, enforce_file_format=True)
@@ -86,59 +102,243 @@ def roundtrip(ds: Dataset) -> Dataset:
     return pydicom.dcmread(io.BytesIO(dicom_out.encode(ds)))
 
 
-def test_sc_and_sr_of_a_real_cxr_join_its_study(edge_onnx, cxr_dicoms):
-    predictor = Predictor(edge_onnx)
-    source = pydicom.dcmread(cxr_dicoms[0])
-    pred = predictor.predict_file(cxr_dicoms[0])
-    assert not pred.ood
-    sc, sr = (roundtrip(d) for d in dicom_out.build(pred, source, model_name="m", name="a"))
+# ------------------------------------------- SC and SR from records (no model), checked
+
+
+def model(seal: str = SEAL, *, calibrated: bool = False) -> ModelIdentity:
+    return ModelIdentity(
+        name="mobilenetv2_100", sha256=seal, modality="cxr", version="0.0.test",
+        calibrated=calibrated,
+    )  # fmt: skip
+
+
+def record(*, ood: bool = False, seal: str = SEAL, calibrated: bool = False) -> PredictionRecord:
+    """An ok COVID19 record (scores sum to 1), or an out-of-distribution one."""
+    return PredictionRecord(
+        image="a.dcm",
+        status="out_of_distribution" if ood else "ok",
+        label=None if ood else "COVID19",
+        scores=None if ood else dict(zip(CXR_LABELS, (0.05, 0.9, 0.03, 0.02), strict=True)),
+        score_kind="probability" if calibrated else "score",
+        reason="the image's pixel statistics are unlike the calibration images" if ood else None,
+        ood_score=3.5 if ood else 0.4,
+        ood_threshold=1.2,
+        energy=-2.0,
+        markers=None,
+        markers_source="PatientOrientation absent",
+        cam_label=None if ood else "COVID19",
+        model=model(seal, calibrated=calibrated),
+        backend="onnxruntime",
+        latency_ms=12.0,
+        inference_ms=8.0,
+    )
+
+
+def overlay_png(image: Path, rec: PredictionRecord) -> bytes:
+    """The bedside overlay of a real image (a flat map stands in for the CAM)."""
+    grey = np.asarray(Image.open(image).convert("L"), dtype=np.uint8)
+    cam = None if rec.ood else np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    caption = overlay.Caption(verdict=rec.summary(), ood=rec.ood, model=rec.model.name)
+    return overlay.png_bytes(overlay.render(grey, cam, caption=caption, reference=1.0))
+
+
+@pytest.fixture(scope="module")
+def cxr_image(cxr_root) -> Path:
+    return sorted((cxr_root / "COVID19").iterdir())[0]
+
+
+SOURCES = {
+    # a DX chest film as modalities send it: ImageLaterality U, the orientation, spacing
+    "dx-chest": {
+        "ImageLaterality": "U", "BodyPartExamined": "CHEST",
+        "PatientOrientation": ["R", "F"], "ImagerPixelSpacing": [0.139, 0.139],
+    },
+    "laterality-and-orientation": {"Laterality": "R", "PatientOrientation": ["A", "F"]},
+    "chest-without-laterality-or-orientation": {"BodyPartExamined": "CHEST"},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(SOURCES))
+def source_file(request, cxr_image, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("src")
+    return make_dicom(cxr_image, root / f"{request.param}.dcm", **SOURCES[request.param])
+
+
+def dciodvfy(ds: Dataset, tmp_path: Path) -> list[str]:
+    """dciodvfy's Error and Warning lines for ``ds`` written as a file."""
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy not installed (apt-get install dicom3tools): DICOM output unchecked"
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    path.write_bytes(dicom_out.encode(ds))
+    result = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    return [x for x in lines if x.startswith(("Error", "Warning"))]
+
+
+def build(rec: PredictionRecord, source: Dataset, image: Path) -> tuple[Dataset, Dataset]:
+    sc, sr = dicom_out.build(rec, overlay_png(image, rec), source, codes=CODES, name="a.dcm")
+    return roundtrip(sc), roundtrip(sr)
+
+
+@pytest.mark.parametrize("ood", [False, True], ids=["ok", "out-of-distribution"])
+def test_sc_and_sr_pass_dciodvfy_without_errors_or_warnings(source_file, cxr_image, ood, tmp_path):
+    source = pydicom.dcmread(source_file)
+    for ds in build(record(ood=ood), source, cxr_image):
+        problems = dciodvfy(ds, tmp_path)
+        assert not problems, f"{ds.SOPClassUID} of {source_file.name}:\n" + "\n".join(problems)
+
+
+def test_sc_and_sr_join_the_source_study_in_the_models_ai_series(source_file, cxr_image):
+    source = pydicom.dcmread(source_file)
+    rec = record()
+    sc, sr = build(rec, source, cxr_image)
     for ds in (sc, sr):
         for key in dicom_out.COPIED:
             assert str(ds.get(key)) == str(source.get(key)), key
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
-        assert ds.SOPInstanceUID != source.SOPInstanceUID
-        assert ds.Manufacturer == "fedbridge"
+        assert ds.Manufacturer == "fedbridge" and ds.SeriesDate and ds.SeriesTime
     assert sc.SeriesInstanceUID != sr.SeriesInstanceUID
-    assert sc.SOPClassUID == SC and sc.Modality == "OT"
-    assert sc.SeriesDescription == "fedbridge overlay — research use only"
-    assert sc.BurnedInAnnotation == "YES" and pred.label in sc.ImageComments
-    overlay = np.asarray(Image.open(io.BytesIO(pred.overlay_png())).convert("RGB"))
-    np.testing.assert_array_equal(sc.pixel_array, overlay)
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and sr.Modality == "SR"
-    values = dicom_out.report_values(sr)
-    assert values["Finding"] == pred.label
-    assert values["Assessment status"] == "assessed"
-    for label, p in pred.probabilities.items():
-        assert values[f"Probability of {label}"] == pytest.approx(p, abs=1e-6)
-    assert values["Model SHA-256"] == predictor.sha256
-    assert values["Out of distribution"] == "no"
-    assert values["Source of Measurement"] == source.SOPInstanceUID
+    assert (sc.SeriesNumber, sr.SeriesNumber) == (9901, 9902)
+    assert sc.SeriesDescription == "fedbridge overlay mobilenetv2_100"
+    assert sr.SeriesDescription == "fedbridge AI result mobilenetv2_100"
+    assert sc.SOPClassUID == SC and sc.Modality == "OT" and sc.BurnedInAnnotation == "YES"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sc.PhotometricInterpretation == "RGB" and sc.ContentDate
+    overlay_rgb = np.asarray(Image.open(io.BytesIO(overlay_png(cxr_image, rec))).convert("RGB"))
+    np.testing.assert_array_equal(sc.pixel_array, overlay_rgb)
+    assert list(sc.PatientOrientation or []) == list(source.get("PatientOrientation") or [])
+    assert sc.get("BodyPartExamined") == source.get("BodyPartExamined")
+    if "Laterality" in source:
+        assert sc.Laterality == source.Laterality
+    assert sr.SOPClassUID == COMPREHENSIVE_SR and sr.Modality == "SR"
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
     assert evidence.StudyInstanceUID == source.StudyInstanceUID
     refs = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert refs.ReferencedSOPInstanceUID == source.SOPInstanceUID
 
 
-def test_out_of_distribution_report_has_no_finding(edge_onnx, noise_png, tmp_path):
-    path = make_dicom(noise_png, tmp_path / "noise.dcm")
-    pred = Predictor(edge_onnx).predict_file(path)
-    assert pred.ood, "noise must be flagged out of distribution by the edge model"
-    _, sr = dicom_out.build(pred, pydicom.dcmread(path), model_name="m", name="noise")
-    values = dicom_out.report_values(roundtrip(sr))
-    assert "Finding" not in values
-    assert not any(k.startswith("Probability of") for k in values)
-    assert values["Assessment status"] == "not assessed: out of distribution"
-    assert values["Reason not assessed"] == pred.reason
-    assert values["Out of distribution"] == "yes"
-    assert values["Out-of-distribution threshold"] == pytest.approx(pred.ood_threshold)
+def test_sr_is_an_imaging_measurement_report_with_the_coded_finding(cxr_image, tmp_path):
+    import highdicom as hd
+
+    source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "s.dcm", **SOURCES["dx-chest"]))
+    _, sr = build(record(), source, cxr_image)
+    report = dicom_out.read_report(sr)
+    assert report.title == ("126000", "DCM")
+    assert report.finding is not None
+    assert (report.finding.value, report.finding.scheme) == (CODES["COVID19"].value, "SCT")
+    assert report.finding.meaning == CODES["COVID19"].meaning
+    assert report.score == "0.900" and report.score_name == "Score (attribute)"
+    assert report.algorithm == {"name": "fedbridge mobilenetv2_100", "version": SEAL}
+    assert report.comments == ["research use only — not for diagnostic use"]
+    assert report.sources == [source.SOPInstanceUID]  # image library and source of measurement
+    assert "CodingSchemeIdentificationSequence" not in sr  # no local code used
+
+    path = tmp_path / "r.sr.dcm"
+    path.write_bytes(dicom_out.encode(sr))
+    content = hd.sr.srread(path).content
+    (device,) = content.get_observer_contexts()
+    assert device.observer_identifying_attributes.name == "fedbridge mobilenetv2_100"
+    (group,) = content.get_image_measurement_groups()
+    # the coded evaluation (121071, DCM, "Finding") is what highdicom reads as the finding
+    assert group.finding_type == hd.sr.CodedConcept("840539006", "SCT", "COVID-19")
+    assert [s.referenced_sop_instance_uid for s in group.source_images] == [source.SOPInstanceUID]
 
 
-def test_source_without_uids_is_refused(edge_onnx, cxr_dicoms):
-    source = pydicom.dcmread(cxr_dicoms[0])
-    pred = Predictor(edge_onnx).predict_file(cxr_dicoms[0])
+def test_calibrated_scores_are_called_probabilities(cxr_image, tmp_path):
+    source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "s.dcm", **SOURCES["dx-chest"]))
+    _, sr = build(record(calibrated=True), source, cxr_image)
+    report = dicom_out.read_report(sr)
+    assert (report.score_name, report.score) == ("Probability", "0.900")
+    assert not dciodvfy(sr, tmp_path)
+
+
+def test_out_of_distribution_report_has_no_finding_and_says_why(cxr_image, tmp_path):
+    source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "s.dcm", **SOURCES["dx-chest"]))
+    rec = record(ood=True)
+    _, sr = build(rec, source, cxr_image)
+    report = dicom_out.read_report(sr)
+    assert report.finding is None and report.score is None and report.score_name is None
+    assert report.comments == [
+        f"not assessed: out of distribution: {rec.reason}",
+        "research use only — not for diagnostic use",
+    ]
+    assert report.sources == [source.SOPInstanceUID]
+
+
+@pytest.mark.parametrize("ood", [False, True], ids=["ok", "out-of-distribution"])
+def test_dsrdump_renders_the_report(cxr_image, tmp_path, ood):
+    exe = shutil.which("dsrdump")
+    assert exe, "dsrdump not installed (apt-get install dcmtk): SR rendering unchecked"
+    source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "s.dcm", **SOURCES["dx-chest"]))
+    _, sr = build(record(ood=ood), source, cxr_image)
+    path = tmp_path / "r.sr.dcm"
+    path.write_bytes(dicom_out.encode(sr))
+    result = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "research use" in result.stdout and "Imaging Measurement Report" in result.stdout
+    assert ("COVID-19" in result.stdout) != ood
+    assert ("not assessed" in result.stdout) == ood
+
+
+def test_result_uids_are_stable_per_source_and_model(cxr_image, tmp_path):
+    source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "s.dcm", **SOURCES["dx-chest"]))
+    first, again = build(record(), source, cxr_image), build(record(), source, cxr_image)
+    for a, b in zip(first, again, strict=True):
+        assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+        assert a.InstanceNumber == b.InstanceNumber
+    other = build(record(seal="77" * 32), source, cxr_image)
+    for a, b in zip(first, other, strict=True):
+        assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID != b.SeriesInstanceUID
+    # another image of the same study: same AI series, another instance
+    second = pydicom.dcmread(source_file_copy(cxr_image, tmp_path, source))
+    for a, b in zip(first, build(record(), second, cxr_image), strict=True):
+        assert a.SeriesInstanceUID == b.SeriesInstanceUID and a.SOPInstanceUID != b.SOPInstanceUID
+
+
+def source_file_copy(image: Path, tmp_path: Path, source: Dataset) -> Path:
+    """Another instance (new SOP Instance UID) of ``source``'s study."""
+    return make_dicom(
+        image, tmp_path / "second.dcm", StudyInstanceUID=source.StudyInstanceUID,
+        **SOURCES["dx-chest"],
+    )  # fmt: skip
+
+
+def test_a_source_that_says_nothing_of_laterality_gets_an_empty_one(cxr_image, tmp_path):
+    """Neither Laterality, ImageLaterality nor BodyPartExamined: Laterality is empty (unknown),
+    never absent (dciodvfy's Type 2C error); dciodvfy's note that empty means unknown is the
+    only line left, and the SR is clean."""
+    source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "bare.dcm"))
+    sc, sr = build(record(), source, cxr_image)
+    assert "Laterality" in sc and sc.Laterality == "" and sc.PatientOrientation == ""
+    problems = dciodvfy(sc, tmp_path)
+    assert len(problems) == 1 and "attribute <Laterality>" in problems[0], problems
+    assert not dciodvfy(sr, tmp_path)
+
+
+def test_a_label_without_snomed_code_uses_the_declared_local_scheme(cxr_image, tmp_path):
+    source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "s.dcm", **SOURCES["dx-chest"]))
+    codes = {**CODES, "COVID19": label_codes.LabelCode("COVID19", label_codes.LOCAL_SCHEME, "C")}
+    rec = record()
+    _, sr = dicom_out.build(rec, overlay_png(cxr_image, rec), source, codes=codes, name="a")
+    declared = roundtrip(sr).CodingSchemeIdentificationSequence
+    assert [d.CodingSchemeDesignator for d in declared] == ["99FEDBRIDGE"]
+    finding = dicom_out.read_report(roundtrip(sr)).finding
+    assert finding == label_codes.LabelCode("COVID19", "99FEDBRIDGE", "C")
+
+
+def test_source_without_uids_is_refused(cxr_image, tmp_path):
+    source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "s.dcm"))
     del source.StudyInstanceUID
     with pytest.raises(dicom_out.EdgeError, match="without StudyInstanceUID"):
-        dicom_out.build(pred, source, model_name="m", name="a.dcm")
+        dicom_out.build(record(), b"", source, codes=CODES, name="a.dcm")
+
+
+def test_a_label_missing_from_the_code_table_is_an_edge_error(cxr_image, tmp_path):
+    source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "s.dcm"))
+    rec = record()
+    codes = {k: v for k, v in CODES.items() if k != "COVID19"}
+    with pytest.raises(dicom_out.EdgeError, match="a.dcm: cannot make DICOM results.*COVID19"):
+        dicom_out.build(rec, overlay_png(cxr_image, rec), source, codes=codes, name="a.dcm")
 
 
 def test_predict_dicom_folder_writes_sc_sr_and_summary(edge_onnx, cxr_dicoms, photo_png, tmp_path):
@@ -157,7 +357,7 @@ def test_predict_dicom_folder_writes_sc_sr_and_summary(edge_onnx, cxr_dicoms, ph
         assert sc.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
         assert sc.PatientID == sr.PatientID == source.PatientID
         record = json.loads((out / f"{p.stem}.json").read_text())
-        assert dicom_out.report_values(sr).get("Finding") == record["label"]
+        assert dicom_out.read_report(sr).finding == CODES[record["label"]]
     assert not list(out.glob("photo*.dcm"))
     assert (out / "photo.json").is_file()
     rows = list(csv.DictReader((out / "predictions.csv").open()))
@@ -274,11 +474,11 @@ def test_listen_predicts_writes_and_forwards_to_pacs(edge_onnx, cxr_dicoms, tmp_
         assert sent.returncode == 0, sent.stderr
         got = poll(lambda: len(pacs.of_study(source.StudyInstanceUID)) >= 2 and pacs, "the PACS")
         by_class = {d.SOPClassUID: d for d in got.of_study(source.StudyInstanceUID)}
-        assert set(by_class) == {SC, "1.2.840.10008.5.1.4.1.1.88.33"}
+        assert set(by_class) == {SC, COMPREHENSIVE_SR}
         record_path = out / source.StudyInstanceUID / f"{source.SOPInstanceUID}.json"
         record = json.loads(poll(lambda: record_path.is_file() and record_path, "JSON").read_text())
-        sr = by_class["1.2.840.10008.5.1.4.1.1.88.33"]
-        assert dicom_out.report_values(sr)["Finding"] == record["label"]
+        sr = by_class[COMPREHENSIVE_SR]
+        assert dicom_out.read_report(sr).finding == CODES[record["label"]]
         assert sr.PatientID == by_class[SC].PatientID == source.PatientID
         study = out / source.StudyInstanceUID
         for suffix in (".dcm", ".sc.dcm", ".sr.dcm", ".overlay.png"):

@@ -237,8 +237,6 @@ def predict(
     predictor = Predictor(model, backend.value, threads, map_normal=map_normal)
     if dicom:
         from fedbridge_edge import dicom_out
-
-        model_name = f"fedbridge {predictor.meta.spec.get('arch', 'model')}"
     failed, rows = 0, []
     for path, stem in zip(images, unique_stems(images), strict=True):
         try:
@@ -246,7 +244,10 @@ def predict(
             results = None
             if dicom and _is_dicom(path):
                 header = dicom_out.read_header(path)
-                results = dicom_out.build(pred, header, model_name=model_name, name=str(path))
+                results = dicom_out.build(
+                    pred.record, pred.overlay_png(max_side=dicom_out.SC_MAX_SIDE), header,
+                    codes=predictor.codes, name=str(path),
+                )  # fmt: skip
         except (DataError, EdgeError) as e:
             if len(images) == 1:
                 raise
