@@ -27,11 +27,16 @@ install: $(STAMP)
 
 # Debian packages the coordinator and the tests need, installed when missing and apt-get can:
 # nginx keeps Flower's Control API off the sites' network (server/fedbridge_server/front.py);
-# chromium opens the HTML report and the explain index in tests/e2e/test_browser.py.
+# chromium opens the HTML report and the explain index in tests/e2e/test_browser.py;
+# orthanc (the PACS), dcmtk (storescu, the modality) and dicom3tools (dciodvfy) test
+# `edge listen` in tests/edge/test_listen_pacs.py.
 system-packages:
 	@missing=""; \
 	{ command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || missing="$$missing nginx-light"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium fonts-dejavu-core"; \
+	{ command -v Orthanc >/dev/null 2>&1 || test -x /usr/sbin/Orthanc; } || missing="$$missing orthanc"; \
+	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -1,25 +1,34 @@
 """``fedbridge edge listen``: a DICOM C-STORE SCP that predicts every image it receives.
 
-Each received CR, DX or Secondary Capture image is predicted (one inference at a time) and its
-results are written under ``OUT/<StudyInstanceUID>/``: ``<SOPInstanceUID>.dcm`` (the input as
-received), ``.sc.dcm`` (the overlay as Secondary Capture), ``.sr.dcm`` (the Comprehensive SR),
-``.overlay.png`` and, last, ``.json`` — each file atomically, so a present JSON means a complete
-set. With a forward destination the SC and SR then go to a PACS by C-STORE from a background
-thread, so the modality's reply never waits on the PACS; every send is bounded by timeouts and
-logged per instance. An image that cannot be read or predicted gets a failure status and one log
-line; the listener keeps serving.
+Only original acquisitions are diagnosed: CR and DX images (for presentation or processing),
+whose SOP Class matches the presentation context, that are neither DERIVED nor SECONDARY and
+were not made by fedbridge (its own Secondary Captures and reports sent back, say). Anything else
+gets a failure status and one log line, and nothing is written or forwarded.
+
+Each object is parsed once, from the bytes received, and predicted (one inference at a time).
+Its files go under ``OUT/<StudyInstanceUID>/``: ``<SOPInstanceUID>.dcm`` (the input as received),
+``.sc.dcm`` (the overlay as Secondary Capture), ``.sr.dcm`` (the Comprehensive SR),
+``.overlay.png`` and, last, ``.json`` — each atomically and fsynced with its folder, folders 0700
+and files 0600, so the modality's Success means the object is on disk. With a forward destination
+the SC and SR then wait in a persistent outbox (:mod:`fedbridge_edge.outbox`) until the PACS has
+them, across restarts; the modality never waits on the PACS. A second object with the same Study
+and SOP Instance UID but another PatientID is refused, never written over the first. With a
+retention the listener's own files of delivered results are deleted after that many days.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
-import queue
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -37,20 +46,21 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from fedbridge_edge import _legacy_record, dicom_out
+from fedbridge_edge import dicom_out, laterality
 from fedbridge_edge.errors import EdgeError
-from fedbridge_edge.preprocess import decode_bytes
-from fedbridge_edge.runtime import Predictor, write_prediction
+from fedbridge_edge.outbox import FILE_MODE, Outbox, Unreachable, fsync_dir, private_write
+from fedbridge_edge.runtime import Prediction, Predictor, write_prediction
+from fedbridge_shared.data.images import dicom_to_grey
 from fedbridge_shared.errors import FedbridgeError
-from fedbridge_shared.files import atomic_write
+from fedbridge_shared.label_codes import LabelCode
 
 log = logging.getLogger("fedbridge.edge.listen")
 
+# the acquisitions diagnosed; no Secondary Capture (fedbridge's own results are SCs)
 STORAGE = (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
 )
 UNCOMPRESSED = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
@@ -63,8 +73,56 @@ OUT_OF_RESOURCES = 0xA700  # cannot write the results
 CANNOT_DECODE = 0xC210  # the dataset cannot be decoded
 CANNOT_UNDERSTAND = 0xC000  # not an image fedbridge can read or predict
 INTERNAL = 0xC001
+NOT_ORIGINAL = 0xC002  # derived, secondary, or made by fedbridge: not diagnosed
+CONFLICT = 0xC003  # this Study + SOP Instance UID was received for another patient
+SOP_CLASS_MISMATCH = 0xA900  # Data Set does not match SOP Class
 DEFAULT_TIMEOUT = 10.0
-QUEUE_SIZE = 256
+RESULT_SUFFIXES = (".dcm", ".sc.dcm", ".sr.dcm", ".overlay.png", ".json")  # what _store writes
+SWEEP_EVERY = 3600.0  # seconds between retention sweeps
+
+
+class Refused(EdgeError):
+    """An object the listener will not diagnose, with the C-STORE status to answer."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | bytes):
+        return [str(value)]
+    try:
+        return [str(v) for v in value]
+    except TypeError:
+        return [str(value)]
+
+
+def check_original(ds: Dataset, context: str, *, name: str) -> None:
+    """Refuse (:class:`Refused`) anything but an original CR/DX acquisition: a SOP Class other
+    than the presentation context's or outside :data:`STORAGE`, ImageType DERIVED or SECONDARY,
+    or an object written by fedbridge (Manufacturer, Software Versions)."""
+    accepted = {str(uid) for uid in STORAGE}
+    sop = str(ds.get("SOPClassUID", "") or "")
+    if str(context) not in accepted:
+        raise Refused(f"{name}: presentation context {context} is not CR or DX image storage",
+                      SOP_CLASS_MISMATCH)  # fmt: skip
+    if sop != str(context):
+        raise Refused(f"{name}: SOP Class UID {sop or '(none)'} does not match the presentation "
+                      f"context {context}", SOP_CLASS_MISMATCH)  # fmt: skip
+    kinds = [v.strip().upper() for v in _values(ds, "ImageType")]
+    if {"DERIVED", "SECONDARY"} & set(kinds):
+        shown = "\\".join(kinds)
+        raise Refused(f"{name}: ImageType {shown} is not an original acquisition; "
+                      "only ORIGINAL images are diagnosed", NOT_ORIGINAL)  # fmt: skip
+    maker = " ".join(_values(ds, "Manufacturer")).strip().lower()
+    software = [v.strip().lower() for v in _values(ds, "SoftwareVersions")]
+    if maker == dicom_out.MANUFACTURER or any(v.startswith("fedbridge") for v in software):
+        raise Refused(f"{name}: made by fedbridge (a result sent back), not an acquisition",
+                      NOT_ORIGINAL)  # fmt: skip
 
 
 def decodable_syntaxes() -> list[str]:
@@ -116,23 +174,38 @@ class Destination:
         return f"{self.host}:{self.port}:{self.ae_title}"
 
 
-def send(
-    datasets: list[Dataset], dest: Destination, *, ae_title: str, timeout: float
-) -> list[tuple[str, str | None]]:
-    """C-STORE ``datasets`` to ``dest`` in one association: (SOPInstanceUID, error or None)."""
+def associate(dest: Destination, *, ae_title: str, timeout: float) -> Any:
+    """An established association to ``dest`` for the result classes; Unreachable if none."""
     ae = AE(ae_title=ae_title)
     for sop in SENT:
         ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     except Exception as e:  # a name that does not resolve, say
-        return [(uid, f"cannot connect ({e})") for uid in uids]
+        raise Unreachable(f"cannot connect to {dest} ({_line(e)})") from e
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "no association"
-        return [(uid, f"{why} by {dest}") for uid in uids]
+        raise Unreachable(f"{why} by {dest}")
+    return assoc
+
+
+def send(
+    datasets: list[Dataset], dest: Destination, *, ae_title: str, timeout: float
+) -> list[tuple[str, str | None]]:
+    """C-STORE ``datasets`` to ``dest`` in one association: (SOPInstanceUID, error or None)."""
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    try:
+        assoc = associate(dest, ae_title=ae_title, timeout=timeout)
+    except Unreachable as e:
+        return [(uid, str(e)) for uid in uids]
+    return store_all(assoc, datasets)
+
+
+def store_all(assoc: Any, datasets: list[Dataset]) -> list[tuple[str, str | None]]:
+    """C-STORE each dataset on ``assoc``, then release it: (SOPInstanceUID, error or None)."""
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
     results: list[tuple[str, str | None]] = []
     try:
         for ds, uid in zip(datasets, uids, strict=True):
@@ -154,42 +227,8 @@ def send(
     return results
 
 
-class Forwarder:
-    """One background thread sending each result pair to the PACS, in arrival order."""
-
-    def __init__(self, dest: Destination, *, ae_title: str, timeout: float) -> None:
-        self.dest, self.ae_title, self.timeout = dest, ae_title, timeout
-        self.jobs: queue.Queue[list[Dataset] | None] = queue.Queue(QUEUE_SIZE)
-        self.thread = threading.Thread(target=self._run, name="fedbridge-forward", daemon=True)
-        self.thread.start()
-
-    def put(self, datasets: list[Dataset], name: str) -> None:
-        try:
-            self.jobs.put_nowait(datasets)
-        except queue.Full:
-            log.error("forward %s to %s: skipped, %d sends waiting", name, self.dest, QUEUE_SIZE)
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            try:
-                results = send(job, self.dest, ae_title=self.ae_title, timeout=self.timeout)
-            except Exception as e:  # never let one send end the thread
-                results = [(str(ds.SOPInstanceUID), f"{type(e).__name__}: {e}") for ds in job]
-            for uid, error in results:
-                if error is None:
-                    log.info("forwarded %s to %s", uid, self.dest)
-                else:
-                    log.error("forward %s to %s failed: %s", uid, self.dest, error)
-
-    def close(self, timeout: float) -> None:
-        """Send what is queued (within ``timeout`` seconds), then stop the thread."""
-        with contextlib.suppress(queue.Full):
-            self.jobs.put(None, timeout=timeout)
-        self.thread.join(timeout)
-
-
 class Listener:
-    """The SCP: receive, predict (under a lock), write, forward."""
+    """The SCP: check, predict (under a lock), write durably, queue for the PACS."""
 
     def __init__(
         self,
@@ -199,20 +238,32 @@ class Listener:
         ae_title: str = "FEDBRIDGE",
         forward: Destination | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        retention_days: float | None = None,
+        max_delay: float | None = None,
+        status_every: float | None = None,
     ) -> None:
         self.predictor, self.out = predictor, Path(out)
         self.ae_title = check_ae_title(ae_title, option="--ae-title")
         self.timeout = timeout
-        self.model = _legacy_record.model_identity(predictor)  # until runtime carries .record
-        self.codes = _legacy_record.codes_of(predictor)
+        self.forward = forward
+        self.retention_days = retention_days
         self.lock = threading.Lock()  # one inference at a time (TensorRT contexts)
-        self.forwarder = (
-            Forwarder(forward, ae_title=self.ae_title, timeout=timeout) if forward else None
-        )
+        self.files_lock = threading.Lock()  # the same-patient check and the writes, together
+        self.outbox: Outbox | None = None
+        if forward is not None:
+            options: dict[str, float] = {}
+            if max_delay is not None:
+                options["max_delay"] = max_delay
+            if status_every is not None:
+                options["status_every"] = status_every
+            self.outbox = Outbox(self.out, self.deliver, destination=str(forward), **options)
         self.server: Any = None
+        self.stopping = threading.Event()
+        self.sweeper: threading.Thread | None = None
 
     def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen (port 0: any free port); returns the bound address."""
+        """Listen (port 0: any free port); returns the bound address. The outbox's sender (what
+        an earlier run left first) and the retention sweeps start too."""
         ae = AE(ae_title=self.ae_title)
         syntaxes = decodable_syntaxes()
         for sop in STORAGE:
@@ -228,29 +279,43 @@ class Listener:
             raise EdgeError(
                 f"--host {host} --port {port}: cannot listen there ({e.strerror or e})"
             ) from e
+        if self.outbox is not None:
+            self.outbox.start()
+        if self.retention_days is not None:
+            self.sweeper = threading.Thread(
+                target=self._sweep_loop, name="fedbridge-retention", daemon=True
+            )
+            self.sweeper.start()
         bound = self.server.server_address
         return str(bound[0]), int(bound[1])
 
     def stop(self) -> None:
-        """End the server (open associations included), then finish the forwards queued."""
+        """End the server (open associations included) and the sender; what is not delivered
+        yet stays in the outbox for the next start."""
+        self.stopping.set()
         if self.server is not None:
             self.server.shutdown()
             self.server = None
-        if self.forwarder is not None:
-            self.forwarder.close(timeout=3 * self.timeout)
+        if self.outbox is not None:
+            self.outbox.close(timeout=3 * self.timeout)
+        if self.sweeper is not None:
+            self.sweeper.join(self.timeout)
 
     def handle_store(self, event: Any) -> int:
         """EVT_C_STORE: a status for the modality; never raises."""
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            data = event.encoded_dataset()  # the bytes as received, with file meta
+            ds = pydicom.dcmread(io.BytesIO(data))  # the one parse
+            context = str(event.context.abstract_syntax)
             name = f"{event.assoc.requestor.ae_title}:{ds.get('SOPInstanceUID', '?')}"
-            data = dicom_out.encode(ds)
         except Exception as e:
             log.error("refused a dataset: cannot decode it (%s)", _line(e))
             return CANNOT_DECODE
         try:
-            self._store(ds, data, name)
+            self._store(ds, data, context, name)
+        except Refused as e:
+            log.error("refused %s", _line(e))
+            return e.status
         except FedbridgeError as e:
             log.error("refused %s", _line(e))
             return CANNOT_UNDERSTAND
@@ -262,21 +327,129 @@ class Listener:
             return INTERNAL
         return SUCCESS
 
-    def _store(self, ds: Dataset, data: bytes, name: str) -> None:
+    def _store(self, ds: Dataset, data: bytes, context: str, name: str) -> None:
+        check_original(ds, context, name=name)
         dicom_out.check_source(ds, name=name)
-        grey = decode_bytes(data, name)
+        grey = dicom_to_grey(ds, name)
+        markers = laterality.markers_from_dataset(ds)
         with self.lock:
-            pred = self.predictor.predict_array(grey, name)
-        record = _legacy_record.record_of(pred, self.model)  # until runtime carries .record
-        sc, sr = dicom_out.build(record, pred.overlay_png(), ds, codes=self.codes, name=name)
-        folder = self.out / str(ds.StudyInstanceUID)
-        stem = str(ds.SOPInstanceUID)
-        atomic_write(folder / f"{stem}.dcm", data)
-        dicom_out.write(sc, sr, folder, stem)
-        write_prediction(pred, folder, stem)  # the JSON last: its presence means complete
-        log.info("%s: %s", name, record.summary())
-        if self.forwarder is not None:
-            self.forwarder.put([sc, sr], name)
+            pred = self.predictor.predict_array(grey, name, markers=markers)
+        sc, sr = results(pred, ds, codes=self.predictor.codes, name=name)
+        sc_bytes, sr_bytes = dicom_out.encode(sc), dicom_out.encode(sr)
+        study, stem = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        folder = self.out / study
+        with self.files_lock:
+            self._check_same_patient(folder / f"{stem}.dcm", ds, name)
+            private_write(folder / f"{stem}.dcm", data)  # durable before Success
+            sc_path = private_write(folder / f"{stem}.sc.dcm", sc_bytes)
+            sr_path = private_write(folder / f"{stem}.sr.dcm", sr_bytes)
+            if self.outbox is not None:
+                self.outbox.put(Outbox.key(study, stem), [sc_path, sr_path], name)
+            for path in write_prediction(pred, folder, stem)[::-1]:  # the JSON last
+                os.chmod(path, FILE_MODE)
+            fsync_dir(folder)
+        log.info("%s: %s", name, pred.record.summary())
+
+    @staticmethod
+    def _check_same_patient(previous: Path, ds: Dataset, name: str) -> None:
+        """A resend of the same object replaces its results; another patient's object with the
+        same UIDs is refused, so nobody's results are silently written over."""
+        if not previous.is_file():
+            return
+        try:
+            old = pydicom.dcmread(previous, stop_before_pixels=True, specific_tags=["PatientID"])
+            old_id = str(old.get("PatientID", "") or "")
+        except Exception as e:
+            raise Refused(f"{name}: an earlier object with these UIDs is unreadable ({_line(e)})",
+                          CONFLICT) from e  # fmt: skip
+        new_id = str(ds.get("PatientID", "") or "")
+        if old_id != new_id:
+            raise Refused(
+                f"{name}: Study {ds.StudyInstanceUID} SOP Instance {ds.SOPInstanceUID} was "
+                "already received for another PatientID; kept the first, refused this one",
+                CONFLICT,
+            )
+
+    def deliver(self, paths: list[Path]) -> list[str | None]:
+        """The outbox's send: C-STORE the result files at ``paths`` to the PACS, one association;
+        an error (or None) per file. Unreachable when there is no association at all."""
+        assert self.forward is not None
+        datasets: list[Dataset | None] = []
+        errors: list[str | None] = []
+        for path in paths:
+            try:
+                datasets.append(pydicom.dcmread(path))
+                errors.append(None)
+            except Exception as e:  # gone (a person deleted it) or damaged: say so, skip it
+                datasets.append(None)
+                errors.append(f"cannot read {path.name} ({_line(e)})")
+                log.error("forward %s to %s impossible: %s", path.name, self.forward, errors[-1])
+        readable = [d for d in datasets if d is not None]
+        if readable:
+            assoc = associate(self.forward, ae_title=self.ae_title, timeout=self.timeout)
+            outcome = iter(store_all(assoc, readable))
+            for i, d in enumerate(datasets):
+                if d is None:
+                    continue
+                uid, error = next(outcome)
+                errors[i] = error
+                if error is None:
+                    log.info("forwarded %s to %s", uid, self.forward)
+                else:
+                    log.error("forward %s to %s failed: %s", uid, self.forward, error)
+        # a file that cannot be read will never be sent: not a reason to retry forever
+        return [e if e is None or not e.startswith("cannot read") else None for e in errors]
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete the listener's own files of results older than the retention and delivered
+        (no pending send); a study folder left empty goes too. Returns the results removed."""
+        if self.retention_days is None:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.retention_days * 86400
+        pending = self.outbox.pending_files() if self.outbox is not None else set()
+        removed = 0
+        for folder in self.out.iterdir():
+            if not folder.is_dir() or not dicom_out.UID_PATTERN.match(folder.name):
+                continue
+            for record in folder.glob("*.json"):
+                stem = record.name[: -len(".json")]
+                if not dicom_out.UID_PATTERN.match(stem):
+                    continue
+                with self.files_lock:
+                    try:
+                        if record.stat().st_mtime >= cutoff:
+                            continue
+                    except FileNotFoundError:
+                        continue
+                    names = [f"{stem}{suffix}" for suffix in RESULT_SUFFIXES]
+                    if any(f"{folder.name}/{n}" in pending for n in names):
+                        continue  # not delivered yet
+                    for n in names[:-1]:
+                        (folder / n).unlink(missing_ok=True)
+                    record.unlink(missing_ok=True)  # the completion mark, last
+                    removed += 1
+            with self.files_lock, contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: other people's files stay
+        if removed:
+            log.info("retention: removed %d result sets older than %g days", removed,
+                     self.retention_days)  # fmt: skip
+        return removed
+
+    def _sweep_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.sweep()
+            except Exception as e:  # a sweep must never end the listener
+                log.error("retention sweep: %s: %s", type(e).__name__, _line(e))
+            self.stopping.wait(SWEEP_EVERY)
+
+
+def results(
+    pred: Prediction, source: Dataset, *, codes: dict[str, LabelCode], name: str
+) -> tuple[Dataset, Dataset]:
+    """(Secondary Capture, SR) of one prediction: the listener's one call into dicom_out."""
+    png = pred.overlay_png(max_side=dicom_out.SC_MAX_SIDE)
+    return dicom_out.build(pred.record, png, source, codes=codes, name=name)
 
 
 def _line(exc: BaseException) -> str:

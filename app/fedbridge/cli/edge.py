@@ -363,15 +363,27 @@ def listen(
     timeout: Annotated[
         float, typer.Option(help="Seconds each DICOM network step may take (ACSE, DIMSE, TCP).")
     ] = 10.0,
+    retention: Annotated[
+        float | None,
+        typer.Option(
+            help="Delete this listener's own result files (input copy, SC, SR, overlay, JSON) "
+            "DAYS after they were written, once delivered; folders it emptied too. "
+            "Default: keep everything.",
+            metavar="DAYS",
+        ),
+    ] = None,
     backend: BackendOpt = Backend.auto,
     threads: Threads = None,
 ) -> None:
-    """DICOM C-STORE SCP: predict every CR/DX/SC image received; write its SC + SR; forward."""
+    """DICOM C-STORE SCP: predict every original CR/DX image received; write its SC + SR durably;
+    forward them through a persistent outbox (OUT/outbox/, status in OUT/outbox/status.json)."""
     import logging
+    import os
     import signal
     import threading
 
     from fedbridge_edge.listen import Destination, Listener, check_ae_title
+    from fedbridge_edge.outbox import private_dir
     from fedbridge_edge.runtime import Predictor
     from fedbridge_shared.files import check_writable
 
@@ -379,10 +391,14 @@ def listen(
         raise ConfigError(f"--port {port}: must be in [0, 65535] (0: any free port)")
     if not 0 < timeout <= 600:
         raise ConfigError(f"--timeout {timeout}: must be in (0, 600] seconds")
+    if retention is not None and not 0 < retention <= 36500:
+        raise ConfigError(f"--retention {retention}: must be in (0, 36500] days")
     check_ae_title(ae_title, option="--ae-title")
     dest = Destination.parse(forward) if forward is not None else None
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: is a file; give a folder")
+    os.umask(0o077)  # patient data: whatever this process writes is the service user's alone
+    private_dir(out_dir)
     check_writable(out_dir / "probe", option="--out")
     predictor = Predictor(model, backend.value, threads)
     handler = logging.StreamHandler()
@@ -391,7 +407,14 @@ def listen(
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # ours says it in one line
-    listener = Listener(predictor, out=out_dir, ae_title=ae_title, forward=dest, timeout=timeout)
+    listener = Listener(
+        predictor, out=out_dir, ae_title=ae_title, forward=dest, timeout=timeout,
+        retention_days=retention,
+    )  # fmt: skip
+    if listener.outbox is not None:
+        waiting = listener.outbox.status()
+        if waiting["pending"]:
+            out.print(f"{listener.outbox.describe(waiting)}; resending", soft_wrap=True)
     bound_host, bound_port = listener.start(host, port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -407,6 +430,8 @@ def listen(
             pass
     finally:
         listener.stop()
+    if listener.outbox is not None:
+        out.print(listener.outbox.describe(listener.outbox.write_status()), soft_wrap=True)
     out.print("stopped")
 
 

@@ -131,19 +131,28 @@ def _minmax_uint8(values: np.ndarray) -> np.ndarray:
 def _read_dicom(path: Path, *, has_preamble: bool) -> np.ndarray:
     """Decode the first frame of a DICOM file and map it to display greyscale."""
     import pydicom
-    from pydicom.pixels import pixel_array
 
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as e:
         raise DataError(f"{path}: not a readable DICOM file ({_one_line(e)})") from e
+    if "PixelData" not in ds and not has_preamble:
+        raise DataError(f"{path}: not a readable DICOM file (no DICM header, no pixel data)")
+    return dicom_to_grey(ds, path)
+
+
+def dicom_to_grey(ds, name: str | Path) -> np.ndarray:
+    """The first frame of an already parsed DICOM dataset as display greyscale (uint8), so a
+    caller holding the dataset (a DICOM listener) decodes it without writing or parsing again;
+    errors name ``name``."""
+    from pydicom.pixels import pixel_array
+
+    path = name
     if "PixelData" not in ds:
-        if not has_preamble:
-            raise DataError(f"{path}: not a readable DICOM file (no DICM header, no pixel data)")
         raise DataError(f"{path}: DICOM has no pixel data")
     _check_dicom_kind(path, ds)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    _check_pixel_count(path, cols, rows)
+    _check_pixel_count(Path(path), cols, rows)
     try:
         arr = pixel_array(ds, index=0)
     except Exception as e:
@@ -152,13 +161,19 @@ def _read_dicom(path: Path, *, has_preamble: bool) -> np.ndarray:
         name = f"{syntax.name} ({syntax})" if syntax else "unknown transfer syntax"
         raise DataError(f"{path}: cannot decode DICOM pixel data in {name} ({_one_line(e)})") from e
     try:
-        return _dicom_to_grey(arr, ds)
+        grey = _dicom_to_grey(arr, ds)
     except DataError as e:
         if str(e).startswith(str(path)):
             raise
         raise DataError(f"{path}: {e}") from e
     except Exception as e:
         raise DataError(f"{path}: cannot apply the DICOM pixel transforms ({_one_line(e)})") from e
+    if min(grey.shape) < MIN_SIDE:
+        height, width = grey.shape
+        raise DataError(
+            f"{path}: image too small ({width}x{height} px; each side needs at least {MIN_SIDE} px)"
+        )
+    return grey
 
 
 NOT_IMAGES = {
