@@ -72,6 +72,7 @@ class ExportResult:
     path: Path
     parity: dict[str, Any]
     ood: dict[str, Any]
+    calibration: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
     seconds: dict[str, float] = field(default_factory=dict)
     int8: dict[str, Any] | None = None
     tensorrt: dict[str, Any] = field(default_factory=dict)
@@ -260,6 +261,7 @@ def _export(
     labels = list(bundle.spec.labels)
     y = _val_labels(paths, labels, logits, val_root)
     gaussians, _, ood_record = ood.calibrate(feats, y, len(labels), ood_percentile)
+    calibration = _calibrate(logits, y, held_out=val is not None, root=val_root)
     input_test, input_record = ood.fit_inputs(greys)
     ood_record.update(data=val_root, class_source="folders", inputs=input_record)
     ood_record["input_test"] = input_test.to_json()
@@ -306,7 +308,10 @@ def _export(
     step("checking onnxruntime against PyTorch")
     parity = _parity(data, parity_x, reference, tol=None if fp16 else FP32_LOGITS_TOL)
     edge["parity"] = parity
-    result = ExportResult(path=Path(out), parity=parity, ood=ood_record, seconds=seconds)
+    result = ExportResult(
+        path=Path(out), parity=parity, ood=ood_record, calibration=calibration, seconds=seconds
+    )
+    edge["calibration"] = calibration
     edge["tensorrt"] = trt_ops.summary(onnx_model)
     if int8_calib is not None:
         t2 = time.perf_counter()
@@ -338,6 +343,40 @@ def _export(
     atomic_write(Path(out), data)
     seconds["total"] = time.perf_counter() - t0
     return result
+
+
+UNCALIBRATED_REASON = (
+    "no --val-data: temperature scaling needs held-out images (fitted on the training images an "
+    "over-confident model would look calibrated); scores are the plain softmax of the logits"
+)
+
+
+def _calibrate(logits: np.ndarray, y: np.ndarray, *, held_out: bool, root: str) -> dict[str, Any]:
+    """``edge["calibration"]``: T fitted on the fp32 logits of the held-out --val-data images.
+
+    Calibrated: ``{"method": "temperature", "temperature": T, "images", "data", "ece_bins",
+    "ece_before", "ece_after", "nll_before", "nll_after", "in_sample": True, "applies"}``;
+    the runtime's probabilities are ``softmax(logits / T)``. ECE and NLL are measured on the
+    images T was fitted on, so "after" is optimistic (see bench/calibration.py for held-out
+    test patients). Without --val-data: ``{"method": "none", "temperature": None, "reason"}``.
+    """
+    from fedbridge_shared.calibration import T_MAX, T_MIN, temperature_record
+
+    if not held_out:
+        return {"method": "none", "temperature": None, "reason": UNCALIBRATED_REASON}
+    try:
+        record = temperature_record(logits, y)
+    except ValueError as e:
+        raise EdgeError(f"--val-data {root}: cannot calibrate the scores: {e}") from e
+    t = record["temperature"]
+    if not (np.isfinite(t) and T_MIN < t < T_MAX):  # fit_temperature refuses these already
+        raise EdgeError(f"--val-data {root}: fitted temperature {t} is outside ({T_MIN}, {T_MAX})")
+    record.update(
+        data=root,
+        in_sample=True,
+        applies="probabilities = softmax(logits / temperature)",
+    )
+    return record
 
 
 CAM_REFERENCE_PERCENTILE = 99.0

@@ -64,8 +64,9 @@ def export_onnx(
         Path | None,
         typer.Option(
             "--val-data",
-            help="Held-out images (class folders) to calibrate the OOD threshold "
-            "(default: the bundle's training data, if present).",
+            help="Held-out images (class folders) to calibrate the OOD threshold and fit the "
+            "scores' temperature (default: the bundle's training data, if present, for the OOD "
+            "threshold only; the scores are then left uncalibrated).",
         ),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (TensorRT 10 parses up to 20).")] = 17,
@@ -143,6 +144,7 @@ def export_onnx(
         f"OOD threshold {o['threshold']:.3f} (p{o['percentile']:g} of out-of-fold Mahalanobis "
         f"scores on {o['n_val']} images in {o['data']})"
     )
+    out.print(calibration_line(result.calibration))
     if result.int8:
         c = result.int8["held_out_check"]
         kept = "kept" if "refused" not in result.int8 else "REFUSED (fp32 written)"
@@ -158,6 +160,17 @@ def export_onnx(
             f"[yellow]warning:[/] {trt['n_problems']} part(s) of the graph are not supported by "
             f"{trt['target']}: {shown(trt['problems'][0])}"
         )
+
+
+def calibration_line(c: dict) -> str:
+    """One line: the fitted temperature and ECE before → after, or that scores are uncalibrated."""
+    if c.get("method") != "temperature":
+        return "scores NOT calibrated (no --val-data): plain softmax of the logits"
+    return (
+        f"calibrated: temperature T={c['temperature']:.3f} on {c['images']} --val-data images, "
+        f"ECE {c['ece_before']:.3f} → {c['ece_after']:.3f} (in-sample; NLL "
+        f"{c['nll_before']:.3f} → {c['nll_after']:.3f})"
+    )
 
 
 @edge_app.command("build")
