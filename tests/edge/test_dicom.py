@@ -365,7 +365,8 @@ def test_predict_dicom_folder_writes_sc_sr_and_summary(edge_onnx, cxr_dicoms, ph
     assert len(rows) == len(lines) == 3
     by_name = {Path(r["image"]).name: r for r in lines}
     assert set(by_name) == {"a.dcm", "b.dcm", "photo.jpg"}
-    assert by_name["photo.jpg"]["ood"] is True and by_name["photo.jpg"]["label"] is None
+    assert by_name["photo.jpg"]["status"] == "out_of_distribution"
+    assert by_name["photo.jpg"]["label"] is None and by_name["photo.jpg"]["top_score"] is None
     for name in ("a.dcm", "b.dcm"):
         r = by_name[name]
         assert r["status"] == "ok" and r["label"] and 0 < r["top_score"] <= 1
