@@ -37,6 +37,9 @@ system-packages:
 	{ command -v Orthanc >/dev/null 2>&1 || test -x /usr/sbin/Orthanc; } || missing="$$missing orthanc"; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	test -f /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc || missing="$$missing fonts-noto-cjk"; \
+	test -f /usr/share/fonts/truetype/noto/NotoSansArabic-Regular.ttf || missing="$$missing fonts-noto-core"; \
+	test -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || missing="$$missing fonts-dejavu-core"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -154,7 +154,11 @@ def _reference(source: Dataset) -> Dataset:
     return item
 
 
-def _set_laterality(sc: Dataset, source: Dataset) -> None:
+BODY_PART_OF_MODALITY = {"cxr": "CHEST"}
+"""The body part a model of this (sealed) modality reads, for a source that does not say."""
+
+
+def _set_laterality(sc: Dataset, source: Dataset, body_part: str) -> None:
     """Laterality (Type 2C) and ImageLaterality as the source says; empty when it cannot tell.
 
     The source's ImageLaterality (R, L, U or B) is kept. Laterality is absent for an unpaired
@@ -166,7 +170,7 @@ def _set_laterality(sc: Dataset, source: Dataset) -> None:
     image = str(source.get("ImageLaterality", "") or "").upper()
     if image in IMAGE_LATERALITIES:
         sc.ImageLaterality = image
-    if str(source.get("BodyPartExamined", "") or "").upper() in UNPAIRED:
+    if body_part.upper() in UNPAIRED:
         return
     if laterality not in LATERALITIES:
         laterality = image if image in LATERALITIES else ""
@@ -202,9 +206,12 @@ def secondary_capture(record: PredictionRecord, overlay_png: bytes, source: Data
     )
     # The overlay adds bands and a colour bar around the image but keeps its axes.
     sc.PatientOrientation = _orientation(source)
-    _set_laterality(sc, source)
-    if source.get("BodyPartExamined"):
-        sc.BodyPartExamined = source.BodyPartExamined
+    body_part = str(source.get("BodyPartExamined", "") or "")
+    if not body_part and not source.get("Laterality") and not source.get("ImageLaterality"):
+        body_part = BODY_PART_OF_MODALITY.get(record.model.modality, "")
+    _set_laterality(sc, source, body_part)
+    if body_part:
+        sc.BodyPartExamined = body_part
     _dated(sc, datetime.now())
     sc.BurnedInAnnotation = "YES"  # the verdict, model and sha are drawn into the pixels
     sc.ImageComments = (

@@ -9,9 +9,13 @@ MODALITIES = ("cxr", "oct", "other")
 
 def modality_for_stage(*, requested: str | None, inherited: str, augment: str) -> str:
     """A stage's modality: ``--modality`` if given, else the init bundle's, else the
-    augmentation preset's when it names one (``cxr`` / ``oct``), else ``other``."""
+    augmentation preset's when it names one (``cxr`` / ``oct``), else ``other``. ``augment`` is
+    "" when no preset was asked for: the default preset (cxr) then makes a cxr model, as before
+    the modality was sealed."""
     if requested is not None:
         return requested
     if inherited != "other":
         return inherited
+    if augment == "":
+        return "cxr"
     return augment if augment in MODALITIES else "other"

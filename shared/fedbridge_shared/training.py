@@ -44,7 +44,8 @@ class TrainConfig:
     val_fraction: float = defaults.VAL_FRACTION
     augment_per_sample: int = defaults.BRIDGE_AUGMENT_PER_SAMPLE
     online_augment: bool = True
-    preset: str = defaults.AUGMENT
+    preset: str | None = defaults.AUGMENT
+    """The augmentation preset; None: the stage's modality's (``cxr``/``oct``), else the default."""
     label_smoothing: float = defaults.LABEL_SMOOTHING
     seed: int = defaults.SEED
     ema_decay: float = defaults.EMA_DECAY
@@ -66,7 +67,7 @@ class TrainConfig:
             "patience": (self.patience >= 1, "≥ 1"),
             "val_fraction": (0 <= self.val_fraction <= 0.5, "in [0, 0.5]"),
             "augment_per_sample": (0 <= self.augment_per_sample <= 100, "in [0, 100]"),
-            "preset": (self.preset in PRESETS, f"one of {', '.join(PRESETS)}"),
+            "preset": (self.preset in (None, *PRESETS), f"one of {', '.join(PRESETS)}"),
             "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
             "seed": (0 <= self.seed < 2**32, "in [0, 2**32)"),
             "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1) (0: off)"),
@@ -181,9 +182,12 @@ def run_stage(
     if config.intensity is not None:
         spec = dataclasses.replace(spec, intensity=config.intensity)
     modality = modality_for_stage(
-        requested=config.modality, inherited=spec.modality, augment=config.preset
+        requested=config.modality, inherited=spec.modality, augment=config.preset or ""
     )
     spec = dataclasses.replace(spec, modality=modality)
+    if config.preset is None:  # the modality's own augmentation, never another's by default
+        preset = modality if modality in PRESETS else defaults.AUGMENT
+        config = dataclasses.replace(config, preset=preset)
     target_of = {label: i for i, label in enumerate(spec.labels)}
 
     parts = {"train": list(index.samples), "val": []}

@@ -21,6 +21,7 @@ def test_train_with_ema_balanced_clahe_then_evaluate_with_tta(cxr_parts, weights
     )  # fmt: skip
     record = json.loads((bundle / "model.json").read_text())
     assert record["spec"]["intensity"] == "clahe"
+    assert record["spec"]["modality"] == "cxr"  # the default preset's, sealed
     config = record["training"]["config"]
     assert config["ema_decay"] == 0.9 and config["balanced"] is True
     assert config["intensity"] == "clahe" and config["backbone_lr_scale"] == 0.5
@@ -63,6 +64,26 @@ def _bedside_equals_training(bundle, onnx_path, folder):
     with torch.no_grad():
         expected = model(x_train).numpy()
     np.testing.assert_allclose(predictor.run(x_edge)["logits"], expected, atol=1e-4)
+
+
+def test_the_modality_is_sealed_inherited_and_decides_augmentation_and_tta(oct_root, tmp_path):
+    """`--modality oct` at the first stage; a later stage from that bundle inherits it and its
+    augmentation preset without being told; TTA flips only an OCT model."""
+    base = ("--model", "test_efficientnet", "--image-size", "32", "--epochs", "1",
+            "--augment-per-sample", "0", "--val-fraction", "0", "--device", "cpu",
+            "--batch-size", "64", "--ema-decay", "0")  # fmt: skip
+    first, second = tmp_path / "bridge", tmp_path / "target"
+    ok("bridge", oct_root, "--out", first, "--init", "none", "--modality", "oct", *base)
+    ok("train", oct_root, "--out", second, "--init", first, *base[2:])
+    for bundle in (first, second):
+        record = json.loads((bundle / "model.json").read_text())
+        assert record["spec"]["modality"] == "oct", bundle
+        assert record["training"]["config"]["preset"] == "oct", bundle
+    tta = json_out("evaluate", second, oct_root, "--bootstrap", "0", "--tta", "--json",
+                   "--device", "cpu")  # fmt: skip
+    assert "hflip" in tta["tta"]
+    result = fedbridge("train", oct_root, "--out", tmp_path / "x", "--modality", "mri", *base)
+    assert result.returncode != 0 and "mri" in result.stderr
 
 
 def test_bad_recipe_options_are_one_line_errors(cxr_parts, tmp_path):

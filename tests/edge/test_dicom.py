@@ -207,7 +207,8 @@ def test_sc_and_sr_join_the_source_study_in_the_models_ai_series(source_file, cx
     overlay_rgb = np.asarray(Image.open(io.BytesIO(overlay_png(cxr_image, rec))).convert("RGB"))
     np.testing.assert_array_equal(sc.pixel_array, overlay_rgb)
     assert list(sc.PatientOrientation or []) == list(source.get("PatientOrientation") or [])
-    assert sc.get("BodyPartExamined") == source.get("BodyPartExamined")
+    said = source.get("BodyPartExamined") or source.get("Laterality")
+    assert sc.get("BodyPartExamined") == (source.get("BodyPartExamined") if said else "CHEST")
     if "Laterality" in source:
         assert sc.Laterality == source.Laterality
     assert sr.SOPClassUID == COMPREHENSIVE_SR and sr.Modality == "SR"
@@ -303,13 +304,19 @@ def source_file_copy(image: Path, tmp_path: Path, source: Dataset) -> Path:
     )  # fmt: skip
 
 
-def test_a_source_that_says_nothing_of_laterality_gets_an_empty_one(cxr_image, tmp_path):
-    """Neither Laterality, ImageLaterality nor BodyPartExamined: Laterality is empty (unknown),
-    never absent (dciodvfy's Type 2C error); dciodvfy's note that empty means unknown is the
-    only line left, and the SR is clean."""
+def test_a_source_that_says_nothing_of_laterality(cxr_image, tmp_path):
+    """Neither Laterality, ImageLaterality nor BodyPartExamined. A chest model's SC says CHEST
+    (the sealed modality), so no Laterality is due and dciodvfy is silent. A model of another
+    modality cannot tell: Laterality is empty (unknown), never absent (dciodvfy's Type 2C
+    error), and dciodvfy's note that empty means unknown is the only line left."""
     source = pydicom.dcmread(make_dicom(cxr_image, tmp_path / "bare.dcm"))
     sc, sr = build(record(), source, cxr_image)
+    assert sc.BodyPartExamined == "CHEST" and "Laterality" not in sc
+    assert not dciodvfy(sc, tmp_path) and not dciodvfy(sr, tmp_path)
+    other = record().model_copy(update={"model": model().model_copy(update={"modality": "other"})})
+    sc, sr = build(other, source, cxr_image)
     assert "Laterality" in sc and sc.Laterality == "" and sc.PatientOrientation == ""
+    assert "BodyPartExamined" not in sc
     problems = dciodvfy(sc, tmp_path)
     assert len(problems) == 1 and "attribute <Laterality>" in problems[0], problems
     assert not dciodvfy(sr, tmp_path)

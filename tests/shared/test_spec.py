@@ -212,3 +212,20 @@ def test_a_nan_in_the_record_is_refused_by_name_and_nothing_is_written(tmp_path)
     ):
         save_bundle(out, SPEC, _state(), {"history": history})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_modality_is_sealed_and_older_bundles_read_unchanged():
+    from fedbridge_shared.modality import modality_for_stage
+    from fedbridge_shared.spec import ModelSpec, seal_of
+
+    plain = ModelSpec(arch="resnet18", labels=("A", "B"), image_size=64)
+    assert plain.modality == "other" and "modality" not in plain.to_dict()  # old seals hold
+    oct_spec = ModelSpec.from_dict({**plain.to_dict(), "modality": "oct"})
+    assert oct_spec.modality == "oct" and oct_spec.to_dict()["modality"] == "oct"
+    assert seal_of(oct_spec, "0" * 64) != seal_of(plain, "0" * 64)
+    with pytest.raises(BundleError, match="modality 'mri'"):
+        ModelSpec.from_dict({**plain.to_dict(), "modality": "mri"})
+    assert modality_for_stage(requested="oct", inherited="cxr", augment="cxr") == "oct"
+    assert modality_for_stage(requested=None, inherited="oct", augment="cxr") == "oct"
+    assert modality_for_stage(requested=None, inherited="other", augment="none") == "other"
+    assert modality_for_stage(requested=None, inherited="other", augment="") == "cxr"

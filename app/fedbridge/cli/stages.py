@@ -9,7 +9,6 @@ import typer
 from fedbridge.cli.options import (
     AsJson,
     Augment,
-    AugmentOpt,
     Device,
     Intensity,
     Manifest,
@@ -121,7 +120,14 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
         batch_size: BatchSize = defaults.BATCH_SIZE,
         lr: Lr = defaults.LR,
         augment_per_sample: AugmentPerSample = None,
-        augment: AugmentOpt = Augment(defaults.AUGMENT),
+        augment: Annotated[
+            Augment | None,
+            typer.Option(
+                "--augment",
+                help="Augmentation preset (default: the modality's — the --init bundle's or "
+                f"--modality's — else {defaults.AUGMENT}).",
+            ),
+        ] = None,
         preset: PresetOpt = Preset.cpu,
         val_fraction: ValFraction = defaults.VAL_FRACTION,
         patience: Patience = defaults.PATIENCE,
@@ -158,7 +164,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
             batch_size=batch_size,
             lr=lr,
             augment_per_sample=per_sample if augment_per_sample is None else augment_per_sample,
-            preset=augment.value,
+            preset=None if augment is None else augment.value,
             val_fraction=val_fraction,
             patience=patience,
             seed=seed,
