@@ -658,6 +658,13 @@ def main() -> None:
         "`make bench-quick` = reduced run). Every table says which run produced it, the exact "
         "command, the date and the machine. Goals are reported, never asserted in tests.\n",
     ]
+    current = ROOT / "bench" / "CURRENT.md"  # the current results, newest first
+    if current.exists():
+        lines.append(current.read_text())
+    lines.append(
+        "\n---\n\n# Earlier runs\n\nEverything below is older: the runs of issues #6–#16 "
+        "(November – 2026-12-03) and the tables `make bench` renders from `bench/results/`.\n"
+    )
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         lines.append(notes.read_text())

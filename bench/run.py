@@ -14,7 +14,8 @@ import time
 from bench._common import Results, log
 
 SCRIPTS = (
-    "train_throughput", "edge_speed", "edge_serve", "federation_cost", "deployed_rounds",
+    "train_throughput", "edge_speed", "edge_serve", "calibration", "federation_cost",
+    "deployed_rounds",
     "dp_accuracy", "recipe", "accuracy",
 )  # fmt: skip
 
