@@ -78,7 +78,7 @@ def cxr_image(cxr_parts) -> Path:
 
 def _prediction(body: dict, name: str) -> None:
     assert body["image"] == name, body
-    assert body["score_kind"] == "score" and body["model"]["calibrated"] is False
+    assert body["score_kind"] == ("probability" if body["model"]["calibrated"] else "score")
     assert set(body["scores"]) and abs(sum(body["scores"].values()) - 1) < 1e-5
     assert "overlay_png_base64" not in body  # ?overlay=none is the default
 
