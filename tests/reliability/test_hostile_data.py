@@ -342,3 +342,28 @@ def test_data_check_on_an_ascii_console(cxr_root, tmp_path, env):
     assert split.returncode == 0, split.stderr
     rows = (tmp_path / "split" / "split.csv").read_text(encoding="utf-8").splitlines()
     assert any("/NORMAL/Röntgen—Thorax.jpg,NORMAL," in row for row in rows), rows
+
+
+def test_a_failed_first_round_leaves_no_rounds_folder(tmp_path):
+    """No site ever joins (a fake Grid with no nodes): round 1 fails on the quorum, and the
+    OUT-rounds folder this run created (with its live.json) is removed: nothing to resume."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from fedbridge_server.config import FederationConfig
+    from fedbridge_server.federation import run_federation
+    from fedbridge_server.quorum import QuorumError
+    from fedbridge_shared.models import init_model
+    from fedbridge_shared.spec import save_bundle
+
+    model, spec = init_model("none", ["COVID19", "NORMAL"], "test_efficientnet", 48)
+    init = save_bundle(tmp_path / "init", spec, model.state_dict(), {"stage": "bridge"})
+    out = tmp_path / "fed" / "model"
+    cfg = FederationConfig.from_flat(
+        {"init": str(init), "out": str(out), "join-timeout": 0.2, "num-server-rounds": 1}
+    )
+    grid = SimpleNamespace(get_node_ids=lambda: [])
+    with pytest.raises(QuorumError, match="fewer than the quorum"):
+        run_federation(grid, cfg, Console(quiet=True))
+    assert sorted(p.name for p in out.parent.iterdir()) == []
