@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -108,7 +110,22 @@ def initial_model(init: Bundle, labels: tuple[str, ...]) -> tuple[torch.nn.Modul
 
 
 def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = None) -> dict:
-    """Run (or resume) the federated target stage; returns a summary with the round history."""
+    """Run (or resume) the federated target stage; returns a summary with the round history.
+
+    A run that fails (an error, SIGTERM, a full disk) before its first round completes leaves
+    no ``OUT-rounds`` folder behind when it created that folder: there is nothing to resume.
+    """
+    rounds = RoundStore(Path(cfg.out)).dir
+    existed = os.path.lexists(rounds)
+    try:
+        return _run_federation(grid, cfg, console)
+    except BaseException:
+        if not existed and not (rounds / "state.json").exists():
+            shutil.rmtree(rounds, ignore_errors=True)
+        raise
+
+
+def _run_federation(grid: Grid, cfg: FederationConfig, console: Console | None) -> dict:
     console = console or Console(stderr=True)
     if not cfg.init:
         raise ConfigError("run config: 'init' must name the bridge bundle to start from")

@@ -11,6 +11,7 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,7 +47,8 @@ def atomic_write(
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        with signals_held():
+            Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
 
@@ -103,7 +105,8 @@ def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(out)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
+    remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
     tmp.mkdir()  # not mkdtemp: its 0o700 mode would stick to the final folder
     try:
         yield tmp
@@ -117,8 +120,68 @@ def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
             os.replace(tmp, out)
         _fsync_dir(out.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_held():  # a second Ctrl-C or SIGTERM must not stop the cleanup halfway
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends (cleanup that must finish)."""
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    except (AttributeError, OSError, ValueError):  # no pthread_sigmask here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def stop_signals_raise() -> None:
+    """Make SIGTERM and SIGHUP raise ``SystemExit(128 + signum)`` in the main thread, as
+    SIGINT raises KeyboardInterrupt, so every ``atomic_dir`` / ``atomic_write`` removes its
+    temp files when a long command is stopped (the CLI calls this once at start)."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread
+            return
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove ``atomic_dir`` temp folders of ``out`` left by a process that no longer runs
+    (one killed by SIGKILL or a power cut); only fedbridge's own ``.NAME.tmp-PID-…`` names."""
+    prefix = f".{Path(out).name}.tmp-"
+    try:
+        entries = list(Path(out).parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = entry.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _old(out: Path) -> Path:

@@ -244,6 +244,11 @@ def render_html_report(
         f'<p class="muted">fedbridge {esc(__version__)} · '
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}</p>",
     ]
+    for warning in metrics.get("warnings") or []:
+        body.append(
+            '<p class="warning" style="border:3px solid #b00;padding:.6em;color:#b00">'
+            f"<b>WARNING</b>: {esc(warning)}</p>"
+        )
     if card is not None:
         body.append(
             card_section(card=card, metrics=metrics, labels=labels, y_true=y, probs=p,
