@@ -7,6 +7,7 @@ The site's images stay where they are; the SuperNode runs the fedbridge ClientAp
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -78,7 +79,11 @@ class SiteNode:
         return usable_index(self.data).counts()  # raises DataError naming the folder
 
     def node_config(self) -> str:
-        items = {P.NODE_DATA_PATH: str(self.data.resolve()), P.NODE_SITE_NAME: self.name}
+        """The SuperNode's node-config; with a worker (``join``) the data folder is not in it:
+        only the worker, installed fedbridge code, knows where the images are."""
+        items = {P.NODE_SITE_NAME: self.name}
+        if self.worker_socket is None:
+            items[P.NODE_DATA_PATH] = str(self.data.resolve())
         if self.audit_dir is not None:
             items[P.NODE_AUDIT_DIR] = str(self.audit_dir.resolve())
         if self.events is not None:
@@ -144,6 +149,15 @@ def join(node: SiteNode, log: Path, console: Console, admit_timeout: float = 600
     counts = node.check()
     mode = "INSECURE (no TLS)" if node.insecure else "TLS + key authentication"
     console.print(f"site {node.name}: {node.data} → {node.superlink} ({mode}); log {log}")
+    console.print(
+        "this site runs only fedbridge's own app (installed code); any other app is refused "
+        "and recorded"
+    )
+    if node.ca is not None and not node.insecure:
+        console.print(
+            f"CA SHA-256 fingerprint: {pki.fingerprint(node.ca)} (compare it with the one the "
+            "coordinator reads you over a second channel)"
+        )
     if counts:
         console.print("images per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if node.events is None:
@@ -212,6 +226,7 @@ def _worker(node: SiteNode, log: Path, console: Console) -> Iterator[_SiteWorker
     folder = Path(tempfile.mkdtemp(prefix="fedbridge-site-"))
     worker = _SiteWorker(node, log.with_name(log.stem + "-worker.log"), console, folder / "w.sock")
     node.worker_socket = worker.socket
+    _guard_shim(folder / "bin")
     try:
         worker.start()
         console.print(f"site worker ready (PID {worker.proc.pid}); log {worker.log}")
@@ -219,6 +234,22 @@ def _worker(node: SiteNode, log: Path, console: Console) -> Iterator[_SiteWorker
     finally:
         worker.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _guard_shim(bindir: Path) -> None:
+    """``bindir/flwr-clientapp``: :mod:`fedbridge_client.guard` under the name the SuperNode
+    starts for each message, so only fedbridge's installed ClientApp runs at this site."""
+    bindir.mkdir(mode=0o700)
+    shim = bindir / "flwr-clientapp"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fedbridge_client.guard "$@"\n')
+    shim.chmod(0o700)
+
+
+def _supernode_env(node: SiteNode) -> dict[str, str]:
+    env = tool_env()
+    if node.worker_socket is not None:  # the guard first on PATH (see _guard_shim)
+        env["PATH"] = os.pathsep.join([str(node.worker_socket.parent / "bin"), env["PATH"]])
+    return env
 
 
 def _stop_strays(events: Path, console: Console) -> None:
@@ -240,7 +271,7 @@ def _serve(
         while True:
             offset = log.stat().st_size if log.exists() else 0
             node.max_wait = max(1.0, deadline - time.monotonic())
-            proc = spawn(node.command(), log, tool_env())
+            proc = spawn(node.command(), log, _supernode_env(node))
             try:
                 rc = _wait(proc, worker)
             finally:

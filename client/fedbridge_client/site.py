@@ -10,7 +10,7 @@ import torch
 
 from fedbridge_shared.data.samples import check_labels
 from fedbridge_shared.data.split import assign_parts
-from fedbridge_shared.data.tensors import load_images, make_loader
+from fedbridge_shared.data.tensors import load_resized, make_loader
 from fedbridge_shared.engine import (
     CosineSchedule,
     fit,
@@ -20,7 +20,14 @@ from fedbridge_shared.engine import (
 )
 from fedbridge_shared.errors import DataError
 from fedbridge_shared.models import build_model
-from fedbridge_shared.protocol import EvalReply, LocalSettings, RoundTask, TrainReply
+from fedbridge_shared.protocol import (
+    EvalReply,
+    LocalSettings,
+    RoundTask,
+    SiteErrorCode,
+    SiteFailure,
+    TrainReply,
+)
 from fedbridge_shared.spec import ModelSpec
 from fedbridge_shared.training import resolve_device, usable_index
 from fedbridge_shared.weights import load_shared_state, shared_state
@@ -31,12 +38,20 @@ class Site:
 
     def __init__(self, data: Path, name: str) -> None:
         self.data, self.name = Path(data), name
-        self.index = usable_index(self.data)
+        try:
+            self.index = usable_index(self.data)
+        except DataError as e:
+            empty = "empty class folder" in str(e)
+            code = SiteErrorCode.EMPTY_CLASS_FOLDER if empty else SiteErrorCode.DATA_FOLDER
+            raise SiteFailure(str(e), code=code) from None
         self._cache: dict[tuple, tuple] = {}
 
     def check_labels(self, spec: ModelSpec) -> None:
         """Refuse, before any training, class folders that differ from the model's labels."""
-        check_labels(self.index, spec.labels, where=f"site {self.name}", exact=True)
+        try:
+            check_labels(self.index, spec.labels, where=f"site {self.name}", exact=True)
+        except DataError as e:
+            raise SiteFailure(str(e), code=SiteErrorCode.LABELS_DIFFER) from None
 
     def _parts(self, spec: ModelSpec, settings: LocalSettings):
         """Decoded train/val images and targets, cached per input size and split settings."""
@@ -47,7 +62,7 @@ class Site:
             parts = assign_parts(self.index.samples, weights, settings.seed)
             target = {label: i for i, label in enumerate(spec.labels)}
             self._cache[key] = tuple(
-                (load_images(parts[p], spec.image_size), [target[s.label] for s in parts[p]])
+                (_decode(parts[p], spec.image_size), [target[s.label] for s in parts[p]])
                 for p in ("train", "val")
             )
         return self._cache[key]
@@ -67,7 +82,7 @@ class Site:
         spec, settings = ModelSpec.from_dict(task.spec), task.settings
         (images, targets), _ = self._parts(spec, settings)
         if not images:
-            raise DataError(f"site {self.name}: no training images")
+            raise SiteFailure(f"site {self.name}: no training images", code=SiteErrorCode.NO_IMAGES)
         seed = self._seed(settings, task.server_round)
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
@@ -138,6 +153,20 @@ class Site:
             class_counts=_class_counts(targets, k),
             class_correct=_class_counts(y[right], k),
         )
+
+
+def _decode(samples, size: int) -> list[np.ndarray]:
+    """Every image decoded; the files that cannot be are counted (the names stay here)."""
+    images, bad = [], []
+    for s in samples:
+        try:
+            images.append(load_resized(s.path, size))
+        except DataError as e:
+            bad.append(str(e))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise SiteFailure(bad[0] + more, code=SiteErrorCode.UNREADABLE_IMAGES, count=len(bad))
+    return images
 
 
 def _class_counts(targets: list[int] | np.ndarray, n_labels: int) -> tuple[int, ...]:

@@ -7,8 +7,10 @@ values of the wrong type are refused with an error that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from fedbridge_shared import defaults
@@ -16,6 +18,7 @@ from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.protocol import LocalSettings, kebab
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
+MAX_SECONDS = 7 * 24 * 3600.0  # the longest wait any timeout may ask for
 INLINE = {"inline": True}
 """Field metadata: the sub-config's keys sit at the top level of the flat run config."""
 
@@ -105,13 +108,18 @@ class FederationConfig:
             "min-available-sites": self.min_available_sites >= 1,
             "min-train-sites": 1 <= self.min_train_sites <= self.min_available_sites,
             "min-evaluate-sites": 0 <= self.min_evaluate_sites <= self.min_available_sites,
-            "join-timeout": self.join_timeout > 0,
-            "site-wait-timeout": self.site_wait_timeout > 0,
-            "round-timeout": self.round_timeout > 0,
-            "dp.clipping-norm": self.dp.clipping_norm > 0,
-            "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
-            "dp.target-epsilon": self.dp.target_epsilon > 0,
+            "join-timeout": 0 < self.join_timeout <= MAX_SECONDS,
+            "site-wait-timeout": 0 < self.site_wait_timeout <= MAX_SECONDS,
+            "round-timeout": 0 < self.round_timeout <= MAX_SECONDS,
+            "dp.clipping-norm": 0 < self.dp.clipping_norm <= 1e6,
+            "dp.noise-multiplier": 0 <= self.dp.noise_multiplier <= 1e3,
+            "dp.target-epsilon": 1e-3 <= self.dp.target_epsilon <= 1e4,
             "dp.delta": 0 < self.dp.delta < 1,
+            "fedadam.eta": 0 < self.fedadam.eta <= 10,
+            "fedadam.eta-l": 0 < self.fedadam.eta_l <= 10,
+            "fedadam.beta-1": 0 <= self.fedadam.beta_1 < 1,
+            "fedadam.beta-2": 0 <= self.fedadam.beta_2 < 1,
+            "fedadam.tau": 0 < self.fedadam.tau <= 1,
             "fedavgm.server-lr": 0 < self.fedavgm.server_lr <= 10,
             "fedavgm.momentum": 0 <= self.fedavgm.momentum < 1,
             "dp.enabled": not (self.dp.enabled and self.strategy in ("fedadam", "fedavgm")),
@@ -219,15 +227,49 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             return str(value).lower() == "true"
     elif kind is int and not isinstance(value, bool):
         try:
-            if float(value) == int(float(value)):
-                return int(float(value))
-        except (TypeError, ValueError):
+            number = float(value)
+            if math.isfinite(number) and number == int(number):
+                return int(number)
+        except (TypeError, ValueError, OverflowError):
             pass
     elif kind is float and not isinstance(value, bool):
-        try:
+        try:  # NaN and infinities are refused by the bounds, naming the key
             return float(value)
         except (TypeError, ValueError):
             pass
     elif kind is str:
         return str(value)
-    raise ConfigError(f"run config: {name!r} must be {kind.__name__}, got {value!r}")
+    shown = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+    finite = " (finite)" if kind is int else ""
+    raise ConfigError(f"run config: {name!r} must be {kind.__name__}{finite}, got {shown!r}")
+
+
+_PATH_KEYS = ("init", "out", "val-data", "test-data")
+
+
+def merge_overrides(
+    flat: Mapping[str, Any], overrides: Mapping[str, str], *, given: Mapping[str, str]
+) -> dict[str, Any]:
+    """``flat`` (a command's options as run-config keys) with its ``--set`` overrides.
+
+    ``given`` maps the keys whose option the user typed to that option (``"out"`` →
+    ``"--out"``): an override of such a key must agree with the option, or it is refused
+    (``--out A --set out=B`` would otherwise write to B without a word).
+    """
+    known = _keys(FederationConfig)
+    for key, value in overrides.items():
+        if key not in given or key not in flat or key not in known:
+            continue
+        if _setting(key, flat[key], known) != _setting(key, value, known):
+            raise ConfigError(
+                f"--set {key}={value} disagrees with {given[key]} {flat[key]}: set it once"
+            )
+    return {**flat, **overrides}
+
+
+def _setting(key: str, value: Any, known: dict) -> Any:
+    if key in _PATH_KEYS:
+        return str(Path(str(value)).resolve()) if str(value) else ""
+    _, f = known[key]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return _coerce(key, value, type(default))

@@ -101,10 +101,25 @@ def restore_strategy_state(strategy: Strategy, saved: dict[str, torch.Tensor]) -
 
 
 def site_name(msg: Message) -> str:
-    """The name a site reports (never a path), or its node id."""
+    """The name a site reports (never a path), or its node id when it sent none that fits
+    :data:`~fedbridge_shared.protocol.SITE_NAME_PATTERN`."""
     if msg.has_content() and P.SITE in msg.content.config_records:
-        return str(msg.content.config_records[P.SITE].get(P.SITE_NAME))
+        name = msg.content.config_records[P.SITE].get(P.SITE_NAME)
+        if isinstance(name, str) and P.SITE_NAME_PATTERN.fullmatch(name):
+            return name
     return f"node {msg.metadata.src_node_id}"
+
+
+def schema_problem(msg: Message) -> str | None:
+    """Why a site's reply is not fedbridge's closed schema (see ``protocol.reply_problem``)."""
+    content = msg.content
+    records: dict[str, dict] = {}
+    for key, record in content.items():
+        if key in content.array_records:
+            records[key] = {name: None for name in record}
+        else:
+            records[key] = dict(record)
+    return P.reply_problem(msg.metadata.message_type, records)
 
 
 def screen_replies(
@@ -137,8 +152,12 @@ def screen_replies(
     usable = []
     for msg in replies:
         who = names.get(origin(msg), site_name(msg))
-        if msg.has_error():
-            dropped.append(f"{who}: failed ({msg.error.reason})")
+        if msg.has_error():  # only a code and a count from fedbridge's enum are shown
+            dropped.append(f"{who}: failed ({P.describe_failure(msg.error.reason)})")
+            continue
+        problem = schema_problem(msg)
+        if problem is not None:
+            dropped.append(f"{who}: reply rejected (not fedbridge's schema: {problem})")
             continue
         names[msg.metadata.src_node_id] = site_name(msg)
         bad = _non_finite_metric(msg)

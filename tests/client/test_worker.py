@@ -112,9 +112,17 @@ def test_a_failing_task_and_a_missing_worker_are_reported_as_site_errors(
     other = spec.to_dict() | {"labels": ["A", "B"]}  # classes this site does not have
     msg = _message("train", spec, state)
     msg.content[P.CONFIG][P.SPEC_JSON] = json.dumps(other)
-    with pytest.raises(client_app.SiteError, match="DataError"):
+    with pytest.raises(P.SiteFailure, match="refused the task: labels_differ") as refused:
         client_app._in_worker(worker_socket, msg)
+    # what crosses the wire is a code and a count, never the message with the site's folders
+    assert refused.value.wire() == '{"error": "labels_differ", "count": 1}'
+    # a task outside fedbridge's schema (an extra key) is refused before the data is touched
+    odd = _message("evaluate", spec, state)
+    odd.content[P.CONFIG]["walk"] = "/"
+    with pytest.raises(P.SiteFailure, match="bad_task"):
+        client_app._in_worker(worker_socket, odd)
     # the worker survives a failed task and serves the next one
     assert client_app._in_worker(worker_socket, _message("evaluate", spec, state))[P.METRICS]
-    with pytest.raises(client_app.SiteError, match="worker is not running"):
+    with pytest.raises(P.SiteFailure, match="worker is not running") as down:
         client_app._in_worker(str(tmp_path / "gone.sock"), msg)
+    assert down.value.code == P.SiteErrorCode.WORKER_DOWN

@@ -88,3 +88,54 @@ def test_flwr_run_paths_must_be_absolute_and_sites_set_the_supernodes(tmp_path):
     with pytest.raises(ConfigError, match="lists 3 folders but .* has 2 SuperNodes.*= 3"):
         _check_supernodes(TwoNodes(), 3, settle=0.1)
     _check_supernodes(TwoNodes(), 2, settle=0.1)
+
+
+@pytest.mark.parametrize(
+    ("flat", "needle"),
+    [
+        ({"batch-size": "1e400"}, "'batch-size' must be int (finite), got '1e400'"),
+        ({"batch-size": 100_000}, "invalid value for 'batch-size'"),
+        ({"local-epochs": 0}, "invalid value for 'local-epochs'"),
+        ({"fedadam.beta-1": 5}, "invalid value for 'fedadam.beta-1'"),
+        ({"fedadam.beta-1": 1}, "invalid value for 'fedadam.beta-1'"),
+        ({"fedadam.beta-2": -0.1}, "invalid value for 'fedadam.beta-2'"),
+        ({"fedadam.eta": -1}, "invalid value for 'fedadam.eta'"),
+        ({"fedadam.eta": 0}, "invalid value for 'fedadam.eta'"),
+        ({"fedadam.tau": "nan"}, "invalid value for 'fedadam.tau'"),
+        ({"round-timeout": "inf"}, "invalid value for 'round-timeout'"),
+        ({"dp.noise-multiplier": 1e300}, "invalid value for 'dp.noise-multiplier'"),
+        ({"dp.target-epsilon": 1e-12}, "invalid value for 'dp.target-epsilon'"),
+        ({"label-smoothing": 1}, "invalid value for 'label-smoothing'"),
+        ({"proximal-mu": "nan"}, "invalid value for 'proximal-mu'"),
+        ({"threads": 10**6}, "invalid value for 'threads'"),
+    ],
+)
+def test_every_key_has_bounds_and_huge_numbers_are_one_error(flat, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        FederationConfig.from_flat(flat)
+
+
+def test_the_edges_of_the_bounds_are_accepted():
+    cfg = FederationConfig.from_flat(
+        {"fedadam.beta-1": 0, "fedadam.beta-2": 0.999, "fedadam.eta": 10, "batch-size": 4096}
+    )
+    assert cfg.fedadam.beta_1 == 0 and cfg.local.batch_size == 4096
+
+
+def test_a_set_key_that_disagrees_with_a_typed_option_is_refused(tmp_path):
+    from fedbridge_server.config import merge_overrides
+
+    flat = {"out": str(tmp_path / "A"), "num-server-rounds": 1, "min-available-sites": 2}
+    given = {"out": "--out", "num-server-rounds": "--rounds", "min-available-sites": "--sites"}
+    for key, value, option in [
+        ("out", str(tmp_path / "B"), "--out"),
+        ("num-server-rounds", "2", "--rounds"),
+        ("min-available-sites", "5", "--sites"),
+    ]:
+        with pytest.raises(ConfigError, match=f"--set {key}=.* disagrees with {option}"):
+            merge_overrides(flat, {key: value}, given=given)
+    # the same value twice, a key no option set, or an option left at its default: fine
+    same = {"out": str(tmp_path / "x" / ".." / "A"), "num-server-rounds": "1.0"}
+    assert merge_overrides(flat, same, given=given)["num-server-rounds"] == "1.0"
+    assert merge_overrides(flat, {"lr": "0.1"}, given=given)["lr"] == "0.1"
+    assert merge_overrides(flat, {"out": "B"}, given={})["out"] == "B"

@@ -106,8 +106,10 @@ def run_config(
     ``sites`` are expected in every round; ``min_sites`` (default: all of them) is the quorum
     of usable updates a round needs.
     """
+    from fedbridge_server.config import merge_overrides
+
     quorum = sites if min_sites is None else min_sites
-    return {
+    options = {
         "init": str(Path(init).resolve()),
         "out": str(Path(out).resolve()),
         "num-server-rounds": rounds,
@@ -124,8 +126,38 @@ def run_config(
         "min-available-sites": sites,
         "min-train-sites": quorum,
         "min-evaluate-sites": quorum,
-        **parse_overrides(settings or []),
     }
+    return merge_overrides(options, parse_overrides(settings or []), given=given_options())
+
+
+_OPTION_KEYS = {
+    "init": ("init", "--init"), "out_dir": ("out", "--out"),
+    "rounds": ("num-server-rounds", "--rounds"), "strategy": ("strategy", "--strategy"),
+    "augment_per_sample": ("augment-per-sample", "--augment-per-sample"),
+    "augment": ("augment", "--augment"), "local_epochs": ("local-epochs", "--local-epochs"),
+    "lr": ("lr", "--lr"), "batch_size": ("batch-size", "--batch-size"),
+    "val": ("val-data", "--val-data"), "test": ("test-data", "--test-data"),
+    "seed": ("seed", "--seed"), "labels": ("labels", "--labels"),
+    "sites": ("min-available-sites", "--sites/--site"),
+    "min_sites": ("min-train-sites", "--min-sites"),
+}  # fmt: skip
+
+
+def given_options() -> dict[str, str]:
+    """Run-config key → option, for the options typed on this command line."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    given = {}
+    for param, (key, option) in _OPTION_KEYS.items():
+        source = ctx.get_parameter_source(param)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given[key] = option
+    if "min-train-sites" in given:
+        given["min-evaluate-sites"] = given["min-train-sites"]
+    return given
 
 
 @app.command()
