@@ -102,7 +102,11 @@ def test_the_clientapp_path_through_the_worker_equals_the_site_itself(site_data,
     assert metrics["train-loss"] == pytest.approx(direct.train_loss)
     assert reply[P.SITE][P.SITE_NAME] == "site-x"
     evaluated = client_app._in_worker(worker_socket, _message("evaluate", spec, state))
-    assert P.ARRAYS not in evaluated and dict(evaluated[P.METRICS])["val-accuracy"] >= 0
+    assert P.ARRAYS not in evaluated
+    direct_eval = Site(data, "site-x").evaluate(RoundTask(spec.to_dict(), SETTINGS, 2, 3), state)
+    assert direct_eval.num_examples > 0  # the comparison below has images behind it
+    assert dict(evaluated[P.METRICS])["val-accuracy"] == pytest.approx(direct_eval.val_accuracy)
+    assert dict(evaluated[P.METRICS])["val-loss"] == pytest.approx(direct_eval.val_loss)
 
 
 def test_a_failing_task_and_a_missing_worker_are_reported_as_site_errors(
