@@ -517,3 +517,58 @@ def test_an_encoded_newline_in_the_path_cannot_forge_a_log_line(served):
     lines = served.log.read_text().splitlines()
     assert not any(line.startswith('127.0.0.1 "GET /forged') for line in lines)
     assert any("\\n127.0.0.1" in line for line in lines)
+
+
+def _multipart(port: int, body: bytes) -> tuple[bytes, bytes]:
+    head = (
+        b"POST /predict/batch HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=BOUND\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    reply = _raw(port, head + body)
+    status, _, rest = reply.partition(b"\r\n\r\n")
+    return status, rest
+
+
+def test_malformed_multipart_parts_get_400_json(served, cxr_image):
+    """Issue #30: a part with no headers, a 100,000-character file name: 400 JSON, no 500."""
+    no_headers = b"--BOUND\r\n\r\nxxxx\r\n--BOUND--\r\n"
+    status, body = _multipart(served.port, no_headers)
+    assert status.startswith(b"HTTP/1.1 400"), status + body
+    assert "error" in json.loads(body)
+    name = b"a" * 100_000
+    long_name = (
+        b'--BOUND\r\nContent-Disposition: form-data; name="file"; filename="' + name
+        + b'"\r\nContent-Type: image/png\r\n\r\n' + cxr_image.read_bytes() + b"\r\n--BOUND--\r\n"
+    )  # fmt: skip
+    status, body = _multipart(served.port, long_name)
+    assert status.startswith(b"HTTP/1.1 400"), status[:200]
+    assert "file name of 100000 characters" in json.loads(body)["error"]
+    assert "Traceback" not in served.log.with_suffix(".err").read_text()
+    assert requests.get(f"{served.url}/health", timeout=30).status_code == 200
+
+
+def test_a_client_that_never_reads_its_reply_is_cut(served, cxr_image):
+    """Issue #30: a send timeout (--timeout) for a reply nobody reads."""
+    data = cxr_image.read_bytes()
+    err = served.log.with_suffix(".err")
+    cuts = err.read_text().count("read nothing of its reply")
+    files = [("file", (f"x{i}.png", data, "image/png")) for i in range(4)]
+    body, ctype = requests.models.RequestEncodingMixin._encode_files(files, {})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
+    sock.connect(("127.0.0.1", served.port))
+    sock.sendall(
+        f"POST /predict/batch?overlay=png HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    try:
+        for _ in range(600):  # bounded: up to 2 min for the timeout to pass
+            if err.read_text().count("read nothing of its reply") > cuts:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the slow reader was never cut")
+    finally:
+        sock.close()
+    assert requests.get(f"{served.url}/health", timeout=30).status_code == 200
