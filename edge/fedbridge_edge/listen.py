@@ -91,7 +91,7 @@ RESULT_SUFFIXES = (".dcm", ".sc.dcm", ".sr.dcm", ".overlay.png", ".json")  # wha
 SWEEP_EVERY = 3600.0  # seconds between retention sweeps
 DEFAULT_MAX_PIXELS = 40_000_000  # rows × columns × frames, checked from the header
 HEADER_SLACK = 16 << 20  # bytes of a dataset beyond its pixels (header, private tags)
-DECODE_SIDE = 4096  # larger native images are subsampled while decoding (outputs are ≤ 2048)
+DECODE_SIDE = 2048  # larger native images are subsampled while decoding (outputs are ≤ 2048)
 INCOMING = ".incoming"  # datasets stream here while they arrive (under --out, private)
 
 
@@ -349,6 +349,11 @@ class Listener:
             return self._handle(path, event)
         finally:
             self.receiving.discard(path)
+            # the time spent here (decode, inference) is not the peer's silence: restart
+            # pynetdicom's network idle timer, or a slow image aborts the modality's release
+            timer = getattr(getattr(event.assoc, "dul", None), "_idle_timer", None)
+            if timer is not None:
+                timer.restart()
 
     def _handle(self, path: Path, event: Any) -> int:
         try:
@@ -378,7 +383,15 @@ class Listener:
         return SUCCESS
 
     def _closed(self, event: Any) -> None:
-        """EVT_CONN_CLOSE: remove what an association cut while receiving left in .incoming."""
+        """EVT_CONN_CLOSE: remove what an association cut while receiving left in .incoming:
+        its dataset in progress, and anything stale."""
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if partial is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                partial.close()
+                if Path(partial.name) not in self.receiving:
+                    Path(partial.name).unlink()
         cutoff = time.time() - 2 * self.bounds.timeout
         with contextlib.suppress(OSError):
             for stale in self.incoming.iterdir():
