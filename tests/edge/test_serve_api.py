@@ -560,7 +560,8 @@ def test_a_client_that_never_reads_its_reply_is_cut(served, cxr_image):
     sock.connect(("127.0.0.1", served.port))
     sock.sendall(
         f"POST /predict/batch?overlay=png HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     try:
         for _ in range(600):  # bounded: up to 2 min for the timeout to pass
