@@ -6,12 +6,14 @@ No heavy imports, so the bedside runtime uses them too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import secrets
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -263,3 +265,42 @@ def read_json_object(path: Path, *, what: str = "JSON") -> dict[str, Any] | None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: {what} must be an object")
     return doc
+
+
+MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit; FEDBRIDGE_MAX_MODEL_BYTES overrides it
+
+
+def max_model_bytes() -> int:
+    """The largest model file read (weights, ONNX): ``FEDBRIDGE_MAX_MODEL_BYTES`` or 2 GiB."""
+    text = os.environ.get("FEDBRIDGE_MAX_MODEL_BYTES", "").strip()
+    if not text:
+        return MAX_MODEL_BYTES
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"FEDBRIDGE_MAX_MODEL_BYTES={text!r}: must be a positive whole number")
+    return int(text)
+
+
+def read_regular(path: Path, *, limit: int, option: str = "FEDBRIDGE_MAX_MODEL_BYTES") -> bytes:
+    """The bytes of ``path`` when it is a regular file of at most ``limit`` bytes, checked before
+    anything is read: a FIFO (which would block), a device such as /dev/zero (which never ends)
+    or an oversized file is an OSError naming the path, with nothing read."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, unread
+    try:
+        st = os.fstat(fd)  # the file opened, not a name that could be swapped after a check
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or folder)", str(path))
+        if st.st_size > limit:
+            raise OSError(
+                errno.EFBIG,
+                f"{st.st_size:,} bytes, over the {limit:,} bytes limit ({option})",
+                str(path),
+            )
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"grew over the {limit:,} bytes limit while read", str(path))
+        return data
+    finally:
+        os.close(fd)

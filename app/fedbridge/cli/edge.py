@@ -385,6 +385,23 @@ def listen(
             metavar="DAYS",
         ),
     ] = None,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            help="Largest image (rows × columns × frames); a dataset over 2 bytes a pixel at "
+            "this limit (+16 MiB) is cut while it arrives, a larger image is refused before "
+            "decoding."
+        ),
+    ] = 40_000_000,
+    max_associations: Annotated[
+        int, typer.Option(help="Associations open at once; beyond, connections are closed.")
+    ] = 16,
+    max_per_peer: Annotated[
+        int, typer.Option(help="Associations open at once from one peer address.")
+    ] = 4,
+    max_association_s: Annotated[
+        float, typer.Option(help="Seconds an association may stay open in all.")
+    ] = 600.0,
     backend: BackendOpt = Backend.auto,
     threads: Threads = None,
 ) -> None:
@@ -395,7 +412,8 @@ def listen(
     import signal
     import threading
 
-    from fedbridge_edge.listen import Destination, Listener, check_ae_title
+    from fedbridge_edge.dicom_guard import Bounds
+    from fedbridge_edge.listen import Destination, Listener, check_ae_title, max_dataset_bytes
     from fedbridge_edge.outbox import private_dir
     from fedbridge_edge.runtime import Predictor
     from fedbridge_shared.files import check_writable
@@ -406,6 +424,18 @@ def listen(
         raise ConfigError(f"--timeout {timeout}: must be in (0, 600] seconds")
     if retention is not None and not 0 < retention <= 36500:
         raise ConfigError(f"--retention {retention}: must be in (0, 36500] days")
+    if not 64 <= max_pixels <= 1_000_000_000:
+        raise ConfigError(f"--max-pixels {max_pixels}: must be in [64, 1000000000]")
+    if not 1 <= max_associations <= 1000:
+        raise ConfigError(f"--max-associations {max_associations}: must be in [1, 1000]")
+    if not 1 <= max_per_peer <= max_associations:
+        raise ConfigError(
+            f"--max-per-peer {max_per_peer}: must be in [1, --max-associations {max_associations}]"
+        )
+    if not timeout < max_association_s <= 86400:
+        raise ConfigError(
+            f"--max-association-s {max_association_s}: must be in (--timeout {timeout}, 86400]"
+        )
     check_ae_title(ae_title, option="--ae-title")
     dest = Destination.parse(forward) if forward is not None else None
     if out_dir.exists() and not out_dir.is_dir():
@@ -420,9 +450,13 @@ def listen(
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # ours says it in one line
+    bounds = Bounds(
+        timeout=timeout, lifetime=max_association_s, max_associations=max_associations,
+        per_peer=max_per_peer, max_bytes=max_dataset_bytes(max_pixels),
+    )  # fmt: skip
     listener = Listener(
         predictor, out=out_dir, ae_title=ae_title, forward=dest, timeout=timeout,
-        retention_days=retention,
+        retention_days=retention, max_pixels=max_pixels, bounds=bounds,
     )  # fmt: skip
     if listener.outbox is not None:
         waiting = listener.outbox.status()
