@@ -229,53 +229,55 @@ def predict(
 ) -> None:
     """Predict each image: IMAGE.json (label, scores, OOD, markers) and IMAGE.overlay.png;
     predictions.csv and predictions.jsonl summarise the run, one row per image."""
-    from fedbridge_edge import summary
+    from fedbridge_edge import outputs, summary
     from fedbridge_edge.errors import EdgeError
     from fedbridge_edge.preprocess import list_images
-    from fedbridge_edge.runtime import Predictor, unique_stems, write_prediction
+    from fedbridge_edge.runtime import Predictor, write_prediction
     from fedbridge_shared.errors import DataError
+    from fedbridge_shared.files import atomic_dir
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir}: is a file; give a folder")
-    if (out_dir / summary.JSONL).exists() and not force:
-        raise ConfigError(
-            f"--out {out_dir}: holds an earlier run's predictions; add --force to replace them"
-        )
+    outputs.check_out(out_dir, inputs, force=force)
     shown_on = err if as_json else out  # --json: the document alone on stdout
     images = list_images(inputs)
     if not images:
         raise ConfigError(f"no PNG/JPEG/DICOM images in {', '.join(map(str, inputs))}")
     if dicom and not any(_is_dicom(p) for p in images):
         raise ConfigError("--dicom: none of the inputs is a DICOM file")
+    names = outputs.output_names(images, inputs)
     predictor = Predictor(model, backend.value, threads, map_normal=map_normal)
     if dicom:
         from fedbridge_edge import dicom_out
     failed, rows = 0, []
-    for path, stem in zip(images, unique_stems(images), strict=True):
-        try:
-            pred = predictor.predict_file(path)
-            results = None
-            if dicom and _is_dicom(path):
-                header = dicom_out.read_header(path)
-                results = dicom_out.build(
-                    pred.record, pred.overlay_png(max_side=dicom_out.SC_MAX_SIDE), header,
-                    codes=predictor.codes, name=str(path),
-                )  # fmt: skip
-        except (DataError, EdgeError) as e:
-            if len(images) == 1:
-                raise
-            failed += 1
-            rows.append(summary.error_row(path, str(e), predictor.sha256))
-            err.print(f"[red]skipped[/] {shown(e)}")
-            continue
-        write_prediction(pred, out_dir, stem)
-        if results is not None:
-            dicom_out.write(*results, out_dir, stem)
-        rows.append(summary.row(pred.record, path))
-        if as_json:
-            rows[-1]["scores"] = pred.record.scores
-        shown_on.print(f"{shown(path.name)}: {verdict(pred)}  {pred.latency_ms:.1f} ms")
-    summary.write(rows, out_dir)
+    before = outputs.written_before(out_dir)
+    with atomic_dir(out_dir, replace=out_dir.exists()) as tmp:
+        for path, stem in zip(images, names, strict=True):
+            try:
+                pred = predictor.predict_file(path)
+                results = None
+                if dicom and _is_dicom(path):
+                    header = dicom_out.read_header(path)
+                    results = dicom_out.build(
+                        pred.record, pred.overlay_png(max_side=dicom_out.SC_MAX_SIDE), header,
+                        codes=predictor.codes, name=str(path),
+                    )  # fmt: skip
+            except (DataError, EdgeError) as e:
+                if len(images) == 1:
+                    raise
+                failed += 1
+                rows.append(summary.error_row(path, str(e), predictor.sha256))
+                err.print(f"[red]skipped[/] {shown(e)}")
+                continue
+            write_prediction(pred, tmp, stem)
+            if results is not None:
+                dicom_out.write(*results, tmp, stem)
+            rows.append(summary.row(pred.record, path))
+            if as_json:
+                rows[-1]["scores"] = pred.record.scores
+            shown_on.print(f"{shown(path.name)}: {verdict(pred)}  {pred.latency_ms:.1f} ms")
+        summary.write(rows, tmp)
+        written = {p.name for p in tmp.iterdir()}
+        outputs.write_marker(tmp, written)
+    outputs.remove_stale(out_dir, before, written | {outputs.MARKER})
     shown_on.print(f"{len(images) - failed} predictions in {out_dir} ({predictor.backend})")
     if as_json:
         print_json(
