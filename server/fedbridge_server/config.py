@@ -25,6 +25,10 @@ _HINTS = {
     "min-train-sites": ": the quorum must be between 1 and min-available-sites",
     "min-evaluate-sites": ": must be between 0 and min-available-sites",
     "dp.enabled": ": differential privacy works with fedavg or fedprox, not fedadam or fedavgm",
+    "secure-aggregation": ": needs fedavg or fedprox, min-train-sites ≥ 2, fraction-train 1 and no "
+    "site-level dp.enabled (it clips each site's update, which the coordinator no longer sees)",
+    "secure-aggregation-clip": ": the largest |weight change| a site's update may carry, > 0 "
+    "and ≤ 1000",
 }
 
 
@@ -94,6 +98,10 @@ class FederationConfig:
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     fedavgm: FedAvgMConfig = field(default_factory=FedAvgMConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    secure_aggregation: bool = False
+    """The coordinator sees only the sum of the sites' updates (``server.secagg``)."""
+    secure_aggregation_clip: float = 8.0
+    """Per-weight range ±clip of an update under secure aggregation (fixed-point quantised)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -115,6 +123,14 @@ class FederationConfig:
             "fedavgm.server-lr": 0 < self.fedavgm.server_lr <= 10,
             "fedavgm.momentum": 0 <= self.fedavgm.momentum < 1,
             "dp.enabled": not (self.dp.enabled and self.strategy in ("fedadam", "fedavgm")),
+            "secure-aggregation": not self.secure_aggregation
+            or (
+                self.strategy in ("fedavg", "fedprox")
+                and self.min_train_sites >= 2
+                and self.fraction_train == 1
+                and not self.dp.enabled
+            ),
+            "secure-aggregation-clip": 0 < self.secure_aggregation_clip <= 1000,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

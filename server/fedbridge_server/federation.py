@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from fedbridge_server import privacy
+from fedbridge_server import privacy, secagg
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.quorum import QuorumError, SnapshotGrid, exchange, wait_for_sites
 from fedbridge_server.status import now, write_live
@@ -151,21 +151,34 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             timeout=cfg.join_timeout if first else cfg.site_wait_timeout,
             what=f"round {rnd} training",
         )  # fmt: skip
-        snapshot = SnapshotGrid(grid, connected)
-        sent = list(strategy.configure_train(rnd, state_record(global_state), config, snapshot))
-        replies = exchange(grid, sent, timeout=cfg.round_timeout)
-        usable, dropped = screen_replies(sent, replies, reference, names)
+        secure = None
+        if cfg.secure_aggregation:  # the coordinator sees only the sum (secagg.py)
+            secure = secagg.secure_round(
+                grid, connected, rnd=rnd, config=config, global_state=global_state,
+                clip=cfg.secure_aggregation_clip, timeout=cfg.round_timeout, names=names,
+            )  # fmt: skip
+            usable, dropped = secure.usable, secure.dropped
+        else:
+            snapshot = SnapshotGrid(grid, connected)
+            sent = list(strategy.configure_train(rnd, state_record(global_state), config, snapshot))
+            replies = exchange(grid, sent, timeout=cfg.round_timeout)
+            usable, dropped = screen_replies(sent, replies, reference, names)
         if len(usable) < cfg.min_train_sites:
             why = "; ".join(dropped) or "no site sampled"
             raise QuorumError(
                 f"round {rnd}: {len(usable)} usable update(s), fewer than the quorum of "
                 f"{cfg.min_train_sites} (min-train-sites): {why}. {_resumable(store, state)}"
             )
-        arrays, train_metrics = strategy.aggregate_train(rnd, usable)
+        if secure is not None:
+            arrays, train_metrics = True, secure.metrics
+        else:
+            arrays, train_metrics = strategy.aggregate_train(rnd, usable)
         if arrays is None:
             why = "; ".join(dropped) or "no site sampled"
             raise FedbridgeError(f"round {rnd}: no site returned usable weights ({why})")
-        if dp is not None:
+        if secure is not None:
+            private, global_state = None, secure.state
+        elif dp is not None:
             global_state, private = dp.aggregate(rnd, global_state, usable)
         else:
             private = None
@@ -206,6 +219,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
         )
         if private is not None:
             row["privacy"] = private
+        if secure is not None:
+            row["secure_aggregation"] = secure.info
         if val_loader is not None:
             stats = evaluate(model, val_loader, torch.device("cpu"))
             row.update(server_val_loss=stats.loss, server_val_accuracy=stats.accuracy)
@@ -305,6 +320,8 @@ def _round_line(row: dict, total: int) -> str:
     ):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.3f}")
+    if row.get("secure_aggregation"):
+        parts.append("secure aggregation")
     if row.get("privacy"):
         parts.append(f"ε {row['privacy']['epsilon']:.2f}")
     parts.append(f"{row['seconds']:.1f}s")
