@@ -87,6 +87,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     runs = {kind: _federation(kind == "secure") for kind in ("plain", "secure")}
     import torch  # noqa: F401  (the model sizes)
+
     from fedbridge_shared.spec import load_bundle
 
     weights = int(sum(v.numel() for v in load_bundle(WORK / "bridge").state_dict.values()

@@ -65,9 +65,7 @@ def _share(msg: Message, context: Context) -> RecordDict:
     record = msg.content[SECAGG]
     state = _load(context)
     publics = {j: (record[f"enc-{j}"], record[f"mask-{j}"]) for j in _ids(record["participants"])}
-    out = C.share(
-        state, own=context.node_id, publics=publics, threshold=int(record["threshold"])
-    )
+    out = C.share(state, own=context.node_id, publics=publics, threshold=int(record["threshold"]))
     _save(context, state)
     return RecordDict({SECAGG: ConfigRecord({f"to-{j}": c for j, c in out.items()})})
 

@@ -20,10 +20,15 @@ INLINE = {"inline": True}
 """Field metadata: the sub-config's keys sit at the top level of the flat run config."""
 
 
+DP_MAX_NOISE = 1e3  # σ beyond this drowns any update; Opacus' search tops out near it
+DP_MIN_EPSILON, DP_MAX_EPSILON = 0.05, 1e3
+
 _HINTS = {
     "intensity": ": one of none, clahe (empty: the bridge bundle's)",
     "min-train-sites": ": the quorum must be between 1 and min-available-sites",
     "min-evaluate-sites": ": must be between 0 and min-available-sites",
+    "dp.noise-multiplier": f": 0 (derive it from dp.target-epsilon) up to {1e3:g}",
+    "dp.target-epsilon": f": between {0.05:g} and {1e3:g}",
     "dp.enabled": ": differential privacy works with fedavg or fedprox, not fedadam or fedavgm",
     "secure-aggregation": ": needs fedavg or fedprox, min-train-sites ≥ 2, fraction-train 1 and no "
     "site-level dp.enabled (it clips each site's update, which the coordinator no longer sees)",
@@ -117,8 +122,8 @@ class FederationConfig:
             "site-wait-timeout": self.site_wait_timeout > 0,
             "round-timeout": self.round_timeout > 0,
             "dp.clipping-norm": self.dp.clipping_norm > 0,
-            "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
-            "dp.target-epsilon": self.dp.target_epsilon > 0,
+            "dp.noise-multiplier": 0 <= self.dp.noise_multiplier <= DP_MAX_NOISE,
+            "dp.target-epsilon": DP_MIN_EPSILON <= self.dp.target_epsilon <= DP_MAX_EPSILON,
             "dp.delta": 0 < self.dp.delta < 1,
             "fedavgm.server-lr": 0 < self.fedavgm.server_lr <= 10,
             "fedavgm.momentum": 0 <= self.fedavgm.momentum < 1,

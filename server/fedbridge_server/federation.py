@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from fedbridge_server import privacy, secagg
+from fedbridge_server import privacy, release, secagg
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.quorum import QuorumError, SnapshotGrid, exchange, wait_for_sites
 from fedbridge_server.status import now, write_live
@@ -114,6 +114,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
         raise ConfigError("run config: 'init' must name the bridge bundle to start from")
     init = load_bundle(Path(cfg.init))
     model, spec = initial_model(init, cfg.target_labels())
+    start_state = {k: v.clone() for k, v in model.state_dict().items()} if cfg.dp.enabled else {}
     if cfg.intensity:  # the target's preprocessing may differ from the bridge's
         spec = dataclasses.replace(spec, intensity=cfg.intensity)
     store = RoundStore(Path(cfg.out))
@@ -139,6 +140,14 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
     settings = cfg.local_settings()
     names: dict[int, str] = {}
     dp = _Privacy(cfg, model, console) if cfg.dp.enabled else None
+    start = None  # DP: the starting weights' validation accuracy (release.py)
+    if dp is not None:
+        start_cfg = ConfigRecord(P.RoundTask(spec.to_dict(), settings, 1, 1).to_config())
+        start = release.start_accuracy(
+            grid, strategy, cfg, state=dict(reference), model=model, val_loader=val_loader,
+            config=start_cfg, names=names,
+        )  # fmt: skip
+        model.load_state_dict(global_state, strict=False)
     for rnd in range(state.completed + 1, cfg.num_server_rounds + 1):
         started = time.perf_counter()
         task = P.RoundTask(spec.to_dict(), settings, rnd, cfg.num_server_rounds)
@@ -243,7 +252,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
             strategy_state(strategy),
         )
         console.print(_round_line(row, cfg.num_server_rounds))
-    return _finish(cfg, store, state, spec, init.sha256, console)
+    return _finish(cfg, store, state, spec, init.sha256, console, start=(start, start_state))
 
 
 class _Privacy:
@@ -330,7 +339,9 @@ def _round_line(row: dict, total: int) -> str:
     return "  ".join(parts)
 
 
-def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: str, console):
+def _finish(
+    cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: str, console, start
+):
     """Copy the best round to ``cfg.out`` and assess it on the test set when given."""
     best = load_bundle(store.round_dir(state.best_round))
     training = {
@@ -361,12 +372,31 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
     if "label_map" in spec.init:  # retargeted: spec.init already names the bridge bundle
         init = spec.init
     final_spec = ModelSpec(**{**spec.__dict__, "init": init})
+    best_row = state.history[state.best_round - 1]
+    start_acc, start_state = start
+    dp_acc = release.best_accuracy(best_row)
+    if spent and start_acc is not None and dp_acc is not None and dp_acc < start_acc:
+        aside = save_bundle(
+            release.aside(Path(cfg.out)), final_spec, best.state_dict,
+            {**training, "released": False}, {"best_round": best_row},
+        )  # fmt: skip
+        training |= {"released": "start", "dp_bundle": str(aside), "dp_val_accuracy": dp_acc,
+                     "start_val_accuracy": start_acc}  # fmt: skip
+        console.print(
+            f"[yellow]the DP model validates below its start (accuracy {dp_acc:.3f} < "
+            f"{start_acc:.3f}): kept the starting bundle as the result; DP bundle: {aside}[/]"
+        )
+        best_state = {k: v for k, v in start_state.items() if k in best.state_dict}
+    else:
+        best_state = best.state_dict
+        if start_acc is not None:
+            training["start_val_accuracy"] = start_acc
     out = save_bundle(
         Path(cfg.out),
         final_spec,
-        best.state_dict,
+        best_state,
         training,
-        {"best_round": state.history[state.best_round - 1]},
+        {"best_round": best_row},
     )
     summary: dict[str, Any] = {
         "bundle": str(out),

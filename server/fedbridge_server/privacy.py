@@ -14,6 +14,7 @@ sampling rate of sites and the rounds run. ``σ`` is either given or derived fro
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,12 +43,27 @@ def noise_multiplier(dp: DPConfig, *, rounds: int, sample_rate: float) -> float:
     if dp.noise_multiplier > 0:
         return dp.noise_multiplier
     _, get_noise_multiplier = _opacus()
-    return float(
-        get_noise_multiplier(
-            target_epsilon=dp.target_epsilon, target_delta=dp.delta, sample_rate=sample_rate,
-            steps=rounds, accountant="rdp", epsilon_tolerance=0.01,
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus' advice on its alpha orders
+            sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=dp.target_epsilon, target_delta=dp.delta,
+                    sample_rate=sample_rate, steps=rounds, accountant="rdp",
+                    epsilon_tolerance=0.01,
+                )
+            )  # fmt: skip
+    except (ValueError, OverflowError, ZeroDivisionError) as e:
+        raise ConfigError(
+            f"run config: 'dp.target-epsilon' {dp.target_epsilon:g} at δ {dp.delta:g} cannot be "
+            f"reached in {rounds} round(s) ({e}); raise it or set dp.noise-multiplier"
+        ) from None
+    if not math.isfinite(sigma) or sigma > 1e3:
+        raise ConfigError(
+            f"run config: 'dp.target-epsilon' {dp.target_epsilon:g} needs noise multiplier "
+            f"{sigma:g} in {rounds} round(s): the model would learn nothing; raise it"
         )
-    )  # fmt: skip
+    return sigma
 
 
 def epsilon(sigma: float, *, sample_rate: float, rounds: int, delta: float) -> float:

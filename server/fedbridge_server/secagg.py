@@ -148,9 +148,7 @@ def _send(grid, nodes, kind, content, *, rnd, timeout, names, counter) -> dict[i
     for node in nodes:
         body = content(node)
         counter["down"] += _size(body)
-        sent.append(
-            Message(content=body, dst_node_id=node, message_type=kind, group_id=str(rnd))
-        )
+        sent.append(Message(content=body, dst_node_id=node, message_type=kind, group_id=str(rnd)))
     replies = exchange(grid, sent, timeout=timeout)
     usable, dropped = screen_replies(sent, replies, None, names)
     counter["dropped"] += [f"{d} ({kind.split('_')[-1].split('.')[-1]})" for d in dropped]
