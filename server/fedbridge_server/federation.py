@@ -375,7 +375,7 @@ def _finish(
     best_row = state.history[state.best_round - 1]
     start_acc, start_state = start
     dp_acc = release.best_accuracy(best_row)
-    if spent and start_acc is not None and dp_acc is not None and dp_acc < start_acc:
+    if spent and start_acc is not None and dp_acc is not None and dp_acc < start_acc - 1e-9:
         aside = save_bundle(
             release.aside(Path(cfg.out)), final_spec, best.state_dict,
             {**training, "released": False}, {"best_round": best_row},
