@@ -105,7 +105,7 @@ def main() -> None:
         f"Packed weights: {weights} (float32: {4 * weights} bytes a copy).",
         "",
         "| round | plain s | secure s | secure bytes to sites | secure bytes from sites "
-        "| plain bytes each way | max |Δ| clipped |",
+        "| plain bytes each way (3 sites) | clipped values |",
         "|---|---|---|---|---|---|---|",
     ]
     for p, s in zip(runs["plain"]["history"], runs["secure"]["history"], strict=True):
