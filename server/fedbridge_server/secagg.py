@@ -23,7 +23,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedbridge_server.quorum import QuorumError, exchange
-from fedbridge_server.strategy import screen_replies
+from fedbridge_server.strategy import screen_replies, site_name
 from fedbridge_shared import protocol as P
 from fedbridge_shared import secagg as S
 from fedbridge_shared.weights import pack, unpack
@@ -235,7 +235,7 @@ def secure_round(
     timing = {a: round(t2 - t1, 3) for (a, t1), (_, t2) in zip(marks, marks[1:], strict=False)}
     reference = dict(global_state)
     new = unpack((pack(global_state).astype(np.float64) + mean).astype(np.float32), reference)
-    usable = [trained[n] for n in alive]
+    usable = sorted((trained[n] for n in alive), key=site_name)  # as screen_replies
     metrics = aggregate_metricrecords([m.content for m in usable], P.NUM_EXAMPLES)
     clipped = sum(int(trained[n].content[P.METRICS].get("secagg-clipped", 0)) for n in alive)
     return SecureRound(
