@@ -13,7 +13,7 @@ from typing import Any
 
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
-from fedbridge_shared.protocol import LocalSettings, kebab
+from fedbridge_shared.protocol import LocalSettings, RecordDP, kebab
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 INLINE = {"inline": True}
@@ -22,6 +22,7 @@ INLINE = {"inline": True}
 
 DP_MAX_NOISE = 1e3  # σ beyond this drowns any update; Opacus' search tops out near it
 DP_MIN_EPSILON, DP_MAX_EPSILON = 0.05, 1e3
+DP_LEVELS = ("site", "record")
 
 _HINTS = {
     "intensity": ": one of none, clahe (empty: the bridge bundle's)",
@@ -29,9 +30,17 @@ _HINTS = {
     "min-evaluate-sites": ": must be between 0 and min-available-sites",
     "dp.noise-multiplier": f": 0 (derive it from dp.target-epsilon) up to {1e3:g}",
     "dp.target-epsilon": f": between {0.05:g} and {1e3:g}",
-    "dp.enabled": ": differential privacy works with fedavg or fedprox, not fedadam or fedavgm",
+    "dp.enabled": ": site-level differential privacy works with fedavg or fedprox, not fedadam or "
+    "fedavgm",
+    "dp.level": ": site (the coordinator noises each site's update; large federations) or record "
+    "(DP-SGD per patient at each site)",
+    "dp.max-grad-norm": ": the per-patient gradient clip of DP-SGD, > 0 and ≤ 100",
+    "proximal-mu": ": dp.level=record works with fedavg, fedadam or fedavgm: DP-SGD clips "
+    "per-patient gradients, which FedProx's term is not",
+    "balanced": ": dp.level=record samples patients uniformly (Poisson): set balanced=false",
     "secure-aggregation": ": needs fedavg or fedprox, min-train-sites ≥ 2, fraction-train 1 and no "
-    "site-level dp.enabled (it clips each site's update, which the coordinator no longer sees)",
+    "site-level dp.enabled (it clips each site's update, which the coordinator no longer sees; "
+    "dp.level=record works with it)",
     "secure-aggregation-clip": ": the largest |weight change| a site's update may carry, > 0 "
     "and ≤ 1000",
 }
@@ -39,15 +48,29 @@ _HINTS = {
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Central differential privacy: clip each site's update, add Gaussian noise to the sum."""
+    """Differential privacy. ``level = site``: the coordinator clips each site's update and adds
+    Gaussian noise to the sum (privacy of a whole site; for large federations). ``level =
+    record``: every site runs DP-SGD (Opacus) with one patient as the record."""
 
     enabled: bool = False
+    level: str = "site"
     clipping_norm: float = 1.0
-    """L2 bound of one site's update (its trainable weights minus the global ones)."""
+    """Site level: L2 bound of one site's update (its trainable weights minus the global ones)."""
+    max_grad_norm: float = 1.0
+    """Record level: L2 bound of one patient's gradient in a DP-SGD step."""
     noise_multiplier: float = 0.0
-    """σ: noise std = σ·clipping-norm / sites. 0: the smallest σ that reaches target-epsilon."""
+    """σ (site level: noise std = σ·clipping-norm / sites; record level: σ·max-grad-norm per
+    step). 0: the smallest σ that reaches target-epsilon (record level: at each site)."""
     target_epsilon: float = 8.0
     delta: float = 1e-5
+
+    @property
+    def site_level(self) -> bool:
+        return self.enabled and self.level == "site"
+
+    @property
+    def record_level(self) -> bool:
+        return self.enabled and self.level == "record"
 
 
 @dataclass(frozen=True)
@@ -127,13 +150,17 @@ class FederationConfig:
             "dp.delta": 0 < self.dp.delta < 1,
             "fedavgm.server-lr": 0 < self.fedavgm.server_lr <= 10,
             "fedavgm.momentum": 0 <= self.fedavgm.momentum < 1,
-            "dp.enabled": not (self.dp.enabled and self.strategy in ("fedadam", "fedavgm")),
+            "dp.level": self.dp.level in DP_LEVELS,
+            "dp.max-grad-norm": 0 < self.dp.max_grad_norm <= 100,
+            "dp.enabled": not (self.dp.site_level and self.strategy in ("fedadam", "fedavgm")),
+            "proximal-mu": not (self.dp.record_level and self.strategy == "fedprox"),
+            "balanced": not (self.dp.record_level and self.local.balanced),
             "secure-aggregation": not self.secure_aggregation
             or (
                 self.strategy in ("fedavg", "fedprox")
                 and self.min_train_sites >= 2
                 and self.fraction_train == 1
-                and not self.dp.enabled
+                and not self.dp.site_level
             ),
             "secure-aggregation-clip": 0 < self.secure_aggregation_clip <= 1000,
         }
@@ -150,6 +177,15 @@ class FederationConfig:
     def target_labels(self) -> tuple[str, ...]:
         """``labels`` as a tuple (empty: keep the bridge bundle's)."""
         return tuple(x.strip() for x in self.labels.split(",") if x.strip())
+
+    def record_dp(self) -> RecordDP | None:
+        """What every site's DP-SGD uses (None unless ``dp.level = record``)."""
+        if not self.dp.record_level:
+            return None
+        return RecordDP(
+            max_grad_norm=self.dp.max_grad_norm, noise_multiplier=self.dp.noise_multiplier,
+            target_epsilon=self.dp.target_epsilon, delta=self.dp.delta,
+        )  # fmt: skip
 
     def local_settings(self) -> LocalSettings:
         """The part of the config every site receives each round."""

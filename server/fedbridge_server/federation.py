@@ -90,6 +90,9 @@ def per_site_metrics(
                 row["val_correct"] = got.correct_by_label(labels)
             for key in ("loss", "accuracy"):
                 row[f"{kind}_{key}"] = float(getattr(got, f"{kind}_{key}"))
+            if kind == "train" and got.epsilon:  # record-level DP: this site's ε so far
+                row |= {"epsilon": float(got.epsilon), "dp_patients": int(got.dp_patients),
+                        "noise_multiplier": float(got.noise_multiplier)}  # fmt: skip
     return dict(sorted(out.items()))
 
 
@@ -139,9 +142,11 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
     val_loader = _server_val(cfg, spec, console)
     settings = cfg.local_settings()
     names: dict[int, str] = {}
-    dp = _Privacy(cfg, model, console) if cfg.dp.enabled else None
+    dp = _Privacy(cfg, model, console) if cfg.dp.site_level else None
+    if cfg.dp.record_level:
+        console.print(_record_line(cfg))
     start = None  # DP: the starting weights' validation accuracy (release.py)
-    if dp is not None:
+    if cfg.dp.enabled:
         start_cfg = ConfigRecord(P.RoundTask(spec.to_dict(), settings, 1, 1).to_config())
         start = release.start_accuracy(
             grid, strategy, cfg, state=dict(reference), model=model, val_loader=val_loader,
@@ -150,7 +155,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
         model.load_state_dict(global_state, strict=False)
     for rnd in range(state.completed + 1, cfg.num_server_rounds + 1):
         started = time.perf_counter()
-        task = P.RoundTask(spec.to_dict(), settings, rnd, cfg.num_server_rounds)
+        task = P.RoundTask(spec.to_dict(), settings, rnd, cfg.num_server_rounds, cfg.record_dp())
         config = ConfigRecord(task.to_config())
         first = rnd == state.completed + 1
         live = _live(grid, store, rnd, cfg, names)
@@ -226,6 +231,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, console: Console | None = 
         row["per_site"] = per_site_metrics(
             spec.labels, names, train=usable, evaluated=usable_eval if eval_metrics else []
         )
+        if cfg.dp.record_level:
+            private = privacy.record_level(row["per_site"], cfg.dp)
         if private is not None:
             row["privacy"] = private
         if secure is not None:
@@ -297,6 +304,18 @@ class _Privacy:
         }
 
 
+def _record_line(cfg: FederationConfig) -> str:
+    budget = (
+        f"noise multiplier {cfg.dp.noise_multiplier:g}"
+        if cfg.dp.noise_multiplier
+        else f"each site's σ for ε {cfg.dp.target_epsilon:g} at δ {cfg.dp.delta:g} over the run"
+    )
+    return (
+        f"differential privacy: DP-SGD at every site, one patient per record, gradient clip "
+        f"{cfg.dp.max_grad_norm:g}, {budget} ({privacy.RECORD_ACCOUNTANT})"
+    )
+
+
 def _live(grid: Grid, store: RoundStore, rnd: int, cfg: FederationConfig, names: dict):
     """A writer of ``live.json`` for round ``rnd``: ``live(phase)`` (see ``status``)."""
     try:
@@ -353,10 +372,14 @@ def _finish(
         "history": state.history,
     }
     spent = [h["privacy"] for h in state.history if h.get("privacy")]
-    if spent:  # every round the released model depends on counts, not only the best one
+    if spent and spent[-1].get("level") == "record":
+        training["privacy"] = privacy.record_total(spent, cfg.dp)
+        console.print(privacy.record_summary(training["privacy"]))
+    elif spent:  # every round the released model depends on counts, not only the best one
         keep = ("epsilon", "delta", "noise_multiplier", "clipping_norm", "sample_rate")
         training["privacy"] = {k: spent[-1][k] for k in (*keep, "accountant")} | {
-            "rounds": len(spent)
+            "rounds": len(spent),
+            "level": "site",
         }
         console.print(
             f"privacy spent: ε {spent[-1]['epsilon']:.2f} at δ {spent[-1]['delta']:g} over "
