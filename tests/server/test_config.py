@@ -4,7 +4,7 @@ import pytest
 
 from fedbridge_server.config import FederationConfig
 from fedbridge_shared.errors import ConfigError
-from fedbridge_shared.protocol import LocalSettings
+from fedbridge_shared.protocol import LocalSettings, RecordDP, RoundTask
 
 
 def test_flat_keys_round_trip_through_nested_dataclasses():
@@ -88,3 +88,37 @@ def test_flwr_run_paths_must_be_absolute_and_sites_set_the_supernodes(tmp_path):
     with pytest.raises(ConfigError, match="lists 3 folders but .* has 2 SuperNodes.*= 3"):
         _check_supernodes(TwoNodes(), 3, settle=0.1)
     _check_supernodes(TwoNodes(), 2, settle=0.1)
+
+
+@pytest.mark.parametrize(
+    ("flat", "needle"),
+    [
+        ({"dp.level": "patient"}, "'dp.level' ('patient'): site .* or record"),
+        ({"dp.max-grad-norm": 0}, "'dp.max-grad-norm' (0.0)"),
+        ({"dp.max-grad-norm": 1e9}, "'dp.max-grad-norm'"),
+        (
+            {"dp.enabled": True, "dp.level": "record", "strategy": "fedprox"},
+            "'proximal-mu'.*FedProx's term",
+        ),
+        ({"dp.enabled": True, "dp.level": "record", "balanced": True}, "'balanced'.*Poisson"),
+        ({"dp.enabled": True, "secure-aggregation": True}, "'secure-aggregation'"),
+    ],
+)
+def test_record_level_dp_settings_are_bounded(flat, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        FederationConfig.from_flat(flat)
+
+
+def test_record_level_dp_goes_to_the_sites_and_works_with_secure_aggregation():
+    cfg = FederationConfig.from_flat(
+        {"dp.enabled": True, "dp.level": "record", "dp.target-epsilon": 3, "dp.max-grad-norm": 2,
+         "secure-aggregation": True, "strategy": "fedavg"}
+    )  # fmt: skip
+    dp = cfg.record_dp()
+    assert dp == RecordDP(max_grad_norm=2.0, noise_multiplier=0.0, target_epsilon=3.0, delta=1e-5)
+    task = RoundTask({"arch": "x"}, cfg.local_settings(), 1, 2, dp)
+    assert RoundTask.from_config(task.to_config()).dp == dp
+    assert RoundTask.from_config(RoundTask({}, cfg.local_settings(), 1, 2).to_config()).dp is None
+    assert FederationConfig.from_flat({"dp.enabled": True}).record_dp() is None  # site level
+    fedadam = {"dp.enabled": True, "dp.level": "record", "strategy": "fedadam"}
+    assert FederationConfig.from_flat(fedadam).dp.record_level  # sites' outputs are already DP
