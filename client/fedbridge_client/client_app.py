@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedbridge_client import secagg_app as secure
 from fedbridge_client.audit import audit_error, record
 from fedbridge_client.events import append_event
 from fedbridge_client.wire import WireError, recv_frame, send_frame
@@ -67,14 +68,20 @@ def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_d
         audit = audit_dir or node.get(P.NODE_AUDIT_DIR)
         who = str(node.get(P.NODE_PARTITION_ID, context.node_id))
         events = node.get(P.NODE_EVENTS_FILE)
-        kind = "training" if msg.metadata.message_type == "train" else "evaluation"
+        kind = {"train": "training", "evaluate": "evaluation"}.get(
+            msg.metadata.message_type.split(".")[0], "secure aggregation"
+        )
         round_ = _round_of(msg)
         try:
             worker = node.get(P.NODE_WORKER_SOCKET)
-            if worker and not site_paths:
+            if msg.metadata.message_type in secure.STAGES:
+                content = secure.STAGES[msg.metadata.message_type](msg, context)
+            elif worker and not site_paths:
                 content = _in_worker(str(worker), msg)
             else:
                 content = handler(site_for(context, site_paths), msg)
+            if msg.metadata.message_type == secure.TRAIN:
+                content = secure.mask_reply(content, msg, context)
             reply = Message(content=content, reply_to=msg)
         except Exception as e:
             failure = P.as_failure(e)
@@ -113,7 +120,7 @@ def _summary(reply: Message) -> str:
 
 def _in_worker(path: str, msg: Message) -> RecordDict:
     """Run the task in the site's long-lived worker (see :mod:`fedbridge_client.worker`)."""
-    kind = msg.metadata.message_type
+    kind = msg.metadata.message_type.split(".")[0]  # train.secagg trains like train
     header = {"kind": kind, "config": dict(msg.content[P.CONFIG])}
     arrays = {P.WEIGHTS: _weights(msg)}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -199,6 +206,9 @@ def make_client_app(
     app = ClientApp(mods=list(mods))
     app.train()(_guarded(_train, site_paths, audit_dir))
     app.evaluate()(_guarded(_evaluate, site_paths, audit_dir))
+    app.train("secagg")(_guarded(_train, site_paths, audit_dir))
+    for kind in secure.QUERIES:
+        app.query(kind)(_guarded(_evaluate, site_paths, audit_dir))  # routed to secure.STAGES
     return app
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedbridge_client import dp_sgd
 from fedbridge_shared.data.samples import check_labels
 from fedbridge_shared.data.split import assign_parts
 from fedbridge_shared.data.tensors import load_resized, make_loader
@@ -45,6 +46,7 @@ class Site:
             code = SiteErrorCode.EMPTY_CLASS_FOLDER if empty else SiteErrorCode.DATA_FOLDER
             raise SiteFailure(str(e), code=code) from None
         self._cache: dict[tuple, tuple] = {}
+        self._patients: dict[tuple, list[str]] = {}
 
     def check_labels(self, spec: ModelSpec) -> None:
         """Refuse, before any training, class folders that differ from the model's labels."""
@@ -65,7 +67,13 @@ class Site:
                 (_decode(parts[p], spec.image_size), [target[s.label] for s in parts[p]])
                 for p in ("train", "val")
             )
+            self._patients[key] = [s.patient_id for s in parts["train"]]
         return self._cache[key]
+
+    def train_patients(self, spec: ModelSpec, settings: LocalSettings) -> list[str]:
+        """The patient id of each training image (MANIFEST.csv / split.csv; else the file)."""
+        self._parts(spec, settings)
+        return self._patients[(spec.image_size, spec.labels, settings.val_fraction, settings.seed)]
 
     def _seed(self, settings: LocalSettings, server_round: int) -> int:
         return zlib.crc32(f"{settings.seed}/{server_round}/{self.name}".encode())
@@ -103,6 +111,15 @@ class Site:
             shuffle_seed=seed,
             balanced=settings.balanced,
         )
+        private = None
+        if task.dp is not None:  # record-level DP-SGD: Poisson-sampled patients (dp_sgd.py)
+            groups = dp_sgd.item_groups(self.train_patients(spec, settings), loader.dataset.copies)
+            plan = dp_sgd.plan(
+                task.dp, patients=len(groups), batch_size=settings.batch_size,
+                local_epochs=settings.local_epochs, rounds=max(task.num_rounds, task.server_round),
+            )  # fmt: skip
+            loader = dp_sgd.patient_loader(loader.dataset, groups, plan)
+            private = dp_sgd.DPSGD(plan)
         per_round = settings.local_epochs * len(loader)
         done = task.server_round - 1
         result = fit(
@@ -120,14 +137,24 @@ class Site:
             epoch_offset=done * settings.local_epochs,
             penalty=proximal_penalty(model, settings.proximal_mu) if settings.proximal_mu else None,
             ema_decay=settings.ema_decay,
+            privacy=private,
         )
         last = result.history[-1]
+        spent = {}
+        if private is not None:  # ε after every round so far (an upper bound if one was missed)
+            steps = task.server_round * settings.local_epochs * private.plan.steps_per_epoch
+            spent = {
+                "epsilon": private.plan.epsilon(steps),
+                "noise_multiplier": private.plan.noise_multiplier,
+                "dp_patients": private.plan.patients,
+            }
         reply = TrainReply(
             num_examples=len(images),
             train_loss=last["train_loss"],
             train_accuracy=last["train_accuracy"],
             seconds=sum(row["seconds"] for row in result.history),
             class_counts=_class_counts(targets, len(spec.labels)),
+            **spent,
         )
         return shared_state(model), reply
 

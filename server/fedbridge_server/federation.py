@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from fedbridge_server import privacy
+from fedbridge_server import privacy, release, secagg
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.quorum import QuorumError, SnapshotGrid, exchange, wait_for_sites
 from fedbridge_server.status import now, write_live
@@ -92,6 +92,9 @@ def per_site_metrics(
                 row["val_correct"] = got.correct_by_label(labels)
             for key in ("loss", "accuracy"):
                 row[f"{kind}_{key}"] = float(getattr(got, f"{kind}_{key}"))
+            if kind == "train" and got.epsilon:  # record-level DP: this site's ε so far
+                row |= {"epsilon": float(got.epsilon), "dp_patients": int(got.dp_patients),
+                        "noise_multiplier": float(got.noise_multiplier)}  # fmt: skip
     return dict(sorted(out.items()))
 
 
@@ -131,6 +134,7 @@ def _run_federation(grid: Grid, cfg: FederationConfig, console: Console | None) 
         raise ConfigError("run config: 'init' must name the bridge bundle to start from")
     init = load_bundle(Path(cfg.init))
     model, spec = initial_model(init, cfg.target_labels())
+    start_state = {k: v.clone() for k, v in model.state_dict().items()} if cfg.dp.enabled else {}
     if cfg.intensity:  # the target's preprocessing may differ from the bridge's
         spec = dataclasses.replace(spec, intensity=cfg.intensity)
     store = RoundStore(Path(cfg.out))
@@ -155,10 +159,20 @@ def _run_federation(grid: Grid, cfg: FederationConfig, console: Console | None) 
     val_loader = _server_val(cfg, spec, console)
     settings = cfg.local_settings()
     names: dict[int, str] = {}
-    dp = _Privacy(cfg, model, console) if cfg.dp.enabled else None
+    dp = _Privacy(cfg, model, console) if cfg.dp.site_level else None
+    if cfg.dp.record_level:
+        console.print(_record_line(cfg))
+    start = None  # DP: the starting weights' validation accuracy (release.py)
+    if cfg.dp.enabled:
+        start_cfg = ConfigRecord(P.RoundTask(spec.to_dict(), settings, 1, 1).to_config())
+        start = release.start_accuracy(
+            grid, strategy, cfg, state=dict(reference), model=model, val_loader=val_loader,
+            config=start_cfg, names=names,
+        )  # fmt: skip
+        model.load_state_dict(global_state, strict=False)
     for rnd in range(state.completed + 1, cfg.num_server_rounds + 1):
         started = time.perf_counter()
-        task = P.RoundTask(spec.to_dict(), settings, rnd, cfg.num_server_rounds)
+        task = P.RoundTask(spec.to_dict(), settings, rnd, cfg.num_server_rounds, cfg.record_dp())
         config = ConfigRecord(task.to_config())
         first = rnd == state.completed + 1
         live = _live(grid, store, rnd, cfg, names)
@@ -168,21 +182,34 @@ def _run_federation(grid: Grid, cfg: FederationConfig, console: Console | None) 
             timeout=cfg.join_timeout if first else cfg.site_wait_timeout,
             what=f"round {rnd} training",
         )  # fmt: skip
-        snapshot = SnapshotGrid(grid, connected)
-        sent = list(strategy.configure_train(rnd, state_record(global_state), config, snapshot))
-        replies = exchange(grid, sent, timeout=cfg.round_timeout)
-        usable, dropped = screen_replies(sent, replies, reference, names)
+        secure = None
+        if cfg.secure_aggregation:  # the coordinator sees only the sum (secagg.py)
+            secure = secagg.secure_round(
+                grid, connected, rnd=rnd, config=config, global_state=global_state,
+                clip=cfg.secure_aggregation_clip, timeout=cfg.round_timeout, names=names,
+            )  # fmt: skip
+            usable, dropped = secure.usable, secure.dropped
+        else:
+            snapshot = SnapshotGrid(grid, connected)
+            sent = list(strategy.configure_train(rnd, state_record(global_state), config, snapshot))
+            replies = exchange(grid, sent, timeout=cfg.round_timeout)
+            usable, dropped = screen_replies(sent, replies, reference, names)
         if len(usable) < cfg.min_train_sites:
             why = "; ".join(dropped) or "no site sampled"
             raise QuorumError(
                 f"round {rnd}: {len(usable)} usable update(s), fewer than the quorum of "
                 f"{cfg.min_train_sites} (min-train-sites): {why}. {_resumable(store, state)}"
             )
-        arrays, train_metrics = strategy.aggregate_train(rnd, usable)
+        if secure is not None:
+            arrays, train_metrics = True, secure.metrics
+        else:
+            arrays, train_metrics = strategy.aggregate_train(rnd, usable)
         if arrays is None:
             why = "; ".join(dropped) or "no site sampled"
             raise FedbridgeError(f"round {rnd}: no site returned usable weights ({why})")
-        if dp is not None:
+        if secure is not None:
+            private, global_state = None, secure.state
+        elif dp is not None:
             global_state, private = dp.aggregate(rnd, global_state, usable)
         else:
             private = None
@@ -221,8 +248,12 @@ def _run_federation(grid: Grid, cfg: FederationConfig, console: Console | None) 
         row["per_site"] = per_site_metrics(
             spec.labels, names, train=usable, evaluated=usable_eval if eval_metrics else []
         )
+        if cfg.dp.record_level:
+            private = privacy.record_level(row["per_site"], cfg.dp)
         if private is not None:
             row["privacy"] = private
+        if secure is not None:
+            row["secure_aggregation"] = secure.info
         if val_loader is not None:
             stats = evaluate(model, val_loader, torch.device("cpu"))
             row.update(server_val_loss=stats.loss, server_val_accuracy=stats.accuracy)
@@ -245,7 +276,7 @@ def _run_federation(grid: Grid, cfg: FederationConfig, console: Console | None) 
             strategy_state(strategy),
         )
         console.print(_round_line(row, cfg.num_server_rounds))
-    return _finish(cfg, store, state, spec, init.sha256, console)
+    return _finish(cfg, store, state, spec, init.sha256, console, start=(start, start_state))
 
 
 class _Privacy:
@@ -290,6 +321,18 @@ class _Privacy:
         }
 
 
+def _record_line(cfg: FederationConfig) -> str:
+    budget = (
+        f"noise multiplier {cfg.dp.noise_multiplier:g}"
+        if cfg.dp.noise_multiplier
+        else f"each site's σ for ε {cfg.dp.target_epsilon:g} at δ {cfg.dp.delta:g} over the run"
+    )
+    return (
+        f"differential privacy: DP-SGD at every site, one patient per record, gradient clip "
+        f"{cfg.dp.max_grad_norm:g}, {budget} ({privacy.RECORD_ACCOUNTANT})"
+    )
+
+
 def _live(grid: Grid, store: RoundStore, rnd: int, cfg: FederationConfig, names: dict):
     """A writer of ``live.json`` for round ``rnd``: ``live(phase)`` (see ``status``)."""
     try:
@@ -322,6 +365,8 @@ def _round_line(row: dict, total: int) -> str:
     ):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.3f}")
+    if row.get("secure_aggregation"):
+        parts.append("secure aggregation")
     if row.get("privacy"):
         parts.append(f"ε {row['privacy']['epsilon']:.2f}")
     parts.append(f"{row['seconds']:.1f}s")
@@ -330,7 +375,9 @@ def _round_line(row: dict, total: int) -> str:
     return "  ".join(parts)
 
 
-def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: str, console):
+def _finish(
+    cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: str, console, start
+):
     """Copy the best round to ``cfg.out`` and assess it on the test set when given."""
     best = load_bundle(store.round_dir(state.best_round))
     training = {
@@ -342,10 +389,14 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
         "history": state.history,
     }
     spent = [h["privacy"] for h in state.history if h.get("privacy")]
-    if spent:  # every round the released model depends on counts, not only the best one
+    if spent and spent[-1].get("level") == "record":
+        training["privacy"] = privacy.record_total(spent, cfg.dp)
+        console.print(privacy.record_summary(training["privacy"]))
+    elif spent:  # every round the released model depends on counts, not only the best one
         keep = ("epsilon", "delta", "noise_multiplier", "clipping_norm", "sample_rate")
         training["privacy"] = {k: spent[-1][k] for k in (*keep, "accountant")} | {
-            "rounds": len(spent)
+            "rounds": len(spent),
+            "level": "site",
         }
         console.print(
             f"privacy spent: ε {spent[-1]['epsilon']:.2f} at δ {spent[-1]['delta']:g} over "
@@ -361,12 +412,31 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
     if "label_map" in spec.init:  # retargeted: spec.init already names the bridge bundle
         init = spec.init
     final_spec = ModelSpec(**{**spec.__dict__, "init": init})
+    best_row = state.history[state.best_round - 1]
+    start_acc, start_state = start
+    dp_acc = release.best_accuracy(best_row)
+    if spent and start_acc is not None and dp_acc is not None and dp_acc < start_acc - 1e-9:
+        aside = save_bundle(
+            release.aside(Path(cfg.out)), final_spec, best.state_dict,
+            {**training, "released": False}, {"best_round": best_row},
+        )  # fmt: skip
+        training |= {"released": "start", "dp_bundle": str(aside), "dp_val_accuracy": dp_acc,
+                     "start_val_accuracy": start_acc}  # fmt: skip
+        console.print(
+            f"[yellow]the DP model validates below its start (accuracy {dp_acc:.3f} < "
+            f"{start_acc:.3f}): kept the starting bundle as the result; DP bundle: {aside}[/]"
+        )
+        best_state = {k: v for k, v in start_state.items() if k in best.state_dict}
+    else:
+        best_state = best.state_dict
+        if start_acc is not None:
+            training["start_val_accuracy"] = start_acc
     out = save_bundle(
         Path(cfg.out),
         final_spec,
-        best.state_dict,
+        best_state,
         training,
-        {"best_round": state.history[state.best_round - 1]},
+        {"best_round": best_row},
     )
     summary: dict[str, Any] = {
         "bundle": str(out),

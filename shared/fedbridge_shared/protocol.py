@@ -114,6 +114,38 @@ class LocalSettings:
         return cls(**values)
 
 
+DP_SGD = "dp-sgd."
+"""Prefix of the round config's record-level DP keys (``dp-sgd.max-grad-norm`` …)."""
+
+
+@dataclass(frozen=True)
+class RecordDP:
+    """Record-level DP-SGD every site runs (``dp.level = record``): one record is one patient.
+
+    ``noise_multiplier`` 0: each site derives the smallest σ that keeps its whole run (every
+    round) within ``target_epsilon`` at ``delta`` for its own number of patients.
+    """
+
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+
+    def to_config(self) -> dict[str, float]:
+        return {DP_SGD + kebab(k): float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RecordDP | None:
+        """The round config's DP-SGD settings (None: the round is not record-level private)."""
+        keys = {f.name: DP_SGD + kebab(f.name) for f in fields(cls)}
+        if not any(k in config for k in keys.values()):
+            return None
+        try:
+            return cls(**{n: float(config[k]) for n, k in keys.items()})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"malformed DP-SGD settings from the server: {e}") from None
+
+
 @dataclass(frozen=True)
 class RoundTask:
     """One round's instruction to a site: the model spec, the settings and where we are."""
@@ -122,10 +154,13 @@ class RoundTask:
     settings: LocalSettings
     server_round: int
     num_rounds: int
+    dp: RecordDP | None = None
+    """Record-level DP-SGD at the site (None: ordinary training)."""
 
     def to_config(self) -> dict[str, Any]:
         return {
             **self.settings.to_config(),
+            **(self.dp.to_config() if self.dp is not None else {}),
             SPEC_JSON: json.dumps(self.spec),
             SERVER_ROUND: self.server_round,
             NUM_ROUNDS: self.num_rounds,
@@ -139,7 +174,8 @@ class RoundTask:
             num_rounds = int(config.get(NUM_ROUNDS, server_round))
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"malformed round config from the server: {e}") from e
-        return cls(spec, LocalSettings.from_config(config), server_round, num_rounds)
+        settings = LocalSettings.from_config(config)
+        return cls(spec, settings, server_round, num_rounds, RecordDP.from_config(config))
 
 
 CLASS_COUNT = "class-count-"
@@ -201,6 +237,20 @@ class TrainReply(_Reply):
     train_loss: float = 0.0
     train_accuracy: float = 0.0
     seconds: float = 0.0
+    epsilon: float = 0.0
+    """Record-level DP: ε this site has spent after this round (0: no DP-SGD)."""
+    noise_multiplier: float = 0.0
+    """Record-level DP: the σ of the site's DP-SGD."""
+    dp_patients: int = 0
+    """Record-level DP: patients (records) the site sampled from."""
+
+    def to_metrics(self) -> dict[str, int | float]:
+        """The DP keys travel only when the site trained with DP-SGD."""
+        out = super().to_metrics()
+        if not self.epsilon:
+            for key in ("epsilon", "noise-multiplier", "dp-patients"):
+                out.pop(key)
+        return out
 
 
 @dataclass(frozen=True)
