@@ -388,8 +388,12 @@ def reply_problem(kind: str, records: dict[str, dict[str, Any]]) -> str | None:
 
 
 TASK_KEYS = frozenset(
-    {*(kebab(f.name) for f in fields(LocalSettings)), SPEC_JSON, SERVER_ROUND, NUM_ROUNDS}
-)
+    {
+        *(kebab(f.name) for f in fields(LocalSettings)),
+        *(DP_SGD + kebab(f.name) for f in fields(RecordDP)),
+        SPEC_JSON, SERVER_ROUND, NUM_ROUNDS,
+    }
+)  # fmt: skip
 """Every key of a round task's config: a site's worker answers nothing else."""
 
 

@@ -80,3 +80,21 @@ def test_an_error_reply_is_shown_as_a_code_and_a_count_only(reason, shown):
     error = Message(error=Error(code=0, reason=reason), metadata=_meta("train", 7, "s7"))
     usable, dropped = screen_replies([sent], [error], None, {})
     assert usable == [] and shown in dropped[0] and "MRN" not in dropped[0]
+
+
+def test_a_site_worker_takes_record_level_dp_tasks_and_nothing_else():
+    """The deployed worker answers only fedbridge's round-task keys, DP-SGD's included."""
+    from fedbridge_shared.protocol import (
+        WEIGHTS,
+        LocalSettings,
+        RecordDP,
+        RoundTask,
+        task_problem,
+    )  # fmt: skip
+
+    task = RoundTask({"arch": "x"}, LocalSettings(), 1, 2, dp=RecordDP(target_epsilon=4.0))
+    config = task.to_config()
+    assert any(k.startswith("dp-sgd.") for k in config)
+    assert task_problem({"kind": "train", "config": config}, [WEIGHTS]) is None
+    config["data-path"] = "/site/images"  # a foreign key: refused
+    assert task_problem({"kind": "train", "config": config}, [WEIGHTS]) is not None
