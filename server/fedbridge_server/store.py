@@ -34,6 +34,7 @@ class RunState:
     best_round: int = 0
     best_score: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # node id → the name its site reported
 
 
 class RoundStore:

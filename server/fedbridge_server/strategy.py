@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -100,11 +101,31 @@ def restore_strategy_state(strategy: Strategy, saved: dict[str, torch.Tensor]) -
         setattr(inner, _MOMENTUM, [momentum[i] for i in sorted(momentum)])
 
 
+def site_label(node_id: int, names: dict[int, str]) -> str:
+    """A site's name; one that never answered is "an unnamed site" (node id in brackets)."""
+    return names.get(node_id) or f"unnamed site (node {node_id})"
+
+
 def site_name(msg: Message) -> str:
-    """The name a site reports (never a path), or its node id."""
+    """The name a site reports (never a path), or a label with its node id."""
     if msg.has_content() and P.SITE in msg.content.config_records:
         return str(msg.content.config_records[P.SITE].get(P.SITE_NAME))
-    return f"node {msg.metadata.src_node_id}"
+    return site_label(msg.metadata.src_node_id, {})
+
+
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def readable_reason(reason: str) -> str:
+    """Flower's error text without its Python class wrapper: ``<class 'x.SiteError'>:<'no
+    images'>`` → ``no images``; a non-fedbridge exception keeps its class name."""
+    found = _FLOWER_REASON.match(reason.strip())
+    if not found:
+        return reason.strip()
+    kind, text = found.groups()
+    if kind == "SiteError" or text.startswith(kind):
+        return text
+    return f"{kind}: {text}" if text else kind
 
 
 def screen_replies(
@@ -129,16 +150,15 @@ def screen_replies(
 
     answered = {origin(m) for m in replies}
     dropped = [
-        f"{names.get(m.metadata.dst_node_id, f'node {m.metadata.dst_node_id}')}: no reply "
-        "before the round timeout"
+        f"{site_label(m.metadata.dst_node_id, names)}: no reply before the round timeout"
         for m in sent
         if m.metadata.dst_node_id not in answered
     ]
     usable = []
     for msg in replies:
-        who = names.get(origin(msg), site_name(msg))
+        who = names.get(origin(msg)) or site_label(origin(msg), names)
         if msg.has_error():
-            dropped.append(f"{who}: failed ({msg.error.reason})")
+            dropped.append(f"{who}: failed ({readable_reason(msg.error.reason)})")
             continue
         names[msg.metadata.src_node_id] = site_name(msg)
         bad = _non_finite_metric(msg)
