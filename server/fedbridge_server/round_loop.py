@@ -136,6 +136,13 @@ class RoundLoop:
             progress=lambda nodes, left: self.show_wait(what, nodes, left, timeout),
             progress_every=PROGRESS_EVERY,
         )  # fmt: skip
+        if len(connected) < self.expected:
+            here = ", ".join(site_label(n, self.fed.names) for n in connected)
+            self.console.print(
+                f"{what}: going on with {len(connected)} of {self.expected} sites "
+                f"({escape(here)}) after {timeout:g} s",
+                highlight=False,
+            )
         self.expected = min(self.fed.cfg.min_available_sites, len(connected))
         return connected
 

@@ -156,7 +156,9 @@ def screen_replies(
     ]
     usable = []
     for msg in replies:
-        who = names.get(origin(msg)) or site_label(origin(msg), names)
+        who = names.get(origin(msg)) or (
+            site_name(msg) if msg.has_content() else site_label(origin(msg), names)
+        )
         if msg.has_error():
             dropped.append(f"{who}: failed ({readable_reason(msg.error.reason)})")
             continue
