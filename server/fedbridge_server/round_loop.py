@@ -130,12 +130,15 @@ class RoundLoop:
         """The connected node ids (see :func:`wait_for_sites`), printing who is awaited."""
         self.live(rnd, phase)
         what = f"round {rnd} {phase}"
-        connected = wait_for_sites(
-            self.grid, expected=self.expected, quorum=quorum, timeout=timeout, what=what,
-            clock=self.clock.now, sleep=self.clock.sleep, stop=self.clock.stop,
-            progress=lambda nodes, left: self.show_wait(what, nodes, left, timeout),
-            progress_every=PROGRESS_EVERY,
-        )  # fmt: skip
+        try:
+            connected = wait_for_sites(
+                self.grid, expected=self.expected, quorum=quorum, timeout=timeout, what=what,
+                clock=self.clock.now, sleep=self.clock.sleep, stop=self.clock.stop,
+                progress=lambda nodes, left: self.show_wait(what, nodes, left, timeout),
+                progress_every=PROGRESS_EVERY,
+            )  # fmt: skip
+        except QuorumError as e:
+            raise QuorumError(f"{e}. {resumable(self.fed)}") from None
         if len(connected) < self.expected:
             here = ", ".join(site_label(n, self.fed.names) for n in connected)
             self.console.print(
@@ -148,7 +151,9 @@ class RoundLoop:
 
     def show_wait(self, what: str, nodes: list[int], left: float, timeout: float) -> None:
         names = self.fed.names
-        here = ", ".join(site_label(n, names) for n in nodes) or "none"
+        named = [names[n] for n in nodes if n in names]
+        unnamed = len(nodes) - len(named)
+        here = ", ".join([*named, *([f"{unnamed} not named yet"] if unnamed else [])]) or "none"
         missing = sorted(set(names.values()) - {names.get(n) for n in nodes})
         awaited = f" (last seen: {', '.join(missing)})" if missing else ""
         self.console.print(

@@ -229,8 +229,9 @@ def test_the_first_round_waits_the_join_timeout_then_goes_on_with_the_quorum(bri
     waits = [ln for ln in text.splitlines() if ln.startswith("round 1 training: waiting")]
     # printed as the wait starts and every 30 s: which sites, and how long until the quorum
     assert len(waits) == JOIN / 30
-    assert waits[0].endswith("connected 2 of 3: unnamed site (node 100), unnamed site (node "
-                             "101); going on with the quorum in 1800 s (wait 1800 s)")  # fmt: skip
+    assert waits[0].endswith(
+        "connected 2 of 3: 2 not named yet; going on with the quorum in 1800 s (wait 1800 s)"
+    )
 
 
 def test_a_late_site_is_admitted_at_the_next_round_it_is_connected_for(bridge, tmp_path):
