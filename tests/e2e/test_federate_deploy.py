@@ -41,19 +41,19 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> 
 
 def _status_while_round_1_waits_for_site_b(net, out: Path, server: subprocess.Popen) -> None:
     """`fedbridge server status` on the coordinator mid-run: the SuperLink's sites and run,
-    round 1 of 2 waiting in training (site-b's key is registered, site-b not yet connected)."""
+    round 1 of 3 waiting in training (site-b's key is registered, site-b not yet connected)."""
     deadline = time.monotonic() + 180
     while True:
         doc = json_out("server", "status", "--out", out, "--json", prefix=net.prefix("coord"))
         states = sorted(s["status"] for s in doc["sites"])
-        if doc["rounds"]["current"] and states == ["online", "registered"]:
+        if doc["rounds"]["current"] and states == ["online", "online", "registered"]:
             break
         assert server.poll() is None and time.monotonic() < deadline, json.dumps(doc)
         time.sleep(1.0)
     assert doc["superlink"] == {"reachable": True, "error": None}, doc
     current = doc["rounds"]["current"]
-    assert (current["round"], current["rounds"], current["phase"]) == (1, 2, "training")
-    assert current["waiting_for"] == 2 and doc["rounds"]["completed"] == 0
+    assert (current["round"], current["rounds"], current["phase"]) == (1, 3, "training")
+    assert current["waiting_for"] == 3 and doc["rounds"]["completed"] == 0
     assert doc["rounds"]["running"] is True
     [run] = doc["runs"]
     assert run["status"] == "running" and run["run_id"] == str(current["run_id"]), doc
