@@ -18,6 +18,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from fedbridge_server import privacy
+from fedbridge_server.best import RULES
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.round_loop import Clock, Federation, RoundLoop
 from fedbridge_server.store import RoundStore, RunState
@@ -173,6 +174,8 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
         "init_sha256": init_sha,
         "rounds": state.completed,
         "best_round": state.best_round,
+        "best_round_rule": state.best_rule,
+        "best_round_chosen_by": RULES.get(state.best_rule, ""),
         "history": state.history,
     }
     spent = [h["privacy"] for h in state.history if h.get("privacy")]
@@ -205,9 +208,12 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
     summary: dict[str, Any] = {
         "bundle": str(out),
         "best_round": state.best_round,
+        "best_round_rule": state.best_rule,
         "history": state.history,
     }
-    console.print(f"best round {state.best_round} → {out}")
+    console.print(
+        f"best round {state.best_round} ({RULES.get(state.best_rule, state.best_rule)}) → {out}"
+    )
     if cfg.test_data:
         metrics, _, _ = evaluate_bundle(out, Path(cfg.test_data), console=console)
         summary["test"] = metrics

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from torch.utils.data import DataLoader
 
+from fedbridge_server.best import choose_best
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.quorum import QuorumError, SnapshotGrid, Stopped, exchange, wait_for_sites
 from fedbridge_server.status import now, write_live
@@ -243,12 +244,10 @@ class RoundLoop:
         state.completed = rnd
         state.history.append(row)
         state.names = {str(k): v for k, v in sorted(fed.names.items())}
-        if row["score"] is not None and (
-            state.best_score is None or row["score"] < state.best_score
-        ):
-            state.best_round, state.best_score = rnd, row["score"]
-        elif state.best_round == 0:
-            state.best_round = rnd
+        kept = {state.best_round, *range(rnd - fed.store.keep_last + 1, rnd + 1)}
+        state.best_round, state.best_score, state.best_rule = choose_best(
+            state.history, available=kept.__contains__
+        )
         fed.store.save_round(
             state, fed.spec, fed.model.state_dict(), {"stage": "federated", "round": rnd},
             {"round": row}, strategy_state(fed.strategy),

@@ -17,6 +17,7 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from rich.console import Console
 
+from fedbridge_server.best import choose_best
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.federation import run_federation
 from fedbridge_server.quorum import QuorumError, Stopped
@@ -74,6 +75,7 @@ class FakeSite:
     silent_from: tuple[int, str] | None = None
     fail: str | None = None
     on_task: object = None
+    val_loss: object = None  # round → this site's validation loss (default 0.7)
     got: list = field(default_factory=list)
 
 
@@ -130,8 +132,10 @@ class FakeGrid:
             reply = P.TrainReply(num_examples=12, class_counts=counts, train_loss=0.5)
             content = {P.ARRAYS: msg.content[P.ARRAYS]}  # trained: the weights it got
         else:
+            rnd = int(msg.content[P.CONFIG][P.SERVER_ROUND])
+            loss = site.val_loss(rnd) if callable(site.val_loss) else 0.7
             reply = P.EvalReply(
-                num_examples=12, class_counts=counts, val_loss=0.7, val_accuracy=0.5,
+                num_examples=12, class_counts=counts, val_loss=loss, val_accuracy=0.5,
                 class_correct=(3, 2, 0, 1),
             )  # fmt: skip
             content = {}
@@ -271,3 +275,60 @@ def test_a_stop_request_ends_the_run_at_once_keeping_the_completed_rounds(bridge
     assert stopped_at < 10  # not after the round timeout: at the next half-second poll
     assert _state(out)["completed"] == 1
     assert not (out.with_name("fed-rounds") / "round-0002").exists() and not out.exists()
+
+
+def _losses(by_round: dict[int, float]):
+    return lambda rnd: by_round[rnd]
+
+
+def test_the_best_round_is_chosen_among_rounds_evaluated_by_every_site(bridge, tmp_path):
+    # c, whose patients are hard, is lost after round 1: rounds 2 and 3 average over a and b
+    # only, so their lower mean loss is on another denominator and must not win
+    easy = {"val_loss": _losses({1: 0.5, 2: 0.45, 3: 0.4})}
+    sites = _sites(
+        a=easy, b=easy, c={"val_loss": _losses({1: 1.5}), "leave_after": (1, "evaluate")}
+    )
+    summary, _, text = _run(bridge, tmp_path / "fed", sites)
+    rounds = summary["history"]
+    assert [r["federated_val_loss"] for r in rounds] == pytest.approx([2.5 / 3, 0.45, 0.4])
+    assert summary["best_round"] == 1
+    state = _state(tmp_path / "fed")
+    assert (state["best_round"], state["best_rule"]) == (1, "same-sites")
+    training = load_bundle(tmp_path / "fed").training
+    assert training["best_round"] == 1 and training["best_round_rule"] == "same-sites"
+    assert "best round 1 (lowest federated validation loss among rounds evaluated by every" in text
+    # with every site in every round, the lowest loss wins
+    sites = _sites(a=easy, b=easy, c={"val_loss": _losses({1: 1.5, 2: 1.2, 3: 1.3})})
+    summary, _, _ = _run(bridge, tmp_path / "all", sites)
+    assert summary["best_round"] == 2
+    assert _state(tmp_path / "all")["best_rule"] == "same-sites"
+
+
+def test_the_coordinators_validation_set_chooses_the_best_round(bridge, oct_root, tmp_path):
+    val = tmp_path / "val"
+    for label in LABELS:
+        (val / label).mkdir(parents=True)
+        for img in sorted((oct_root / label).iterdir())[:3]:
+            (val / label / img.name).symlink_to(img)
+    easy = {"val_loss": _losses({1: 0.9, 2: 0.1, 3: 0.5})}  # the sites' say does not count
+    summary, _, text = _run(bridge, tmp_path / "fed", _sites(a=easy), val_data=str(val))
+    rounds = summary["history"]
+    assert all(r["server_val_loss"] > 0 for r in rounds)
+    best = min(rounds, key=lambda r: r["server_val_loss"])["round"]
+    state = _state(tmp_path / "fed")
+    assert (state["best_round"], state["best_rule"]) == (best, "server-val")
+    assert state["best_score"] == pytest.approx(rounds[best - 1]["server_val_loss"])
+    assert load_bundle(tmp_path / "fed").training["best_round_rule"] == "server-val"
+    assert "lowest loss on the coordinator's validation set (--val-data)" in text
+
+
+def _row(rnd: int, **sites: float) -> dict:
+    per = {n: {"val_examples": 10, "val_loss": loss} for n, loss in sites.items()}
+    return {"round": rnd, "per_site": per, "federated_val_loss": sum(sites.values()) / len(sites)}
+
+
+def test_choose_best_rescores_over_the_common_sites_when_no_round_had_them_all():
+    history = [_row(1, a=0.2, b=0.9), _row(2, a=0.5, c=0.1), _row(3, a=0.3, b=0.1)]
+    assert choose_best(history) == (1, 0.2, "common-sites")  # a alone: 0.2, 0.5, 0.3
+    assert choose_best(history, available=lambda r: r != 1) == (3, 0.3, "common-sites")
+    assert choose_best([{"round": 1, "per_site": {}}, {"round": 2}]) == (2, None, "last-round")
