@@ -35,8 +35,9 @@ class Site:
         self._cache: dict[tuple, tuple] = {}
 
     def check_labels(self, spec: ModelSpec) -> None:
-        """Refuse, before any training, class folders that differ from the model's labels."""
-        check_labels(self.index, spec.labels, where=f"site {self.name}", exact=True)
+        """Refuse, before any training, class folders the model does not know. A site that
+        lacks some of the model's classes takes part with what it has (zero counts)."""
+        check_labels(self.index, spec.labels, where=f"site {self.name}")
 
     def _parts(self, spec: ModelSpec, settings: LocalSettings):
         """Decoded train/val images and targets, cached per input size and split settings."""

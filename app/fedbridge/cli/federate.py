@@ -33,7 +33,10 @@ Out = Annotated[Path, typer.Option("--out", help="Final (best-round) bundle.")]
 Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
 Strategy = Annotated[StrategyName, typer.Option(help="Federated aggregation.")]
 AugmentPerSample = Annotated[int, typer.Option(help="Offline ×N expansion per site.")]
-Augment = Annotated[AugmentPreset, typer.Option(help="Augmentation preset.")]
+Augment = Annotated[
+    AugmentPreset | None,
+    typer.Option(help="Augmentation preset (default: the bridge bundle's modality's, else cxr)."),
+]
 LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 Lr = Annotated[float, typer.Option(help="Local AdamW learning rate.")]
 BatchSize = Annotated[int, typer.Option(help="Local batch size.")]
@@ -73,13 +76,27 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def folder_labels(folder: Path | None) -> str | None:
-    """The class-folder labels of ``folder``, comma-separated (None without a folder)."""
-    if folder is None or not Path(folder).is_dir():
-        return None
+def folder_labels(*folders: Path | None) -> str | None:
+    """The class-folder labels of ``folders`` together, sorted and comma-separated (None
+    without a folder): a site lacking a class still trains for it."""
     from fedbridge_shared.data.samples import scan_folder
 
-    return ",".join(scan_folder(Path(folder)).labels)
+    found = [Path(f) for f in folders if f is not None and Path(f).is_dir()]
+    if not found:
+        return None
+    return ",".join(sorted({label for f in found for label in scan_folder(f).labels}))
+
+
+def augment_preset(augment: str | None, init: Path) -> str:
+    """``--augment`` when given, else the preset of the bridge bundle's modality (an OCT
+    bridge gets OCT augmentation), else the default."""
+    if augment is not None:
+        return str(augment)
+    from fedbridge_shared.modality import augment_for
+    from fedbridge_shared.spec import read_bundle_record
+
+    modality = str(read_bundle_record(Path(init))["spec"].get("modality", "other"))
+    return augment_for(modality, defaults.AUGMENT)
 
 
 def run_config(
@@ -91,7 +108,7 @@ def run_config(
     rounds: int,
     strategy: str,
     augment_per_sample: int,
-    augment: str,
+    augment: str | None,
     local_epochs: int,
     lr: float,
     batch_size: int,
@@ -113,7 +130,7 @@ def run_config(
         "num-server-rounds": rounds,
         "strategy": str(strategy),
         "augment-per-sample": augment_per_sample,
-        "augment": str(augment),
+        "augment": augment_preset(augment, init),
         "local-epochs": local_epochs,
         "lr": lr,
         "batch-size": batch_size,
@@ -136,7 +153,7 @@ def simulate(
     rounds: Rounds = defaults.ROUNDS,
     strategy: Strategy = StrategyName(defaults.STRATEGY),
     augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
-    augment: Augment = AugmentPreset(defaults.AUGMENT),
+    augment: Augment = None,
     local_epochs: LocalEpochs = defaults.LOCAL_EPOCHS,
     lr: Lr = defaults.LR,
     batch_size: BatchSize = defaults.BATCH_SIZE,
@@ -161,7 +178,7 @@ def simulate(
         init=init, out=out_dir, sites=len(sites), rounds=rounds, strategy=strategy,
         augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
-        labels=labels or folder_labels(sites[0] if sites else None),
+        labels=labels or folder_labels(*sites),
     )  # fmt: skip
     console = make_console(stderr=as_json)
     summary = run(flat, sites, out=console, audit_dir=audit_dir)
