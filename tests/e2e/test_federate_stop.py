@@ -64,9 +64,7 @@ def test_sigterm_in_round_2_ends_the_run_keeping_round_1(fed, tmp_path):
     assert not [p for p in children if alive(p)], "processes left behind"
     assert _ray_dirs() == ray_before, "Ray's temporary folder left behind"
     rounds = out.with_name("fed-rounds")
-    assert sorted(d.name for d in rounds.iterdir() if d.name.startswith("round-")) == [
-        "round-0001"
-    ]
+    assert sorted(d.name for d in rounds.iterdir() if d.name.startswith("round-")) == ["round-0001"]
     assert not out.exists(), "no final bundle from a stopped run"
     assert not [p for p in rounds.rglob("*") if p.name.startswith(".")], "partial files"
 
