@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -128,6 +129,17 @@ def readable_reason(reason: str) -> str:
     return f"{kind}: {text}" if text else kind
 
 
+_LOST = {  # errors the SuperLink writes for a site, in words (Flower's name a "node")
+    ErrorCode.NODE_UNAVAILABLE: "lost (stopped answering the coordinator's heartbeat)",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "lost (its reply expired)",
+    ErrorCode.MESSAGE_UNAVAILABLE: "lost (the task expired before it answered)",
+}
+
+
+def _failure(error) -> str:
+    return _LOST.get(error.code) or f"failed ({readable_reason(error.reason)})"
+
+
 def screen_replies(
     sent: Iterable[Message],
     replies: Iterable[Message],
@@ -160,7 +172,7 @@ def screen_replies(
             site_name(msg) if msg.has_content() else site_label(origin(msg), names)
         )
         if msg.has_error():
-            dropped.append(f"{who}: failed ({readable_reason(msg.error.reason)})")
+            dropped.append(f"{who}: {_failure(msg.error)}")
             continue
         names[msg.metadata.src_node_id] = site_name(msg)
         bad = _non_finite_metric(msg)

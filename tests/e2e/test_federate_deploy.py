@@ -220,7 +220,9 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     # may have been sent (before the fix: the 1800-s join timeout, each round); round 3 none
     assert history[1]["seconds"] < SITE_WAIT + ROUND_TIMEOUT + 120, history[1]
     assert history[2]["seconds"] < SITE_WAIT + 120, history[2]
-    assert all("node" not in d for h in history for d in h["dropped"]), history
+    assert all("node" not in d for h in history for d in h["dropped"]), [
+        h["dropped"] for h in history
+    ]
     assert "going on with 2 of 3 sites (site-a, site-b)" in server_log.read_text()
     rounds = sorted(p.name for p in (tmp_path / "fed-rounds").glob("round-*"))
     assert rounds[-1] == "round-0003"

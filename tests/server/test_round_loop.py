@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from rich.console import Console
 
 from fedbridge_server.best import choose_best
@@ -124,6 +125,9 @@ class FakeGrid:
 
     @staticmethod
     def _reply(site: FakeSite, msg: Message) -> Message:
+        if site.fail == "heartbeat":  # what the SuperLink writes for a site gone silent
+            reason = "Error: Node Unavailable — The destination node failed to report a heartbeat"
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason), reply_to=msg)
         if site.fail:
             reason = f"<class 'fedbridge_client.client_app.SiteError'>:<'{site.fail}'>"
             return Message(Error(code=0, reason=reason), reply_to=msg)
@@ -332,3 +336,11 @@ def test_choose_best_rescores_over_the_common_sites_when_no_round_had_them_all()
     assert choose_best(history) == (1, 0.2, "common-sites")  # a alone: 0.2, 0.5, 0.3
     assert choose_best(history, available=lambda r: r != 1) == (3, 0.3, "common-sites")
     assert choose_best([{"round": 1, "per_site": {}}, {"round": 2}]) == (2, None, "last-round")
+
+
+def test_a_site_lost_by_the_superlink_is_named_in_words_not_as_a_node(bridge, tmp_path):
+    summary, _, _ = _run(bridge, tmp_path / "fed", _sites(c={"fail": "heartbeat"}))
+    dropped = summary["history"][0]["dropped"]
+    assert dropped[0] == (
+        "unnamed site (node 102): lost (stopped answering the coordinator's heartbeat)"
+    )
