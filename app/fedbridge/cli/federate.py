@@ -25,6 +25,7 @@ from fedbridge.cli.options import (
 from fedbridge.cli.options import Augment as AugmentPreset
 from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
+from fedbridge_shared.errors import FedbridgeError
 
 app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is_help=True)
 
@@ -76,15 +77,31 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def folder_labels(*folders: Path | None) -> str | None:
-    """The class-folder labels of ``folders`` together, sorted and comma-separated (None
-    without a folder): a site lacking a class still trains for it."""
+def folder_labels(folder: Path | None) -> str | None:
+    """The class-folder labels of ``folder``, comma-separated (None without a folder)."""
+    if folder is None or not Path(folder).is_dir():
+        return None
     from fedbridge_shared.data.samples import scan_folder
 
-    found = [Path(f) for f in folders if f is not None and Path(f).is_dir()]
-    if not found:
+    return ",".join(scan_folder(Path(folder)).labels)
+
+
+def site_labels(init: Path, sites: list[Path]) -> str | None:
+    """The target labels of a simulation: the bridge bundle's when every site's class folders
+    are among them (a site lacking a class still takes part), else the first site's folders
+    (the federation retargets the bridge to them; a site with other classes is refused)."""
+    from fedbridge_shared.spec import read_bundle_record
+
+    found = [folder_labels(s) for s in sites]
+    if not found or found[0] is None:
         return None
-    return ",".join(sorted({label for f in found for label in scan_folder(f).labels}))
+    try:
+        bridge = read_bundle_record(Path(init))["spec"]["labels"]
+    except (FedbridgeError, KeyError, TypeError):
+        return found[0]  # the bundle's own error comes with the preflight
+    if all(f is not None and set(f.split(",")) <= set(bridge) for f in found):
+        return ",".join(bridge)
+    return found[0]
 
 
 def augment_preset(augment: str | None, init: Path) -> str:
@@ -178,7 +195,7 @@ def simulate(
         init=init, out=out_dir, sites=len(sites), rounds=rounds, strategy=strategy,
         augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
-        labels=labels or folder_labels(*sites),
+        labels=labels or site_labels(init, sites),
     )  # fmt: skip
     console = make_console(stderr=as_json)
     summary = run(flat, sites, out=console, audit_dir=audit_dir)
