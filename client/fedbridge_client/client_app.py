@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fedbridge_client import secagg_app as secure
 from fedbridge_client.audit import audit_error, record
-from fedbridge_client.events import append_event
+from fedbridge_client.events import STARTED, append_event
 from fedbridge_client.wire import WireError, recv_frame, send_frame
 from fedbridge_shared import protocol as P
 
@@ -71,7 +71,9 @@ def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_d
         kind = {"train": "training", "evaluate": "evaluation"}.get(
             msg.metadata.message_type.split(".")[0], "secure aggregation"
         )
-        round_ = _round_of(msg)
+        round_, rounds, labels = _round_of(msg), _rounds_of(msg), _labels_of(msg)
+        if events and msg.metadata.message_type in ("train", "evaluate", secure.TRAIN):
+            append_event(events, round_=round_, kind=kind, ok=True, detail=STARTED, rounds=rounds)
         try:
             worker = node.get(P.NODE_WORKER_SOCKET)
             if msg.metadata.message_type in secure.STAGES:
@@ -95,7 +97,10 @@ def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_d
         if audit:
             record(audit, who, reply)
         if events:
-            append_event(events, round_=round_, kind=kind, ok=True, detail=_summary(reply))
+            append_event(
+                events, round_=round_, kind=kind, ok=True, detail=_summary(reply), rounds=rounds,
+                metrics=_numbers(reply), labels=labels,
+            )  # fmt: skip
         return reply
 
     return run
@@ -106,6 +111,26 @@ def _round_of(msg: Message) -> int | None:
         return int(msg.content[P.CONFIG][P.SERVER_ROUND])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _rounds_of(msg: Message) -> int | None:
+    try:
+        return int(msg.content[P.CONFIG][P.NUM_ROUNDS])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _labels_of(msg: Message) -> list[str] | None:
+    """The task's label names (for the site console's per-class counts)."""
+    try:
+        return [str(x) for x in P.RoundTask.from_config(dict(msg.content[P.CONFIG])).spec["labels"]]
+    except Exception:  # a malformed task is refused by the handler with its own reason
+        return None
+
+
+def _numbers(reply: Message) -> dict[str, int | float]:
+    metrics = reply.content.metric_records.get(P.METRICS)
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, int | float)}
 
 
 def _summary(reply: Message) -> str:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import functools
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,8 +273,13 @@ def _serve(
             offset = log.stat().st_size if log.exists() else 0
             node.max_wait = max(1.0, deadline - time.monotonic())
             proc = spawn(node.command(), log, _supernode_env(node))
+            console.print(
+                f"waiting for the coordinator at {node.superlink} "
+                f"(admission tried for up to {node.max_wait:.0f} s)",
+                highlight=False,
+            )
             try:
-                rc = _wait(proc, worker)
+                rc = _wait(proc, worker, functools.partial(_admitted, log, offset, console))
             finally:
                 stop([proc])  # children (flower-superexec) outlive the SuperNode
             text = _log_since(log, offset)
@@ -302,12 +308,27 @@ def _serve(
             time.sleep(_RETRY_SECONDS)
 
 
-def _wait(proc: subprocess.Popen, worker: _SiteWorker) -> int:
-    """The SuperNode's exit code; the site worker is restarted meanwhile if it dies."""
+def _wait(proc: subprocess.Popen, worker: _SiteWorker, admitted: Callable[[], bool]) -> int:
+    """The SuperNode's exit code; the site worker is restarted meanwhile if it dies, and the
+    admission is announced once (``admitted()`` true once it was printed)."""
+    said = False
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
             return proc.wait(timeout=2.0)
         worker.keep_alive()
+        said = said or admitted()
+
+
+def _admitted(log: Path, offset: int, console: Console) -> bool:
+    """Print "admitted" once the SuperNode's log (since ``offset``) shows the SuperLink took
+    it in (Flower logs the node id then); true once printed."""
+    found = re.search(r"SuperNode ID: (\d+)", _log_since(log, offset))
+    if found:
+        console.print(
+            f"admitted by the coordinator (node {found.group(1)}); waiting for a run",
+            highlight=False,
+        )
+    return found is not None
 
 
 def _last_line(text: str) -> str:

@@ -49,9 +49,10 @@ class Site:
         self._patients: dict[tuple, list[str]] = {}
 
     def check_labels(self, spec: ModelSpec) -> None:
-        """Refuse, before any training, class folders that differ from the model's labels."""
+        """Refuse, before any training, class folders the model does not know. A site that
+        lacks some of the model's classes takes part with what it has (zero counts)."""
         try:
-            check_labels(self.index, spec.labels, where=f"site {self.name}", exact=True)
+            check_labels(self.index, spec.labels, where=f"site {self.name}")
         except DataError as e:
             raise SiteFailure(str(e), code=SiteErrorCode.LABELS_DIFFER) from None
 

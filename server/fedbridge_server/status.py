@@ -125,6 +125,7 @@ def collect(out: Path, state: Path | None = None) -> dict[str, Any]:
             "running": running,
             "best_round": saved.get("best_round") or None,
             "best_score": saved.get("best_score"),
+            "best_rule": saved.get("best_rule") or None,
         },
         "history": history,
         "dropped": [
@@ -230,7 +231,8 @@ def render(doc: dict[str, Any], console: Console) -> None:
     elif rounds["finished"]:
         line += f"; finished → {shown(doc['bundle'])}"
     if rounds["best_round"]:
-        line += f"; best round {rounds['best_round']} (score {_f(rounds['best_score'], 4)})"
+        line += f"; best round {rounds['best_round']} (score {_f(rounds['best_score'], 4)}"
+        line += f", {rounds['best_rule']})" if rounds.get("best_rule") else ")"
     console.print(line)
     spent = doc.get("privacy")
     if spent and spent["level"] == "record":

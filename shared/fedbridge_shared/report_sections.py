@@ -140,6 +140,11 @@ def _stage_detail(training: Mapping[str, Any]) -> str:
         sites = sorted({s for r in training.get("history") or [] for s in r.get("sites") or []})
         parts.append(
             f"{training['rounds']} federated round(s), best round {training.get('best_round')}"
+            + (
+                f" ({training['best_round_chosen_by']})"
+                if training.get("best_round_chosen_by")
+                else ""
+            )
             + (f", sites {', '.join(sites)}" if sites else "")
         )
     elif training.get("history"):

@@ -221,7 +221,7 @@ def test_cli_refuses_a_site_with_other_labels_before_starting(fed, oct_root, tmp
         "--out",
         tmp_path / "x",
     )
-    assert_one_line_error(result, str(oct_root), "differ from the model's labels")
+    assert_one_line_error(result, str(oct_root), "are not among the model's labels")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x-rounds").exists()
 
 

@@ -29,7 +29,6 @@ from fedbridge.cli.federate import (
     folder_labels,
     run_config,
 )
-from fedbridge.cli.options import Augment as AugmentPreset
 from fedbridge.cli.options import (
     Seed,
     Tracking,
@@ -122,7 +121,7 @@ def start(
     rounds: Rounds = defaults.ROUNDS,
     strategy: Strategy = StrategyName(defaults.STRATEGY),
     augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
-    augment: Augment = AugmentPreset(defaults.AUGMENT),
+    augment: Augment = None,
     local_epochs: LocalEpochs = defaults.LOCAL_EPOCHS,
     lr: Lr = defaults.LR,
     batch_size: BatchSize = defaults.BATCH_SIZE,
