@@ -128,7 +128,7 @@ class FakeGrid:
         if site.fail == "heartbeat":  # what the SuperLink writes for a site gone silent
             reason = "Error: Node Unavailable — The destination node failed to report a heartbeat"
             return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason), reply_to=msg)
-        if site.fail:
+        if site.fail:  # as Flower wraps a ClientApp's SiteError of fedbridge's closed schema
             reason = f"<class 'fedbridge_client.client_app.SiteError'>:<'{site.fail}'>"
             return Message(Error(code=0, reason=reason), reply_to=msg)
         counts = (5, 4, 0, 3)  # this site has no DRUSEN images
@@ -221,11 +221,14 @@ def test_a_site_dropping_mid_round_is_named_and_the_run_goes_on(bridge, tmp_path
 
 
 def test_a_failing_site_is_named_without_python_class_text(bridge, tmp_path):
-    sites = _sites(c={"fail": "no images of label DRUSEN"})
-    summary, _, _ = _run(bridge, tmp_path / "fed", sites)
+    wire = P.SiteFailure("DOE_JOHN.png unreadable", code=P.SiteErrorCode.UNREADABLE_IMAGES).wire()
+    summary, _, _ = _run(bridge, tmp_path / "fed", _sites(c={"fail": wire}))
     dropped = summary["history"][0]["dropped"]
-    assert dropped[0] == "unnamed site (node 102): failed (no images of label DRUSEN)"
+    assert dropped[0] == "unnamed site (node 102): failed (unreadable_images: 1)"
     assert not any("<class" in d for h in summary["history"] for d in h["dropped"])
+    summary, _, _ = _run(bridge, tmp_path / "fed2", _sites(c={"fail": "free text DOE_JOHN"}))
+    dropped = summary["history"][0]["dropped"]  # text outside the schema is never shown
+    assert "DOE_JOHN" not in dropped[0] and "not in fedbridge's schema" in dropped[0]
 
 
 def test_the_first_round_waits_the_join_timeout_then_goes_on_with_the_quorum(bridge, tmp_path):
