@@ -7,8 +7,8 @@ The site's images stay where they are; the SuperNode runs the fedbridge ClientAp
 from __future__ import annotations
 
 import contextlib
-import os
 import functools
+import os
 import re
 import shutil
 import subprocess
