@@ -123,7 +123,16 @@ def _upstream_record(init: Mapping[str, Any]) -> dict[str, Any] | None:
 def _stage_detail(training: Mapping[str, Any]) -> str:
     stage = training.get("stage") or "unknown stage"
     parts = [f"stage {stage}"]
-    if training.get("data"):
+    folders = training.get("folders") or []
+    if len(folders) > 1:
+        parts.append(
+            "data "
+            + " + ".join(
+                f"{f['path']} ({', '.join(f'{k} {v}' for k, v in f['counts'].items())})"
+                for f in folders
+            )
+        )
+    elif training.get("data"):
         parts.append(f"data {training['data']}")
     counts = training.get("counts") or {}
     if counts:

@@ -142,6 +142,47 @@ def usable_index(data: Path, manifest: Path | None = None) -> FolderIndex:
     return index
 
 
+def union_index(
+    folders: Sequence[Path], manifest: Path | None = None
+) -> tuple[FolderIndex, list[dict[str, Any]]]:
+    """Several class-folder trees as one: labels united by name, samples of every folder.
+
+    Returns the merged index and one record per folder (path, labels, images per label,
+    patients, where the ids came from). Images no manifest lists get their folder in their
+    patient id, so two folders' loose files never merge into one patient.
+    """
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise ConfigError("give at least one data folder")
+    if manifest is not None and len(folders) > 1:
+        raise ConfigError("--manifest: only with one data folder (each folder finds its own)")
+    resolved = [f.resolve() for f in folders]
+    dupes = [str(f) for f, r in zip(folders, resolved, strict=True) if resolved.count(r) > 1]
+    if dupes:
+        raise ConfigError(f"{dupes[0]}: data folder given twice")
+    indexes = [usable_index(f, manifest) for f in folders]
+    records = [
+        {"path": str(i.root), "labels": list(i.labels), "counts": i.counts(),
+         "patients": len({s.patient_id for s in i.samples}), "patient_ids": i.patient_source}
+        for i in indexes
+    ]  # fmt: skip
+    if len(indexes) == 1:
+        return indexes[0], records
+    samples = [
+        s if not s.patient_id.startswith("file:")
+        else dataclasses.replace(s, patient_id=f"file:{i.root.name}/{s.patient_id[5:]}")
+        for i in indexes
+        for s in i.samples
+    ]  # fmt: skip
+    merged = FolderIndex(
+        root=indexes[0].root,
+        labels=tuple(sorted({label for i in indexes for label in i.labels})),
+        samples=tuple(samples),
+        patient_source="; ".join(f"{i.root.name}: {i.patient_source}" for i in indexes),
+    )
+    return merged, records
+
+
 def decode(
     samples: Sequence[Sample], size: int, *, console: Console, what: str
 ) -> list[np.ndarray]:
@@ -153,7 +194,7 @@ def decode(
 
 def run_stage(
     stage: str,
-    data: Path,
+    data: Path | Sequence[Path],
     *,
     out: Path,
     init: str,
@@ -167,7 +208,9 @@ def run_stage(
 ) -> tuple[Path, dict[str, Any]]:
     """Train one central stage on a class-folder tree and write a bundle to ``out``.
 
-    Validation images are held out by patient; early stopping keeps the best validation loss.
+    ``data`` may be several trees (:func:`union_index`: the labels' union by name; each folder
+    recorded in ``training["folders"]``). Validation images are held out by patient; early
+    stopping keeps the best validation loss.
     Nothing is written unless training finishes. Returns the bundle path and validation metrics.
     """
     console = console or Console(stderr=True)
@@ -184,7 +227,8 @@ def run_stage(
     check_writable(out)
     started = time.perf_counter()
     dev = resolve_device(device)  # a bad --device fails before any image is read
-    index = usable_index(data, manifest)
+    folders = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
+    index, folder_records = union_index(folders, manifest)
     seed_everything(config.seed)
     model, spec = init_model(init, index.labels, arch, image_size)
     if config.intensity is not None:
@@ -279,7 +323,8 @@ def run_stage(
         val_metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=200, seed=config.seed)
     training = {
         "stage": stage,
-        "data": str(Path(data).resolve()),
+        "data": " + ".join(r["path"] for r in folder_records),
+        "folders": folder_records,
         "patient_ids": index.patient_source,
         "counts": {k: dict(Counter(s.label for s in v)) for k, v in parts.items()},
         "patients": {k: len({s.patient_id for s in v}) for k, v in parts.items()},

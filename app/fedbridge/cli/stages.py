@@ -111,7 +111,13 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
     ]
 
     def command(
-        data: Data,
+        data: Annotated[
+            list[Path],
+            typer.Argument(
+                help="Folder(s) of class folders; several are pooled, their labels united by "
+                "name (e.g. a paediatric and an adult set)."
+            ),
+        ],
         out_dir: Out,
         init: Init = "imagenet",
         model: Model = None,
