@@ -77,18 +77,13 @@ def resolve_label_map(
                 f"--label-map {name}={'|'.join(targets)}: {', '.join(unknown)} is not a label "
                 f"of the model ({', '.join(model)})"
             )
-    out: LabelMap = {}
-    for label in folder_labels:
-        if label in declared:
-            out[label] = tuple(declared[label])
-        elif label in model:
-            out[label] = (label,)
-        else:
-            raise ConfigError(
-                f"{where}: class folder {label} is not a label of the model ({', '.join(model)}) "
-                f"and --label-map does not map it (e.g. --label-map '{label}=LABEL|LABEL')"
-            )
-    return out
+    unknown = [label for label in folder_labels if label not in declared and label not in model]
+    if unknown:
+        raise ConfigError(
+            f"{where}: class folders {unknown} are not among the model's labels {model}; "
+            f"declare what they count as with --label-map (e.g. '{unknown[0]}=LABEL|LABEL')"
+        )
+    return {label: tuple(declared.get(label, (label,))) for label in folder_labels}
 
 
 def is_identity(mapping: Mapping[str, Sequence[str]]) -> bool:

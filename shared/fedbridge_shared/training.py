@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedbridge_shared import defaults
 from fedbridge_shared.data.augment import PRESETS
-from fedbridge_shared.data.samples import FolderIndex, Sample, check_labels, scan_folder
+from fedbridge_shared.data.samples import FolderIndex, Sample, scan_folder
 from fedbridge_shared.data.sources import sample_sources
 from fedbridge_shared.data.split import assign_parts
 from fedbridge_shared.data.tensors import images_per_epoch, load_images, make_loader
@@ -376,8 +376,6 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_path)
     spec = bundle.spec
     index = scan_folder(Path(data), manifest)
-    if label_map is None:
-        check_labels(index, spec.labels, where=Path(data))
     mapping = resolve_label_map(index.labels, spec.labels, label_map, where=Path(data))
     if not index.samples:
         raise DataError(f"{data}: no images to evaluate")

@@ -107,7 +107,7 @@ def test_label_map_parsing_and_resolution():
     for bad in ("NOEQUALS", "=NORMAL", "X=", "X=A||B"):
         with pytest.raises(ConfigError, match="--label-map"):
             parse_label_map([bad])
-    with pytest.raises(ConfigError, match="PNEUMONIA_UNSPECIFIED is not a label of the model"):
+    with pytest.raises(ConfigError, match=r"\['PNEUMONIA_UNSPECIFIED'\] are not among the model"):
         resolve_label_map(["PNEUMONIA_UNSPECIFIED"], LABELS, None, where="ext")
     with pytest.raises(ConfigError, match="FUNGAL is not a label"):
         resolve_label_map(["X"], LABELS, {"X": ("FUNGAL",)}, where="ext")
