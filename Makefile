@@ -21,7 +21,11 @@ endif
 endif
 DEMO_ARGS ?= --quick $(DEMO_DATA) --out runs/demo
 
-.PHONY: install system-packages demo test lint format clean bench bench-quick
+.PHONY: install system-packages demo test test-fast lint format clean bench bench-quick
+
+# The tiers (markers in pyproject.toml, set by tests/conftest.py from each test's folder):
+# `make test` runs everything, as CI does; `make test-fast` skips e2e, slow, netns, browser, pacs.
+FAST        := not e2e and not slow and not netns and not browser and not pacs and not gpu
 
 install: $(STAMP)
 
@@ -62,7 +66,10 @@ lint: install
 	$(BIN)/lint-imports
 
 test: lint system-packages
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "$(FAST)" --durations=25 $(PYTEST_ARGS)
 
 # Benchmarks (issue #6): scripts under bench/, JSON in bench/results/, then BENCHMARKS.md.
 bench: install

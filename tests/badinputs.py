@@ -361,3 +361,58 @@ def write_bad_npz(path: Path, kind: str) -> Path:
               for what, value in (("images", images), ("labels", labels))}  # fmt: skip
     np.savez(path, **splits)
     return path
+
+
+# Images that viewers show differently from their raw pixels (issue #30), made from real data.
+
+
+def write_exif_rotated_png(path: Path, *, orientation: int = 6) -> Path:
+    """The real source image stored so that EXIF ``orientation`` makes it upright: with 6 the
+    pixels are stored turned 90° counter-clockwise (a viewer turns them back clockwise)."""
+    grey = source_grey(size=(96, 64))
+    turn = {1: None, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+            8: Image.Transpose.ROTATE_270}[orientation]  # fmt: skip
+    img = Image.fromarray(grey)
+    stored = img.transpose(turn) if turn is not None else img
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, exif=exif.tobytes())
+    return path
+
+
+def write_12bit_png(path: Path, *, sbit: int | None = 12) -> tuple[Path, np.ndarray]:
+    """The real source image as 12-bit values (0..4095) in a 16-bit PNG, with an sBIT chunk
+    saying 12 significant bits (or none). Returns the path and the 8-bit source."""
+    from PIL.PngImagePlugin import PngInfo
+
+    grey = source_grey(size=(96, 80))
+    values = np.rint(grey.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    values[0, 0] = 4095  # the data range reaches 12 bits whatever the source's brightest pixel
+    grey = grey.copy()
+    grey[0, 0] = 255
+    info = PngInfo()
+    if sbit is not None:
+        info.add(b"sBIT", bytes([sbit]))
+    Image.fromarray(values).save(path, pnginfo=info)  # uint16: a 16-bit greyscale PNG
+    return path, grey
+
+
+def write_multiframe_dicom(path: Path, *, frames: int = 3) -> Path:
+    """The test DICOM with ``frames`` frames: the real image, then black frames."""
+    import pydicom
+
+    grey = source_grey()
+    write_dicom(path, grey)
+    ds = pydicom.dcmread(path)
+    stored = np.zeros((frames, *grey.shape), dtype=np.uint16)
+    stored[0] = grey.astype(np.uint16) * 16
+    ds.NumberOfFrames = frames
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_wide_png(path: Path, *, size: tuple[int, int] = (20000, 8)) -> Path:
+    """The real source image stretched to ``size`` (W, H): an extreme aspect ratio."""
+    Image.fromarray(source_grey(size=size)).save(path)
+    return path

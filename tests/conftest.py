@@ -114,3 +114,23 @@ def edge_onnx(cxr_bundle, cxr_parts, tmp_path_factory) -> Path:
     result = ok("export", "onnx", cxr_bundle, "--out", out, "--val-data", cxr_parts["val"])
     assert "parity onnxruntime vs PyTorch" in result.stdout
     return out
+
+
+# ------------------------------------------- test tiers (markers by where a test lives)
+
+TIERS = {
+    "e2e": lambda path: "/tests/e2e/" in path,
+    "netns": lambda path: path.endswith(("test_federate_deploy.py", "test_faults_deploy.py")),
+    "browser": lambda path: path.endswith("test_browser.py"),
+    "pacs": lambda path: path.endswith("test_listen_pacs.py"),
+}
+"""Markers set from a test's file, so every test lands in a tier without per-test decoration.
+``make test-fast`` deselects ``e2e``, ``slow``, ``netns``, ``browser`` and ``pacs``."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        path = str(item.path)
+        for marker, applies in TIERS.items():
+            if applies(path):
+                item.add_marker(getattr(pytest.mark, marker))

@@ -1,5 +1,5 @@
 """``python -m fedbridge`` runs the ``fedbridge`` command."""
 
-from fedbridge.cli import main
+from fedbridge.cli import entry
 
-main()
+entry()

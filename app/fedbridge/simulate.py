@@ -6,6 +6,12 @@ Both ends in one process: this is why it lives in the app, above the server and 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +21,10 @@ from rich.console import Console
 from fedbridge_client.client_app import make_client_app
 from fedbridge_client.site import Site
 from fedbridge_server.config import FederationConfig
+from fedbridge_server.quorum import Stopped
 from fedbridge_server.server_app import make_server_app
 from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.processes import descendants, process_table, stop_pids
 from fedbridge_shared.spec import load_bundle
 
 
@@ -55,7 +63,11 @@ def simulate(
     mods: Sequence = (),
     audit_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the federation; returns the server's summary (history, best round, test metrics)."""
+    """Run the federation; returns the server's summary (history, best round, test metrics).
+
+    SIGINT/SIGTERM end it within seconds (:class:`Shutdown`): the completed rounds stay saved,
+    the same call resumes, and no Ray process or temporary folder is left behind.
+    """
     from flwr.simulation import run_simulation
 
     cfg = FederationConfig.from_flat(flat)
@@ -63,17 +75,102 @@ def simulate(
     preflight(cfg, [Path(p) for p in paths])
     summary: dict[str, Any] = {}
     failed: list[FedbridgeError] = []
-    run_simulation(
-        server_app=make_server_app(cfg, on_done=summary.update, on_error=failed.append),
-        client_app=make_client_app(
+    with Shutdown() as shutdown:
+        server = make_server_app(
+            cfg, on_done=summary.update, on_error=failed.append,
+            stop=shutdown.stop, on_exit=shutdown.server_ended.set,
+        )  # fmt: skip
+        client = make_client_app(
             paths, mods=mods, audit_dir=str(Path(audit_dir).resolve()) if audit_dir else None
-        ),
-        num_supernodes=len(paths),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
+        )
+        try:
+            run_simulation(
+                server_app=server, client_app=client, num_supernodes=len(paths),
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"_temp_dir": str(shutdown.ray_dir)},
+                },
+            )  # fmt: skip
+        except (KeyboardInterrupt, SystemExit):  # Ray's own SIGTERM handler raises SystemExit
+            shutdown.request()
     if failed:
         raise failed[0]
+    if shutdown.stop.is_set():
+        raise Stopped(f"stopped on request. {resumable(Path(cfg.out))}")
     if not summary:
         raise FedbridgeError("the federation did not finish; see the log above")
     out.print(f"federated bundle: {summary['bundle']} (best round {summary['best_round']})")
     return summary
+
+
+def resumable(out: Path) -> str:
+    """How far a stopped run got, and how to go on."""
+    state = out.with_name(out.name + "-rounds") / "state.json"
+    try:
+        done = int(json.loads(state.read_text())["completed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        done = 0
+    if not done:
+        return "No round completed; rerun the same command to start again."
+    return f"Rounds up to {done} are saved in {state.parent}; rerun the same command to resume."
+
+
+class Shutdown:
+    """Ends a simulation within seconds of SIGINT/SIGTERM, or of the ServerApp's end.
+
+    A signal sets ``stop``: the round loop ends at its next poll. Flower then waits for the
+    ClientApps still training in Ray, however long; so once the ServerApp ended without
+    finishing (stopped, or every site dropped by ``round-timeout``), the Ray workers still
+    busy are ended after ``grace`` seconds. On exit every process the simulation started (Ray's
+    raylet, GCS, workers: our descendants that were not there before) is ended by PID, and
+    Ray's temporary folder removed.
+    """
+
+    def __init__(self, grace: float = 3.0) -> None:
+        self.stop, self.server_ended, self.grace = threading.Event(), threading.Event(), grace
+        self._done = threading.Event()
+        self._before: set[int] = set()
+        self._previous: dict = {}
+        self.ray_dir = Path(tempfile.mkdtemp(prefix="fedbridge-ray-"))
+
+    def request(self, *_: object) -> None:
+        """What SIGINT/SIGTERM do; a second one ends the Ray workers at once."""
+        if self.stop.is_set():
+            self._end_workers()
+        self.stop.set()
+
+    def __enter__(self) -> Shutdown:
+        self._before = descendants([os.getpid()])
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self.request)
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        left = descendants([os.getpid()]) - self._before
+        if left:
+            stop_pids(left, timeout=10)
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
+
+    def _watch(self) -> None:
+        self.server_ended.wait()
+        if self._done.wait(self.grace):
+            return  # the simulation ended by itself
+        self._end_workers()
+
+    def _end_workers(self) -> None:
+        """SIGTERM the Ray worker processes we started: a ClientApp still training ends, so
+        Flower's wait for it ends too (its error is logged, no reply is waited for)."""
+        table = process_table()
+        workers = {
+            pid
+            for pid in descendants([os.getpid()]) - self._before
+            if "ray::" in table.get(pid, (0, ""))[1]
+            or "default_worker.py" in table.get(pid, (0, ""))[1]
+        }
+        if workers:
+            stop_pids(workers, timeout=5)

@@ -41,17 +41,17 @@ def describe(msg: Message) -> dict:
 
 def record(audit_dir: str | Path, node: str, msg: Message) -> None:
     """Append the description of reply ``msg`` to ``audit_dir/node-<node>.jsonl``."""
-    _append(audit_dir, node, describe(msg))
+    append_entry(audit_dir, node, describe(msg))
 
 
 def audit_error(audit_dir: str | Path, node: str, msg: Message, reason: str) -> None:
     """Record that the site answered ``msg`` with an error carrying ``reason``."""
-    _append(
+    append_entry(
         audit_dir, node, {"time": time.time(), "type": msg.metadata.message_type, "error": reason}
     )
 
 
-def _append(audit_dir: str | Path, node: str, entry: dict) -> None:
+def append_entry(audit_dir: str | Path, node: str, entry: dict) -> None:
     folder = Path(audit_dir)
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / f"node-{node}.jsonl").open("a") as fh:

@@ -1,7 +1,8 @@
 """Flower ClientApp: thin glue between Flower messages and a hospital :class:`Site`.
 
-Only model weights, numeric metrics and the site's name leave the site. Errors are reported
-to the server without file names or paths (the full message is logged locally).
+Only model weights, numeric metrics and the site's name leave the site. A failure crosses the
+wire as a code and a count (:class:`fedbridge_shared.protocol.SiteFailure`); the full message,
+with file names, stays on the site's console, log and audit.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedbridge_client import secagg_app as secure
 from fedbridge_client.audit import audit_error, record
-from fedbridge_client.events import append_event
+from fedbridge_client.events import STARTED, append_event
 from fedbridge_client.wire import WireError, recv_frame, send_frame
 from fedbridge_shared import protocol as P
 
@@ -30,7 +32,7 @@ WORKER_TIMEOUT = 6 * 3600.0  # seconds one task may take in the site's worker
 
 
 class SiteError(RuntimeError):
-    """What the server is told when a site fails: the reason with paths removed."""
+    """What the server is told when a site fails: ``{"error": CODE, "count": N}`` only."""
 
 
 def site_for(context: Context, site_paths: Sequence[str] | None) -> Site:
@@ -48,7 +50,10 @@ def site_for(context: Context, site_paths: Sequence[str] | None) -> Site:
     elif P.NODE_DATA_PATH in node:
         data, name = str(node[P.NODE_DATA_PATH]), str(node.get(P.NODE_SITE_NAME, "site"))
     else:
-        raise SiteError(f"this SuperNode has no node-config '{P.NODE_DATA_PATH}'")
+        raise P.SiteFailure(
+            f"this SuperNode has no node-config '{P.NODE_DATA_PATH}'",
+            code=P.SiteErrorCode.DATA_FOLDER,
+        )
     key = (data, name)
     if key not in _sites:
         from fedbridge_client.site import Site
@@ -57,40 +62,45 @@ def site_for(context: Context, site_paths: Sequence[str] | None) -> Site:
     return _sites[key]
 
 
-def _redact(text: str, paths: Sequence[str]) -> str:
-    for p in sorted({*paths, *(str(Path(x).resolve()) for x in paths)}, key=len, reverse=True):
-        text = text.replace(p, "<site data>")
-    return text
-
-
 def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_dir):
     def run(msg: Message, context: Context) -> Message:
         node = context.node_config
-        paths = list(site_paths or [str(node.get(P.NODE_DATA_PATH, ""))])
         audit = audit_dir or node.get(P.NODE_AUDIT_DIR)
         who = str(node.get(P.NODE_PARTITION_ID, context.node_id))
         events = node.get(P.NODE_EVENTS_FILE)
-        kind = "training" if msg.metadata.message_type == "train" else "evaluation"
-        round_ = _round_of(msg)
+        kind = {"train": "training", "evaluate": "evaluation"}.get(
+            msg.metadata.message_type.split(".")[0], "secure aggregation"
+        )
+        round_, rounds, labels = _round_of(msg), _rounds_of(msg), _labels_of(msg)
+        if events and msg.metadata.message_type in ("train", "evaluate", secure.TRAIN):
+            append_event(events, round_=round_, kind=kind, ok=True, detail=STARTED, rounds=rounds)
         try:
             worker = node.get(P.NODE_WORKER_SOCKET)
-            if worker and not site_paths:
+            if msg.metadata.message_type in secure.STAGES:
+                content = secure.STAGES[msg.metadata.message_type](msg, context)
+            elif worker and not site_paths:
                 content = _in_worker(str(worker), msg)
             else:
                 content = handler(site_for(context, site_paths), msg)
+            if msg.metadata.message_type == secure.TRAIN:
+                content = secure.mask_reply(content, msg, context)
             reply = Message(content=content, reply_to=msg)
         except Exception as e:
-            log.error("site failed: %s", e)  # local log keeps the full message
+            failure = P.as_failure(e)
+            log.error("site failed: %s", failure)  # the local log keeps the full message
             if events:
-                append_event(events, round_=round_, kind=kind, ok=False, detail=str(e))
-            error = SiteError(_redact(f"{type(e).__name__}: {e}", [p for p in paths if p]))
+                detail = f"{failure} [sent: {failure.code.value} {failure.count}]"
+                append_event(events, round_=round_, kind=kind, ok=False, detail=detail)
             if audit:
-                audit_error(audit, who, msg, str(error))
-            raise error from None
+                audit_error(audit, who, msg, failure.wire())
+            raise SiteError(failure.wire()) from None
         if audit:
             record(audit, who, reply)
         if events:
-            append_event(events, round_=round_, kind=kind, ok=True, detail=_summary(reply))
+            append_event(
+                events, round_=round_, kind=kind, ok=True, detail=_summary(reply), rounds=rounds,
+                metrics=_numbers(reply), labels=labels,
+            )  # fmt: skip
         return reply
 
     return run
@@ -101,6 +111,26 @@ def _round_of(msg: Message) -> int | None:
         return int(msg.content[P.CONFIG][P.SERVER_ROUND])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _rounds_of(msg: Message) -> int | None:
+    try:
+        return int(msg.content[P.CONFIG][P.NUM_ROUNDS])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _labels_of(msg: Message) -> list[str] | None:
+    """The task's label names (for the site console's per-class counts)."""
+    try:
+        return [str(x) for x in P.RoundTask.from_config(dict(msg.content[P.CONFIG])).spec["labels"]]
+    except Exception:  # a malformed task is refused by the handler with its own reason
+        return None
+
+
+def _numbers(reply: Message) -> dict[str, int | float]:
+    metrics = reply.content.metric_records.get(P.METRICS)
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, int | float)}
 
 
 def _summary(reply: Message) -> str:
@@ -115,7 +145,7 @@ def _summary(reply: Message) -> str:
 
 def _in_worker(path: str, msg: Message) -> RecordDict:
     """Run the task in the site's long-lived worker (see :mod:`fedbridge_client.worker`)."""
-    kind = msg.metadata.message_type
+    kind = msg.metadata.message_type.split(".")[0]  # train.secagg trains like train
     header = {"kind": kind, "config": dict(msg.content[P.CONFIG])}
     arrays = {P.WEIGHTS: _weights(msg)}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -123,16 +153,27 @@ def _in_worker(path: str, msg: Message) -> RecordDict:
         try:
             sock.connect(path)
         except OSError as e:
-            raise SiteError(
-                f"the site's worker is not running ({e.strerror}); restart `fedbridge site join`"
+            raise P.SiteFailure(
+                f"the site's worker is not running ({e.strerror}); restart `fedbridge site join`",
+                code=P.SiteErrorCode.WORKER_DOWN,
             ) from None
         try:
             send_frame(sock, header, arrays)
             answer, weights = recv_frame(sock)
         except (OSError, WireError) as e:
-            raise SiteError(f"the site's worker stopped during the task: {e}") from None
+            raise P.SiteFailure(
+                f"the site's worker stopped during the task: {e}", code=P.SiteErrorCode.WORKER_DOWN
+            ) from None
     if not answer.get("ok"):
-        raise SiteError(str(answer.get("error", "the site's worker failed")))
+        try:
+            code = P.SiteErrorCode(answer.get("error"))
+        except ValueError:
+            code = P.SiteErrorCode.INTERNAL
+        raise P.SiteFailure(
+            f"the site's worker refused the task: {code.value} (its log says why)",
+            code=code,
+            count=int(answer.get("count", 1)),
+        )
     content = {
         P.METRICS: MetricRecord(answer["metrics"]),
         P.SITE: ConfigRecord({P.SITE_NAME: str(answer["site"])}),
@@ -146,7 +187,10 @@ def _weights(msg: Message) -> np.ndarray:
     """The packed weights of a task (see :func:`fedbridge_shared.weights.pack`)."""
     record = msg.content[P.ARRAYS]
     if list(record.keys()) != [P.WEIGHTS]:
-        raise SiteError(f"the server sent arrays {list(record)[:3]}, not one packed {P.WEIGHTS!r}")
+        raise P.SiteFailure(
+            f"the server sent arrays {list(record)[:3]}, not one packed {P.WEIGHTS!r}",
+            code=P.SiteErrorCode.BAD_TASK,
+        )
     return record[P.WEIGHTS].numpy()
 
 
@@ -187,6 +231,9 @@ def make_client_app(
     app = ClientApp(mods=list(mods))
     app.train()(_guarded(_train, site_paths, audit_dir))
     app.evaluate()(_guarded(_evaluate, site_paths, audit_dir))
+    app.train("secagg")(_guarded(_train, site_paths, audit_dir))
+    for kind in secure.QUERIES:
+        app.query(kind)(_guarded(_evaluate, site_paths, audit_dir))  # routed to secure.STAGES
     return app
 
 

@@ -7,13 +7,15 @@ The site's images stay where they are; the SuperNode runs the fedbridge ClientAp
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +80,11 @@ class SiteNode:
         return usable_index(self.data).counts()  # raises DataError naming the folder
 
     def node_config(self) -> str:
-        items = {P.NODE_DATA_PATH: str(self.data.resolve()), P.NODE_SITE_NAME: self.name}
+        """The SuperNode's node-config; with a worker (``join``) the data folder is not in it:
+        only the worker, installed fedbridge code, knows where the images are."""
+        items = {P.NODE_SITE_NAME: self.name}
+        if self.worker_socket is None:
+            items[P.NODE_DATA_PATH] = str(self.data.resolve())
         if self.audit_dir is not None:
             items[P.NODE_AUDIT_DIR] = str(self.audit_dir.resolve())
         if self.events is not None:
@@ -144,6 +150,15 @@ def join(node: SiteNode, log: Path, console: Console, admit_timeout: float = 600
     counts = node.check()
     mode = "INSECURE (no TLS)" if node.insecure else "TLS + key authentication"
     console.print(f"site {node.name}: {node.data} → {node.superlink} ({mode}); log {log}")
+    console.print(
+        "this site runs only fedbridge's own app (installed code); any other app is refused "
+        "and recorded"
+    )
+    if node.ca is not None and not node.insecure:
+        console.print(
+            f"CA SHA-256 fingerprint: {pki.fingerprint(node.ca)} (compare it with the one the "
+            "coordinator reads you over a second channel)"
+        )
     if counts:
         console.print("images per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if node.events is None:
@@ -212,6 +227,7 @@ def _worker(node: SiteNode, log: Path, console: Console) -> Iterator[_SiteWorker
     folder = Path(tempfile.mkdtemp(prefix="fedbridge-site-"))
     worker = _SiteWorker(node, log.with_name(log.stem + "-worker.log"), console, folder / "w.sock")
     node.worker_socket = worker.socket
+    _guard_shim(folder / "bin")
     try:
         worker.start()
         console.print(f"site worker ready (PID {worker.proc.pid}); log {worker.log}")
@@ -219,6 +235,22 @@ def _worker(node: SiteNode, log: Path, console: Console) -> Iterator[_SiteWorker
     finally:
         worker.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _guard_shim(bindir: Path) -> None:
+    """``bindir/flwr-clientapp``: :mod:`fedbridge_client.guard` under the name the SuperNode
+    starts for each message, so only fedbridge's installed ClientApp runs at this site."""
+    bindir.mkdir(mode=0o700)
+    shim = bindir / "flwr-clientapp"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fedbridge_client.guard "$@"\n')
+    shim.chmod(0o700)
+
+
+def _supernode_env(node: SiteNode) -> dict[str, str]:
+    env = tool_env()
+    if node.worker_socket is not None:  # the guard first on PATH (see _guard_shim)
+        env["PATH"] = os.pathsep.join([str(node.worker_socket.parent / "bin"), env["PATH"]])
+    return env
 
 
 def _stop_strays(events: Path, console: Console) -> None:
@@ -240,9 +272,14 @@ def _serve(
         while True:
             offset = log.stat().st_size if log.exists() else 0
             node.max_wait = max(1.0, deadline - time.monotonic())
-            proc = spawn(node.command(), log, tool_env())
+            proc = spawn(node.command(), log, _supernode_env(node))
+            console.print(
+                f"waiting for the coordinator at {node.superlink} "
+                f"(admission tried for up to {node.max_wait:.0f} s)",
+                highlight=False,
+            )
             try:
-                rc = _wait(proc, worker)
+                rc = _wait(proc, worker, functools.partial(_admitted, log, offset, console))
             finally:
                 stop([proc])  # children (flower-superexec) outlive the SuperNode
             text = _log_since(log, offset)
@@ -271,12 +308,27 @@ def _serve(
             time.sleep(_RETRY_SECONDS)
 
 
-def _wait(proc: subprocess.Popen, worker: _SiteWorker) -> int:
-    """The SuperNode's exit code; the site worker is restarted meanwhile if it dies."""
+def _wait(proc: subprocess.Popen, worker: _SiteWorker, admitted: Callable[[], bool]) -> int:
+    """The SuperNode's exit code; the site worker is restarted meanwhile if it dies, and the
+    admission is announced once (``admitted()`` true once it was printed)."""
+    said = False
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
             return proc.wait(timeout=2.0)
         worker.keep_alive()
+        said = said or admitted()
+
+
+def _admitted(log: Path, offset: int, console: Console) -> bool:
+    """Print "admitted" once the SuperNode's log (since ``offset``) shows the SuperLink took
+    it in (Flower logs the node id then); true once printed."""
+    found = re.search(r"SuperNode ID: (\d+)", _log_since(log, offset))
+    if found:
+        console.print(
+            f"admitted by the coordinator (node {found.group(1)}); waiting for a run",
+            highlight=False,
+        )
+    return found is not None
 
 
 def _last_line(text: str) -> str:

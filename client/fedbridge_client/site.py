@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedbridge_client import dp_sgd
 from fedbridge_shared.data.samples import check_labels
 from fedbridge_shared.data.split import assign_parts
-from fedbridge_shared.data.tensors import load_images, make_loader
+from fedbridge_shared.data.tensors import load_resized, make_loader
 from fedbridge_shared.engine import (
     CosineSchedule,
     fit,
@@ -20,7 +21,14 @@ from fedbridge_shared.engine import (
 )
 from fedbridge_shared.errors import DataError
 from fedbridge_shared.models import build_model
-from fedbridge_shared.protocol import EvalReply, LocalSettings, RoundTask, TrainReply
+from fedbridge_shared.protocol import (
+    EvalReply,
+    LocalSettings,
+    RoundTask,
+    SiteErrorCode,
+    SiteFailure,
+    TrainReply,
+)
 from fedbridge_shared.spec import ModelSpec
 from fedbridge_shared.training import resolve_device, usable_index
 from fedbridge_shared.weights import load_shared_state, shared_state
@@ -31,12 +39,22 @@ class Site:
 
     def __init__(self, data: Path, name: str) -> None:
         self.data, self.name = Path(data), name
-        self.index = usable_index(self.data)
+        try:
+            self.index = usable_index(self.data)
+        except DataError as e:
+            empty = "empty class folder" in str(e)
+            code = SiteErrorCode.EMPTY_CLASS_FOLDER if empty else SiteErrorCode.DATA_FOLDER
+            raise SiteFailure(str(e), code=code) from None
         self._cache: dict[tuple, tuple] = {}
+        self._patients: dict[tuple, list[str]] = {}
 
     def check_labels(self, spec: ModelSpec) -> None:
-        """Refuse, before any training, class folders that differ from the model's labels."""
-        check_labels(self.index, spec.labels, where=f"site {self.name}", exact=True)
+        """Refuse, before any training, class folders the model does not know. A site that
+        lacks some of the model's classes takes part with what it has (zero counts)."""
+        try:
+            check_labels(self.index, spec.labels, where=f"site {self.name}")
+        except DataError as e:
+            raise SiteFailure(str(e), code=SiteErrorCode.LABELS_DIFFER) from None
 
     def _parts(self, spec: ModelSpec, settings: LocalSettings):
         """Decoded train/val images and targets, cached per input size and split settings."""
@@ -47,10 +65,16 @@ class Site:
             parts = assign_parts(self.index.samples, weights, settings.seed)
             target = {label: i for i, label in enumerate(spec.labels)}
             self._cache[key] = tuple(
-                (load_images(parts[p], spec.image_size), [target[s.label] for s in parts[p]])
+                (_decode(parts[p], spec.image_size), [target[s.label] for s in parts[p]])
                 for p in ("train", "val")
             )
+            self._patients[key] = [s.patient_id for s in parts["train"]]
         return self._cache[key]
+
+    def train_patients(self, spec: ModelSpec, settings: LocalSettings) -> list[str]:
+        """The patient id of each training image (MANIFEST.csv / split.csv; else the file)."""
+        self._parts(spec, settings)
+        return self._patients[(spec.image_size, spec.labels, settings.val_fraction, settings.seed)]
 
     def _seed(self, settings: LocalSettings, server_round: int) -> int:
         return zlib.crc32(f"{settings.seed}/{server_round}/{self.name}".encode())
@@ -67,7 +91,7 @@ class Site:
         spec, settings = ModelSpec.from_dict(task.spec), task.settings
         (images, targets), _ = self._parts(spec, settings)
         if not images:
-            raise DataError(f"site {self.name}: no training images")
+            raise SiteFailure(f"site {self.name}: no training images", code=SiteErrorCode.NO_IMAGES)
         seed = self._seed(settings, task.server_round)
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
@@ -88,6 +112,15 @@ class Site:
             shuffle_seed=seed,
             balanced=settings.balanced,
         )
+        private = None
+        if task.dp is not None:  # record-level DP-SGD: Poisson-sampled patients (dp_sgd.py)
+            groups = dp_sgd.item_groups(self.train_patients(spec, settings), loader.dataset.copies)
+            plan = dp_sgd.plan(
+                task.dp, patients=len(groups), batch_size=settings.batch_size,
+                local_epochs=settings.local_epochs, rounds=max(task.num_rounds, task.server_round),
+            )  # fmt: skip
+            loader = dp_sgd.patient_loader(loader.dataset, groups, plan)
+            private = dp_sgd.DPSGD(plan)
         per_round = settings.local_epochs * len(loader)
         done = task.server_round - 1
         result = fit(
@@ -105,14 +138,24 @@ class Site:
             epoch_offset=done * settings.local_epochs,
             penalty=proximal_penalty(model, settings.proximal_mu) if settings.proximal_mu else None,
             ema_decay=settings.ema_decay,
+            privacy=private,
         )
         last = result.history[-1]
+        spent = {}
+        if private is not None:  # ε after every round so far (an upper bound if one was missed)
+            steps = task.server_round * settings.local_epochs * private.plan.steps_per_epoch
+            spent = {
+                "epsilon": private.plan.epsilon(steps),
+                "noise_multiplier": private.plan.noise_multiplier,
+                "dp_patients": private.plan.patients,
+            }
         reply = TrainReply(
             num_examples=len(images),
             train_loss=last["train_loss"],
             train_accuracy=last["train_accuracy"],
             seconds=sum(row["seconds"] for row in result.history),
             class_counts=_class_counts(targets, len(spec.labels)),
+            **spent,
         )
         return shared_state(model), reply
 
@@ -138,6 +181,20 @@ class Site:
             class_counts=_class_counts(targets, k),
             class_correct=_class_counts(y[right], k),
         )
+
+
+def _decode(samples, size: int) -> list[np.ndarray]:
+    """Every image decoded; the files that cannot be are counted (the names stay here)."""
+    images, bad = [], []
+    for s in samples:
+        try:
+            images.append(load_resized(s.path, size))
+        except DataError as e:
+            bad.append(str(e))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise SiteFailure(bad[0] + more, code=SiteErrorCode.UNREADABLE_IMAGES, count=len(bad))
+    return images
 
 
 def _class_counts(targets: list[int] | np.ndarray, n_labels: int) -> tuple[int, ...]:

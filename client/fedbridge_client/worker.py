@@ -45,13 +45,15 @@ class Worker:
         return self.site
 
     def handle(self, header: dict, arrays: dict) -> tuple[dict, dict]:
-        from fedbridge_shared.protocol import WEIGHTS, RoundTask
+        """Answer one task of fedbridge's closed schema; anything else is refused."""
+        from fedbridge_shared.protocol import WEIGHTS, RoundTask, task_problem
         from fedbridge_shared.weights import pack
 
+        problem = task_problem(header, list(arrays))
+        if problem is not None:
+            raise WireError(f"refused a task outside fedbridge's schema: {problem}")
         site = self._current_site()
         task = RoundTask.from_config(header["config"])
-        if list(arrays) != [WEIGHTS]:
-            raise WireError(f"expected one packed array {WEIGHTS!r}, got {list(arrays)[:3]}")
         state = arrays[WEIGHTS]
         if header.get("kind") == "train":
             new_state, reply = site.train(task, state)
@@ -82,13 +84,23 @@ class Worker:
             return
         try:
             reply, weights = self.handle(header, arrays)
-        except Exception as e:  # the ClientApp reports it to the server, paths removed
-            log.error("task failed: %s: %s", type(e).__name__, e)
-            reply, weights = {"ok": False, "error": f"{type(e).__name__}: {e}"}, {}
+        except Exception as e:  # the server is told a code and a count; the text stays here
+            failure = _failure(e)
+            log.error("task failed (%s): %s", failure.code.value, failure)
+            reply = {"ok": False, "error": failure.code.value, "count": failure.count}
+            weights = {}
         try:
             send_frame(conn, reply, weights)
         except OSError as e:  # the ClientApp was stopped (run ended); the next task will come
             log.warning("could not deliver a reply: %s", e)
+
+
+def _failure(e: BaseException):
+    from fedbridge_shared.protocol import SiteErrorCode, SiteFailure, as_failure
+
+    if isinstance(e, WireError):
+        return SiteFailure(str(e), code=SiteErrorCode.BAD_TASK)
+    return as_failure(e)
 
 
 def _fingerprint(folder: Path) -> frozenset[tuple[str, int, int]]:

@@ -19,9 +19,11 @@ retention the listener's own files of delivered results are deleted after that m
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
+import math
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import (
     ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
@@ -46,9 +48,17 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from fedbridge_edge import dicom_out, laterality
+from fedbridge_edge import dicom_guard, dicom_out, laterality
+from fedbridge_edge.dicom_guard import Bounds
 from fedbridge_edge.errors import EdgeError
-from fedbridge_edge.outbox import FILE_MODE, Outbox, Unreachable, fsync_dir, private_write
+from fedbridge_edge.outbox import (
+    FILE_MODE,
+    Outbox,
+    Unreachable,
+    fsync_dir,
+    private_dir,
+    private_write,
+)
 from fedbridge_edge.runtime import Prediction, Predictor, write_prediction
 from fedbridge_shared.data.images import dicom_to_grey
 from fedbridge_shared.errors import FedbridgeError
@@ -79,6 +89,15 @@ SOP_CLASS_MISMATCH = 0xA900  # Data Set does not match SOP Class
 DEFAULT_TIMEOUT = 10.0
 RESULT_SUFFIXES = (".dcm", ".sc.dcm", ".sr.dcm", ".overlay.png", ".json")  # what _store writes
 SWEEP_EVERY = 3600.0  # seconds between retention sweeps
+DEFAULT_MAX_PIXELS = 40_000_000  # rows × columns × frames, checked from the header
+HEADER_SLACK = 16 << 20  # bytes of a dataset beyond its pixels (header, private tags)
+DECODE_SIDE = 2048  # larger native images are subsampled while decoding (outputs are ≤ 2048)
+INCOMING = ".incoming"  # datasets stream here while they arrive (under --out, private)
+
+
+def max_dataset_bytes(max_pixels: int) -> int:
+    """The bytes one dataset may take on the wire: 16-bit pixels at the limit plus a header."""
+    return 2 * max_pixels + HEADER_SLACK
 
 
 class Refused(EdgeError):
@@ -241,10 +260,17 @@ class Listener:
         retention_days: float | None = None,
         max_delay: float | None = None,
         status_every: float | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        bounds: Bounds | None = None,
     ) -> None:
         self.predictor, self.out = predictor, Path(out)
         self.ae_title = check_ae_title(ae_title, option="--ae-title")
         self.timeout = timeout
+        self.max_pixels = max_pixels
+        self.bounds = bounds or Bounds(timeout=timeout, max_bytes=max_dataset_bytes(max_pixels))
+        self.decoding = threading.Semaphore(1)  # one decoded image in memory at a time
+        self.incoming = self.out / INCOMING
+        self.receiving: set[Path] = set()  # datasets whose handler runs now
         self.forward = forward
         self.retention_days = retention_days
         self.lock = threading.Lock()  # one inference at a time (TensorRT contexts)
@@ -269,12 +295,15 @@ class Listener:
         for sop in STORAGE:
             ae.add_supported_context(sop, syntaxes)
         ae.add_supported_context(Verification)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        ae.maximum_associations = 8
+        # each dataset streams to a private file under --out while it arrives, never into memory
+        shutil.rmtree(self.incoming, ignore_errors=True)  # what a killed run was receiving
+        private_dir(self.incoming)
+        self._saved = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET)
+        tempfile.tempdir = str(self.incoming)  # where pynetdicom's NamedTemporaryFile writes
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_CONN_CLOSE, self._closed)]
         try:
-            self.server = ae.start_server(
-                (host, port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.handle_store)]
-            )
+            self.server = dicom_guard.start(ae, (host, port), bounds=self.bounds, handlers=handlers)
         except OSError as e:
             raise EdgeError(
                 f"--host {host} --port {port}: cannot listen there ({e.strerror or e})"
@@ -296,23 +325,46 @@ class Listener:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+            tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET = self._saved
+            with contextlib.suppress(OSError):
+                self.incoming.rmdir()  # only when empty
         if self.outbox is not None:
             self.outbox.close(timeout=3 * self.timeout)
         if self.sweeper is not None:
             self.sweeper.join(self.timeout)
 
     def handle_store(self, event: Any) -> int:
-        """EVT_C_STORE: a status for the modality; never raises."""
+        """EVT_C_STORE: a status for the modality; never raises. The dataset arrived as a file
+        (``event.dataset_path``); nothing of a refused or failed store stays under --out."""
+        sock = dicom_guard.guarded(event.assoc)
+        if sock is not None:
+            sock.received = 0  # the next dataset's bytes count from here
         try:
-            data = event.encoded_dataset()  # the bytes as received, with file meta
-            ds = pydicom.dcmread(io.BytesIO(data))  # the one parse
+            path = Path(event.dataset_path)
+        except Exception as e:
+            log.error("refused a dataset: cannot read it (%s)", _line(e))
+            return CANNOT_DECODE
+        self.receiving.add(path)
+        try:
+            return self._handle(path, event)
+        finally:
+            self.receiving.discard(path)
+            # the time spent here (decode, inference) is not the peer's silence: restart
+            # pynetdicom's network idle timer, or a slow image aborts the modality's release
+            timer = getattr(getattr(event.assoc, "dul", None), "_idle_timer", None)
+            if timer is not None:
+                timer.restart()
+
+    def _handle(self, path: Path, event: Any) -> int:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
             context = str(event.context.abstract_syntax)
-            name = f"{event.assoc.requestor.ae_title}:{ds.get('SOPInstanceUID', '?')}"
+            name = f"{event.assoc.requestor.ae_title}:{header.get('SOPInstanceUID', '?')}"
         except Exception as e:
             log.error("refused a dataset: cannot decode it (%s)", _line(e))
             return CANNOT_DECODE
         try:
-            self._store(ds, data, context, name)
+            self._store(path, header, context, name)
         except Refused as e:
             log.error("refused %s", _line(e))
             return e.status
@@ -322,15 +374,57 @@ class Listener:
         except OSError as e:
             log.error("refused %s: cannot write results in %s (%s)", name, self.out, _line(e))
             return OUT_OF_RESOURCES
+        except MemoryError:
+            log.error("refused %s: out of memory while decoding it", name)
+            return OUT_OF_RESOURCES
         except Exception as e:  # a bug must not cost the modality its reply
             log.error("refused %s: internal error (%s: %s)", name, type(e).__name__, _line(e))
             return INTERNAL
         return SUCCESS
 
-    def _store(self, ds: Dataset, data: bytes, context: str, name: str) -> None:
-        check_original(ds, context, name=name)
-        dicom_out.check_source(ds, name=name)
-        grey = dicom_to_grey(ds, name)
+    def _closed(self, event: Any) -> None:
+        """EVT_CONN_CLOSE: remove what an association cut while receiving left in .incoming:
+        its dataset in progress, and anything stale."""
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if partial is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                partial.close()
+                if Path(partial.name) not in self.receiving:
+                    Path(partial.name).unlink()
+        cutoff = time.time() - 2 * self.bounds.timeout
+        with contextlib.suppress(OSError):
+            for stale in self.incoming.iterdir():
+                with contextlib.suppress(OSError):
+                    if stale not in self.receiving and stale.stat().st_mtime < cutoff:
+                        stale.unlink()
+
+    def check_pixels(self, header: Dataset, name: str) -> None:
+        """Refuse an image over --max-pixels from its header, before decoding anything."""
+        try:
+            rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+            frames = int(header.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError) as e:
+            raise Refused(f"{name}: unreadable Rows/Columns/NumberOfFrames ({_line(e)})",
+                          CANNOT_UNDERSTAND) from e  # fmt: skip
+        if rows * cols * max(frames, 1) > self.max_pixels:
+            raise Refused(f"{name}: {cols}x{rows} px × {frames} frame(s) is over the "
+                          f"{self.max_pixels:,} pixel limit (--max-pixels); not decoded",
+                          CANNOT_UNDERSTAND)  # fmt: skip
+
+    def decode(self, path: Path, name: str) -> tuple[Any, Dataset]:
+        """The greyscale image of the dataset at ``path`` (and the dataset), under the
+        one-decode budget."""
+        with self.decoding:
+            ds = pydicom.dcmread(path)
+            return lean_grey(ds, name), ds
+
+    def _store(self, path: Path, header: Dataset, context: str, name: str) -> None:
+        check_original(header, context, name=name)
+        dicom_out.check_source(header, name=name)
+        self.check_pixels(header, name)
+        grey, ds = self.decode(path, name)
+        del ds.PixelData  # the decoded image is all that is needed from here
         markers = laterality.markers_from_dataset(ds)
         with self.lock:
             pred = self.predictor.predict_array(grey, name, markers=markers)
@@ -338,16 +432,29 @@ class Listener:
         sc_bytes, sr_bytes = dicom_out.encode(sc), dicom_out.encode(sr)
         study, stem = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         folder = self.out / study
+        names = [folder / f"{stem}{suffix}" for suffix in RESULT_SUFFIXES]
         with self.files_lock:
             self._check_same_patient(folder / f"{stem}.dcm", ds, name)
-            private_write(folder / f"{stem}.dcm", data)  # durable before Success
-            sc_path = private_write(folder / f"{stem}.sc.dcm", sc_bytes)
-            sr_path = private_write(folder / f"{stem}.sr.dcm", sr_bytes)
-            if self.outbox is not None:
-                self.outbox.put(Outbox.key(study, stem), [sc_path, sr_path], name)
-            for path in write_prediction(pred, folder, stem)[::-1]:  # the JSON last
+            try:
+                private_dir(folder)
                 os.chmod(path, FILE_MODE)
-            fsync_dir(folder)
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(path, folder / f"{stem}.dcm")  # the input as received, durable first
+                sc_path = private_write(folder / f"{stem}.sc.dcm", sc_bytes)
+                sr_path = private_write(folder / f"{stem}.sr.dcm", sr_bytes)
+                for written in write_prediction(pred, folder, stem)[::-1]:  # the JSON last
+                    os.chmod(written, FILE_MODE)
+                fsync_dir(folder)
+                if self.outbox is not None:
+                    self.outbox.put(Outbox.key(study, stem), [sc_path, sr_path], name)
+            except OSError:  # a full disk, say: none of this object's files stay
+                for done in names:
+                    with contextlib.suppress(OSError):
+                        done.unlink()
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+                raise
         log.info("%s: %s", name, pred.record.summary())
 
     @staticmethod
@@ -442,6 +549,42 @@ class Listener:
             except Exception as e:  # a sweep must never end the listener
                 log.error("retention sweep: %s: %s", type(e).__name__, _line(e))
             self.stopping.wait(SWEEP_EVERY)
+
+
+def lean_grey(ds: Dataset, name: str, side: int = DECODE_SIDE) -> Any:
+    """``dicom_to_grey`` of ``ds``; a native (uncompressed) single-frame monochrome image larger
+    than ``side`` is subsampled by a whole step from its pixel bytes first (no copy of the full
+    image: the pixel transforms are per pixel, the outputs at most 2048 px), so a 7000 × 7000
+    16-bit DX costs its bytes once, not five float64 copies."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    native = syntax is not None and not syntax.is_compressed and not syntax.is_deflated
+    plain = (
+        int(ds.get("SamplesPerPixel", 1) or 1) == 1
+        and int(ds.get("NumberOfFrames", 1) or 1) == 1
+        and bits in (8, 16)
+        and str(ds.get("PhotometricInterpretation", "")).upper() in ("MONOCHROME1", "MONOCHROME2")
+    )
+    if not (native and plain and max(rows, cols) > side and "PixelData" in ds):
+        return dicom_to_grey(ds, name)
+    import numpy as np
+
+    raw = ds.PixelData
+    if len(raw) < rows * cols * bits // 8:
+        return dicom_to_grey(ds, name)  # the decoder names what is wrong
+    step = math.ceil(max(rows, cols) / side)
+    kind = "i" if int(ds.get("PixelRepresentation", 0) or 0) else "u"
+    order = "<" if syntax.is_little_endian else ">"
+    pixels = np.frombuffer(raw, dtype=f"{order}{kind}{bits // 8}", count=rows * cols)
+    small = pixels.reshape(rows, cols)[::step, ::step].astype(f"<{kind}{bits // 8}")
+    del raw, pixels
+    ds.PixelData = small.tobytes()
+    ds.Rows, ds.Columns = small.shape
+    if order == ">":
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return dicom_to_grey(ds, name)
 
 
 def results(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import onnx
 
 from fedbridge_edge.errors import EdgeError, IntegrityError
+from fedbridge_shared.files import max_model_bytes, read_regular
 
 FORMAT = "fedbridge-onnx/1"
 KEY_FORMAT = "fedbridge.format"
@@ -78,8 +80,8 @@ def seal(model: onnx.ModelProto, record: dict[str, Any], edge: dict[str, Any]) -
 def read_edge_model(path: Path) -> EdgeModel:
     """Read and verify an edge ONNX file; refuses files without metadata or with a bad hash."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
+    try:  # a FIFO, /dev/zero or an oversized file is refused before anything is read
+        data = read_regular(path, limit=max_model_bytes())
     except OSError as e:
         raise EdgeError(f"{path}: cannot read model file ({e.strerror or e})") from e
     return parse_edge_model(data, path)
@@ -110,4 +112,47 @@ def parse_edge_model(data: bytes, path: Path) -> EdgeModel:
         record["spec"]["labels"], record["spec"]["image_size"]  # noqa: B018
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise EdgeError(f"{path}: fedbridge metadata is malformed ({e!r})") from e
+    check_graph(model, record, edge, path)
     return EdgeModel(path=path, data=data, sha256=digest, record=record, edge=edge)
+
+
+def _dims(value: Any) -> list[int | None]:
+    return [
+        d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
+    ]
+
+
+def check_graph(model: onnx.ModelProto, record: dict[str, Any], edge: dict[str, Any],
+                path: Path) -> None:  # fmt: skip
+    """The graph must be the one its embedded record describes: one input ``input`` of shape
+    (N, in_chans, image_size, image_size), outputs ``logits`` (N, labels), ``cam``,
+    ``ood_score``, and a finite OOD threshold. One EdgeError line naming the first mismatch."""
+    spec = record.get("spec") or {}
+    labels, size = spec.get("labels") or [], spec.get("image_size")
+    chans = spec.get("in_chans", 3)
+    initialisers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initialisers]
+    outputs = {o.name: o for o in model.graph.output}
+
+    def refuse(what: str) -> None:
+        raise EdgeError(f"{path}: the graph does not match its embedded record: {what}")
+
+    if [i.name for i in inputs] != ["input"]:
+        refuse(f"inputs {[i.name for i in inputs]}, expected ['input']")
+    shape = _dims(inputs[0])
+    if len(shape) != 4:
+        refuse(f"input has {len(shape)} dimensions, expected 4 (N, C, H, W)")
+    expected = [chans, size, size]
+    for axis, (got, want) in enumerate(zip(shape[1:], expected, strict=True), start=1):
+        if got is not None and got != want:
+            refuse(f"input dimension {axis} is {got}, the record says {want} "
+                   f"(in_chans {chans}, image_size {size})")  # fmt: skip
+    missing = [name for name in OUTPUTS if name not in outputs]
+    if missing:
+        refuse(f"no output named {', '.join(missing)} (outputs: {sorted(outputs)})")
+    logits = _dims(outputs["logits"])
+    if logits and logits[-1] is not None and logits[-1] != len(labels):
+        refuse(f"logits has {logits[-1]} classes, the record lists {len(labels)} labels")
+    threshold = (edge.get("ood") or {}).get("threshold")
+    if not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        refuse(f"OOD threshold {threshold!r} is not a finite number")

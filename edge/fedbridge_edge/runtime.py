@@ -328,14 +328,3 @@ def write_prediction(pred: Prediction, out: Path, stem: str) -> tuple[Path, Path
     record = {**pred.to_json(), "overlay": png.name}
     js = atomic_write(out / f"{stem}.json", (json.dumps(record, indent=2) + "\n").encode())
     return js, png
-
-
-def unique_stems(paths: list[Path]) -> list[str]:
-    """Output names: the file stem, with ``-2``, ``-3``… for repeated stems."""
-    seen: dict[str, int] = {}
-    stems = []
-    for p in paths:
-        base = p.stem or "image"
-        seen[base] = seen.get(base, 0) + 1
-        stems.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
-    return stems

@@ -85,6 +85,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_FILES = 16
 BACKLOG = 2048
 MAX_HEADER_BYTES = 16 << 10
+MAX_NAME = 1024  # characters of an upload's file name
 OVERLAYS = ("none", "png", "dicom")
 RAW_TYPES = (
     "",
@@ -299,7 +300,31 @@ class _Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._reader_arrived()
         super().connection_lost(exc)
+
+    # a send timeout: a client that stops reading a reply is cut, its buffered reply dropped
+    _send_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.header_timeout, self._slow_reader)
+
+    def resume_writing(self) -> None:
+        self._reader_arrived()
+        super().resume_writing()
+
+    def _reader_arrived(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _slow_reader(self) -> None:
+        self._send_timer = None
+        log.info("cut a client that read nothing of its reply for %g s (--timeout)",
+                 self.header_timeout)  # fmt: skip
+        self.transport.abort()  # frees the unsent reply now
 
     def _arm(self) -> None:
         if self._header_timer is None and not self.transport.is_closing():
@@ -387,10 +412,18 @@ class Api:
                 )
             except HTTPException as e:  # starlette's multipart refusals
                 raise ApiError(400, f"multipart body refused: {e.detail}") from e
+            except (ApiError, ClientDisconnect):
+                raise
+            except Exception as e:  # noqa: BLE001 - a malformed part (no headers, say): 400
+                raise ApiError(400, f"malformed multipart body ({type(e).__name__})") from None
             files = []
             for _, value in form.multi_items():
                 if hasattr(value, "read"):
-                    files.append((value.filename or "upload", await value.read()))
+                    name = value.filename or "upload"
+                    if len(name) > MAX_NAME:
+                        raise ApiError(400, f"a file name of {len(name)} characters; at most "
+                                       f"{MAX_NAME}")  # fmt: skip
+                    files.append((name, await value.read()))
                     await value.close()
             if not files:
                 raise ApiError(400, "multipart body has no file part (send field 'file')")

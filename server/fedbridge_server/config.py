@@ -7,38 +7,73 @@ values of the wrong type are refused with an error that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
-from fedbridge_shared.protocol import LocalSettings, kebab
+from fedbridge_shared.protocol import LocalSettings, RecordDP, kebab
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
+MAX_SECONDS = 7 * 24 * 3600.0  # the longest wait any timeout may ask for
 INLINE = {"inline": True}
 """Field metadata: the sub-config's keys sit at the top level of the flat run config."""
 
+
+DP_MAX_NOISE = 1e3  # σ beyond this drowns any update; Opacus' search tops out near it
+DP_MIN_EPSILON, DP_MAX_EPSILON = 0.05, 1e3
+DP_LEVELS = ("site", "record")
 
 _HINTS = {
     "intensity": ": one of none, clahe (empty: the bridge bundle's)",
     "min-train-sites": ": the quorum must be between 1 and min-available-sites",
     "min-evaluate-sites": ": must be between 0 and min-available-sites",
-    "dp.enabled": ": differential privacy works with fedavg or fedprox, not fedadam or fedavgm",
+    "dp.noise-multiplier": f": 0 (derive it from dp.target-epsilon) up to {1e3:g}",
+    "dp.target-epsilon": f": between {0.05:g} and {1e3:g}",
+    "dp.enabled": ": site-level differential privacy works with fedavg or fedprox, not fedadam or "
+    "fedavgm",
+    "dp.level": ": site (the coordinator noises each site's update; large federations) or record "
+    "(DP-SGD per patient at each site)",
+    "dp.max-grad-norm": ": the per-patient gradient clip of DP-SGD, > 0 and ≤ 100",
+    "proximal-mu": ": dp.level=record works with fedavg, fedadam or fedavgm: DP-SGD clips "
+    "per-patient gradients, which FedProx's term is not",
+    "balanced": ": dp.level=record samples patients uniformly (Poisson): set balanced=false",
+    "secure-aggregation": ": needs fedavg or fedprox, min-train-sites ≥ 2, fraction-train 1 and no "
+    "site-level dp.enabled (it clips each site's update, which the coordinator no longer sees; "
+    "dp.level=record works with it)",
+    "secure-aggregation-clip": ": the largest |weight change| a site's update may carry, > 0 "
+    "and ≤ 1000",
 }
 
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Central differential privacy: clip each site's update, add Gaussian noise to the sum."""
+    """Differential privacy. ``level = site``: the coordinator clips each site's update and adds
+    Gaussian noise to the sum (privacy of a whole site; for large federations). ``level =
+    record``: every site runs DP-SGD (Opacus) with one patient as the record."""
 
     enabled: bool = False
+    level: str = "site"
     clipping_norm: float = 1.0
-    """L2 bound of one site's update (its trainable weights minus the global ones)."""
+    """Site level: L2 bound of one site's update (its trainable weights minus the global ones)."""
+    max_grad_norm: float = 1.0
+    """Record level: L2 bound of one patient's gradient in a DP-SGD step."""
     noise_multiplier: float = 0.0
-    """σ: noise std = σ·clipping-norm / sites. 0: the smallest σ that reaches target-epsilon."""
+    """σ (site level: noise std = σ·clipping-norm / sites; record level: σ·max-grad-norm per
+    step). 0: the smallest σ that reaches target-epsilon (record level: at each site)."""
     target_epsilon: float = 8.0
     delta: float = 1e-5
+
+    @property
+    def site_level(self) -> bool:
+        return self.enabled and self.level == "site"
+
+    @property
+    def record_level(self) -> bool:
+        return self.enabled and self.level == "record"
 
 
 @dataclass(frozen=True)
@@ -94,6 +129,10 @@ class FederationConfig:
     fedadam: FedAdamConfig = field(default_factory=FedAdamConfig)
     fedavgm: FedAvgMConfig = field(default_factory=FedAvgMConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    secure_aggregation: bool = False
+    """The coordinator sees only the sum of the sites' updates (``server.secagg``)."""
+    secure_aggregation_clip: float = 8.0
+    """Per-weight range ±clip of an update under secure aggregation (fixed-point quantised)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -105,16 +144,33 @@ class FederationConfig:
             "min-available-sites": self.min_available_sites >= 1,
             "min-train-sites": 1 <= self.min_train_sites <= self.min_available_sites,
             "min-evaluate-sites": 0 <= self.min_evaluate_sites <= self.min_available_sites,
-            "join-timeout": self.join_timeout > 0,
-            "site-wait-timeout": self.site_wait_timeout > 0,
-            "round-timeout": self.round_timeout > 0,
-            "dp.clipping-norm": self.dp.clipping_norm > 0,
-            "dp.noise-multiplier": self.dp.noise_multiplier >= 0,
-            "dp.target-epsilon": self.dp.target_epsilon > 0,
+            "join-timeout": 0 < self.join_timeout <= MAX_SECONDS,
+            "site-wait-timeout": 0 < self.site_wait_timeout <= MAX_SECONDS,
+            "round-timeout": 0 < self.round_timeout <= MAX_SECONDS,
+            "dp.clipping-norm": 0 < self.dp.clipping_norm <= 1e6,
+            "dp.noise-multiplier": 0 <= self.dp.noise_multiplier <= DP_MAX_NOISE,
+            "dp.target-epsilon": DP_MIN_EPSILON <= self.dp.target_epsilon <= DP_MAX_EPSILON,
             "dp.delta": 0 < self.dp.delta < 1,
+            "fedadam.eta": 0 < self.fedadam.eta <= 10,
+            "fedadam.eta-l": 0 < self.fedadam.eta_l <= 10,
+            "fedadam.beta-1": 0 <= self.fedadam.beta_1 < 1,
+            "fedadam.beta-2": 0 <= self.fedadam.beta_2 < 1,
+            "fedadam.tau": 0 < self.fedadam.tau <= 1,
             "fedavgm.server-lr": 0 < self.fedavgm.server_lr <= 10,
             "fedavgm.momentum": 0 <= self.fedavgm.momentum < 1,
-            "dp.enabled": not (self.dp.enabled and self.strategy in ("fedadam", "fedavgm")),
+            "dp.level": self.dp.level in DP_LEVELS,
+            "dp.max-grad-norm": 0 < self.dp.max_grad_norm <= 100,
+            "dp.enabled": not (self.dp.site_level and self.strategy in ("fedadam", "fedavgm")),
+            "proximal-mu": not (self.dp.record_level and self.strategy == "fedprox"),
+            "balanced": not (self.dp.record_level and self.local.balanced),
+            "secure-aggregation": not self.secure_aggregation
+            or (
+                self.strategy in ("fedavg", "fedprox")
+                and self.min_train_sites >= 2
+                and self.fraction_train == 1
+                and not self.dp.site_level
+            ),
+            "secure-aggregation-clip": 0 < self.secure_aggregation_clip <= 1000,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -129,6 +185,15 @@ class FederationConfig:
     def target_labels(self) -> tuple[str, ...]:
         """``labels`` as a tuple (empty: keep the bridge bundle's)."""
         return tuple(x.strip() for x in self.labels.split(",") if x.strip())
+
+    def record_dp(self) -> RecordDP | None:
+        """What every site's DP-SGD uses (None unless ``dp.level = record``)."""
+        if not self.dp.record_level:
+            return None
+        return RecordDP(
+            max_grad_norm=self.dp.max_grad_norm, noise_multiplier=self.dp.noise_multiplier,
+            target_epsilon=self.dp.target_epsilon, delta=self.dp.delta,
+        )  # fmt: skip
 
     def local_settings(self) -> LocalSettings:
         """The part of the config every site receives each round."""
@@ -219,15 +284,49 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             return str(value).lower() == "true"
     elif kind is int and not isinstance(value, bool):
         try:
-            if float(value) == int(float(value)):
-                return int(float(value))
-        except (TypeError, ValueError):
+            number = float(value)
+            if math.isfinite(number) and number == int(number):
+                return int(number)
+        except (TypeError, ValueError, OverflowError):
             pass
     elif kind is float and not isinstance(value, bool):
-        try:
+        try:  # NaN and infinities are refused by the bounds, naming the key
             return float(value)
         except (TypeError, ValueError):
             pass
     elif kind is str:
         return str(value)
-    raise ConfigError(f"run config: {name!r} must be {kind.__name__}, got {value!r}")
+    shown = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+    finite = " (finite)" if kind is int else ""
+    raise ConfigError(f"run config: {name!r} must be {kind.__name__}{finite}, got {shown!r}")
+
+
+_PATH_KEYS = ("init", "out", "val-data", "test-data")
+
+
+def merge_overrides(
+    flat: Mapping[str, Any], overrides: Mapping[str, str], *, given: Mapping[str, str]
+) -> dict[str, Any]:
+    """``flat`` (a command's options as run-config keys) with its ``--set`` overrides.
+
+    ``given`` maps the keys whose option the user typed to that option (``"out"`` →
+    ``"--out"``): an override of such a key must agree with the option, or it is refused
+    (``--out A --set out=B`` would otherwise write to B without a word).
+    """
+    known = _keys(FederationConfig)
+    for key, value in overrides.items():
+        if key not in given or key not in flat or key not in known:
+            continue
+        if _setting(key, flat[key], known) != _setting(key, value, known):
+            raise ConfigError(
+                f"--set {key}={value} disagrees with {given[key]} {flat[key]}: set it once"
+            )
+    return {**flat, **overrides}
+
+
+def _setting(key: str, value: Any, known: dict) -> Any:
+    if key in _PATH_KEYS:
+        return str(Path(str(value)).resolve()) if str(value) else ""
+    _, f = known[key]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return _coerce(key, value, type(default))

@@ -9,6 +9,7 @@ CLI config, the app folder and the logs) lives in one state folder next to the o
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -22,6 +23,8 @@ from rich.console import Console
 
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.front import Front
+from fedbridge_server.quorum import Stopped
+from fedbridge_server.store import RoundStore
 from fedbridge_shared import pki
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.processes import (
@@ -206,9 +209,26 @@ def _last(text: str) -> str:
 def start(coord: Coordinator, console: Console) -> dict[str, Any]:
     """Run the whole federation; returns the final bundle's record."""
     coord.check()
-    with sigterm_as_exit(), exclusive(coord.state / "coordinator.lock", "`fedbridge server start`"):
-        _stop_orphans(coord.state, console)
-        return _start(coord, console)
+    try:
+        with (
+            sigterm_as_exit(),
+            exclusive(coord.state / "coordinator.lock", "`fedbridge server start`"),
+        ):
+            _stop_orphans(coord.state, console)
+            return _start(coord, console)
+    except (KeyboardInterrupt, SystemExit):  # SIGINT / SIGTERM: the children are stopped
+        raise Stopped(f"stopped on request. {_resumable(Path(coord.config.out))}") from None
+
+
+def _resumable(out: Path) -> str:
+    state = RoundStore(out).dir / "state.json"
+    try:
+        done = int(json.loads(state.read_text())["completed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        done = 0
+    if not done:
+        return "No round completed; rerun the same command to start again."
+    return f"Rounds up to {done} are saved in {state.parent}; rerun the same command to resume."
 
 
 def _stop_orphans(state: Path, console: Console) -> None:

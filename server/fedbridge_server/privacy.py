@@ -1,4 +1,7 @@
-"""Central differential privacy at the coordinator, per site (site-level DP).
+"""Differential privacy at the coordinator: site-level DP, and the record of record-level DP.
+
+Record-level DP-SGD runs at the sites (``fedbridge_client.dp_sgd``); the coordinator only
+records the ε each site reports (:func:`record_level`). Site-level DP, below:
 
 Each site's update (its weights minus the global weights) is clipped to an L2 norm ``C`` over the
 **trainable weights only**; the clipped updates are averaged with equal weights and Gaussian
@@ -20,20 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from fedbridge_server.config import DPConfig
-from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared import dp_accounting as accounting
+from fedbridge_shared.errors import FedbridgeError
 
 ACCOUNTANT = "opacus RDP (Gaussian mechanism, site-level)"
-
-
-def _opacus():
-    try:
-        from opacus.accountants import RDPAccountant
-        from opacus.accountants.utils import get_noise_multiplier
-    except ModuleNotFoundError as e:  # pragma: no cover - opacus is in the [server] extra
-        raise ConfigError(
-            "dp.enabled needs the privacy accountant: pip install 'fedbridge[server]'"
-        ) from e
-    return RDPAccountant, get_noise_multiplier
+RECORD_ACCOUNTANT = "opacus RDP (DP-SGD at each site, per patient, Poisson-sampled patients)"
 
 
 def noise_multiplier(dp: DPConfig, *, rounds: int, sample_rate: float) -> float:
@@ -41,23 +35,67 @@ def noise_multiplier(dp: DPConfig, *, rounds: int, sample_rate: float) -> float:
     after ``rounds`` rounds at this sampling rate."""
     if dp.noise_multiplier > 0:
         return dp.noise_multiplier
-    _, get_noise_multiplier = _opacus()
-    return float(
-        get_noise_multiplier(
-            target_epsilon=dp.target_epsilon, target_delta=dp.delta, sample_rate=sample_rate,
-            steps=rounds, accountant="rdp", epsilon_tolerance=0.01,
-        )
+    return accounting.noise_for(
+        dp.target_epsilon, delta=dp.delta, sample_rate=sample_rate, steps=rounds,
+        what="'dp.target-epsilon'", unit="round(s)",
     )  # fmt: skip
 
 
 def epsilon(sigma: float, *, sample_rate: float, rounds: int, delta: float) -> float:
     """ε spent after ``rounds`` rounds of the Gaussian mechanism with noise multiplier σ."""
-    if rounds == 0:
-        return 0.0
-    rdp_accountant, _ = _opacus()
-    accountant = rdp_accountant()
-    accountant.history = [(sigma, sample_rate, rounds)]
-    return float(accountant.get_epsilon(delta=delta))
+    return accounting.epsilon(sigma, sample_rate=sample_rate, steps=rounds, delta=delta)
+
+
+def record_level(per_site: Mapping[str, Mapping], dp: DPConfig) -> dict | None:
+    """A round's record-level DP record: the ε each site reported (cumulative, per patient)."""
+    spent = {n: float(s["epsilon"]) for n, s in per_site.items() if s.get("epsilon")}
+    if not spent:
+        return None
+    return {
+        "level": "record",
+        "epsilon": max(spent.values()),
+        "epsilon_per_site": spent,
+        "noise_multiplier_per_site": {
+            n: float(per_site[n].get("noise_multiplier", 0.0)) for n in spent
+        },
+        "patients_per_site": {n: int(per_site[n].get("dp_patients", 0)) for n in spent},
+        "delta": dp.delta,
+        "max_grad_norm": dp.max_grad_norm,
+        "accountant": RECORD_ACCOUNTANT,
+    }
+
+
+def record_total(rounds: Sequence[Mapping], dp: DPConfig) -> dict:
+    """The run's record-level privacy: each site's largest reported ε over the rounds (ε only
+    grows; a site that missed the last rounds keeps what it had spent)."""
+    per_site: dict[str, float] = {}
+    sigma: dict[str, float] = {}
+    patients: dict[str, int] = {}
+    for r in rounds:
+        for name, eps in r.get("epsilon_per_site", {}).items():
+            per_site[name] = max(per_site.get(name, 0.0), float(eps))
+            sigma[name] = r["noise_multiplier_per_site"][name]
+            patients[name] = r["patients_per_site"][name]
+    return {
+        "level": "record",
+        "epsilon": max(per_site.values()),
+        "epsilon_per_site": dict(sorted(per_site.items())),
+        "noise_multiplier_per_site": dict(sorted(sigma.items())),
+        "patients_per_site": dict(sorted(patients.items())),
+        "delta": dp.delta,
+        "max_grad_norm": dp.max_grad_norm,
+        "rounds": len(rounds),
+        "accountant": RECORD_ACCOUNTANT,
+    }
+
+
+def record_summary(total: Mapping) -> str:
+    """One console line: the ε each site spent."""
+    sites = ", ".join(f"{n} ε {e:.2f}" for n, e in total["epsilon_per_site"].items())
+    return (
+        f"privacy spent (DP-SGD per patient, δ {total['delta']:g}, {total['rounds']} round(s)): "
+        f"{sites}"
+    )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ between the check and the sampling cannot start that endless loop again.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -22,6 +23,15 @@ class QuorumError(FedbridgeError):
     """Too few sites to go on: the run stops; its completed rounds stay resumable."""
 
 
+class Stopped(FedbridgeError):
+    """A stop was asked for (SIGINT/SIGTERM): the run ends; its completed rounds are kept."""
+
+
+def _stopping(stop: threading.Event | None, what: str) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped(f"{what}: stopped on request")
+
+
 def wait_for_sites(
     grid: Grid,
     *,
@@ -32,12 +42,21 @@ def wait_for_sites(
     poll: float = 1.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    stop: threading.Event | None = None,
+    progress: Callable[[list[int], float], None] | None = None,
+    progress_every: float = 30.0,
 ) -> list[int]:
     """The connected node ids once ``expected`` are connected, or at ``timeout`` if at least
-    ``quorum`` are; otherwise :class:`QuorumError` naming how many came."""
+    ``quorum`` are; otherwise :class:`QuorumError` naming how many came.
+
+    ``progress(nodes, seconds_left)`` is called when the wait starts, whenever the connected
+    set changes and every ``progress_every`` seconds; ``stop`` set raises :class:`Stopped`.
+    """
     deadline = clock() + timeout
-    shown = -1
+    shown: list[int] | None = None
+    next_note = clock()
     while True:
+        _stopping(stop, what)
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= expected:
             return nodes
@@ -52,9 +71,11 @@ def wait_for_sites(
                 f"{what}: {len(nodes)} of {expected} expected sites connected after {timeout:g} "
                 f"s, fewer than the quorum of {quorum} (min-train-sites)"
             )
-        if len(nodes) != shown:
+        if nodes != shown or clock() >= next_note:
             log.info("%s: waiting for sites, %d of %d connected", what, len(nodes), expected)
-            shown = len(nodes)
+            if progress is not None:
+                progress(nodes, max(0.0, deadline - clock()))
+            shown, next_note = nodes, clock() + progress_every
         sleep(poll)
 
 
@@ -66,6 +87,7 @@ def exchange(
     poll: float = 0.5,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    stop: threading.Event | None = None,
 ) -> list:
     """Send ``messages`` and collect their replies until all came or ``timeout`` passed.
 
@@ -76,6 +98,7 @@ def exchange(
     deadline = clock() + timeout
     replies: list = []
     while waiting:
+        _stopping(stop, "waiting for the sites' replies")
         got = list(grid.pull_messages(waiting))
         replies += got
         waiting -= {m.metadata.reply_to_message_id for m in got}

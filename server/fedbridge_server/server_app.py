@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.federation import run_federation
+from fedbridge_server.round_loop import Clock
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 
 
@@ -19,26 +23,37 @@ def make_server_app(
     config: FederationConfig | None = None,
     on_done: Callable[[dict], None] | None = None,
     on_error: Callable[[FedbridgeError], None] | None = None,
+    *,
+    stop: threading.Event | None = None,
+    on_exit: Callable[[], None] | None = None,
 ) -> ServerApp:
     """A ServerApp; ``config`` overrides the run config (the simulate command passes it).
 
     With ``on_error`` a fedbridge error (a lost quorum, a bad bundle) is handed over instead of
-    raised, so the caller can show it as one line.
+    raised, so the caller can show it as one line. ``stop`` set ends the run at the round
+    loop's next poll (a signal handler sets it); ``on_exit`` is called however ``main`` ends.
+    Without ``stop``, SIGINT/SIGTERM to the process running ``main`` (``flwr-serverapp``, when
+    it runs it in its main thread) stop the run the same way.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        event = stop or threading.Event()
         try:
-            cfg = config or _from_flower(context.run_config)
-            if config is None and cfg.simulation_sites:
-                _check_supernodes(grid, cfg.min_available_sites)
-            summary = run_federation(grid, cfg)
+            with _stop_on_signals(event if stop is None else None):
+                cfg = config or _from_flower(context.run_config)
+                if config is None and cfg.simulation_sites:
+                    _check_supernodes(grid, cfg.min_available_sites)
+                summary = run_federation(grid, cfg, clock=Clock(stop=event))
         except FedbridgeError as e:
             if on_error is None:
                 raise
             on_error(e)
             return
+        finally:
+            if on_exit:
+                on_exit()
         if on_done:
             on_done(summary)
 
@@ -46,6 +61,21 @@ def make_server_app(
 
 
 app = make_server_app()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(event: threading.Event | None):
+    """While the block runs, SIGINT/SIGTERM set ``event`` (only in the main thread)."""
+    if event is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: event.set()) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 PATH_KEYS = ("init", "out", "val-data", "test-data")

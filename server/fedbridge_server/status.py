@@ -125,13 +125,31 @@ def collect(out: Path, state: Path | None = None) -> dict[str, Any]:
             "running": running,
             "best_round": saved.get("best_round") or None,
             "best_score": saved.get("best_score"),
+            "best_rule": saved.get("best_rule") or None,
         },
         "history": history,
         "dropped": [
             {"round": h["round"], "why": why} for h in history for why in h.get("dropped") or []
         ],
         "bundle": str(out) if (out / "model.json").is_file() else None,
+        "privacy": privacy_spent(history),
     }
+
+
+def privacy_spent(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """ε spent so far: per site under record-level DP-SGD (each site's largest reported ε), the
+    run's under site-level DP; None without DP."""
+    rows = [h["privacy"] for h in history if h.get("privacy")]
+    if not rows:
+        return None
+    if rows[-1].get("level") == "record":
+        per_site: dict[str, float] = {}
+        for r in rows:
+            for name, eps in (r.get("epsilon_per_site") or {}).items():
+                per_site[name] = max(per_site.get(name, 0.0), float(eps))
+        return {"level": "record", "delta": rows[-1].get("delta"),
+                "epsilon_per_site": dict(sorted(per_site.items()))}  # fmt: skip
+    return {"level": "site", "delta": rows[-1].get("delta"), "epsilon": rows[-1].get("epsilon")}
 
 
 def _site(node: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
@@ -213,8 +231,16 @@ def render(doc: dict[str, Any], console: Console) -> None:
     elif rounds["finished"]:
         line += f"; finished → {shown(doc['bundle'])}"
     if rounds["best_round"]:
-        line += f"; best round {rounds['best_round']} (score {_f(rounds['best_score'], 4)})"
+        line += f"; best round {rounds['best_round']} (score {_f(rounds['best_score'], 4)}"
+        line += f", {rounds['best_rule']})" if rounds.get("best_rule") else ")"
     console.print(line)
+    spent = doc.get("privacy")
+    if spent and spent["level"] == "record":
+        sites = ", ".join(f"{shown(n)} ε {e:.2f}" for n, e in spent["epsilon_per_site"].items())
+        console.print(f"privacy spent (DP-SGD per patient, δ {spent['delta']:g}): {sites}")
+    elif spent:
+        eps, delta = spent["epsilon"], spent["delta"]
+        console.print(f"privacy spent (site-level): ε {eps:.2f} at δ {delta:g}")
     if doc["history"]:
         _history_tables(doc["history"], console)
     for d in doc["dropped"]:
@@ -240,11 +266,15 @@ def _history_tables(history: list[dict[str, Any]], console: Console) -> None:
     for col in ("round", "site", "train n", "train loss", "train acc", "val n", "val loss"):
         t.add_column(col, justify="right")
     t.add_column("val acc", justify="right")
+    private = any("epsilon" in s for h in history for s in (h.get("per_site") or {}).values())
+    if private:
+        t.add_column("ε", justify="right")
     for h in history:
         for name, s in (h.get("per_site") or {}).items():
             t.add_row(
                 str(h["round"]), shown(name), str(s.get("train_examples", "—")),
                 _f(s.get("train_loss")), _f(s.get("train_accuracy")),
                 str(s.get("val_examples", "—")), _f(s.get("val_loss")), _f(s.get("val_accuracy")),
+                *((_f(s.get("epsilon"), 2),) if private else ()),
             )  # fmt: skip
     console.print(t)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from fedbridge_server.best import choose_best
 from fedbridge_shared.errors import BundleError, ConfigError
 from fedbridge_shared.files import atomic_write, strict_json
 from fedbridge_shared.spec import Bundle, ModelSpec, load_bundle, save_bundle
@@ -33,7 +34,9 @@ class RunState:
     completed: int = 0
     best_round: int = 0
     best_score: float | None = None
+    best_rule: str = ""  # which rule chose best_round (fedbridge_server.best.RULES)
     history: list[dict[str, Any]] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # node id → the name its site reported
 
 
 class RoundStore:
@@ -80,10 +83,9 @@ class RoundStore:
             extra = load_file(str(strategy_file)) if strategy_file.exists() else {}
             state.history = [h for h in state.history if h["round"] <= rnd]
             if state.best_round > rnd:
-                scored = [h for h in state.history if h.get("score") is not None]
-                best = min(scored, key=lambda h: h["score"], default=None)
-                state.best_round = best["round"] if best else 0
-                state.best_score = best["score"] if best else None
+                state.best_round, state.best_score, state.best_rule = choose_best(
+                    state.history, available=lambda r: self.round_dir(r).is_dir()
+                )
             state.completed = rnd
             return state, bundle, extra
         return RunState(fingerprint), None, {}

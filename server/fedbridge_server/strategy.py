@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -100,11 +101,45 @@ def restore_strategy_state(strategy: Strategy, saved: dict[str, torch.Tensor]) -
         setattr(inner, _MOMENTUM, [momentum[i] for i in sorted(momentum)])
 
 
+def site_label(node_id: int, names: dict[int, str]) -> str:
+    """A site's name; one that never answered is "an unnamed site" (node id in brackets)."""
+    return names.get(node_id) or f"unnamed site (node {node_id})"
+
+
 def site_name(msg: Message) -> str:
-    """The name a site reports (never a path), or its node id."""
+    """The name a site reports when it fits
+    :data:`~fedbridge_shared.protocol.SITE_NAME_PATTERN` (never a path), else a label with its
+    node id."""
     if msg.has_content() and P.SITE in msg.content.config_records:
-        return str(msg.content.config_records[P.SITE].get(P.SITE_NAME))
-    return f"node {msg.metadata.src_node_id}"
+        name = msg.content.config_records[P.SITE].get(P.SITE_NAME)
+        if isinstance(name, str) and P.SITE_NAME_PATTERN.fullmatch(name):
+            return name
+    return site_label(msg.metadata.src_node_id, {})
+
+
+_LOST = {  # errors the SuperLink writes for a site, in words (Flower's name a "node")
+    ErrorCode.NODE_UNAVAILABLE: "lost (stopped answering the coordinator's heartbeat)",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "lost (its reply expired)",
+    ErrorCode.MESSAGE_UNAVAILABLE: "lost (the task expired before it answered)",
+}
+
+
+def _failure(error) -> str:
+    """A dropped site's reason: Flower's expiries in words, else fedbridge's code and count
+    (:func:`~fedbridge_shared.protocol.describe_failure`; nothing else a site sent is shown)."""
+    return _LOST.get(error.code) or f"failed ({P.describe_failure(error.reason)})"
+
+
+def schema_problem(msg: Message) -> str | None:
+    """Why a site's reply is not fedbridge's closed schema (see ``protocol.reply_problem``)."""
+    content = msg.content
+    records: dict[str, dict] = {}
+    for key, record in content.items():
+        if key in content.array_records:
+            records[key] = {name: None for name in record}
+        else:
+            records[key] = dict(record)
+    return P.reply_problem(msg.metadata.message_type, records)
 
 
 def screen_replies(
@@ -129,16 +164,21 @@ def screen_replies(
 
     answered = {origin(m) for m in replies}
     dropped = [
-        f"{names.get(m.metadata.dst_node_id, f'node {m.metadata.dst_node_id}')}: no reply "
-        "before the round timeout"
+        f"{site_label(m.metadata.dst_node_id, names)}: no reply before the round timeout"
         for m in sent
         if m.metadata.dst_node_id not in answered
     ]
     usable = []
     for msg in replies:
-        who = names.get(origin(msg), site_name(msg))
-        if msg.has_error():
-            dropped.append(f"{who}: failed ({msg.error.reason})")
+        who = names.get(origin(msg)) or (
+            site_name(msg) if msg.has_content() else site_label(origin(msg), names)
+        )
+        if msg.has_error():  # only Flower's expiries or a code and a count are shown
+            dropped.append(f"{who}: {_failure(msg.error)}")
+            continue
+        problem = schema_problem(msg)
+        if problem is not None:
+            dropped.append(f"{who}: reply rejected (not fedbridge's schema: {problem})")
             continue
         names[msg.metadata.src_node_id] = site_name(msg)
         bad = _non_finite_metric(msg)

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,6 +20,21 @@ from fedbridge_shared.errors import FedbridgeError
 
 BatchHook = Callable[[int], None]
 """Called after each batch with the number of images it held (drives progress bars)."""
+
+
+class PrivacyHook(Protocol):
+    """Private training inside the one loop (``fedbridge_client.dp_sgd.DPSGD``)."""
+
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The model and optimiser to train with (per-sample clipping and noise)."""
+
+    def empty_step(self) -> None:
+        """A step on an empty (Poisson-sampled) batch: noise only."""
+
+    def unwrap(self) -> None:
+        """Undo ``wrap``: the plain model keeps the trained weights."""
 
 
 @dataclass(frozen=True)
@@ -122,16 +138,23 @@ def train_one_epoch(
     on_batch: BatchHook | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     ema: AveragedModel | None = None,
+    privacy: PrivacyHook | None = None,
 ) -> EpochStats:
     """One pass over ``loader``; raises if the loss stops being finite.
 
     ``penalty`` is added to every batch loss (e.g. FedProx's proximal term); ``ema`` is updated
-    after every optimiser step.
+    after every optimiser step; ``privacy``: the hook ``model`` and ``optimizer`` were wrapped by
+    (an empty batch is then a noise-only step).
     """
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     total_loss, correct, n, start = 0.0, 0, 0, time.perf_counter()
     for x, y in loader:
+        if privacy is not None and not len(y):
+            privacy.empty_step()
+            if scheduler is not None:
+                scheduler.step()
+            continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss = criterion(logits, y)
@@ -206,6 +229,7 @@ def fit(
     backbone_lr_scale: float = defaults.BACKBONE_LR_SCALE,
     on_batch: BatchHook | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    privacy: PrivacyHook | None = None,
 ) -> FitResult:
     """Train for ``epochs`` with AdamW and a cosine LR; keep the weights of the best val loss.
 
@@ -216,7 +240,8 @@ def fit(
     without a validation loader every epoch runs and the last weights are kept.
     ``ema_decay`` > 0 keeps an EMA of the weights (:func:`make_ema`): validation, early stopping
     and the weights left in ``model`` are then the EMA's. ``backbone_lr_scale``: see
-    :func:`make_optimizer`.
+    :func:`make_optimizer`. ``privacy``: private training (record-level DP-SGD) through this
+    same loop; ``train_loader`` is then the hook's (Poisson-sampled) loader.
     """
     model.to(device)
     optimizer = make_optimizer(
@@ -226,6 +251,28 @@ def fit(
     kept = ema.module if ema is not None else model  # the weights validated and returned
     schedule = schedule or CosineSchedule(max(1, epochs * len(train_loader)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
+    trained = model
+    if privacy is not None:
+        trained, optimizer = privacy.wrap(model, optimizer)
+    try:
+        result = _epochs(
+            model=model, trained=trained, train_loader=train_loader, optimizer=optimizer,
+            scheduler=scheduler, ema=ema, kept=kept, device=device, epochs=epochs,
+            val_loader=val_loader, patience=patience,
+            label_smoothing=label_smoothing, epoch_offset=epoch_offset, penalty=penalty,
+            on_batch=on_batch, on_epoch=on_epoch, privacy=privacy,
+        )  # fmt: skip
+    finally:
+        if privacy is not None:
+            privacy.unwrap()
+    return result
+
+
+def _epochs(
+    *, model, trained, train_loader, optimizer, scheduler, ema, kept, device, epochs,
+    val_loader, patience, label_smoothing, epoch_offset, penalty, on_batch, on_epoch, privacy,
+) -> FitResult:  # fmt: skip
+    """``fit``'s epochs: ``trained`` is ``model`` or its private wrapper."""
     result = FitResult()
     best_loss, best_state, stale = math.inf, None, 0
     for epoch in range(1, epochs + 1):
@@ -233,7 +280,7 @@ def fit(
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch_offset + epoch)
         train = train_one_epoch(
-            model,
+            trained,
             train_loader,
             optimizer,
             device,
@@ -242,6 +289,7 @@ def fit(
             on_batch=on_batch,
             penalty=penalty,
             ema=ema,
+            privacy=privacy,
         )
         row = {
             "epoch": epoch_offset + epoch,

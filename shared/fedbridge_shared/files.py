@@ -6,11 +6,14 @@ No heavy imports, so the bedside runtime uses them too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import secrets
 import shutil
+import signal
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,7 +49,8 @@ def atomic_write(
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        with signals_held():
+            Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
 
@@ -103,7 +107,8 @@ def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(out)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
+    remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
     tmp.mkdir()  # not mkdtemp: its 0o700 mode would stick to the final folder
     try:
         yield tmp
@@ -117,8 +122,68 @@ def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
             os.replace(tmp, out)
         _fsync_dir(out.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_held():  # a second Ctrl-C or SIGTERM must not stop the cleanup halfway
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends (cleanup that must finish)."""
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    except (AttributeError, OSError, ValueError):  # no pthread_sigmask here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def stop_signals_raise() -> None:
+    """Make SIGTERM and SIGHUP raise ``SystemExit(128 + signum)`` in the main thread, as
+    SIGINT raises KeyboardInterrupt, so every ``atomic_dir`` / ``atomic_write`` removes its
+    temp files when a long command is stopped (the CLI calls this once at start)."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread
+            return
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove ``atomic_dir`` temp folders of ``out`` left by a process that no longer runs
+    (one killed by SIGKILL or a power cut); only fedbridge's own ``.NAME.tmp-PID-…`` names."""
+    prefix = f".{Path(out).name}.tmp-"
+    try:
+        entries = list(Path(out).parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = entry.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _old(out: Path) -> Path:
@@ -200,3 +265,42 @@ def read_json_object(path: Path, *, what: str = "JSON") -> dict[str, Any] | None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: {what} must be an object")
     return doc
+
+
+MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit; FEDBRIDGE_MAX_MODEL_BYTES overrides it
+
+
+def max_model_bytes() -> int:
+    """The largest model file read (weights, ONNX): ``FEDBRIDGE_MAX_MODEL_BYTES`` or 2 GiB."""
+    text = os.environ.get("FEDBRIDGE_MAX_MODEL_BYTES", "").strip()
+    if not text:
+        return MAX_MODEL_BYTES
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"FEDBRIDGE_MAX_MODEL_BYTES={text!r}: must be a positive whole number")
+    return int(text)
+
+
+def read_regular(path: Path, *, limit: int, option: str = "FEDBRIDGE_MAX_MODEL_BYTES") -> bytes:
+    """The bytes of ``path`` when it is a regular file of at most ``limit`` bytes, checked before
+    anything is read: a FIFO (which would block), a device such as /dev/zero (which never ends)
+    or an oversized file is an OSError naming the path, with nothing read."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, unread
+    try:
+        st = os.fstat(fd)  # the file opened, not a name that could be swapped after a check
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or folder)", str(path))
+        if st.st_size > limit:
+            raise OSError(
+                errno.EFBIG,
+                f"{st.st_size:,} bytes, over the {limit:,} bytes limit ({option})",
+                str(path),
+            )
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"grew over the {limit:,} bytes limit while read", str(path))
+        return data
+    finally:
+        os.close(fd)

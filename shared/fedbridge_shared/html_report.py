@@ -246,6 +246,11 @@ def render_html_report(
         f'<p class="muted">fedbridge {esc(__version__)} · '
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}</p>",
     ]
+    for warning in metrics.get("warnings") or []:
+        body.append(
+            '<p class="warning" style="border:3px solid #b00;padding:.6em;color:#b00">'
+            f"<b>WARNING</b>: {esc(warning)}</p>"
+        )
     if card is not None:
         body.append(
             card_section(card=card, metrics=metrics, labels=labels, y_true=y, probs=p,
@@ -307,6 +312,17 @@ def write_html_report(out_dir: Path, *, filename: str = REPORT_FILE, **parts: An
 
 def privacy_line(privacy: Mapping[str, Any]) -> str:
     """The privacy a federated model was trained under, in one sentence."""
+    if privacy.get("level") == "record":
+        sites = ", ".join(
+            f"{name} ε = {eps:.2f} (σ {privacy['noise_multiplier_per_site'][name]:.3g}, "
+            f"{privacy['patients_per_site'][name]} patients)"
+            for name, eps in privacy["epsilon_per_site"].items()
+        )
+        return (
+            f"record-level DP-SGD at every site, one patient per record (δ = "
+            f"{privacy['delta']:g}, per-patient gradient clip {privacy['max_grad_norm']:g}) "
+            f"over {privacy['rounds']} round(s): {sites}; {privacy['accountant']}"
+        )
     return (
         f"(ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:g}) over {privacy['rounds']} "
         f"round(s), site-level: each site's update clipped to L2 norm "

@@ -218,14 +218,15 @@ def _percentile(values: np.ndarray, alpha: float) -> list[float] | None:
     return [float(low), float(high)]
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> list[float] | None:
-    """Wilson score interval of a proportion ``k / n`` (95 % by default); None when ``n`` is 0."""
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a proportion ``k / n`` (scipy's ``binomtest``); None when
+    ``n`` is 0."""
     if n <= 0:
         return None
-    phat = k / n
-    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return [max(0.0, float(ci.low)), min(1.0, float(ci.high))]
 
 
 def calibration(y_true: Any, probs: Any, n_bins: int = CALIBRATION_BINS) -> dict[str, Any]:

@@ -19,3 +19,8 @@ def modality_for_stage(*, requested: str | None, inherited: str, augment: str) -
     if augment == "":
         return "cxr"
     return augment if augment in MODALITIES else "other"
+
+
+def augment_for(modality: str, default: str) -> str:
+    """The augmentation preset of a model's modality (``cxr`` / ``oct``), else ``default``."""
+    return modality if modality in ("cxr", "oct") else default

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,14 +72,30 @@ def _publish(out: Path, files: dict[str, tuple[bytes, int]], force: bool) -> Non
         atomic_write(out / name, data, mode=mode)
 
 
-def make_certs(
-    out: Path, hosts: Sequence[str] = DEFAULT_HOSTS, days: int = 365, force: bool = False
-) -> dict[str, Path]:
-    """A CA and a SuperLink server certificate valid for ``hosts`` (DNS names or IPs)."""
-    if days < 1:
-        raise ConfigError(f"--days {days}: must be at least 1")
-    hosts = list(hosts) or list(DEFAULT_HOSTS)
-    now = dt.datetime.now(dt.timezone.utc)
+def this_host() -> list[str]:
+    """This machine's own names (FQDN and short host name), for the certificate's SAN."""
+    names = [socket.getfqdn(), socket.gethostname()]
+    return [n for n in dict.fromkeys(names) if n and n != "localhost" and n[-1:] != "."]
+
+
+def default_hosts(extra: Sequence[str] = ()) -> list[str]:
+    """The names a SuperLink certificate covers: ``extra`` (``--cert-host``, first, so the
+    real host name is the subject), this machine's names, then loopback."""
+    return list(dict.fromkeys([*extra, *this_host(), *DEFAULT_HOSTS]))
+
+
+def fingerprint(cert: Path) -> str:
+    """SHA-256 of a PEM certificate (``AB:CD:…``), to compare over a second channel."""
+    try:
+        loaded = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{cert}: cannot read ({e.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"{cert}: not a PEM certificate") from None
+    return loaded.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def _ca(days: int, now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder()
@@ -99,6 +116,46 @@ def make_certs(
         )
         .sign(ca_key, hashes.SHA384())
     )  # fmt: skip
+    return ca_key, ca_cert
+
+
+def _load_ca(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    try:
+        key = serialization.load_pem_private_key((out / CA_KEY).read_bytes(), None)
+        cert = x509.load_pem_x509_certificate((out / CA_CERT).read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{out}: no CA to renew with ({e.filename}: {e.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"{out}: {CA_CERT} or {CA_KEY} is not PEM") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{out / CA_KEY}: not the EC key `fedbridge server certs` writes")
+    return key, cert
+
+
+def make_certs(
+    out: Path,
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    days: int = 365,
+    force: bool = False,
+    *,
+    ca_days: int = 3650,
+    renew: bool = False,
+) -> dict[str, Path]:
+    """A CA and a SuperLink server certificate valid for ``hosts`` (DNS names or IPs).
+
+    ``renew``: keep the CA in ``out`` (the sites' ``ca.crt`` and its fingerprint stay the same)
+    and issue a new server certificate only.
+    """
+    if days < 1 or ca_days < 1:
+        raise ConfigError(f"--days {min(days, ca_days)}: must be at least 1")
+    hosts = list(hosts) or list(DEFAULT_HOSTS)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, ca_cert = _load_ca(out) if renew else _ca(ca_days, now)
+    if renew and ca_cert.not_valid_after_utc < now + dt.timedelta(days=days):
+        raise ConfigError(
+            f"{out / CA_CERT}: the CA expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}, before "
+            f"a {days}-day server certificate would; make a new CA (without --renew)"
+        )
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
@@ -114,13 +171,17 @@ def make_certs(
         .sign(ca_key, hashes.SHA384())
     )
     files = {
-        CA_CERT: (ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC),
-        CA_KEY: (_pem_key(ca_key), PRIVATE),
         SERVER_CERT: (server_cert.public_bytes(serialization.Encoding.PEM), PUBLIC),
         SERVER_KEY: (_pem_key(server_key), PRIVATE),
     }
-    _publish(out, files, force)
-    return {n: out / n for n in files}
+    if not renew:
+        files = {
+            CA_CERT: (ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC),
+            CA_KEY: (_pem_key(ca_key), PRIVATE),
+            **files,
+        }
+    _publish(out, files, force or renew)
+    return {n: out / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)}
 
 
 def make_site_keys(out: Path, name: str, force: bool = False) -> tuple[Path, Path]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 from typing import Any
 
 from fedbridge_shared import defaults
-from fedbridge_shared.errors import ConfigError
+from fedbridge_shared.errors import ConfigError, DataError
 
 # Records of a message's RecordDict.
 ARRAYS = "arrays"
@@ -47,6 +49,9 @@ def kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+MAX_BATCH_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class LocalSettings:
     """What the server asks every site to do in a round (sent as kebab-case config keys)."""
@@ -70,15 +75,17 @@ class LocalSettings:
 
     def __post_init__(self) -> None:
         checks = {
-            "local-epochs": self.local_epochs >= 1,
-            "batch-size": self.batch_size >= 1,
+            "local-epochs": 1 <= self.local_epochs <= 1000,
+            "batch-size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
             "lr": math.isfinite(self.lr) and 0 < self.lr <= 1,
-            "weight-decay": math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-            "augment-per-sample": self.augment_per_sample >= 0,
+            "weight-decay": math.isfinite(self.weight_decay) and 0 <= self.weight_decay <= 1,
+            "augment-per-sample": 0 <= self.augment_per_sample <= 100,
             "augment": self.augment in defaults.AUGMENT_PRESETS,
             "val-fraction": 0 <= self.val_fraction <= 0.5,
+            "label-smoothing": 0 <= self.label_smoothing < 1,
             "seed": 0 <= self.seed < 2**32,
-            "threads": self.threads >= 0,
+            "proximal-mu": 0 <= self.proximal_mu <= 1000,
+            "threads": 0 <= self.threads <= 1024,
             "ema-decay": math.isfinite(self.ema_decay) and 0 <= self.ema_decay < 1,
         }
         bad = next((k for k, ok in checks.items() if not ok), None)
@@ -98,8 +105,45 @@ class LocalSettings:
                 kind, value = type(getattr(cls(), f.name)), config[kebab(f.name)]
                 if kind is bool and not isinstance(value, bool):  # bool("false") is True
                     raise ConfigError(f"run config: {kebab(f.name)!r} must be true or false")
-                values[f.name] = kind(value)
+                try:
+                    values[f.name] = kind(value)
+                except (TypeError, ValueError, OverflowError):
+                    raise ConfigError(
+                        f"run config: {kebab(f.name)!r} must be {kind.__name__}"
+                    ) from None
         return cls(**values)
+
+
+DP_SGD = "dp-sgd."
+"""Prefix of the round config's record-level DP keys (``dp-sgd.max-grad-norm`` …)."""
+
+
+@dataclass(frozen=True)
+class RecordDP:
+    """Record-level DP-SGD every site runs (``dp.level = record``): one record is one patient.
+
+    ``noise_multiplier`` 0: each site derives the smallest σ that keeps its whole run (every
+    round) within ``target_epsilon`` at ``delta`` for its own number of patients.
+    """
+
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+
+    def to_config(self) -> dict[str, float]:
+        return {DP_SGD + kebab(k): float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RecordDP | None:
+        """The round config's DP-SGD settings (None: the round is not record-level private)."""
+        keys = {f.name: DP_SGD + kebab(f.name) for f in fields(cls)}
+        if not any(k in config for k in keys.values()):
+            return None
+        try:
+            return cls(**{n: float(config[k]) for n, k in keys.items()})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"malformed DP-SGD settings from the server: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -110,10 +154,13 @@ class RoundTask:
     settings: LocalSettings
     server_round: int
     num_rounds: int
+    dp: RecordDP | None = None
+    """Record-level DP-SGD at the site (None: ordinary training)."""
 
     def to_config(self) -> dict[str, Any]:
         return {
             **self.settings.to_config(),
+            **(self.dp.to_config() if self.dp is not None else {}),
             SPEC_JSON: json.dumps(self.spec),
             SERVER_ROUND: self.server_round,
             NUM_ROUNDS: self.num_rounds,
@@ -127,7 +174,8 @@ class RoundTask:
             num_rounds = int(config.get(NUM_ROUNDS, server_round))
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"malformed round config from the server: {e}") from e
-        return cls(spec, LocalSettings.from_config(config), server_round, num_rounds)
+        settings = LocalSettings.from_config(config)
+        return cls(spec, settings, server_round, num_rounds, RecordDP.from_config(config))
 
 
 CLASS_COUNT = "class-count-"
@@ -189,6 +237,20 @@ class TrainReply(_Reply):
     train_loss: float = 0.0
     train_accuracy: float = 0.0
     seconds: float = 0.0
+    epsilon: float = 0.0
+    """Record-level DP: ε this site has spent after this round (0: no DP-SGD)."""
+    noise_multiplier: float = 0.0
+    """Record-level DP: the σ of the site's DP-SGD."""
+    dp_patients: int = 0
+    """Record-level DP: patients (records) the site sampled from."""
+
+    def to_metrics(self) -> dict[str, int | float]:
+        """The DP keys travel only when the site trained with DP-SGD."""
+        out = super().to_metrics()
+        if not self.epsilon:
+            for key in ("epsilon", "noise-multiplier", "dp-patients"):
+                out.pop(key)
+        return out
 
 
 @dataclass(frozen=True)
@@ -204,3 +266,148 @@ class EvalReply(_Reply):
         if len(self.class_correct) != len(labels):
             return {}
         return dict(zip(labels, self.class_correct, strict=True))
+
+
+# ------------------------------------------------ what a site may send: a closed schema
+
+SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""A site's name on the wire (``site join --name`` enforces the same)."""
+
+
+class SiteErrorCode(StrEnum):
+    """Why a site refused a task: the only failure text that leaves a site.
+
+    The full message (file names, paths) stays on the site's console and log.
+    """
+
+    UNREADABLE_IMAGES = "unreadable_images"  # count: the files that cannot be decoded
+    NO_IMAGES = "no_images"
+    EMPTY_CLASS_FOLDER = "empty_class_folder"  # count: such folders
+    LABELS_DIFFER = "labels_differ"  # the site's class folders are not the model's labels
+    DATA_FOLDER = "data_folder"  # the data folder is missing or not class folders
+    BAD_TASK = "bad_task"  # the coordinator's task is not fedbridge's schema
+    UNKNOWN_APP = "unknown_app"  # a run whose app the site does not trust
+    WORKER_DOWN = "worker_down"  # the site's worker is not running or stopped mid-task
+    OUT_OF_MEMORY = "out_of_memory"
+    INTERNAL = "internal_error"  # anything else; the site's log says what
+
+
+_FAILURE = re.compile(r'\{"error": "[a-z_]{1,40}", "count": [0-9]{1,9}\}')
+
+
+class SiteFailure(DataError):
+    """A site's failure: ``code`` and ``count`` cross the wire, the message stays local."""
+
+    def __init__(
+        self, message: str, *, code: SiteErrorCode = SiteErrorCode.INTERNAL, count: int = 1
+    ) -> None:
+        super().__init__(message)
+        self.code, self.count = SiteErrorCode(code), int(count)
+
+    def wire(self) -> str:
+        """``{"error": "unreadable_images", "count": 1}``: all the coordinator is told."""
+        return json.dumps({"error": self.code.value, "count": self.count})
+
+
+def as_failure(e: BaseException) -> SiteFailure:
+    """Any exception of a site's task as a :class:`SiteFailure` (a code the wire may carry)."""
+    if isinstance(e, SiteFailure):
+        return e
+    if isinstance(e, ConfigError):
+        return SiteFailure(str(e), code=SiteErrorCode.BAD_TASK)
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return SiteFailure(str(e), code=SiteErrorCode.OUT_OF_MEMORY)
+    return SiteFailure(f"{type(e).__name__}: {e}")
+
+
+def parse_failure(reason: str) -> tuple[SiteErrorCode, int] | None:
+    """The (code, count) inside an error reason a site sent; None when it holds none.
+
+    Flower wraps the ClientApp's exception text; only a well-formed object from the enum is
+    accepted, so free text (a path, a name) never reaches a log or a report.
+    """
+    found = _FAILURE.search(str(reason)[:2000])
+    if found is None:
+        return None
+    obj = json.loads(found.group(0))
+    try:
+        return SiteErrorCode(obj["error"]), int(obj["count"])
+    except ValueError:
+        return None
+
+
+def describe_failure(reason: str) -> str:
+    """A site's error reason as the coordinator may print it: a code and a count, never text."""
+    parsed = parse_failure(reason)
+    if parsed is None:
+        return "site error (not in fedbridge's schema; details on the site's console)"
+    code, count = parsed
+    return f"{code.value}: {count}"
+
+
+_METRIC_KEYS = {
+    "train": {kebab(f.name) for f in fields(TrainReply)} - {"class-counts"},
+    "evaluate": {kebab(f.name) for f in fields(EvalReply)} - {"class-counts", "class-correct"},
+}
+_PER_CLASS_KEYS = {
+    "train": re.compile(r"class-count-[0-9]{1,4}"),
+    "evaluate": re.compile(r"class-(count|correct)-[0-9]{1,4}"),
+}
+_RECORDS = {"train": {ARRAYS, METRICS, SITE}, "evaluate": {METRICS, SITE}}
+
+
+def reply_problem(kind: str, records: dict[str, dict[str, Any]]) -> str | None:
+    """Why a site's reply is not fedbridge's schema (None when it is).
+
+    The answer never repeats what the site sent (it could be a name).
+    ``records`` maps record names to their items (arrays by name only). A reply holds exactly
+    the records of its kind; metric keys and values are the numbers of
+    :class:`TrainReply`/:class:`EvalReply`; the site record holds one name matching
+    :data:`SITE_NAME_PATTERN`; the arrays record holds the one packed :data:`WEIGHTS`.
+    """
+    if kind not in _RECORDS:
+        return "message type not train or evaluate"
+    if set(records) != _RECORDS[kind]:
+        return "records not those of a fedbridge reply"
+    for key, value in records[METRICS].items():
+        if key not in _METRIC_KEYS[kind] and not _PER_CLASS_KEYS[kind].fullmatch(key):
+            return "a metric key not in the schema"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "a metric that is not a number"
+    if NUM_EXAMPLES not in records[METRICS]:
+        return f"no {NUM_EXAMPLES!r}"
+    site = records[SITE]
+    name = site.get(SITE_NAME)
+    if set(site) != {SITE_NAME} or not isinstance(name, str):
+        return "site record"
+    if not SITE_NAME_PATTERN.fullmatch(name):
+        return "site name"
+    if kind == "train" and list(records[ARRAYS]) != [WEIGHTS]:
+        return "arrays"
+    return None
+
+
+TASK_KEYS = frozenset(
+    {
+        *(kebab(f.name) for f in fields(LocalSettings)),
+        *(DP_SGD + kebab(f.name) for f in fields(RecordDP)),
+        SPEC_JSON, SERVER_ROUND, NUM_ROUNDS,
+    }
+)  # fmt: skip
+"""Every key of a round task's config: a site's worker answers nothing else."""
+
+
+def task_problem(header: Any, arrays: Sequence[str]) -> str | None:
+    """Why a task handed to a site's worker is not fedbridge's schema (None when it is)."""
+    if not isinstance(header, dict) or set(header) != {"kind", "config"}:
+        return "the header is not {kind, config}"
+    if header["kind"] not in ("train", "evaluate"):
+        return "the kind is not train or evaluate"
+    config = header["config"]
+    if not isinstance(config, dict) or not set(config) <= TASK_KEYS:
+        return "config keys outside the round task"
+    if not {SPEC_JSON, SERVER_ROUND} <= set(config):
+        return "no model spec or round"
+    if list(arrays) != [WEIGHTS]:
+        return f"arrays other than one packed {WEIGHTS!r}"
+    return None

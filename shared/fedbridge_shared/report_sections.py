@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,13 @@ UNKNOWN = "unknown"
 
 
 def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """HTML-escaped text; invisible and bidirectional control characters (a right-to-left
+    override in a name) are written as visible ``\\u202e`` escapes, never raw."""
+    text = "".join(
+        f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cf", "Cc") and c not in "\t\n" else c
+        for c in str(value)
+    )
+    return html.escape(text, quote=True)
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -142,6 +149,11 @@ def _stage_detail(training: Mapping[str, Any]) -> str:
         sites = sorted({s for r in training.get("history") or [] for s in r.get("sites") or []})
         parts.append(
             f"{training['rounds']} federated round(s), best round {training.get('best_round')}"
+            + (
+                f" ({training['best_round_chosen_by']})"
+                if training.get("best_round_chosen_by")
+                else ""
+            )
             + (f", sites {', '.join(sites)}" if sites else "")
         )
     elif training.get("history"):

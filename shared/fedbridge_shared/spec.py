@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from fedbridge_shared import __version__
 from fedbridge_shared.data.pixels import INTENSITIES
 from fedbridge_shared.errors import BundleError
-from fedbridge_shared.files import atomic_dir, strict_json
+from fedbridge_shared.files import atomic_dir, max_model_bytes, read_regular, strict_json
 from fedbridge_shared.modality import MODALITIES
 
 WEIGHTS_FILE = "model.safetensors"
@@ -236,12 +236,13 @@ def load_bundle(path: Path) -> Bundle:
     except BundleError as e:
         raise BundleError(f"{path / SPEC_FILE}: {e}") from e
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
+    if not weights.exists():
         raise BundleError(f"{weights}: missing")
     # One read serves both the hash check and the tensors: no gap between checking and using,
-    # and no memory map a later in-place edit of the file could change behind our back.
+    # and no memory map a later in-place edit of the file could change behind our back. Its
+    # kind and size are checked first: a FIFO, /dev/zero or a huge sparse file is never read.
     try:
-        data = weights.read_bytes()
+        data = read_regular(weights, limit=max_model_bytes())
     except OSError as e:
         raise BundleError(f"{weights}: unreadable ({e.strerror})") from e
     digest = hashlib.sha256(data).hexdigest()

@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedbridge_shared import defaults
 from fedbridge_shared.data.augment import PRESETS
 from fedbridge_shared.data.samples import FolderIndex, Sample, scan_folder
 from fedbridge_shared.data.sources import sample_sources
-from fedbridge_shared.data.split import assign_parts
+from fedbridge_shared.data.split import assign_parts, copy_groups
 from fedbridge_shared.data.tensors import images_per_epoch, load_images, make_loader
+from fedbridge_shared.data.validate import validate_index
 from fedbridge_shared.engine import fit, predict
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.files import check_writable
@@ -134,16 +136,30 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def usable_index(data: Path, manifest: Path | None = None) -> FolderIndex:
-    """Scan a training folder, refusing empty class folders."""
+def usable_index(
+    data: Path,
+    manifest: Path | None = None,
+    *,
+    allow: Iterable[str] = (),
+    console: Console | None = None,
+) -> FolderIndex:
+    """Scan a training folder through the shared dataset validation (``allow`` waives kinds;
+    waived problems are printed on ``console``), refusing empty class folders."""
     index = scan_folder(Path(data), manifest)
+    for text in validate_index(index, allow=allow):
+        if console is not None:
+            console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
     if index.empty_classes:
         raise DataError(f"{Path(data) / index.empty_classes[0]}: empty class folder")
     return index
 
 
 def union_index(
-    folders: Sequence[Path], manifest: Path | None = None
+    folders: Sequence[Path],
+    manifest: Path | None = None,
+    *,
+    allow: Iterable[str] = (),
+    console: Console | None = None,
 ) -> tuple[FolderIndex, list[dict[str, Any]]]:
     """Several class-folder trees as one: labels united by name, samples of every folder.
 
@@ -160,7 +176,7 @@ def union_index(
     dupes = [str(f) for f, r in zip(folders, resolved, strict=True) if resolved.count(r) > 1]
     if dupes:
         raise ConfigError(f"{dupes[0]}: data folder given twice")
-    indexes = [usable_index(f, manifest) for f in folders]
+    indexes = [usable_index(f, manifest, allow=allow, console=console) for f in folders]
     records = [
         {"path": str(i.root), "labels": list(i.labels), "counts": i.counts(),
          "patients": len({s.patient_id for s in i.samples}), "patient_ids": i.patient_source}
@@ -205,6 +221,7 @@ def run_stage(
     device: str = "auto",
     force: bool = False,
     console: Console | None = None,
+    allow: Iterable[str] = (),
 ) -> tuple[Path, dict[str, Any]]:
     """Train one central stage on a class-folder tree and write a bundle to ``out``.
 
@@ -228,7 +245,7 @@ def run_stage(
     started = time.perf_counter()
     dev = resolve_device(device)  # a bad --device fails before any image is read
     folders = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
-    index, folder_records = union_index(folders, manifest)
+    index, folder_records = union_index(folders, manifest, allow=allow, console=console)
     seed_everything(config.seed)
     model, spec = init_model(init, index.labels, arch, image_size)
     if config.intensity is not None:
@@ -248,6 +265,7 @@ def run_stage(
             index.samples,
             {"train": 1 - config.val_fraction, "val": config.val_fraction},
             config.seed,
+            group_of=copy_groups(index.samples)[0],  # a copy never validates its original
         )
     if len(parts["val"]) < 2:
         parts = {"train": list(index.samples), "val": []}
@@ -360,6 +378,7 @@ def evaluate_bundle(
     tta: bool = defaults.TTA,
     label_map: Mapping[str, Sequence[str]] | None = None,
     console: Console | None = None,
+    allow: Iterable[str] = (),
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Predict every image of ``data`` and compute the paper's metrics with bootstrap CIs.
 
@@ -376,6 +395,8 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_path)
     spec = bundle.spec
     index = scan_folder(Path(data), manifest)
+    for text in validate_index(index, allow=allow):
+        console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
     mapping = resolve_label_map(index.labels, spec.labels, label_map, where=Path(data))
     if not index.samples:
         raise DataError(f"{data}: no images to evaluate")
@@ -421,6 +442,10 @@ def evaluate_bundle(
     if tta:
         metrics["tta"] = list(views_for(spec.modality))
     metrics["data"] = {"path": str(Path(data).resolve()), "patient_ids": index.patient_source}
+    overlap = training_data_overlap(bundle.training, data)
+    if overlap:
+        metrics["warnings"] = [overlap]
+        console.print(f"[bold red]WARNING:[/] {escape(overlap)}", highlight=False)
     return metrics, y, probs
 
 
@@ -432,3 +457,21 @@ def scored_samples(
     if mapping is None:
         return list(samples)
     return [s for s in samples if len(mapping.get(s.label, (s.label,))) == 1]
+
+
+def training_data_overlap(training: dict[str, Any], data: Path) -> str | None:
+    """A warning when ``data`` is (inside, or holds) the folder the bundle was trained on, as
+    recorded in model.json; None otherwise (federated bundles record no site paths)."""
+    recorded = training.get("data")
+    if not recorded:
+        return None
+    here = Path(data).resolve()
+    for folder in str(recorded).split(" + "):  # a bridge on several folders joins them
+        trained = Path(folder).resolve()
+        if here == trained or here.is_relative_to(trained) or trained.is_relative_to(here):
+            return (
+                f"evaluated on {here}, which overlaps the bundle's own training data {trained} "
+                "(recorded in model.json): these numbers measure memory, not performance on "
+                "new patients"
+            )
+    return None

@@ -1,5 +1,7 @@
 """A hospital site without Flower: local training, evaluation, label checks, determinism."""
 
+import shutil
+
 import pytest
 import torch
 from badinputs import make_class_tree
@@ -68,8 +70,21 @@ def test_evaluate_reports_validation_loss_and_accuracy(site_and_model):
 def test_site_with_other_class_names_is_refused_before_training(site_and_model, oct_root, tmp_path):
     _, spec, state = site_and_model
     other = Site(make_class_tree(tmp_path / "oct", oct_root, per_class=2), "site-9")
-    with pytest.raises(DataError, match="site site-9: class folders .* differ"):
+    with pytest.raises(DataError, match=r"site site-9: class folders \[.*\] are not among"):
         other.train(task(spec), state)
+
+
+def test_a_site_without_one_class_trains_on_what_it_has(oct_root, tmp_path):
+    data = make_class_tree(tmp_path / "oct", oct_root, per_class=6)
+    shutil.rmtree(data / "DRUSEN")  # this hospital has no DRUSEN cases
+    site = Site(data, "site-2")
+    model, spec = init_model("none", ("CNV", "DME", "DRUSEN", "NORMAL"), "test_efficientnet", 32)
+    state = shared_state(model)
+    new, reply = site.train(task(spec), state)
+    assert any(not torch.equal(new[k], state[k]) for k in state)
+    assert reply.counts_by_label(spec.labels)["DRUSEN"] == 0
+    assert all(reply.counts_by_label(spec.labels)[k] > 0 for k in ("CNV", "DME", "NORMAL"))
+    assert site.evaluate(task(spec), new).class_counts[spec.labels.index("DRUSEN")] == 0
 
 
 def test_the_last_round_of_the_federation_ends_the_cosine_schedule(site_and_model):

@@ -102,7 +102,11 @@ def test_the_clientapp_path_through_the_worker_equals_the_site_itself(site_data,
     assert metrics["train-loss"] == pytest.approx(direct.train_loss)
     assert reply[P.SITE][P.SITE_NAME] == "site-x"
     evaluated = client_app._in_worker(worker_socket, _message("evaluate", spec, state))
-    assert P.ARRAYS not in evaluated and dict(evaluated[P.METRICS])["val-accuracy"] >= 0
+    assert P.ARRAYS not in evaluated
+    direct_eval = Site(data, "site-x").evaluate(RoundTask(spec.to_dict(), SETTINGS, 2, 3), state)
+    assert direct_eval.num_examples > 0  # the comparison below has images behind it
+    assert dict(evaluated[P.METRICS])["val-accuracy"] == pytest.approx(direct_eval.val_accuracy)
+    assert dict(evaluated[P.METRICS])["val-loss"] == pytest.approx(direct_eval.val_loss)
 
 
 def test_a_failing_task_and_a_missing_worker_are_reported_as_site_errors(
@@ -112,9 +116,17 @@ def test_a_failing_task_and_a_missing_worker_are_reported_as_site_errors(
     other = spec.to_dict() | {"labels": ["A", "B"]}  # classes this site does not have
     msg = _message("train", spec, state)
     msg.content[P.CONFIG][P.SPEC_JSON] = json.dumps(other)
-    with pytest.raises(client_app.SiteError, match="DataError"):
+    with pytest.raises(P.SiteFailure, match="refused the task: labels_differ") as refused:
         client_app._in_worker(worker_socket, msg)
+    # what crosses the wire is a code and a count, never the message with the site's folders
+    assert refused.value.wire() == '{"error": "labels_differ", "count": 1}'
+    # a task outside fedbridge's schema (an extra key) is refused before the data is touched
+    odd = _message("evaluate", spec, state)
+    odd.content[P.CONFIG]["walk"] = "/"
+    with pytest.raises(P.SiteFailure, match="bad_task"):
+        client_app._in_worker(worker_socket, odd)
     # the worker survives a failed task and serves the next one
     assert client_app._in_worker(worker_socket, _message("evaluate", spec, state))[P.METRICS]
-    with pytest.raises(client_app.SiteError, match="worker is not running"):
+    with pytest.raises(P.SiteFailure, match="worker is not running") as down:
         client_app._in_worker(str(tmp_path / "gone.sock"), msg)
+    assert down.value.code == P.SiteErrorCode.WORKER_DOWN

@@ -8,6 +8,7 @@ import pytest
 from cli import assert_one_line_error, fedbridge, ok
 
 from fedbridge_edge.modelfile import KEY_SHA, OUTPUTS, read_edge_model
+from fedbridge_edge.outputs import output_names
 from fedbridge_edge.preprocess import list_images
 from fedbridge_edge.runtime import Predictor
 
@@ -46,7 +47,7 @@ def test_predict_writes_json_and_overlay_and_flags_ood(
     test_images = list_images([cxr_parts["test"]])
     out = tmp_path / "pred"
     ok("edge", "predict", edge_onnx, cxr_parts["test"], photo_png, noise_png, "--out", out)
-    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    records = {p.name[: -len(".json")]: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert len(records) == len(test_images) + 2
     sha = read_edge_model(edge_onnx).sha256
     for r in records.values():
@@ -62,7 +63,8 @@ def test_predict_writes_json_and_overlay_and_flags_ood(
         assert r["latency_ms"] > 0 and (out / r["overlay"]).stat().st_size > 500
     assert records["photo"]["ood"] is True
     assert records["noise"]["ood"] is True
-    cxr = [records[p.stem] for p in test_images]
+    names = output_names(test_images, [cxr_parts["test"]])  # class%2Fimage
+    cxr = [records[n] for n in names]
     flagged = np.mean([r["ood"] for r in cxr])
     assessed = [(r, p) for r, p in zip(cxr, test_images, strict=True) if not r["ood"]]
     accuracy = np.mean([r["label"] == p.parent.name for r, p in assessed])

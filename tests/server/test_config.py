@@ -4,7 +4,7 @@ import pytest
 
 from fedbridge_server.config import FederationConfig
 from fedbridge_shared.errors import ConfigError
-from fedbridge_shared.protocol import LocalSettings
+from fedbridge_shared.protocol import LocalSettings, RecordDP, RoundTask
 
 
 def test_flat_keys_round_trip_through_nested_dataclasses():
@@ -88,3 +88,88 @@ def test_flwr_run_paths_must_be_absolute_and_sites_set_the_supernodes(tmp_path):
     with pytest.raises(ConfigError, match="lists 3 folders but .* has 2 SuperNodes.*= 3"):
         _check_supernodes(TwoNodes(), 3, settle=0.1)
     _check_supernodes(TwoNodes(), 2, settle=0.1)
+
+
+@pytest.mark.parametrize(
+    ("flat", "needle"),
+    [
+        ({"batch-size": "1e400"}, "'batch-size' must be int (finite), got '1e400'"),
+        ({"batch-size": 100_000}, "invalid value for 'batch-size'"),
+        ({"local-epochs": 0}, "invalid value for 'local-epochs'"),
+        ({"fedadam.beta-1": 5}, "invalid value for 'fedadam.beta-1'"),
+        ({"fedadam.beta-1": 1}, "invalid value for 'fedadam.beta-1'"),
+        ({"fedadam.beta-2": -0.1}, "invalid value for 'fedadam.beta-2'"),
+        ({"fedadam.eta": -1}, "invalid value for 'fedadam.eta'"),
+        ({"fedadam.eta": 0}, "invalid value for 'fedadam.eta'"),
+        ({"fedadam.tau": "nan"}, "invalid value for 'fedadam.tau'"),
+        ({"round-timeout": "inf"}, "invalid value for 'round-timeout'"),
+        ({"dp.noise-multiplier": 1e300}, "invalid value for 'dp.noise-multiplier'"),
+        ({"dp.target-epsilon": 1e-12}, "invalid value for 'dp.target-epsilon'"),
+        ({"label-smoothing": 1}, "invalid value for 'label-smoothing'"),
+        ({"proximal-mu": "nan"}, "invalid value for 'proximal-mu'"),
+        ({"threads": 10**6}, "invalid value for 'threads'"),
+    ],
+)
+def test_every_key_has_bounds_and_huge_numbers_are_one_error(flat, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        FederationConfig.from_flat(flat)
+
+
+@pytest.mark.parametrize(
+    ("flat", "needle"),
+    [
+        ({"dp.level": "patient"}, "'dp.level' ('patient'): site .* or record"),
+        ({"dp.max-grad-norm": 0}, "'dp.max-grad-norm' (0.0)"),
+        ({"dp.max-grad-norm": 1e9}, "'dp.max-grad-norm'"),
+        (
+            {"dp.enabled": True, "dp.level": "record", "strategy": "fedprox"},
+            "'proximal-mu'.*FedProx's term",
+        ),
+        ({"dp.enabled": True, "dp.level": "record", "balanced": True}, "'balanced'.*Poisson"),
+        ({"dp.enabled": True, "secure-aggregation": True}, "'secure-aggregation'"),
+    ],
+)
+def test_record_level_dp_settings_are_bounded(flat, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        FederationConfig.from_flat(flat)
+
+
+def test_the_edges_of_the_bounds_are_accepted():
+    cfg = FederationConfig.from_flat(
+        {"fedadam.beta-1": 0, "fedadam.beta-2": 0.999, "fedadam.eta": 10, "batch-size": 4096}
+    )
+    assert cfg.fedadam.beta_1 == 0 and cfg.local.batch_size == 4096
+
+
+def test_a_set_key_that_disagrees_with_a_typed_option_is_refused(tmp_path):
+    from fedbridge_server.config import merge_overrides
+
+    flat = {"out": str(tmp_path / "A"), "num-server-rounds": 1, "min-available-sites": 2}
+    given = {"out": "--out", "num-server-rounds": "--rounds", "min-available-sites": "--sites"}
+    for key, value, option in [
+        ("out", str(tmp_path / "B"), "--out"),
+        ("num-server-rounds", "2", "--rounds"),
+        ("min-available-sites", "5", "--sites"),
+    ]:
+        with pytest.raises(ConfigError, match=f"--set {key}=.* disagrees with {option}"):
+            merge_overrides(flat, {key: value}, given=given)
+    # the same value twice, a key no option set, or an option left at its default: fine
+    same = {"out": str(tmp_path / "x" / ".." / "A"), "num-server-rounds": "1.0"}
+    assert merge_overrides(flat, same, given=given)["num-server-rounds"] == "1.0"
+    assert merge_overrides(flat, {"lr": "0.1"}, given=given)["lr"] == "0.1"
+    assert merge_overrides(flat, {"out": "B"}, given={})["out"] == "B"
+
+
+def test_record_level_dp_goes_to_the_sites_and_works_with_secure_aggregation():
+    cfg = FederationConfig.from_flat(
+        {"dp.enabled": True, "dp.level": "record", "dp.target-epsilon": 3, "dp.max-grad-norm": 2,
+         "secure-aggregation": True, "strategy": "fedavg"}
+    )  # fmt: skip
+    dp = cfg.record_dp()
+    assert dp == RecordDP(max_grad_norm=2.0, noise_multiplier=0.0, target_epsilon=3.0, delta=1e-5)
+    task = RoundTask({"arch": "x"}, cfg.local_settings(), 1, 2, dp)
+    assert RoundTask.from_config(task.to_config()).dp == dp
+    assert RoundTask.from_config(RoundTask({}, cfg.local_settings(), 1, 2).to_config()).dp is None
+    assert FederationConfig.from_flat({"dp.enabled": True}).record_dp() is None  # site level
+    fedadam = {"dp.enabled": True, "dp.level": "record", "strategy": "fedadam"}
+    assert FederationConfig.from_flat(fedadam).dp.record_level  # sites' outputs are already DP

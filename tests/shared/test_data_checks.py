@@ -64,7 +64,7 @@ def test_duplicates_same_class_warn_and_across_classes_error(cxr_root, tmp_path)
     assert "NORMAL" in errors[0] and "VIRAL_PNEUMONIA" in errors[0]
 
 
-def test_patient_in_two_classes_and_label_mismatch_warn(cxr_root, tmp_path):
+def test_patient_in_two_classes_warns_and_label_mismatch_is_an_error(cxr_root, tmp_path):
     root = make_class_tree(tmp_path / "data", cxr_root, per_class=1)
     a = next((root / "COVID19").iterdir())
     b = next((root / "NORMAL").iterdir())
@@ -72,10 +72,16 @@ def test_patient_in_two_classes_and_label_mismatch_warn(cxr_root, tmp_path):
         f"path,label,patient_id\nCOVID19/{a.name},COVID19,p1\nNORMAL/{b.name},COVID19,p1\n"
     )
     report = check_folder(root)
+    assert not report.ok  # issue #30: a manifest contradicting a folder is refused ...
+    assert any("1 of 4 images have another label" in e for e in _messages(report, "error"))
+    assert any(b.name in i and "gives label 'COVID19'" in i for i in _messages(report, "info"))
+    report = check_folder(root, allow={"manifest-conflict"})  # ... unless the user allows it
     assert report.ok
     warnings = _messages(report, "warning")
     assert any("patient p1 has images in several classes: COVID19, NORMAL" in w for w in warnings)
-    assert any(b.name in w and "gives label 'COVID19'" in w for w in warnings)
+    assert any(
+        "another label" in w and "allowed by --allow-manifest-conflict" in w for w in warnings
+    )
     assert any("2 of 4 images are not listed in manifest" in w for w in warnings)
 
 

@@ -127,7 +127,7 @@ def test_dicom_is_recognised_by_content_whatever_the_suffix(bad_inputs, tmp_path
     np.testing.assert_array_equal(read_image(disguised), read_image(bad_inputs["dicom_mono1"]))
 
 
-def test_multiframe_dicom_uses_first_frame(bad_inputs, tmp_path, grey):
+def test_multiframe_dicom_is_refused_not_read_as_its_first_frame(bad_inputs, tmp_path, grey):
     ds = pydicom.dcmread(bad_inputs["dicom_mono1"])
     frames = np.stack([grey, 255 - grey]).astype(np.uint16)
     ds.NumberOfFrames = 2
@@ -137,8 +137,8 @@ def test_multiframe_dicom_uses_first_frame(bad_inputs, tmp_path, grey):
     ds.PixelData = frames.tobytes()
     path = tmp_path / "multi.dcm"
     ds.save_as(path, enforce_file_format=True)
-    expected = np.rint((grey - grey.min()) * 255 / (grey.max() - grey.min()))
-    assert np.abs(read_image(path) - expected).max() <= 1
+    with pytest.raises(DataError, match=r"multi.dcm: multi-frame DICOM \(2 frames\)"):
+        read_image(path)  # issue #30: frame 1 was used silently
 
 
 def test_rgb_dicom_becomes_luminance(bad_inputs, tmp_path, grey):

@@ -16,9 +16,10 @@ from rich.markup import escape
 from fedbridge.cli import data, demo, deploy, edge, explain, federate, stages
 from fedbridge.cli.aliases import rewrite
 from fedbridge.cli.extras import missing_extra_message
-from fedbridge.cli.options import shown
+from fedbridge.cli.options import ascii_safe_streams, shown
 from fedbridge.cli.quiet import quiet_third_party
 from fedbridge_shared.errors import FedbridgeError
+from fedbridge_shared.files import stop_signals_raise
 
 app = typer.Typer(
     name="fedbridge",
@@ -65,8 +66,21 @@ def root(
     _state["debug"] = debug
 
 
+def entry() -> None:
+    """The console script: under a locale whose file-name encoding is not UTF-8 (``LC_ALL=C``
+    with ``PYTHONUTF8=0``) run again in Python's UTF-8 mode, so valid UTF-8 file names are
+    read as such (never called invalid) and written back unchanged; then :func:`main`."""
+    import os
+
+    if not sys.flags.utf8_mode and sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"):
+        os.execv(sys.executable, [sys.executable, "-X", "utf8", "-m", "fedbridge", *sys.argv[1:]])
+    main()
+
+
 def main() -> None:
     """Entry point: user-facing errors become one line on stderr and exit code 2."""
+    ascii_safe_streams()
+    stop_signals_raise()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     quiet_third_party()
     sys.argv[1:] = rewrite(sys.argv[1:], note=lambda text: err.print(f"[yellow]note:[/] {text}"))

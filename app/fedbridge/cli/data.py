@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedbridge.cli.options import AsJson, Manifest, Seed, make_console, print_json, shown
+from fedbridge.cli.options import (
+    AllowManifestConflict,
+    AllowSharedFiles,
+    AllowSimilarLabels,
+    AsJson,
+    Manifest,
+    Seed,
+    allowed,
+    make_console,
+    print_json,
+    shown,
+)
 
 app = typer.Typer(help="Check, split and import image datasets.", no_args_is_help=True)
 out = make_console()
@@ -20,6 +31,9 @@ def check(
     data: Annotated[Path, typer.Argument(help="Folder of class folders.")],
     manifest: Manifest = None,
     as_json: AsJson = False,
+    allow_shared_files: AllowSharedFiles = False,
+    allow_similar_labels: AllowSimilarLabels = False,
+    allow_manifest_conflict: AllowManifestConflict = False,
 ) -> None:
     """Count images per class, find unreadable files, duplicates and patient leakage."""
     from rich.progress import Progress
@@ -29,7 +43,14 @@ def check(
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("checking images", total=None)
         report = check_folder(
-            data, manifest, progress=lambda i, n: bar.update(task, completed=i, total=n)
+            data,
+            manifest,
+            progress=lambda i, n: bar.update(task, completed=i, total=n),
+            allow=allowed(
+                shared_files=allow_shared_files,
+                similar_labels=allow_similar_labels,
+                manifest_conflict=allow_manifest_conflict,
+            ),
         )
     index = report.index
     if as_json:
@@ -37,7 +58,7 @@ def check(
         if report.errors:
             raise typer.Exit(1)
         return
-    table = Table(title=f"{shown(data)} — {len(index.samples)} images, {len(index.labels)} classes")
+    table = Table(title=f"{shown(data)} - {len(index.samples)} images, {len(index.labels)} classes")
     table.add_column("class")
     table.add_column("images", justify="right")
     table.add_column("patients", justify="right")
@@ -55,7 +76,7 @@ def check(
             )
         )
     for f in report.findings:
-        colour = "red" if f.level == "error" else "yellow"
+        colour = {"error": "red", "warning": "yellow"}.get(f.level, "cyan")
         where = f"{shown(f.path)}: " if f.path else ""
         out.print(
             f"[{colour}]{f.level}[/]: {where}{shown(f.message)}", soft_wrap=True, highlight=False
@@ -108,16 +129,32 @@ def split(
             "with concentration ALPHA (0.5: strong skew). Bridge and test stay as without it.",
         ),
     ] = None,
+    allow_shared_files: AllowSharedFiles = False,
+    allow_similar_labels: AllowSimilarLabels = False,
+    allow_manifest_conflict: AllowManifestConflict = False,
 ) -> None:
     """Patient-disjoint, class-stratified split into bridge / site-1..N / test folders."""
     from fedbridge_shared.data.split import split_folder
     from fedbridge_shared.files import check_writable
 
     check_writable(out_dir)
-    result = split_folder(
-        data, out_dir, sites, bridge_fraction, test_fraction, seed, manifest, skew=skew
+    allow = allowed(
+        shared_files=allow_shared_files,
+        similar_labels=allow_similar_labels,
+        manifest_conflict=allow_manifest_conflict,
     )
-    table = Table(title=f"split of {data} → {result.out}")
+    result = split_folder(
+        data, out_dir, sites, bridge_fraction, test_fraction, seed, manifest, skew=skew,
+        allow=allow,
+    )  # fmt: skip
+    for text in result.warnings:
+        err.print(f"[yellow]warning:[/] {shown(text)}", highlight=False)
+    if result.copies:
+        err.print(
+            f"note: {result.copies} files are byte-identical copies of each other; each copy "
+            "was kept in the same part as its original"
+        )
+    table = Table(title=f"split of {shown(data)} -> {shown(result.out)}")
     labels = sorted({s.label for part in result.parts.values() for s in part})
     table.add_column("part")
     for label in labels:

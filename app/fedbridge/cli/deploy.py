@@ -29,7 +29,6 @@ from fedbridge.cli.federate import (
     folder_labels,
     run_config,
 )
-from fedbridge.cli.options import Augment as AugmentPreset
 from fedbridge.cli.options import (
     Seed,
     Tracking,
@@ -60,16 +59,34 @@ def certs(
             "--cert-host", help="Name or IP the sites use to reach the SuperLink (repeat)."
         ),
     ] = None,
-    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    days: Annotated[int, typer.Option(help="Validity of the server certificate in days.")] = 365,
+    ca_days: Annotated[int, typer.Option(help="Validity of a new CA in days.")] = 3650,
+    renew: Annotated[
+        bool,
+        typer.Option(
+            "--renew",
+            help="Keep the CA in OUT (the sites' ca.crt stays valid) and issue a new server "
+            "certificate.",
+        ),
+    ] = False,
     force: Force = False,
 ) -> None:
-    """Create a private CA and the SuperLink's TLS certificate (localhost is always included)."""
+    """Create a private CA and the SuperLink's TLS certificate, for this machine's host name,
+    the --cert-host names and localhost; prints the CA's SHA-256 fingerprint."""
     from fedbridge_shared import pki
 
-    files = pki.make_certs(out, [*pki.DEFAULT_HOSTS, *(hosts or [])], days=days, force=force)
+    files = pki.make_certs(
+        out, pki.default_hosts(hosts or []), days=days, force=force, ca_days=ca_days, renew=renew
+    )
     console = make_console()
-    console.print(f"wrote {', '.join(p.name for p in files.values())} to {out}")
-    console.print(f"give {files[pki.CA_CERT]} to every site; keep ca.key and server.key private")
+    written = (pki.SERVER_CERT, pki.SERVER_KEY) if renew else tuple(files)
+    console.print(f"wrote {', '.join(written)} to {out}")
+    console.print(f"server certificate for: {', '.join(pki.default_hosts(hosts or []))}")
+    console.print(f"CA SHA-256 fingerprint: {pki.fingerprint(files[pki.CA_CERT])}")
+    console.print(
+        f"give {files[pki.CA_CERT]} to every site and read them the fingerprint over a second "
+        "channel (phone); keep ca.key and server.key private"
+    )
 
 
 @server_app.command("start")
@@ -104,7 +121,7 @@ def start(
     rounds: Rounds = defaults.ROUNDS,
     strategy: Strategy = StrategyName(defaults.STRATEGY),
     augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
-    augment: Augment = AugmentPreset(defaults.AUGMENT),
+    augment: Augment = None,
     local_epochs: LocalEpochs = defaults.LOCAL_EPOCHS,
     lr: Lr = defaults.LR,
     batch_size: BatchSize = defaults.BATCH_SIZE,

@@ -229,53 +229,55 @@ def predict(
 ) -> None:
     """Predict each image: IMAGE.json (label, scores, OOD, markers) and IMAGE.overlay.png;
     predictions.csv and predictions.jsonl summarise the run, one row per image."""
-    from fedbridge_edge import summary
+    from fedbridge_edge import outputs, summary
     from fedbridge_edge.errors import EdgeError
     from fedbridge_edge.preprocess import list_images
-    from fedbridge_edge.runtime import Predictor, unique_stems, write_prediction
+    from fedbridge_edge.runtime import Predictor, write_prediction
     from fedbridge_shared.errors import DataError
+    from fedbridge_shared.files import atomic_dir
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir}: is a file; give a folder")
-    if (out_dir / summary.JSONL).exists() and not force:
-        raise ConfigError(
-            f"--out {out_dir}: holds an earlier run's predictions; add --force to replace them"
-        )
+    outputs.check_out(out_dir, inputs, force=force)
     shown_on = err if as_json else out  # --json: the document alone on stdout
     images = list_images(inputs)
     if not images:
         raise ConfigError(f"no PNG/JPEG/DICOM images in {', '.join(map(str, inputs))}")
     if dicom and not any(_is_dicom(p) for p in images):
         raise ConfigError("--dicom: none of the inputs is a DICOM file")
+    names = outputs.output_names(images, inputs)
     predictor = Predictor(model, backend.value, threads, map_normal=map_normal)
     if dicom:
         from fedbridge_edge import dicom_out
     failed, rows = 0, []
-    for path, stem in zip(images, unique_stems(images), strict=True):
-        try:
-            pred = predictor.predict_file(path)
-            results = None
-            if dicom and _is_dicom(path):
-                header = dicom_out.read_header(path)
-                results = dicom_out.build(
-                    pred.record, pred.overlay_png(max_side=dicom_out.SC_MAX_SIDE), header,
-                    codes=predictor.codes, name=str(path),
-                )  # fmt: skip
-        except (DataError, EdgeError) as e:
-            if len(images) == 1:
-                raise
-            failed += 1
-            rows.append(summary.error_row(path, str(e), predictor.sha256))
-            err.print(f"[red]skipped[/] {shown(e)}")
-            continue
-        write_prediction(pred, out_dir, stem)
-        if results is not None:
-            dicom_out.write(*results, out_dir, stem)
-        rows.append(summary.row(pred.record, path))
-        if as_json:
-            rows[-1]["scores"] = pred.record.scores
-        shown_on.print(f"{shown(path.name)}: {verdict(pred)}  {pred.latency_ms:.1f} ms")
-    summary.write(rows, out_dir)
+    before = outputs.written_before(out_dir)
+    with atomic_dir(out_dir, replace=out_dir.exists()) as tmp:
+        for path, stem in zip(images, names, strict=True):
+            try:
+                pred = predictor.predict_file(path)
+                results = None
+                if dicom and _is_dicom(path):
+                    header = dicom_out.read_header(path)
+                    results = dicom_out.build(
+                        pred.record, pred.overlay_png(max_side=dicom_out.SC_MAX_SIDE), header,
+                        codes=predictor.codes, name=str(path),
+                    )  # fmt: skip
+            except (DataError, EdgeError) as e:
+                if len(images) == 1:
+                    raise
+                failed += 1
+                rows.append(summary.error_row(path, str(e), predictor.sha256))
+                err.print(f"[red]skipped[/] {shown(e)}")
+                continue
+            write_prediction(pred, tmp, stem)
+            if results is not None:
+                dicom_out.write(*results, tmp, stem)
+            rows.append(summary.row(pred.record, path))
+            if as_json:
+                rows[-1]["scores"] = pred.record.scores
+            shown_on.print(f"{shown(path.name)}: {verdict(pred)}  {pred.latency_ms:.1f} ms")
+        summary.write(rows, tmp)
+        written = {p.name for p in tmp.iterdir()}
+        outputs.write_marker(tmp, written)
+    outputs.remove_stale(out_dir, before, written | {outputs.MARKER})
     shown_on.print(f"{len(images) - failed} predictions in {out_dir} ({predictor.backend})")
     if as_json:
         print_json(
@@ -385,6 +387,23 @@ def listen(
             metavar="DAYS",
         ),
     ] = None,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            help="Largest image (rows × columns × frames); a dataset over 2 bytes a pixel at "
+            "this limit (+16 MiB) is cut while it arrives, a larger image is refused before "
+            "decoding."
+        ),
+    ] = 40_000_000,
+    max_associations: Annotated[
+        int, typer.Option(help="Associations open at once; beyond, connections are closed.")
+    ] = 16,
+    max_per_peer: Annotated[
+        int, typer.Option(help="Associations open at once from one peer address.")
+    ] = 4,
+    max_association_s: Annotated[
+        float, typer.Option(help="Seconds an association may stay open in all.")
+    ] = 600.0,
     backend: BackendOpt = Backend.auto,
     threads: Threads = None,
 ) -> None:
@@ -395,7 +414,8 @@ def listen(
     import signal
     import threading
 
-    from fedbridge_edge.listen import Destination, Listener, check_ae_title
+    from fedbridge_edge.dicom_guard import Bounds
+    from fedbridge_edge.listen import Destination, Listener, check_ae_title, max_dataset_bytes
     from fedbridge_edge.outbox import private_dir
     from fedbridge_edge.runtime import Predictor
     from fedbridge_shared.files import check_writable
@@ -406,6 +426,18 @@ def listen(
         raise ConfigError(f"--timeout {timeout}: must be in (0, 600] seconds")
     if retention is not None and not 0 < retention <= 36500:
         raise ConfigError(f"--retention {retention}: must be in (0, 36500] days")
+    if not 64 <= max_pixels <= 1_000_000_000:
+        raise ConfigError(f"--max-pixels {max_pixels}: must be in [64, 1000000000]")
+    if not 1 <= max_associations <= 1000:
+        raise ConfigError(f"--max-associations {max_associations}: must be in [1, 1000]")
+    if not 1 <= max_per_peer <= max_associations:
+        raise ConfigError(
+            f"--max-per-peer {max_per_peer}: must be in [1, --max-associations {max_associations}]"
+        )
+    if not timeout < max_association_s <= 86400:
+        raise ConfigError(
+            f"--max-association-s {max_association_s}: must be in (--timeout {timeout}, 86400]"
+        )
     check_ae_title(ae_title, option="--ae-title")
     dest = Destination.parse(forward) if forward is not None else None
     if out_dir.exists() and not out_dir.is_dir():
@@ -420,9 +452,13 @@ def listen(
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # ours says it in one line
+    bounds = Bounds(
+        timeout=timeout, lifetime=max_association_s, max_associations=max_associations,
+        per_peer=max_per_peer, max_bytes=max_dataset_bytes(max_pixels),
+    )  # fmt: skip
     listener = Listener(
         predictor, out=out_dir, ae_title=ae_title, forward=dest, timeout=timeout,
-        retention_days=retention,
+        retention_days=retention, max_pixels=max_pixels, bounds=bounds,
     )  # fmt: skip
     if listener.outbox is not None:
         waiting = listener.outbox.status()

@@ -25,6 +25,7 @@ from fedbridge.cli.options import (
 from fedbridge.cli.options import Augment as AugmentPreset
 from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
+from fedbridge_shared.errors import FedbridgeError
 
 app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is_help=True)
 
@@ -33,7 +34,10 @@ Out = Annotated[Path, typer.Option("--out", help="Final (best-round) bundle.")]
 Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
 Strategy = Annotated[StrategyName, typer.Option(help="Federated aggregation.")]
 AugmentPerSample = Annotated[int, typer.Option(help="Offline ×N expansion per site.")]
-Augment = Annotated[AugmentPreset, typer.Option(help="Augmentation preset.")]
+Augment = Annotated[
+    AugmentPreset | None,
+    typer.Option(help="Augmentation preset (default: the bridge bundle's modality's, else cxr)."),
+]
 LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 Lr = Annotated[float, typer.Option(help="Local AdamW learning rate.")]
 BatchSize = Annotated[int, typer.Option(help="Local batch size.")]
@@ -82,6 +86,36 @@ def folder_labels(folder: Path | None) -> str | None:
     return ",".join(scan_folder(Path(folder)).labels)
 
 
+def site_labels(init: Path, sites: list[Path]) -> str | None:
+    """The target labels of a simulation: the bridge bundle's when every site's class folders
+    are among them (a site lacking a class still takes part), else the first site's folders
+    (the federation retargets the bridge to them; a site with other classes is refused)."""
+    from fedbridge_shared.spec import read_bundle_record
+
+    found = [folder_labels(s) for s in sites]
+    if not found or found[0] is None:
+        return None
+    try:
+        bridge = read_bundle_record(Path(init))["spec"]["labels"]
+    except (FedbridgeError, KeyError, TypeError):
+        return found[0]  # the bundle's own error comes with the preflight
+    if all(f is not None and set(f.split(",")) <= set(bridge) for f in found):
+        return ",".join(bridge)
+    return found[0]
+
+
+def augment_preset(augment: str | None, init: Path) -> str:
+    """``--augment`` when given, else the preset of the bridge bundle's modality (an OCT
+    bridge gets OCT augmentation), else the default."""
+    if augment is not None:
+        return str(augment)
+    from fedbridge_shared.modality import augment_for
+    from fedbridge_shared.spec import read_bundle_record
+
+    modality = str(read_bundle_record(Path(init))["spec"].get("modality", "other"))
+    return augment_for(modality, defaults.AUGMENT)
+
+
 def run_config(
     *,
     init: Path,
@@ -91,7 +125,7 @@ def run_config(
     rounds: int,
     strategy: str,
     augment_per_sample: int,
-    augment: str,
+    augment: str | None,
     local_epochs: int,
     lr: float,
     batch_size: int,
@@ -106,14 +140,16 @@ def run_config(
     ``sites`` are expected in every round; ``min_sites`` (default: all of them) is the quorum
     of usable updates a round needs.
     """
+    from fedbridge_server.config import merge_overrides
+
     quorum = sites if min_sites is None else min_sites
-    return {
+    options = {
         "init": str(Path(init).resolve()),
         "out": str(Path(out).resolve()),
         "num-server-rounds": rounds,
         "strategy": str(strategy),
         "augment-per-sample": augment_per_sample,
-        "augment": str(augment),
+        "augment": augment_preset(augment, init),
         "local-epochs": local_epochs,
         "lr": lr,
         "batch-size": batch_size,
@@ -124,8 +160,38 @@ def run_config(
         "min-available-sites": sites,
         "min-train-sites": quorum,
         "min-evaluate-sites": quorum,
-        **parse_overrides(settings or []),
     }
+    return merge_overrides(options, parse_overrides(settings or []), given=given_options())
+
+
+_OPTION_KEYS = {
+    "init": ("init", "--init"), "out_dir": ("out", "--out"),
+    "rounds": ("num-server-rounds", "--rounds"), "strategy": ("strategy", "--strategy"),
+    "augment_per_sample": ("augment-per-sample", "--augment-per-sample"),
+    "augment": ("augment", "--augment"), "local_epochs": ("local-epochs", "--local-epochs"),
+    "lr": ("lr", "--lr"), "batch_size": ("batch-size", "--batch-size"),
+    "val": ("val-data", "--val-data"), "test": ("test-data", "--test-data"),
+    "seed": ("seed", "--seed"), "labels": ("labels", "--labels"),
+    "sites": ("min-available-sites", "--sites/--site"),
+    "min_sites": ("min-train-sites", "--min-sites"),
+}  # fmt: skip
+
+
+def given_options() -> dict[str, str]:
+    """Run-config key → option, for the options typed on this command line."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    given = {}
+    for param, (key, option) in _OPTION_KEYS.items():
+        source = ctx.get_parameter_source(param)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given[key] = option
+    if "min-train-sites" in given:
+        given["min-evaluate-sites"] = given["min-train-sites"]
+    return given
 
 
 @app.command()
@@ -136,7 +202,7 @@ def simulate(
     rounds: Rounds = defaults.ROUNDS,
     strategy: Strategy = StrategyName(defaults.STRATEGY),
     augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
-    augment: Augment = AugmentPreset(defaults.AUGMENT),
+    augment: Augment = None,
     local_epochs: LocalEpochs = defaults.LOCAL_EPOCHS,
     lr: Lr = defaults.LR,
     batch_size: BatchSize = defaults.BATCH_SIZE,
@@ -161,7 +227,7 @@ def simulate(
         init=init, out=out_dir, sites=len(sites), rounds=rounds, strategy=strategy,
         augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
-        labels=labels or folder_labels(sites[0] if sites else None),
+        labels=labels or site_labels(init, sites),
     )  # fmt: skip
     console = make_console(stderr=as_json)
     summary = run(flat, sites, out=console, audit_dir=audit_dir)

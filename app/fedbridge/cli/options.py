@@ -91,6 +91,40 @@ def _device_name(value: str) -> str:
 
 
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", callback=_device_name)]
+AllowSharedFiles = Annotated[
+    bool,
+    typer.Option(
+        "--allow-shared-files",
+        help="Use a dataset where one file is reached more than once (a class folder linked "
+        "to another, a file linked into two classes).",
+    ),
+]
+AllowSimilarLabels = Annotated[
+    bool,
+    typer.Option(
+        "--allow-similar-labels",
+        help="Use class folders whose names differ only by whitespace or Unicode form.",
+    ),
+]
+AllowManifestConflict = Annotated[
+    bool,
+    typer.Option(
+        "--allow-manifest-conflict",
+        help="Use a manifest whose labels contradict the folders (the folder's label is used).",
+    ),
+]
+
+
+def allowed(*, shared_files: bool, similar_labels: bool, manifest_conflict: bool) -> frozenset:
+    """The dataset-validation kinds the ``--allow-…`` flags waive."""
+    flags = {
+        "shared-files": shared_files,
+        "similar-labels": similar_labels,
+        "manifest-conflict": manifest_conflict,
+    }
+    return frozenset(kind for kind, on in flags.items() if on)
+
+
 Seed = Annotated[int, typer.Option(help="Random seed (splits, initialisation, augmentation).")]
 
 
@@ -120,6 +154,19 @@ def _finite(obj: object) -> object:
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
+
+
+def ascii_safe_streams() -> None:
+    """On a console that cannot encode UTF-8 (``PYTHONIOENCODING=ascii``, a C locale), write
+    what it cannot show as ``\\u2014`` escapes instead of crashing on the first em dash."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        try:
+            "\u2014\u2192".encode(encoding)
+        except (UnicodeEncodeError, LookupError):
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(errors="backslashreplace")
 
 
 def make_console(stderr: bool = False) -> Console:

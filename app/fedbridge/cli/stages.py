@@ -7,6 +7,9 @@ from typing import Annotated
 import typer
 
 from fedbridge.cli.options import (
+    AllowManifestConflict,
+    AllowSharedFiles,
+    AllowSimilarLabels,
     AsJson,
     Augment,
     Device,
@@ -17,6 +20,7 @@ from fedbridge.cli.options import (
     Tracking,
     TrackingOpt,
     TrackingUri,
+    allowed,
     check_tracking,
     make_console,
     print_json,
@@ -151,8 +155,16 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
         as_json: AsJson = False,
         tracking: TrackingOpt = Tracking.none,
         tracking_uri: TrackingUri = None,
+        allow_shared_files: AllowSharedFiles = False,
+        allow_similar_labels: AllowSimilarLabels = False,
+        allow_manifest_conflict: AllowManifestConflict = False,
     ) -> None:
         check_tracking(tracking)
+        allow = allowed(
+            shared_files=allow_shared_files,
+            similar_labels=allow_similar_labels,
+            manifest_conflict=allow_manifest_conflict,
+        )
         with err.status("loading torch"):  # seconds on a cold start
             from fedbridge_shared.spec import IMAGE_SIZE_RANGE
             from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
@@ -183,6 +195,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
         bundle, metrics = run_stage(
             stage, data, out=out_dir, init=init, config=config, arch=model,
             image_size=image_size, manifest=manifest, device=device, force=force, console=err,
+            allow=allow,
         )  # fmt: skip
         if as_json:
             track(tracking, tracking_uri, bundle, console=err)
@@ -269,6 +282,9 @@ def register(app: typer.Typer) -> None:
                 "tests would refuse.",
             ),
         ] = None,
+        allow_shared_files: AllowSharedFiles = False,
+        allow_similar_labels: AllowSimilarLabels = False,
+        allow_manifest_conflict: AllowManifestConflict = False,
     ) -> None:
         """Assess a bundle on unseen patients with the paper's metrics and 95 % CIs."""
         from fedbridge_shared.metrics import format_metrics_table
@@ -297,6 +313,11 @@ def register(app: typer.Typer) -> None:
             tta=tta,
             label_map=declared,
             console=err,
+            allow=allowed(
+                shared_files=allow_shared_files,
+                similar_labels=allow_similar_labels,
+                manifest_conflict=allow_manifest_conflict,
+            ),
         )
         if onnx is not None:
             _bedside_ood(onnx, data, manifest, metrics)

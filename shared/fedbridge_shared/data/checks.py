@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from fedbridge_shared.data.images import IMAGE_SUFFIXES, file_sha256, read_image
-from fedbridge_shared.data.samples import FolderIndex, Sample, scan_folder
+from fedbridge_shared.data.samples import FolderIndex, Sample, entry_kind, scan_folder
+from fedbridge_shared.data.validate import Problem, allow_set, dataset_problems
 from fedbridge_shared.errors import DataError
 
 MAX_LISTED = 5  # how many paths one summary finding names
@@ -20,7 +21,7 @@ MAX_LISTED = 5  # how many paths one summary finding names
 class Finding:
     """One problem: the file or folder it concerns (if one) and a one-line message."""
 
-    level: Literal["error", "warning"]
+    level: Literal["error", "warning", "info"]
     path: Path | None
     message: str  # does not repeat ``path``; print as ``f"{path}: {message}"``
 
@@ -56,20 +57,34 @@ def check_folder(
     root: Path,
     manifest: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    allow: Iterable[str] = (),
 ) -> CheckReport:
-    """Decode every image under ``root/<label>/`` and report all problems (never stops early)."""
+    """Decode every image under ``root/<label>/`` and report all problems (never stops early).
+
+    The shared dataset validation (:mod:`~fedbridge_shared.data.validate`) adds its problems:
+    errors, or warnings for the kinds waived in ``allow``.
+    """
     index = scan_folder(root, manifest)
-    findings: list[Finding] = []
+    allowed = allow_set(allow)
+    findings: list[Finding] = [
+        Finding("warning" if p.kind in allowed else "error", p.path, _with_hatch(p, allowed))
+        for p in dataset_problems(index)
+    ]
     shapes: list[tuple[int, int]] = []
     by_hash: dict[str, list[Sample]] = defaultdict(list)
     total = len(index.samples)
     for done, sample in enumerate(index.samples, start=1):
+        notes: list[str] = []
         try:
             by_hash[file_sha256(sample.path)].append(sample)
-            shapes.append(read_image(sample.path).shape)
+            shapes.append(read_image(sample.path, notes=notes).shape)
         except DataError as e:
             message = str(e).removeprefix(f"{sample.path}: ")
             findings.append(Finding("error", sample.path, message))
+        for note in notes:
+            level = "warning" if note.startswith("extreme aspect") else "info"
+            findings.append(Finding(level, sample.path, note))
         if progress is not None:
             progress(done, total)
 
@@ -86,6 +101,14 @@ def check_folder(
     )
 
 
+def _with_hatch(problem: Problem, allowed: frozenset[str]) -> str:
+    if problem.kind is None:
+        return problem.message
+    if problem.kind in allowed:
+        return f"{problem.message} (allowed by --allow-{problem.kind})"
+    return f"{problem.message} (--allow-{problem.kind} to use it anyway)"
+
+
 def _class_findings(index: FolderIndex) -> list[Finding]:
     findings = [
         Finding("error", index.root / label, "empty class folder (no images)")
@@ -97,10 +120,13 @@ def _class_findings(index: FolderIndex) -> list[Finding]:
         findings.append(Finding("error", index.root, message))
     suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
     for path in index.skipped:
-        if path.is_dir():
+        kind = entry_kind(path)
+        if kind == "folder":
             message = "skipped: sub-folder inside a class folder (only direct files are read)"
-        else:
+        elif kind == "file":
             message = f"skipped: not an image file (suffix not one of {suffixes})"
+        else:
+            message = f"skipped: a {kind}, not an image file"
         findings.append(Finding("warning", path, message))
     return findings
 
@@ -153,11 +179,11 @@ def _patient_findings(index: FolderIndex) -> list[Finding]:
 def _manifest_findings(index: FolderIndex) -> list[Finding]:
     findings = [
         Finding(
-            "warning",
+            "info",
             path,
             f"manifest {index.manifest} gives label {listed!r}; the folder's {folder!r} is used",
         )
-        for path, folder, listed in index.label_mismatches
+        for path, folder, listed in index.label_mismatches[:MAX_LISTED]
     ]
     if index.unlisted:
         examples = ", ".join(p.name for p in index.unlisted[:MAX_LISTED])

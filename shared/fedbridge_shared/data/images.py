@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fedbridge_shared.errors import DataError
 
@@ -15,11 +16,22 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 MAX_PIXELS = 100_000_000  # larger images are refused as possible decompression bombs
 MIN_SIDE = 8  # smaller images carry no usable detail
+MAX_ASPECT = 4.0  # a longer side over 4x the shorter is squashed noticeably by the square resize
+EXIF_ORIENTATION = 0x0112
+_TURNS = {2: "mirrored", 3: "rotated 180°", 4: "flipped", 5: "transposed", 6: "rotated 90°",
+          7: "transversed", 8: "rotated 270°"}  # fmt: skip
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image file fully and return it as a 2-D uint8 greyscale array (H, W)."""
+def read_image(path: Path, *, notes: list[str] | None = None) -> np.ndarray:
+    """Decode an image file fully and return it as a 2-D uint8 greyscale array (H, W).
+
+    EXIF orientation is applied (the image as every viewer shows it); a 16-bit PNG is scaled
+    by its real bit depth (sBIT, else the data range); a multi-frame DICOM is refused. What a
+    user may want to know (orientation applied, bit depth, an extreme aspect ratio) is appended
+    to ``notes`` as one-line texts without the path.
+    """
     path = Path(path)
+    notes = [] if notes is None else notes
     try:
         if not path.is_file():
             raise DataError(f"{path}: not a file")
@@ -33,11 +45,17 @@ def read_image(path: Path) -> np.ndarray:
     if is_dicom or path.suffix.lower() in DICOM_SUFFIXES:
         arr = _read_dicom(path, has_preamble=is_dicom)
     else:
-        arr = _read_pil(path)
+        arr = _read_pil(path, notes)
+    height, width = arr.shape
     if min(arr.shape) < MIN_SIDE:
-        height, width = arr.shape
         raise DataError(
             f"{path}: image too small ({width}x{height} px; each side needs at least {MIN_SIDE} px)"
+        )
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT:
+        notes.append(
+            f"extreme aspect ratio {ratio:.3g}:1 ({width}x{height} px): the square resize "
+            "distorts it; crop it to the region of interest"
         )
     return arr
 
@@ -67,8 +85,9 @@ def _check_pixel_count(path: Path, width: int, height: int) -> None:
         )
 
 
-def _read_pil(path: Path) -> np.ndarray:
-    """Open with PIL, decode every byte (so truncation is caught) and convert to luminance."""
+def _read_pil(path: Path, notes: list[str]) -> np.ndarray:
+    """Open with PIL, decode every byte (so truncation is caught), apply the EXIF orientation
+    and convert to luminance."""
     try:
         with warnings.catch_warnings():
             # PIL warns above its own limit; MAX_PIXELS below is the limit that applies here.
@@ -76,7 +95,9 @@ def _read_pil(path: Path) -> np.ndarray:
             with Image.open(path) as img:
                 _check_pixel_count(path, *img.size)
                 img.load()
-                return _pil_to_grey(img)
+                sbit = _png_sbit(path) if img.format == "PNG" else None
+                upright = _exif_upright(img, notes)
+                return _pil_to_grey(upright, sbit=sbit, notes=notes)
     except DataError as e:
         if str(e).startswith(str(path)):
             raise
@@ -91,7 +112,47 @@ def _read_pil(path: Path) -> np.ndarray:
         raise DataError(f"{path}: truncated or corrupt image ({_one_line(e)})") from e
 
 
-def _pil_to_grey(img: Image.Image) -> np.ndarray:
+def _exif_upright(img: Image.Image, notes: list[str]) -> Image.Image:
+    """The image as viewers show it: its EXIF orientation (tag 274) applied."""
+    try:
+        orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block: the pixels as stored
+        return img
+    if orientation not in _TURNS:
+        return img
+    notes.append(f"EXIF orientation {orientation} applied ({_TURNS[orientation]})")
+    return ImageOps.exif_transpose(img)
+
+
+def _png_sbit(path: Path) -> int | None:
+    """The significant bits of a PNG's first channel from its sBIT chunk (None without one).
+
+    PIL keeps no sBIT when reading, so the chunks before IDAT are walked here (bounded: at
+    most 64 chunks, each length checked against the file).
+    """
+    try:
+        with Path(path).open("rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            for _ in range(64):
+                head = fh.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", head)
+                if kind == b"sBIT":
+                    data = fh.read(min(length, 4))
+                    return data[0] if data and 1 <= data[0] <= 16 else None
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                fh.seek(length + 4, 1)
+    except OSError:
+        return None
+    return None
+
+
+def _pil_to_grey(
+    img: Image.Image, *, sbit: int | None = None, notes: list[str] | None = None
+) -> np.ndarray:
     """Convert any PIL mode to 8-bit luminance; alpha is composited on black."""
     mode = img.mode
     if mode == "L":
@@ -99,8 +160,14 @@ def _pil_to_grey(img: Image.Image) -> np.ndarray:
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(img).astype(np.int64)
         if values.min() >= 0 and values.max() <= 65535:
-            # 16-bit data: map 0..65535 linearly onto 0..255 with rounding.
-            return ((values * 255 + 32767) // 65535).astype(np.uint8)
+            bits, source = _bit_depth(int(values.max()), sbit)
+            if bits < 16 and notes is not None:
+                notes.append(
+                    f"16-bit PNG with {bits} significant bits ({source}): "
+                    f"0..{(1 << bits) - 1} read as 0..255"
+                )
+            top = (1 << bits) - 1
+            return ((np.minimum(values, top) * 255 + top // 2) // top).astype(np.uint8)
         return _minmax_uint8(values)
     if mode == "F":
         return _minmax_uint8(np.asarray(img, dtype=np.float64))
@@ -114,6 +181,14 @@ def _pil_to_grey(img: Image.Image) -> np.ndarray:
         return np.asarray(img.convert("L"), dtype=np.uint8).copy()
     # CMYK, YCbCr, LAB, HSV, RGBX, ...: go through RGB so each mode's own conversion applies.
     return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8).copy()
+
+
+def _bit_depth(peak: int, sbit: int | None) -> tuple[int, str]:
+    """Significant bits of 16-bit data: the PNG's sBIT when the data fit it, else the fewest
+    bits (at least 8) that hold the brightest pixel, as DICOM's BitsStored would say."""
+    if sbit is not None and 8 <= sbit <= 16 and peak < (1 << sbit):
+        return sbit, "sBIT"
+    return max(8, peak.bit_length()), "data range"
 
 
 def _minmax_uint8(values: np.ndarray) -> np.ndarray:
@@ -151,6 +226,12 @@ def dicom_to_grey(ds, name: str | Path) -> np.ndarray:
     if "PixelData" not in ds:
         raise DataError(f"{path}: DICOM has no pixel data")
     _check_dicom_kind(path, ds)
+    frames = _int_or(ds.get("NumberOfFrames"), 1)
+    if frames > 1:
+        raise DataError(
+            f"{path}: multi-frame DICOM ({frames} frames); fedbridge reads one image per file: "
+            "save the frame you mean as its own single-frame file"
+        )
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     _check_pixel_count(Path(path), cols, rows)
     try:
@@ -174,6 +255,13 @@ def dicom_to_grey(ds, name: str | Path) -> np.ndarray:
             f"{path}: image too small ({width}x{height} px; each side needs at least {MIN_SIDE} px)"
         )
     return grey
+
+
+def _int_or(value, default: int) -> int:
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
 
 
 NOT_IMAGES = {

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import os
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ class FolderIndex:
     label_mismatches: tuple[tuple[Path, str, str], ...] = ()  # (path, folder, manifest label)
     manifest: Path | None = None
     unlisted: tuple[Path, ...] = ()  # images missing from the manifest: each is its own patient
+    unusable: tuple[tuple[Path, str], ...] = ()  # entries of root that cannot be class folders
 
     def counts(self) -> dict[str, int]:
         """Number of images per label, in label order (empty classes included)."""
@@ -70,7 +73,13 @@ def scan_folder(root: Path, manifest: Path | None = None) -> FolderIndex:
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected one sub-folder per class)")
     root = root.resolve()
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    class_dirs = [p for p in entries if p.is_dir()]
+    unusable = [
+        (p, kind)
+        for p in entries
+        if p.is_symlink() and (kind := entry_kind(p)) in ("symlink loop", "broken symlink")
+    ]
     if not class_dirs:
         loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
         hint = f"; it holds {len(loose)} images directly: give its parent" if loose else ""
@@ -122,7 +131,32 @@ def scan_folder(root: Path, manifest: Path | None = None) -> FolderIndex:
         label_mismatches=tuple(mismatches),
         manifest=manifest_path,
         unlisted=tuple(unlisted) if manifest_path is not None else (),
+        unusable=tuple(unusable),
     )
+
+
+def entry_kind(path: Path) -> str:
+    """What a directory entry is, in words: file, folder, symlink loop, broken symlink, FIFO,
+    socket, device (so a report never calls a FIFO or a link loop a "bad suffix")."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        if path.is_symlink():
+            return "broken symlink"
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
 
 
 def _check_name(path: Path) -> None:

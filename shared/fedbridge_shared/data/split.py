@@ -6,13 +6,15 @@ import csv
 import math
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedbridge_shared.data.images import file_sha256
 from fedbridge_shared.data.samples import Sample, scan_folder
+from fedbridge_shared.data.validate import validate_index
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.files import atomic_dir
 
@@ -26,21 +28,30 @@ class SplitResult:
 
     out: Path
     parts: dict[str, list[Sample]]
+    copies: int = 0  # files with a byte-identical copy elsewhere, kept in the copy's part
+    warnings: tuple[str, ...] = ()  # problems the user allowed
 
 
 def assign_parts(
-    samples: Sequence[Sample], weights: Mapping[str, float], seed: int
+    samples: Sequence[Sample],
+    weights: Mapping[str, float],
+    seed: int,
+    *,
+    group_of: Mapping[Path, str] | None = None,
 ) -> dict[str, list[Sample]]:
     """Share patients between parts in proportion to ``weights``, stratified by class.
 
     A patient's stratum is its most common label (ties: alphabetical first); all images of a
-    patient go to the same part. Deterministic for a seed; each list is sorted by path.
+    patient go to the same part. ``group_of`` (path -> group, see :func:`copy_groups`) joins
+    patients whose files are byte-identical copies into one group. Deterministic for a seed;
+    each list is sorted by path.
     """
     _check_weights(weights)
     names = list(weights)
     by_patient: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
-        by_patient[sample.patient_id].append(sample)
+        key = group_of.get(sample.path, sample.patient_id) if group_of else sample.patient_id
+        by_patient[key].append(sample)
     strata: dict[str, list[str]] = defaultdict(list)
     for patient in sorted(by_patient):
         counts = Counter(s.label for s in by_patient[patient])
@@ -60,8 +71,37 @@ def assign_parts(
     return {name: sorted(members, key=lambda s: s.path) for name, members in parts.items()}
 
 
+def copy_groups(samples: Sequence[Sample]) -> tuple[dict[Path, str], int]:
+    """Join the patients of byte-identical files (sha256 of the content) into one group, so a
+    split never puts a copy on both sides. Returns path -> group and how many files have a
+    copy; a group is named by its alphabetically first patient id."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    by_hash: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_hash[file_sha256(sample.path)].append(sample)
+    copies = 0
+    for group in by_hash.values():
+        if len(group) > 1:
+            copies += len(group)
+            roots = sorted({find(s.patient_id) for s in group})
+            for other in roots[1:]:
+                parent[other] = roots[0]
+    return {s.path: find(s.patient_id) for s in samples}, copies
+
+
 def skew_sites(
-    parts: Mapping[str, list[Sample]], alpha: float, seed: int
+    parts: Mapping[str, list[Sample]],
+    alpha: float,
+    seed: int,
+    *,
+    group_of: Mapping[Path, str] | None = None,
 ) -> dict[str, list[Sample]]:
     """Redistribute the patients of the ``site-*`` parts with Dirichlet label skew.
 
@@ -81,7 +121,8 @@ def skew_sites(
     by_patient: dict[str, list[Sample]] = defaultdict(list)
     for name in site_names:
         for sample in parts[name]:
-            by_patient[sample.patient_id].append(sample)
+            key = group_of.get(sample.path, sample.patient_id) if group_of else sample.patient_id
+            by_patient[key].append(sample)
     strata: dict[str, list[str]] = defaultdict(list)
     for patient in sorted(by_patient):
         counts = Counter(s.label for s in by_patient[patient])
@@ -162,26 +203,32 @@ def split_folder(
     seed: int,
     manifest: Path | None = None,
     skew: float | None = None,
+    *,
+    allow: Iterable[str] = (),
 ) -> SplitResult:
     """Split ``root/<label>/`` by patient into ``out/<part>/<label>/`` plus ``out/split.csv``.
 
     With ``skew`` (a Dirichlet concentration α) the site parts are label-skewed: see
     :func:`skew_sites`; bridge and test stay exactly those of the IID split with the same seed.
     Files are copied (never hard-linked: an edit to a split file must not reach the source
-    data). ``out`` appears complete or not at all.
+    data). ``out`` appears complete or not at all. The dataset is validated first
+    (:func:`~fedbridge_shared.data.validate.validate_index`, ``allow`` waives kinds), and
+    byte-identical copies are kept in one part with their original.
     """
     weights = split_weights(sites, bridge_fraction, test_fraction)
     if skew is not None and not (math.isfinite(skew) and skew > 0):
         raise ConfigError(f"skew (Dirichlet alpha) must be > 0, got {skew}")
     out = Path(out)
     index = scan_folder(root, manifest)
+    warnings = validate_index(index, allow=allow)
     if not index.samples:
         raise DataError(f"{index.root}: no images to split")
     if out.resolve().is_relative_to(index.root):
         raise ConfigError(f"{out}: the output folder must not be inside the data folder {root}")
-    parts = assign_parts(index.samples, weights, seed)
+    group_of, copies = copy_groups(index.samples)
+    parts = assign_parts(index.samples, weights, seed, group_of=group_of)
     if skew is not None:
-        parts = skew_sites(parts, skew, seed)
+        parts = skew_sites(parts, skew, seed, group_of=group_of)
     empty = [name for name, members in parts.items() if not members]
     if empty:
         patients = len({s.patient_id for s in index.samples})
@@ -210,7 +257,7 @@ def split_folder(
             writer = csv.writer(fh)
             writer.writerow(SPLIT_COLUMNS)
             writer.writerows(rows)
-    return SplitResult(out=out, parts=result)
+    return SplitResult(out=out, parts=result, copies=copies, warnings=tuple(warnings))
 
 
 def _refuse_missing_classes(

@@ -1,0 +1,66 @@
+"""Which round's global model is the run's result: chosen on a fixed set of patients.
+
+A round's federated validation loss is a mean over the sites that answered it; a round that
+lost a site is scored on fewer patients, so its loss is not comparable with a full round's.
+Rules, in order:
+
+* ``server-val``: the coordinator's ``--val-data`` scores every round's global model;
+* ``same-sites``: the rounds evaluated by the run's full set of sites (every site that ever
+  answered an evaluation), compared on their federated validation loss;
+* ``common-sites``: no round had them all: every round rescored over the sites common to all
+  evaluated rounds (per-site losses weighted by validation images);
+* ``last-round``: no validation at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+RULES = {
+    "server-val": "lowest loss on the coordinator's validation set (--val-data)",
+    "same-sites": "lowest federated validation loss among rounds evaluated by every site",
+    "common-sites": "lowest validation loss over the sites common to all evaluated rounds",
+    "last-round": "no validation: the last round",
+}
+
+
+def choose_best(
+    history: Sequence[dict[str, Any]], available: Callable[[int], bool] = lambda r: True
+) -> tuple[int, float | None, str]:
+    """``(round, score, rule)`` for ``history`` (the round rows); rounds for which
+    ``available(round)`` is false (their checkpoint was pruned) are not chosen."""
+    rows = [h for h in history if available(h["round"])]
+    if not rows:
+        return 0, None, "last-round"
+    server = [h for h in rows if h.get("server_val_loss") is not None]
+    if server:
+        best = min(server, key=lambda h: (h["server_val_loss"], h["round"]))
+        return best["round"], float(best["server_val_loss"]), "server-val"
+    evaluated = [h for h in rows if _evaluated(h)]
+    everyone = set().union(*(_evaluated(h) for h in history if _evaluated(h)))
+    full = [
+        h
+        for h in evaluated
+        if _evaluated(h) == everyone and h.get("federated_val_loss") is not None
+    ]
+    if full:
+        best = min(full, key=lambda h: (h["federated_val_loss"], h["round"]))
+        return best["round"], float(best["federated_val_loss"]), "same-sites"
+    common = set.intersection(*(_evaluated(h) for h in evaluated)) if evaluated else set()
+    if common:
+        scored = [(_loss_over(h, common), h["round"]) for h in evaluated]
+        loss, rnd = min(scored)
+        return rnd, loss, "common-sites"
+    return rows[-1]["round"], None, "last-round"
+
+
+def _evaluated(row: dict[str, Any]) -> set[str]:
+    """The sites whose validation answer counted in ``row``."""
+    return {n for n, s in (row.get("per_site") or {}).items() if s.get("val_examples")}
+
+
+def _loss_over(row: dict[str, Any], sites: set[str]) -> float:
+    per = row["per_site"]
+    n = sum(per[s]["val_examples"] for s in sites)
+    return float(sum(per[s]["val_loss"] * per[s]["val_examples"] for s in sites) / n)
