@@ -33,6 +33,7 @@ from fedbridge_shared.report_sections import (
     lineage_section,
     png_img,
     section,
+    shortcut_section,
     site_rows,
     sites_section,
     table,
@@ -40,7 +41,8 @@ from fedbridge_shared.report_sections import (
 
 REPORT_FILE = "report.html"
 SECTIONS = (
-    "card", "config", "lineage", "counts", "metrics", "calibration", "confusion", "roc",
+    "card", "config", "lineage", "counts", "metrics", "shortcut", "calibration", "confusion",
+    "roc",
     "sites", "cross_site", "rounds", "saliency", "sanity",
 )  # fmt: skip
 
@@ -260,6 +262,7 @@ def render_html_report(
     body += [
         _counts_section(counts, labels),
         _metrics_section(metrics),
+        shortcut_section(metrics),
         _calibration_section(metrics["calibration"]),
         section("confusion", "Confusion matrix", png_img(confusion, "confusion matrix")),
         section("roc", "ROC curves (one-vs-rest)", png_img(roc, "ROC curves")),

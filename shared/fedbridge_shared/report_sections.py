@@ -130,7 +130,16 @@ def _upstream_record(init: Mapping[str, Any]) -> dict[str, Any] | None:
 def _stage_detail(training: Mapping[str, Any]) -> str:
     stage = training.get("stage") or "unknown stage"
     parts = [f"stage {stage}"]
-    if training.get("data"):
+    folders = training.get("folders") or []
+    if len(folders) > 1:
+        parts.append(
+            "data "
+            + " + ".join(
+                f"{f['path']} ({', '.join(f'{k} {v}' for k, v in f['counts'].items())})"
+                for f in folders
+            )
+        )
+    elif training.get("data"):
         parts.append(f"data {training['data']}")
     counts = training.get("counts") or {}
     if counts:
@@ -341,6 +350,12 @@ def limitations(
     for t, s in (card.get("label_map") or {}).items():
         if s is None:
             out.append(f"{esc(t)} was not in the bridge data: it is learned from target data only.")
+    if (metrics.get("shortcut") or {}).get("flagged"):
+        from fedbridge_shared.shortcut import FLAG_TEXT
+
+        out.append(
+            f"<b>Shortcut</b>: {FLAG_TEXT} — " + esc(probe_sentence(metrics["shortcut"]["probe"]))
+        )
     if not card.get("privacy") and card.get("stage") == "federated":
         out.append("Trained without differential privacy: updates may leak site data.")
     return out
@@ -388,3 +403,106 @@ def card_section(
     )
     body += "<h3>Known limitations</h3><ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
     return section("card", "Model card", body)
+
+
+# --------------------------------------------------------------------------------------------
+# shortcut audit (metrics["shortcut"], metrics["external"]; see fedbridge_shared.shortcut)
+
+
+def _pct(rate: Mapping[str, Any] | None) -> str:
+    if not rate or rate.get("rate") is None:
+        return "–"
+    return f"{rate['k']} of {rate['n']} ({100 * rate['rate']:.1f} %)"
+
+
+def probe_sentence(probe: Mapping[str, Any]) -> str:
+    """The source probe beside the label probe, in one sentence (plain text)."""
+    src, lab = probe.get("source") or {}, probe.get("label") or {}
+    if not (src.get("available") and lab.get("available")):
+        why = src.get("reason") if not src.get("available") else lab.get("reason")
+        return f"Source probe not run: {why}."
+    text = (
+        f"A linear probe on the model's {probe.get('features')} pooled features reads the source "
+        f"with balanced accuracy {src['balanced_accuracy']:.3f} (chance {src['chance']:.3f}, "
+        f"adjusted {src['adjusted']:.3f}) and the label with {lab['balanced_accuracy']:.3f} "
+        f"(chance {lab['chance']:.3f}, adjusted {lab['adjusted']:.3f}); "
+        f"{src['folds']}/{lab['folds']}-fold cross-validation grouped by patient."
+    )
+    if probe.get("flagged"):
+        from fedbridge_shared.shortcut import FLAG_TEXT
+
+        text += f" Flag: {FLAG_TEXT[0].upper() + FLAG_TEXT[1:]}."
+    return text
+
+
+def audit_summary(metrics: Mapping[str, Any]) -> list[str]:
+    """The audit and the external scores as plain lines (terminal output, benchmarks)."""
+    lines = []
+    audit = metrics.get("shortcut") or {}
+    positive = audit.get("positive")
+    for source, s in (audit.get("per_source") or {}).items():
+        line = f"source {source}: n {s['n']}, accuracy {s['accuracy']:.3f}"
+        if positive:
+            called = s.get(f"non_{positive}_called_{positive}")
+            line += f", non-{positive} called {positive}: {_pct(called)}"
+        lines.append(line)
+    if audit.get("probe"):
+        lines.append(probe_sentence(audit["probe"]))
+    ext = metrics.get("external")
+    if ext and "accuracy" in ext:
+        lines.append(f"external, under the label mapping: accuracy {_pct(ext['accuracy'])}")
+        for key, value in ext.items():
+            if key.endswith("_sensitivity") or key.startswith("non_"):
+                lines.append(f"external {key.replace('_', ' ')}: {_pct(value)}")
+    if ext and ext.get("ood"):
+        lines.append(f"bedside out-of-distribution: {ext['ood']['text']}")
+    return lines
+
+
+def shortcut_section(metrics: Mapping[str, Any]) -> str:
+    """Per-source accuracy, confusion matrices, positive calls, the probe; external scores."""
+    audit = metrics.get("shortcut") or {}
+    ext = metrics.get("external") or {}
+    if not audit and not ext:
+        return section("shortcut", "Shortcut audit", muted("Not computed for these metrics."))
+    positive = audit.get("positive")
+    body = ""
+    per_src = audit.get("per_source") or {}
+    if per_src:
+        rows = []
+        for source, s in per_src.items():
+            called = s.get(f"non_{positive}_called_{positive}") if positive else None
+            rows.append((source, s["n"], s["accuracy"], fmt_ci(s.get("accuracy_ci95")),
+                         _pct(called) if positive else "–"))  # fmt: skip
+        head = ("source", "images", "accuracy", "95% CI (Wilson)",
+                f"non-{positive} called {positive}" if positive else "–")  # fmt: skip
+        body += "<h3>Per source</h3>" + table(head, rows)
+        for source, s in per_src.items():
+            cm = s["confusion_matrix"]
+            cm_rows = [
+                (f"true {r}", *counts, s["per_class"][r]["accuracy"])
+                for r, counts in zip(cm["rows"], cm["counts"], strict=True)
+            ]
+            body += f"<h4>{esc(source)}: confusion matrix</h4>" + table(
+                ("", *(f"called {c}" for c in cm["columns"]), "accuracy"), cm_rows
+            )
+    if audit.get("probe"):
+        body += f"<h3>Source probe</h3><p>{esc(probe_sentence(audit['probe']))}</p>"
+    if ext.get("accuracy"):
+        rows = [("accuracy under the label mapping", _pct(ext["accuracy"]))]
+        for key, value in ext.items():
+            if key.endswith("_sensitivity") or key.startswith("non_"):
+                rows.append((key.replace("_", " "), _pct(value)))
+        rows += [
+            (f"{label} (→ {'|'.join(v['maps_to'])})",
+             f"{_pct(v)}; called " + ", ".join(f"{k} {n}" for k, n in sorted(v["called"].items())))
+            for label, v in ext["per_label"].items()
+        ]  # fmt: skip
+        body += "<h3>External labels</h3>" + table(("measure", "value"), rows, cls="kv")
+    if ext.get("ood"):
+        body += f"<p>Bedside out-of-distribution tests: {esc(ext['ood']['text'])}.</p>"
+    return section("shortcut", "Shortcut audit", body + muted(
+        "Source from the manifests' source_dataset column. A model that reads disease calls "
+        "non-COVID films COVID19 equally rarely in every source; a probe that reads the source "
+        "better than the label means the features encode where the film came from."
+    ))  # fmt: skip

@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedbridge_shared import defaults
 from fedbridge_shared.data.augment import PRESETS
-from fedbridge_shared.data.samples import FolderIndex, Sample, check_labels, scan_folder
+from fedbridge_shared.data.samples import FolderIndex, Sample, scan_folder
+from fedbridge_shared.data.sources import sample_sources
 from fedbridge_shared.data.split import assign_parts, copy_groups
 from fedbridge_shared.data.tensors import images_per_epoch, load_images, make_loader
 from fedbridge_shared.data.validate import validate_index
@@ -30,6 +31,13 @@ from fedbridge_shared.files import check_writable
 from fedbridge_shared.metrics import compute_metrics
 from fedbridge_shared.modality import MODALITIES, modality_for_stage
 from fedbridge_shared.models import init_model, model_from_bundle
+from fedbridge_shared.shortcut import (
+    external_metrics,
+    is_identity,
+    pooled_features,
+    resolve_label_map,
+    shortcut_audit,
+)
 from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
 from fedbridge_shared.tta import predict_tta, views_for
 
@@ -146,6 +154,51 @@ def usable_index(
     return index
 
 
+def union_index(
+    folders: Sequence[Path],
+    manifest: Path | None = None,
+    *,
+    allow: Iterable[str] = (),
+    console: Console | None = None,
+) -> tuple[FolderIndex, list[dict[str, Any]]]:
+    """Several class-folder trees as one: labels united by name, samples of every folder.
+
+    Returns the merged index and one record per folder (path, labels, images per label,
+    patients, where the ids came from). Images no manifest lists get their folder in their
+    patient id, so two folders' loose files never merge into one patient.
+    """
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise ConfigError("give at least one data folder")
+    if manifest is not None and len(folders) > 1:
+        raise ConfigError("--manifest: only with one data folder (each folder finds its own)")
+    resolved = [f.resolve() for f in folders]
+    dupes = [str(f) for f, r in zip(folders, resolved, strict=True) if resolved.count(r) > 1]
+    if dupes:
+        raise ConfigError(f"{dupes[0]}: data folder given twice")
+    indexes = [usable_index(f, manifest, allow=allow, console=console) for f in folders]
+    records = [
+        {"path": str(i.root), "labels": list(i.labels), "counts": i.counts(),
+         "patients": len({s.patient_id for s in i.samples}), "patient_ids": i.patient_source}
+        for i in indexes
+    ]  # fmt: skip
+    if len(indexes) == 1:
+        return indexes[0], records
+    samples = [
+        s if not s.patient_id.startswith("file:")
+        else dataclasses.replace(s, patient_id=f"file:{i.root.name}/{s.patient_id[5:]}")
+        for i in indexes
+        for s in i.samples
+    ]  # fmt: skip
+    merged = FolderIndex(
+        root=indexes[0].root,
+        labels=tuple(sorted({label for i in indexes for label in i.labels})),
+        samples=tuple(samples),
+        patient_source="; ".join(f"{i.root.name}: {i.patient_source}" for i in indexes),
+    )
+    return merged, records
+
+
 def decode(
     samples: Sequence[Sample], size: int, *, console: Console, what: str
 ) -> list[np.ndarray]:
@@ -157,7 +210,7 @@ def decode(
 
 def run_stage(
     stage: str,
-    data: Path,
+    data: Path | Sequence[Path],
     *,
     out: Path,
     init: str,
@@ -172,7 +225,9 @@ def run_stage(
 ) -> tuple[Path, dict[str, Any]]:
     """Train one central stage on a class-folder tree and write a bundle to ``out``.
 
-    Validation images are held out by patient; early stopping keeps the best validation loss.
+    ``data`` may be several trees (:func:`union_index`: the labels' union by name; each folder
+    recorded in ``training["folders"]``). Validation images are held out by patient; early
+    stopping keeps the best validation loss.
     Nothing is written unless training finishes. Returns the bundle path and validation metrics.
     """
     console = console or Console(stderr=True)
@@ -189,7 +244,8 @@ def run_stage(
     check_writable(out)
     started = time.perf_counter()
     dev = resolve_device(device)  # a bad --device fails before any image is read
-    index = usable_index(data, manifest, allow=allow, console=console)
+    folders = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
+    index, folder_records = union_index(folders, manifest, allow=allow, console=console)
     seed_everything(config.seed)
     model, spec = init_model(init, index.labels, arch, image_size)
     if config.intensity is not None:
@@ -285,7 +341,8 @@ def run_stage(
         val_metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=200, seed=config.seed)
     training = {
         "stage": stage,
-        "data": str(Path(data).resolve()),
+        "data": " + ".join(r["path"] for r in folder_records),
+        "folders": folder_records,
         "patient_ids": index.patient_source,
         "counts": {k: dict(Counter(s.label for s in v)) for k, v in parts.items()},
         "patients": {k: len({s.patient_id for s in v}) for k, v in parts.items()},
@@ -319,13 +376,19 @@ def evaluate_bundle(
     n_bootstrap: int = defaults.BOOTSTRAP,
     device: str = "auto",
     tta: bool = defaults.TTA,
+    label_map: Mapping[str, Sequence[str]] | None = None,
     console: Console | None = None,
     allow: Iterable[str] = (),
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Predict every image of ``data`` and compute the paper's metrics with bootstrap CIs.
 
     ``tta`` averages the probabilities over the views of the spec's modality
-    (:func:`~fedbridge_shared.tta.views_for`).
+    (:func:`~fedbridge_shared.tta.views_for`). ``metrics["shortcut"]`` is the shortcut audit
+    (:mod:`fedbridge_shared.shortcut`). With ``label_map`` (folder label → model labels that
+    count as correct) a folder whose labels are not the model's is scored too:
+    ``metrics["external"]`` covers every image, while the paper's metrics (and the returned
+    ``y``/``probs``) cover the images whose label maps to exactly one model label
+    (:func:`scored_samples`).
     """
     console = console or Console(stderr=True)
     dev = resolve_device(device)
@@ -334,13 +397,13 @@ def evaluate_bundle(
     index = scan_folder(Path(data), manifest)
     for text in validate_index(index, allow=allow):
         console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
-    check_labels(index, spec.labels, where=Path(data))
+    mapping = resolve_label_map(index.labels, spec.labels, label_map, where=Path(data))
     if not index.samples:
         raise DataError(f"{data}: no images to evaluate")
     model = model_from_bundle(bundle)
-    target_of = {label: i for i, label in enumerate(spec.labels)}
     images = decode(index.samples, spec.image_size, console=console, what="evaluation images")
-    loader = make_loader(images, [target_of[s.label] for s in index.samples], spec,
+    first = {label: spec.labels.index(targets[0]) for label, targets in mapping.items()}
+    loader = make_loader(images, [first[s.label] for s in index.samples], spec,
                          batch_size=batch_size)  # fmt: skip
     with _progress(console) as bar:
         task = bar.add_task("predicting", total=len(images), info="")
@@ -350,8 +413,31 @@ def evaluate_bundle(
             y, probs = predict_tta(model, loader, dev, views=views, on_batch=advance)
         else:
             y, probs = predict(model, loader, dev, on_batch=advance)
+    with console.status("shortcut audit: source probe on the pooled features"):
+        features = pooled_features(model, loader, dev)
+        true = [s.label for s in index.samples]
+        predicted = [spec.labels[k] for k in probs.argmax(axis=1)]
+        audit = shortcut_audit(
+            true_labels=true, predicted=predicted,
+            sources=sample_sources(index.samples, index.manifest),
+            groups=[s.patient_id for s in index.samples], features=features,
+            model_labels=spec.labels, mapping=mapping,
+        )  # fmt: skip
+    external = None
+    if not is_identity(mapping):
+        external = external_metrics(true, predicted, mapping)
+        keep = [i for i, s in enumerate(index.samples) if len(mapping[s.label]) == 1]
+        if not keep:
+            raise DataError(
+                f"{data}: no class folder maps to exactly one model label; nothing to compute "
+                "the per-class metrics on"
+            )
+        y, probs = y[keep], probs[keep]
     with console.status(f"metrics with {n_bootstrap} bootstrap resamples"):
         metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
+    metrics["shortcut"] = audit
+    if external is not None:
+        metrics["external"] = external
     metrics["bundle"] = {"path": str(Path(bundle_path).resolve()), "sha256": bundle.sha256}
     if tta:
         metrics["tta"] = list(views_for(spec.modality))
@@ -363,17 +449,29 @@ def evaluate_bundle(
     return metrics, y, probs
 
 
+def scored_samples(
+    samples: Sequence[Sample], mapping: Mapping[str, Sequence[str]] | None
+) -> list[Sample]:
+    """The samples :func:`evaluate_bundle`'s paper metrics cover: all of them without a
+    mapping, else those whose folder label maps to exactly one model label."""
+    if mapping is None:
+        return list(samples)
+    return [s for s in samples if len(mapping.get(s.label, (s.label,))) == 1]
+
+
 def training_data_overlap(training: dict[str, Any], data: Path) -> str | None:
     """A warning when ``data`` is (inside, or holds) the folder the bundle was trained on, as
     recorded in model.json; None otherwise (federated bundles record no site paths)."""
     recorded = training.get("data")
     if not recorded:
         return None
-    here, trained = Path(data).resolve(), Path(recorded).resolve()
-    if here == trained or here.is_relative_to(trained) or trained.is_relative_to(here):
-        return (
-            f"evaluated on {here}, which overlaps the bundle's own training data {trained} "
-            "(recorded in model.json): these numbers measure memory, not performance on new "
-            "patients"
-        )
+    here = Path(data).resolve()
+    for folder in str(recorded).split(" + "):  # a bridge on several folders joins them
+        trained = Path(folder).resolve()
+        if here == trained or here.is_relative_to(trained) or trained.is_relative_to(here):
+            return (
+                f"evaluated on {here}, which overlaps the bundle's own training data {trained} "
+                "(recorded in model.json): these numbers measure memory, not performance on "
+                "new patients"
+            )
     return None

@@ -115,7 +115,13 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
     ]
 
     def command(
-        data: Data,
+        data: Annotated[
+            list[Path],
+            typer.Argument(
+                help="Folder(s) of class folders; several are pooled, their labels united by "
+                "name (e.g. a paediatric and an adult set)."
+            ),
+        ],
         out_dir: Out,
         init: Init = "imagenet",
         model: Model = None,
@@ -259,15 +265,36 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option("--force", help="Replace the report in an existing --out folder."),
         ] = False,
+        label_map: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--label-map",
+                help="A folder label that is not the model's → the model labels that count as "
+                "correct, e.g. PNEUMONIA_UNSPECIFIED=BACTERIAL_PNEUMONIA|VIRAL_PNEUMONIA "
+                "(repeatable).",
+            ),
+        ] = None,
+        onnx: Annotated[
+            Path | None,
+            typer.Option(
+                "--onnx",
+                help="The bundle's bedside model: count the images its out-of-distribution "
+                "tests would refuse.",
+            ),
+        ] = None,
         allow_shared_files: AllowSharedFiles = False,
         allow_similar_labels: AllowSimilarLabels = False,
         allow_manifest_conflict: AllowManifestConflict = False,
     ) -> None:
         """Assess a bundle on unseen patients with the paper's metrics and 95 % CIs."""
         from fedbridge_shared.metrics import format_metrics_table
+        from fedbridge_shared.shortcut import parse_label_map
 
         if not 0 <= bootstrap <= 100_000:
             raise ConfigError(f"--bootstrap {bootstrap}: must be in [0, 100000]")
+        declared = parse_label_map(label_map) if label_map else None
+        if onnx is not None and not onnx.is_file():
+            raise ConfigError(f"--onnx {onnx}: file not found")
         if out_dir is not None:
             _check_report_folder(out_dir, force=force)
             if out_dir.resolve().is_relative_to(data.resolve()):
@@ -284,6 +311,7 @@ def register(app: typer.Typer) -> None:
             n_bootstrap=bootstrap,
             device=device,
             tta=tta,
+            label_map=declared,
             console=err,
             allow=allowed(
                 shared_files=allow_shared_files,
@@ -291,14 +319,52 @@ def register(app: typer.Typer) -> None:
                 manifest_conflict=allow_manifest_conflict,
             ),
         )
+        if onnx is not None:
+            _bedside_ood(onnx, data, manifest, metrics)
         if out_dir is not None:
-            written = _write_report(bundle, data, manifest, metrics, y, probs, out_dir, device)
+            written = _write_report(
+                bundle, data, manifest, metrics, y, probs, out_dir, device, declared
+            )
             err.print("wrote " + ", ".join(str(out_dir / name) for name in written))
         if as_json:
             print_json(metrics)
         else:
             for renderable in _as_list(format_metrics_table(metrics)):
                 out.print(renderable)
+            for line in _audit_lines(metrics):
+                out.print(line)
+
+
+def _bedside_ood(onnx: Path, data: Path, manifest: Path | None, metrics: dict) -> None:
+    """Run the bedside Predictor's out-of-distribution tests on every image of ``data``."""
+    from collections import Counter
+
+    from fedbridge_edge.runtime import Predictor
+    from fedbridge_shared.data.samples import scan_folder
+
+    predictor = Predictor(onnx)
+    if predictor.sha256 != metrics["bundle"]["sha256"]:
+        err.print(f"[yellow]--onnx {onnx}: holds other weights than the bundle[/]")
+    refused: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for sample in scan_folder(Path(data), manifest).samples:
+        totals[sample.label] += 1
+        refused[sample.label] += predictor.predict_file(sample.path).ood
+    n, k = sum(totals.values()), sum(refused.values())
+    ood = {
+        "measured": True, "onnx": str(onnx.resolve()), "onnx_sha256": predictor.sha256,
+        "refused": k, "n": n, "rate": k / n if n else None,
+        "per_label": {label: {"refused": refused[label], "n": totals[label]} for label in totals},
+        "text": f"{k} of {n} refused as out of distribution by the bedside",
+    }  # fmt: skip
+    metrics.setdefault("external", {})["ood"] = ood
+
+
+def _audit_lines(metrics: dict) -> list[str]:
+    """The shortcut audit and the external scores in a few lines for the terminal."""
+    from fedbridge_shared.report_sections import audit_summary
+
+    return audit_summary(metrics)
 
 
 def _check_report_folder(out_dir: Path, *, force: bool) -> None:
@@ -313,7 +379,9 @@ def _check_report_folder(out_dir: Path, *, force: bool) -> None:
         )
 
 
-def _write_report(bundle, data, manifest, metrics, y, probs, out_dir, device) -> list[str]:
+def _write_report(
+    bundle, data, manifest, metrics, y, probs, out_dir, device, label_map=None
+) -> list[str]:
     """The whole report appears at once or not at all (a full disk leaves the old one)."""
     from fedbridge_shared.files import atomic_dir
     from fedbridge_shared.report import write_metrics
@@ -321,31 +389,34 @@ def _write_report(bundle, data, manifest, metrics, y, probs, out_dir, device) ->
     try:
         with atomic_dir(out_dir, replace=True) as tmp:
             paths = write_metrics(metrics, tmp, y, probs)
-            paths["report"] = _html_report(bundle, data, manifest, metrics, y, probs, tmp, device)
+            paths["report"] = _html_report(
+                bundle, data, manifest, metrics, y, probs, tmp, device, label_map
+            )
     except OSError as e:
         raise ConfigError(f"{out_dir}: cannot write the report: {e.strerror or e}") from e
     return [Path(p).name for p in paths.values()]
 
 
-def _html_report(bundle, data, manifest, metrics, y, probs, out_dir, device) -> Path:
+def _html_report(bundle, data, manifest, metrics, y, probs, out_dir, device, label_map) -> Path:
     """report.html for ``evaluate --out``: bundle record, test counts and a saliency grid."""
     from fedbridge_shared.data.samples import scan_folder
     from fedbridge_shared.data.sources import sample_sources
     from fedbridge_shared.html_report import write_bundle_report
-    from fedbridge_shared.training import resolve_device
+    from fedbridge_shared.training import resolve_device, scored_samples
 
     index = scan_folder(Path(data), manifest)
+    samples = scored_samples(index.samples, label_map)  # the order of y and probs
     return write_bundle_report(
         out_dir,
         bundle,
-        index.samples,
+        samples,
         metrics,
         y,
         probs,
         title=f"fedbridge assessment: {Path(bundle).name} on {Path(data).name}",
         config={"data": str(Path(data).resolve()), "patient_ids": index.patient_source},
         counts={f"test: {Path(data).name}": index.counts()},
-        sources=sample_sources(index.samples, index.manifest),
+        sources=sample_sources(samples, index.manifest),
         test_name=f"test: {Path(data).name}",
         device=str(resolve_device(device)),
         warn=lambda text: err.print(f"[yellow]{text}[/]"),
