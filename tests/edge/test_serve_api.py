@@ -547,3 +547,73 @@ def test_malformed_multipart_parts_get_400_json(served, cxr_image):
     assert "malformed multipart body" in error or "file name of 100000 characters" in error
     assert "Traceback" not in served.log.with_suffix(".err").read_text()
     assert requests.get(f"{served.url}/health", timeout=30).status_code == 200
+
+
+def test_a_client_that_never_reads_its_reply_is_cut_after_the_timeout(edge_onnx, cxr_image):
+    """A /predict/batch client that sends 16 images with ?overlay=png and then reads nothing:
+    once the reply fills the socket buffers, the server gives it --timeout seconds, then cuts
+    the connection and frees the reply (one log line), and goes on serving."""
+    import os
+    import signal
+
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"slow-reader-{os.getpid()}.log"
+    with open(log, "w") as errs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedbridge", "edge", "serve", str(edge_onnx), "--port", "0",
+             "--threads", "1", "--timeout", "3", "--max-files", "16", "--max-bytes",
+             str(64 << 20)],
+            stdout=errs, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"},
+        )  # fmt: skip
+    try:
+        url = None
+        for _ in range(600):  # bounded: the CLI prints its URL once it listens
+            text = log.read_text()
+            if "http://127.0.0.1:" in text:
+                url = "http://" + text.split("http://", 1)[1].split()[0]
+                break
+            assert proc.poll() is None, text
+            time.sleep(0.1)
+        assert url, log.read_text()
+        for _ in range(600):
+            if requests.get(f"{url}/ready", timeout=30).status_code == 200:
+                break
+            time.sleep(0.1)
+        port = int(url.rsplit(":", 1)[1])
+        image = cxr_image.read_bytes()
+        boundary = "fedbridgeslowreader"
+        parts = (
+            b"".join(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.jpg"'
+                f"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+                + image
+                + b"\r\n"
+                for i in range(16)
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
+        head = (
+            f"POST /predict/batch?overlay=png HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            f"multipart/form-data; boundary={boundary}\r\nContent-Length: {len(parts)}\r\n\r\n"
+        ).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that stalls
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(head + parts)  # ... and never reads
+        cut = False
+        for _ in range(1200):  # bounded: at most 1200 × 0.1 s
+            if "cut a client that read nothing" in log.read_text():
+                cut = True
+                break
+            time.sleep(0.1)
+        assert cut, log.read_text()[-2000:]
+        sock.settimeout(30)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while sock.recv(1 << 16):  # what was in flight, then the reset
+                pass
+            raise ConnectionResetError  # a clean EOF after a partial reply is a cut too
+        sock.close()
+        assert requests.get(f"{url}/health", timeout=30).status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
