@@ -40,32 +40,45 @@ class Served:
         raise AssertionError("no VmHWM")
 
 
+def launch(edge_onnx: Path, log: Path, err: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`fedbridge edge serve MODEL --port 0 OPTIONS…` (stdout to ``log``, stderr to ``err``),
+    waited for (bounded) until it listens and is warmed up; returns (process, URL)."""
+    with open(log, "w") as out, open(err, "w") as errs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedbridge", "edge", "serve", str(edge_onnx), "--port", "0",
+             "--threads", "1", *options],
+            stdout=out, stderr=errs, start_new_session=True,
+            env={**__import__("os").environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"},
+        )  # fmt: skip
+    url = None
+    for _ in range(600):  # bounded: the CLI prints its URL once it listens
+        text = log.read_text()
+        if "http://127.0.0.1:" in text:
+            url = "http://" + text.split("http://", 1)[1].split()[0]
+            break
+        if proc.poll() is not None:
+            stop([proc])
+            raise AssertionError(text + err.read_text())
+        time.sleep(0.1)
+    if url is None:
+        stop([proc])
+        raise AssertionError(log.read_text())
+    for _ in range(600):  # bounded: /ready turns 200 once the model is warmed up
+        if requests.get(f"{url}/ready", timeout=30).status_code == 200:
+            break
+        time.sleep(0.1)
+    return proc, url
+
+
 @pytest.fixture(scope="module")
 def served(edge_onnx, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     err = log.with_suffix(".err")
-    with open(log, "w") as out, open(err, "w") as errs:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fedbridge", "edge", "serve", str(edge_onnx), "--port", "0",
-             "--threads", "1", "--max-bytes", str(MAX_BYTES), "--timeout", str(TIMEOUT),
-             "--max-pixels", "20000000", "--max-files", "4"],
-            stdout=out, stderr=errs, start_new_session=True,
-            env={**__import__("os").environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"},
-        )  # fmt: skip
+    proc, url = launch(
+        edge_onnx, log, err, "--max-bytes", str(MAX_BYTES), "--timeout", str(TIMEOUT),
+        "--max-pixels", "20000000", "--max-files", "4",
+    )  # fmt: skip
     try:
-        url = None
-        for _ in range(600):  # bounded: the CLI prints its URL once it listens
-            text = log.read_text()
-            if "http://127.0.0.1:" in text:
-                url = "http://" + text.split("http://", 1)[1].split()[0]
-                break
-            assert proc.poll() is None, text + err.read_text()
-            time.sleep(0.1)
-        assert url, log.read_text()
-        for _ in range(600):  # bounded: /ready turns 200 once the model is warmed up
-            if requests.get(f"{url}/ready", timeout=30).status_code == 200:
-                break
-            time.sleep(0.1)
         yield Served(proc, url, err, edge_onnx)
     finally:
         stop([proc])
@@ -549,36 +562,17 @@ def test_malformed_multipart_parts_get_400_json(served, cxr_image):
     assert requests.get(f"{served.url}/health", timeout=30).status_code == 200
 
 
-def test_a_client_that_never_reads_its_reply_is_cut_after_the_timeout(edge_onnx, cxr_image):
+def test_a_client_that_never_reads_its_reply_is_cut_after_the_timeout(
+    edge_onnx, cxr_image, tmp_path
+):
     """A /predict/batch client that sends 16 images with ?overlay=png and then reads nothing:
     once the reply fills the socket buffers, the server gives it --timeout seconds, then cuts
     the connection and frees the reply (one log line), and goes on serving."""
-    import os
-    import signal
-
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"slow-reader-{os.getpid()}.log"
-    with open(log, "w") as errs:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fedbridge", "edge", "serve", str(edge_onnx), "--port", "0",
-             "--threads", "1", "--timeout", "3", "--max-files", "16", "--max-bytes",
-             str(64 << 20)],
-            stdout=errs, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"},
-        )  # fmt: skip
+    log, err = tmp_path / "serve.log", tmp_path / "serve.err"
+    proc, url = launch(
+        edge_onnx, log, err, "--timeout", "3", "--max-files", "16", "--max-bytes", str(64 << 20)
+    )
     try:
-        url = None
-        for _ in range(600):  # bounded: the CLI prints its URL once it listens
-            text = log.read_text()
-            if "http://127.0.0.1:" in text:
-                url = "http://" + text.split("http://", 1)[1].split()[0]
-                break
-            assert proc.poll() is None, text
-            time.sleep(0.1)
-        assert url, log.read_text()
-        for _ in range(600):
-            if requests.get(f"{url}/ready", timeout=30).status_code == 200:
-                break
-            time.sleep(0.1)
         port = int(url.rsplit(":", 1)[1])
         image = cxr_image.read_bytes()
         boundary = "fedbridgeslowreader"
@@ -602,11 +596,11 @@ def test_a_client_that_never_reads_its_reply_is_cut_after_the_timeout(edge_onnx,
         sock.sendall(head + parts)  # ... and never reads
         cut = False
         for _ in range(1200):  # bounded: at most 1200 × 0.1 s
-            if "cut a client that read nothing" in log.read_text():
+            if "cut a client that read nothing" in err.read_text():
                 cut = True
                 break
             time.sleep(0.1)
-        assert cut, log.read_text()[-2000:]
+        assert cut, err.read_text()[-2000:]
         sock.settimeout(30)
         with pytest.raises((ConnectionResetError, BrokenPipeError)):
             while sock.recv(1 << 16):  # what was in flight, then the reset
@@ -615,5 +609,4 @@ def test_a_client_that_never_reads_its_reply_is_cut_after_the_timeout(edge_onnx,
         sock.close()
         assert requests.get(f"{url}/health", timeout=30).status_code == 200
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        stop([proc])
