@@ -147,7 +147,7 @@ class RoundLoop:
         except QuorumError as e:
             raise QuorumError(f"{e}. {resumable(self.fed)}") from None
         if len(connected) < self.expected:
-            here = ", ".join(site_label(n, self.fed.names) for n in connected)
+            here = ", ".join(sorted(site_label(n, self.fed.names) for n in connected))
             self.console.print(
                 f"{what}: going on with {len(connected)} of {self.expected} sites "
                 f"({escape(here)}) after {timeout:g} s",
@@ -158,7 +158,7 @@ class RoundLoop:
 
     def show_wait(self, what: str, nodes: list[int], left: float, timeout: float) -> None:
         names = self.fed.names
-        named = [names[n] for n in nodes if n in names]
+        named = sorted(names[n] for n in nodes if n in names)
         unnamed = len(nodes) - len(named)
         here = ", ".join([*named, *([f"{unnamed} not named yet"] if unnamed else [])]) or "none"
         missing = sorted(set(names.values()) - {names.get(n) for n in nodes})
