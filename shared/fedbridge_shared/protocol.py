@@ -354,6 +354,22 @@ _PER_CLASS_KEYS = {
     "evaluate": re.compile(r"class-(count|correct)-[0-9]{1,4}"),
 }
 _RECORDS = {"train": {ARRAYS, METRICS, SITE}, "evaluate": {METRICS, SITE}}
+SECAGG_RECORD = "secagg"
+"""The one record of a secure-aggregation reply (keys, encrypted shares, revealed secrets)."""
+SECAGG_QUERIES = ("query.secagg_setup", "query.secagg_share", "query.secagg_unmask")
+SECAGG_TRAIN = "train.secagg"
+_SECAGG_KEY = re.compile(r"[a-z]{1,16}(-([a-z]{1,16}|[0-9]{1,24}))?")
+_SECAGG_MAX_BYTES = 4096
+_SECAGG_METRICS = {"secagg-clipped"}
+
+
+def _secagg_problem(items: dict[str, Any]) -> str | None:
+    for key, value in items.items():
+        if not _SECAGG_KEY.fullmatch(key):
+            return "a secure-aggregation key not in the schema"
+        if not isinstance(value, bytes) or len(value) > _SECAGG_MAX_BYTES:
+            return "a secure-aggregation value that is not a short byte string"
+    return None
 
 
 def reply_problem(kind: str, records: dict[str, dict[str, Any]]) -> str | None:
@@ -365,12 +381,19 @@ def reply_problem(kind: str, records: dict[str, dict[str, Any]]) -> str | None:
     :class:`TrainReply`/:class:`EvalReply`; the site record holds one name matching
     :data:`SITE_NAME_PATTERN`; the arrays record holds the one packed :data:`WEIGHTS`.
     """
+    if kind in SECAGG_QUERIES:  # keys, encrypted shares, revealed secrets: bytes only
+        if set(records) != {SECAGG_RECORD}:
+            return "records not those of a secure-aggregation reply"
+        return _secagg_problem(records[SECAGG_RECORD])
+    extra = _SECAGG_METRICS if kind == SECAGG_TRAIN else set()
+    kind = "train" if kind == SECAGG_TRAIN else kind
     if kind not in _RECORDS:
         return "message type not train or evaluate"
     if set(records) != _RECORDS[kind]:
         return "records not those of a fedbridge reply"
     for key, value in records[METRICS].items():
-        if key not in _METRIC_KEYS[kind] and not _PER_CLASS_KEYS[kind].fullmatch(key):
+        known = key in _METRIC_KEYS[kind] or key in extra
+        if not known and not _PER_CLASS_KEYS[kind].fullmatch(key):
             return "a metric key not in the schema"
         if isinstance(value, bool) or not isinstance(value, int | float):
             return "a metric that is not a number"

@@ -98,3 +98,20 @@ def test_a_site_worker_takes_record_level_dp_tasks_and_nothing_else():
     assert task_problem({"kind": "train", "config": config}, [WEIGHTS]) is None
     config["data-path"] = "/site/images"  # a foreign key: refused
     assert task_problem({"kind": "train", "config": config}, [WEIGHTS]) is not None
+
+
+def test_secure_aggregation_replies_have_a_closed_schema_too():
+    """Keys, encrypted shares and revealed secrets are short byte strings under fixed key
+    names; a string (a name, a path) or another record is refused."""
+    ok = {P.SECAGG_RECORD: {"enc-public": b"k" * 32, "to-1234": b"x" * 200}}
+    assert P.reply_problem("query.secagg_setup", ok) is None
+    assert P.reply_problem("query.secagg_share", {P.SECAGG_RECORD: {"to-1": "DOE_JOHN"}})
+    assert P.reply_problem("query.secagg_unmask", {P.SECAGG_RECORD: {"path": b"x" * 5000}})
+    assert P.reply_problem("query.secagg_unmask", {**ok, "extra": {}})
+    masked = {
+        P.ARRAYS: {P.WEIGHTS: None},
+        P.METRICS: {P.NUM_EXAMPLES: 3, "secagg-clipped": 0},
+        P.SITE: {P.SITE_NAME: "site-a"},
+    }
+    assert P.reply_problem("train.secagg", masked) is None
+    assert P.reply_problem("train", masked)  # the clip count belongs to secure rounds only
