@@ -93,6 +93,9 @@ def simulate(
             )  # fmt: skip
         except (KeyboardInterrupt, SystemExit):  # Ray's own SIGTERM handler raises SystemExit
             shutdown.request()
+        except RuntimeError:  # Flower's runtime, torn down under a ServerApp that already ended
+            if not failed and not shutdown.stop.is_set():
+                raise
     if failed:
         raise failed[0]
     if shutdown.stop.is_set():
