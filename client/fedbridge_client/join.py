@@ -155,9 +155,10 @@ def join(node: SiteNode, log: Path, console: Console, admit_timeout: float = 600
         "and recorded"
     )
     if node.ca is not None and not node.insecure:
-        console.print(
+        console.print(  # one unbroken line: the admin compares it byte by byte
             f"CA SHA-256 fingerprint: {pki.fingerprint(node.ca)} (compare it with the one the "
-            "coordinator reads you over a second channel)"
+            "coordinator reads you over a second channel)",
+            soft_wrap=True,
         )
     if counts:
         console.print("images per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -82,7 +82,8 @@ def certs(
     written = (pki.SERVER_CERT, pki.SERVER_KEY) if renew else tuple(files)
     console.print(f"wrote {', '.join(written)} to {out}")
     console.print(f"server certificate for: {', '.join(pki.default_hosts(hosts or []))}")
-    console.print(f"CA SHA-256 fingerprint: {pki.fingerprint(files[pki.CA_CERT])}")
+    # one unbroken line, however narrow the terminal: it is read aloud, byte by byte
+    console.print(f"CA SHA-256 fingerprint: {pki.fingerprint(files[pki.CA_CERT])}", soft_wrap=True)
     console.print(
         f"give {files[pki.CA_CERT]} to every site and read them the fingerprint over a second "
         "channel (phone); keep ca.key and server.key private"
