@@ -108,7 +108,8 @@ def test_truncated_model_and_bad_image_are_one_line_errors(edge_onnx, bad_inputs
     cut.write_bytes(edge_onnx.read_bytes()[:1000])
     result = fedbridge("edge", "predict", cut, bad_inputs["png16"], "--out", tmp_path / "o")
     assert_one_line_error(result, str(cut))
-    result = fedbridge("edge", "predict", edge_onnx, bad_inputs["text_png"], "--out", tmp_path / "o")
+    out = tmp_path / "o2"
+    result = fedbridge("edge", "predict", edge_onnx, bad_inputs["text_png"], "--out", out)
     assert_one_line_error(result, "notes.png", "not a readable image")
 
 
