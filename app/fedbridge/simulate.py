@@ -6,7 +6,6 @@ Both ends in one process: this is why it lives in the app, above the server and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -23,6 +22,7 @@ from fedbridge_client.site import Site
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.quorum import Stopped
 from fedbridge_server.server_app import make_server_app
+from fedbridge_server.store import RoundStore
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.processes import descendants, process_table, stop_pids
 from fedbridge_shared.spec import load_bundle
@@ -99,23 +99,11 @@ def simulate(
     if failed:
         raise failed[0]
     if shutdown.stop.is_set():
-        raise Stopped(f"stopped on request. {resumable(Path(cfg.out))}")
+        raise Stopped(f"stopped on request. {RoundStore(Path(cfg.out)).resume_hint()}")
     if not summary:
         raise FedbridgeError("the federation did not finish; see the log above")
     out.print(f"federated bundle: {summary['bundle']} (best round {summary['best_round']})")
     return summary
-
-
-def resumable(out: Path) -> str:
-    """How far a stopped run got, and how to go on."""
-    state = out.with_name(out.name + "-rounds") / "state.json"
-    try:
-        done = int(json.loads(state.read_text())["completed"])
-    except (OSError, ValueError, KeyError, TypeError):
-        done = 0
-    if not done:
-        return "No round completed; rerun the same command to start again."
-    return f"Rounds up to {done} are saved in {state.parent}; rerun the same command to resume."
 
 
 class Shutdown:

@@ -9,7 +9,6 @@ CLI config, the app folder and the logs) lives in one state folder next to the o
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import time
@@ -217,18 +216,8 @@ def start(coord: Coordinator, console: Console) -> dict[str, Any]:
             _stop_orphans(coord.state, console)
             return _start(coord, console)
     except (KeyboardInterrupt, SystemExit):  # SIGINT / SIGTERM: the children are stopped
-        raise Stopped(f"stopped on request. {_resumable(Path(coord.config.out))}") from None
-
-
-def _resumable(out: Path) -> str:
-    state = RoundStore(out).dir / "state.json"
-    try:
-        done = int(json.loads(state.read_text())["completed"])
-    except (OSError, ValueError, KeyError, TypeError):
-        done = 0
-    if not done:
-        return "No round completed; rerun the same command to start again."
-    return f"Rounds up to {done} are saved in {state.parent}; rerun the same command to resume."
+        hint = RoundStore(Path(coord.config.out)).resume_hint()
+        raise Stopped(f"stopped on request. {hint}") from None
 
 
 def _stop_orphans(state: Path, console: Console) -> None:

@@ -104,9 +104,12 @@ class RoundLoop:
                 self.check_stop(rnd)
                 row = self.one_round(rnd)
             except Stopped:
-                raise Stopped(f"stopped on request in round {rnd}. {resumable(self.fed)}") from None
+                raise Stopped(f"stopped on request in round {rnd}. {self.resume_hint()}") from None
             self.console.print(round_line(row, cfg.num_server_rounds))
         return self.fed.state
+
+    def resume_hint(self) -> str:
+        return self.fed.store.resume_hint(self.fed.state.completed)
 
     def check_stop(self, rnd: int) -> None:
         if self.clock.stop.is_set():
@@ -145,7 +148,7 @@ class RoundLoop:
                 progress_every=PROGRESS_EVERY,
             )  # fmt: skip
         except QuorumError as e:
-            raise QuorumError(f"{e}. {resumable(self.fed)}") from None
+            raise QuorumError(f"{e}. {self.resume_hint()}") from None
         if len(connected) < self.expected:
             here = ", ".join(sorted(site_label(n, self.fed.names) for n in connected))
             self.console.print(
@@ -193,7 +196,7 @@ class RoundLoop:
         if len(usable) < cfg.min_train_sites:
             raise QuorumError(
                 f"round {rnd}: {len(usable)} usable update(s), fewer than the quorum of "
-                f"{cfg.min_train_sites} (min-train-sites): {_why(dropped)}. {resumable(fed)}"
+                f"{cfg.min_train_sites} (min-train-sites): {_why(dropped)}. {self.resume_hint()}"
             )
         if self.secure is not None:
             fed.global_state, self.private = self.secure.state, None
@@ -310,15 +313,6 @@ def per_site_metrics(
                 row |= {"epsilon": float(got.epsilon), "dp_patients": int(got.dp_patients),
                         "noise_multiplier": float(got.noise_multiplier)}  # fmt: skip
     return dict(sorted(out.items()))
-
-
-def resumable(fed: Federation) -> str:
-    if fed.state.completed == 0:
-        return "No round completed; rerun the same command to start again."
-    return (
-        f"Rounds up to {fed.state.completed} are saved in {fed.store.dir}; rerun the same "
-        "command to resume."
-    )
 
 
 def round_line(row: dict, total: int) -> str:

@@ -50,6 +50,19 @@ class RoundStore:
     def round_dir(self, rnd: int) -> Path:
         return self.dir / f"round-{rnd:04d}"
 
+    def resume_hint(self, completed: int | None = None) -> str:
+        """How far the run got and how to go on (``completed`` read from state.json if None)."""
+        if completed is None:
+            try:
+                completed = int(json.loads((self.dir / "state.json").read_text())["completed"])
+            except (OSError, ValueError, KeyError, TypeError):
+                completed = 0
+        if not completed:
+            return "No round completed; rerun the same command to start again."
+        return (
+            f"Rounds up to {completed} are saved in {self.dir}; rerun the same command to resume."
+        )
+
     def load(self, fingerprint: dict[str, Any]) -> tuple[RunState, Bundle | None, dict]:
         """The state to resume from: the newest round whose bundle verifies, or a fresh start.
 
