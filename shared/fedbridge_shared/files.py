@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.processes import alive
 
 
 def atomic_write(
@@ -172,18 +173,8 @@ def remove_stale_temps(out: Path) -> None:
         if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
             continue
         pid = entry.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _old(out: Path) -> Path:
