@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,3 +70,14 @@ def launch(*args: str | Path, log: Path, prefix: Sequence[str] = ()) -> subproce
         )
     finally:
         fh.close()
+
+
+def wait_for(condition, what: str, *, deadline: float):
+    """``condition()``'s first truthy value, polled every 0.2 s for at most ``deadline`` s."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"gave up waiting for {what}")

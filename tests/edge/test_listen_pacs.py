@@ -8,6 +8,7 @@ every result must be in Orthanc exactly once. Missing tools fail these tests; th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import cli
 import numpy as np
 import pydicom
 import pytest
@@ -56,14 +58,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(condition, what: str, deadline: float = DEADLINE):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"gave up waiting for {what}")
+wait_for = functools.partial(cli.wait_for, deadline=DEADLINE)
 
 
 def make_dicom(

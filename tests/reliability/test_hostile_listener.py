@@ -8,12 +8,14 @@ cut while it arrives; a full ``--out`` answers 0xA700 and leaves nothing. Missin
 
 from __future__ import annotations
 
+import functools
 import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import cli
 import numpy as np
 import pydicom
 import pytest
@@ -45,14 +47,7 @@ def tool(name: str) -> str:
     return found
 
 
-def wait_for(condition, what: str, deadline: float = DEADLINE):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"gave up waiting for {what}")
+wait_for = functools.partial(cli.wait_for, deadline=DEADLINE)
 
 
 def dx(path: Path, pixels: np.ndarray, *, patient: str = "FB-0030") -> Path:
