@@ -9,6 +9,9 @@ Rules, in order:
   answered an evaluation), compared on their federated validation loss;
 * ``common-sites``: no round had them all: every round rescored over the sites common to all
   evaluated rounds (per-site losses weighted by validation images);
+* ``small-val``: the set those rules would rank on holds fewer than :data:`MIN_VAL_IMAGES`
+  images: the last round (issue #29: on 20 images one film is 5 points, and the lowest loss
+  systematically prefers the least-trained, least-confident round);
 * ``last-round``: no validation at all.
 """
 
@@ -17,10 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+MIN_VAL_IMAGES = 100  # one image = one point of accuracy; fewer cannot rank rounds
+
 RULES = {
     "server-val": "lowest loss on the coordinator's validation set (--val-data)",
     "same-sites": "lowest federated validation loss among rounds evaluated by every site",
     "common-sites": "lowest validation loss over the sites common to all evaluated rounds",
+    "small-val": f"the last round: fewer than {MIN_VAL_IMAGES} validation images cannot rank "
+    "rounds (give the coordinator a larger --val-data)",
     "last-round": "no validation: the last round",
 }
 
@@ -35,6 +42,8 @@ def choose_best(
         return 0, None, "last-round"
     server = [h for h in rows if h.get("server_val_loss") is not None]
     if server:
+        if min(int(h.get("server_val_examples") or 0) for h in server) < MIN_VAL_IMAGES:
+            return rows[-1]["round"], None, "small-val"
         best = min(server, key=lambda h: (h["server_val_loss"], h["round"]))
         return best["round"], float(best["server_val_loss"]), "server-val"
     evaluated = [h for h in rows if _evaluated(h)]
@@ -44,10 +53,14 @@ def choose_best(
         for h in evaluated
         if _evaluated(h) == everyone and h.get("federated_val_loss") is not None
     ]
+    if full and _images(full[0], everyone) < MIN_VAL_IMAGES:
+        return rows[-1]["round"], None, "small-val"
     if full:
         best = min(full, key=lambda h: (h["federated_val_loss"], h["round"]))
         return best["round"], float(best["federated_val_loss"]), "same-sites"
     common = set.intersection(*(_evaluated(h) for h in evaluated)) if evaluated else set()
+    if common and _images(evaluated[0], common) < MIN_VAL_IMAGES:
+        return rows[-1]["round"], None, "small-val"
     if common:
         scored = [(_loss_over(h, common), h["round"]) for h in evaluated]
         loss, rnd = min(scored)
@@ -58,6 +71,11 @@ def choose_best(
 def _evaluated(row: dict[str, Any]) -> set[str]:
     """The sites whose validation answer counted in ``row``."""
     return {n for n, s in (row.get("per_site") or {}).items() if s.get("val_examples")}
+
+
+def _images(row: dict[str, Any], sites: set[str]) -> int:
+    """Validation images of ``sites`` in ``row``."""
+    return int(sum(row["per_site"][s]["val_examples"] for s in sites))
 
 
 def _loss_over(row: dict[str, Any], sites: set[str]) -> float:

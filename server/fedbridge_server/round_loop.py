@@ -260,7 +260,11 @@ class RoundLoop:
             row["secure_aggregation"] = self.secure.info
         if fed.val_loader is not None:
             stats = evaluate(fed.model, fed.val_loader, torch.device("cpu"))
-            row.update(server_val_loss=stats.loss, server_val_accuracy=stats.accuracy)
+            row.update(
+                server_val_loss=stats.loss,
+                server_val_accuracy=stats.accuracy,
+                server_val_examples=stats.n,
+            )
         row["score"] = row.get("server_val_loss", row["federated_val_loss"])
         return row
 

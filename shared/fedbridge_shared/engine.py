@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import FedbridgeError
+from fedbridge_shared.losses import hits, label_masks, make_criterion
 
 BatchHook = Callable[[int], None]
 """Called after each batch with the number of images it held (drives progress bars)."""
@@ -139,6 +140,7 @@ def train_one_epoch(
     penalty: Callable[[], torch.Tensor] | None = None,
     ema: AveragedModel | None = None,
     privacy: PrivacyHook | None = None,
+    label_sets: Sequence[Sequence[int]] = (),
 ) -> EpochStats:
     """One pass over ``loader``; raises if the loss stops being finite.
 
@@ -147,7 +149,8 @@ def train_one_epoch(
     (an empty batch is then a noise-only step).
     """
     model.train()
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    criterion: nn.Module | None = None  # built at the first batch, when the classes are known
+    masks: torch.Tensor | None = None
     total_loss, correct, n, start = 0.0, 0, 0, time.perf_counter()
     for x, y in loader:
         if privacy is not None and not len(y):
@@ -157,6 +160,11 @@ def train_one_epoch(
             continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
+        if criterion is None:
+            criterion = make_criterion(
+                num_classes=logits.shape[1], label_smoothing=label_smoothing, label_sets=label_sets
+            )
+            masks = label_masks(logits.shape[1], label_sets) if label_sets else None
         loss = criterion(logits, y)
         if penalty is not None:
             loss = loss + penalty()
@@ -172,7 +180,7 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += hits(logits, y, masks)
         n += len(y)
         if on_batch:
             on_batch(len(y))
@@ -230,6 +238,7 @@ def fit(
     on_batch: BatchHook | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     privacy: PrivacyHook | None = None,
+    label_sets: Sequence[Sequence[int]] = (),
 ) -> FitResult:
     """Train for ``epochs`` with AdamW and a cosine LR; keep the weights of the best val loss.
 
@@ -241,7 +250,8 @@ def fit(
     ``ema_decay`` > 0 keeps an EMA of the weights (:func:`make_ema`): validation, early stopping
     and the weights left in ``model`` are then the EMA's. ``backbone_lr_scale``: see
     :func:`make_optimizer`. ``privacy``: private training (record-level DP-SGD) through this
-    same loop; ``train_loader`` is then the hook's (Poisson-sampled) loader.
+    same loop; ``train_loader`` is then the hook's (Poisson-sampled) loader. ``label_sets``:
+    see :func:`train_one_epoch` (validation holds ordinary labels only).
     """
     model.to(device)
     optimizer = make_optimizer(
@@ -260,7 +270,7 @@ def fit(
             scheduler=scheduler, ema=ema, kept=kept, device=device, epochs=epochs,
             val_loader=val_loader, patience=patience,
             label_smoothing=label_smoothing, epoch_offset=epoch_offset, penalty=penalty,
-            on_batch=on_batch, on_epoch=on_epoch, privacy=privacy,
+            on_batch=on_batch, on_epoch=on_epoch, privacy=privacy, label_sets=label_sets,
         )  # fmt: skip
     finally:
         if privacy is not None:
@@ -271,6 +281,7 @@ def fit(
 def _epochs(
     *, model, trained, train_loader, optimizer, scheduler, ema, kept, device, epochs,
     val_loader, patience, label_smoothing, epoch_offset, penalty, on_batch, on_epoch, privacy,
+    label_sets,
 ) -> FitResult:  # fmt: skip
     """``fit``'s epochs: ``trained`` is ``model`` or its private wrapper."""
     result = FitResult()
@@ -290,6 +301,7 @@ def _epochs(
             penalty=penalty,
             ema=ema,
             privacy=privacy,
+            label_sets=label_sets,
         )
         row = {
             "epoch": epoch_offset + epoch,

@@ -199,6 +199,37 @@ def union_index(
     return merged, records
 
 
+def target_plan(
+    folder_labels: Sequence[str], label_map: Mapping[str, Sequence[str]] | None, *, where: object
+) -> tuple[tuple[str, ...], dict[str, int], list[tuple[int, ...]]]:
+    """The model's labels, each folder label's training target, and the label sets.
+
+    Without a map the model's labels are the folders'. A mapped folder label is not a model
+    label: it trains as its one target, or as target ``C + k`` (the k-th set) when it names
+    several (:mod:`fedbridge_shared.losses`).
+    """
+    label_map = dict(label_map or {})
+    absent = [name for name in label_map if name not in folder_labels]
+    if absent:
+        raise ConfigError(f"--label-map {absent[0]}: no class folder of that name in {where}")
+    labels = tuple(
+        sorted(
+            {x for x in folder_labels if x not in label_map}
+            | {t for v in label_map.values() for t in v}
+        )
+    )
+    target_of = {label: i for i, label in enumerate(labels)}
+    sets: list[tuple[int, ...]] = []
+    for name, targets in label_map.items():
+        idx = tuple(sorted(target_of[t] for t in targets))
+        if len(idx) == 1:
+            target_of[name] = idx[0]
+        else:
+            target_of[name] = len(labels) + len(sets)
+            sets.append(idx)
+    return labels, target_of, sets
+
+
 def decode(
     samples: Sequence[Sample], size: int, *, console: Console, what: str
 ) -> list[np.ndarray]:
@@ -222,12 +253,15 @@ def run_stage(
     force: bool = False,
     console: Console | None = None,
     allow: Iterable[str] = (),
+    label_map: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train one central stage on a class-folder tree and write a bundle to ``out``.
 
     ``data`` may be several trees (:func:`union_index`: the labels' union by name; each folder
     recorded in ``training["folders"]``). Validation images are held out by patient; early
     stopping keeps the best validation loss.
+    ``label_map``: a folder label → the model labels it stands for (:func:`target_plan`); a
+    set-labelled film trains with the partial-label loss and never validates.
     Nothing is written unless training finishes. Returns the bundle path and validation metrics.
     """
     console = console or Console(stderr=True)
@@ -247,7 +281,8 @@ def run_stage(
     folders = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
     index, folder_records = union_index(folders, manifest, allow=allow, console=console)
     seed_everything(config.seed)
-    model, spec = init_model(init, index.labels, arch, image_size)
+    model_labels, target_of, label_sets = target_plan(index.labels, label_map, where=folders[0])
+    model, spec = init_model(init, model_labels, arch, image_size)
     if config.intensity is not None:
         spec = dataclasses.replace(spec, intensity=config.intensity)
     modality = modality_for_stage(
@@ -257,7 +292,6 @@ def run_stage(
     if config.preset is None:  # the modality's own augmentation, never another's by default
         preset = modality if modality in PRESETS else defaults.AUGMENT
         config = dataclasses.replace(config, preset=preset)
-    target_of = {label: i for i, label in enumerate(spec.labels)}
 
     parts = {"train": list(index.samples), "val": []}
     if config.val_fraction > 0:
@@ -267,6 +301,10 @@ def run_stage(
             config.seed,
             group_of=copy_groups(index.samples)[0],  # a copy never validates its original
         )
+    if label_sets:  # a film known only as "one of these" is trained on, never validated on
+        is_set = {s.label for s in index.samples if target_of[s.label] >= len(spec.labels)}
+        parts["train"] += [s for s in parts["val"] if s.label in is_set]
+        parts["val"] = [s for s in parts["val"] if s.label not in is_set]
     if len(parts["val"]) < 2:
         parts = {"train": list(index.samples), "val": []}
     train_imgs = decode(
@@ -334,6 +372,7 @@ def run_stage(
             backbone_lr_scale=config.backbone_lr_scale,
             on_batch=lambda n: bar.advance(task, n),
             on_epoch=on_epoch,
+            label_sets=label_sets,
         )
     val_metrics: dict[str, Any] = {}
     if val_loader is not None:
@@ -347,6 +386,7 @@ def run_stage(
         "counts": {k: dict(Counter(s.label for s in v)) for k, v in parts.items()},
         "patients": {k: len({s.patient_id for s in v}) for k, v in parts.items()},
         "config": asdict(config),
+        "label_map": {k: list(v) for k, v in (label_map or {}).items()},
         "device": str(dev),
         "history": result.history,
         "best_epoch": result.best_epoch,

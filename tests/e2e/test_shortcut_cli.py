@@ -145,3 +145,34 @@ def test_bridge_on_two_folders_unites_labels_and_records_each(weights_root, data
                       "--model", "mobilenetv1_025", "--device", "cpu")  # fmt: skip
     assert_one_line_error(twice, "given twice")
     assert not (tmp_path / "b2").exists()
+
+
+def _pneumonia_called_pneumonia(bundle: Path, folder: Path, out: Path) -> int:
+    """How many PNEUMONIA_UNSPECIFIED films the bundle calls BACTERIAL or VIRAL."""
+    ok("evaluate", bundle, folder, "--label-map", MAP, "--out", out, "--bootstrap", "0")
+    ext = json.loads((out / "metrics.json").read_text())["external"]
+    return ext["per_label"]["PNEUMONIA_UNSPECIFIED"]["k"]
+
+
+def test_train_on_films_whose_class_is_a_set_of_the_models_labels(
+    cxr_bundle, cxr_parts, data_root, tmp_path
+):
+    adult = _tiny(data_root / "bridge" / "cxr-adult", tmp_path / "adult", 24)
+    before = _pneumonia_called_pneumonia(cxr_bundle, adult, tmp_path / "before")
+    out = tmp_path / "target"
+    ok("train", cxr_parts["train"], adult, "--out", out, "--init", cxr_bundle, "--label-map", MAP,
+       "--epochs", "3", "--augment-per-sample", "0", "--device", "cpu")  # fmt: skip
+    bundle = load_bundle(out)
+    assert bundle.spec.labels == TARGET  # the set-labelled folder is no class of the model
+    assert bundle.training["label_map"] == {
+        "PNEUMONIA_UNSPECIFIED": list(MAP.split("=")[1].split("|"))
+    }
+    counts = bundle.training["counts"]
+    assert counts["train"]["PNEUMONIA_UNSPECIFIED"] == 24  # trained on, never validated on
+    assert "PNEUMONIA_UNSPECIFIED" not in counts["val"] and counts["val"]
+    after = _pneumonia_called_pneumonia(out, adult, tmp_path / "after")
+    assert after > before and after >= 12, (before, after)
+    bad = fedbridge("train", cxr_parts["train"], "--out", tmp_path / "t2", "--init", cxr_bundle,
+                    "--label-map", "ADULT=NORMAL", "--device", "cpu")  # fmt: skip
+    assert_one_line_error(bad, "--label-map ADULT")
+    assert not (tmp_path / "t2").exists()

@@ -77,6 +77,7 @@ class FakeSite:
     fail: str | None = None
     on_task: object = None
     val_loss: object = None  # round → this site's validation loss (default 0.7)
+    val_examples: int = 40  # three sites: 120 validation images, enough to rank rounds
     got: list = field(default_factory=list)
 
 
@@ -139,8 +140,8 @@ class FakeGrid:
             rnd = int(msg.content[P.CONFIG][P.SERVER_ROUND])
             loss = site.val_loss(rnd) if callable(site.val_loss) else 0.7
             reply = P.EvalReply(
-                num_examples=12, class_counts=counts, val_loss=loss, val_accuracy=0.5,
-                class_correct=(3, 2, 0, 1),
+                num_examples=site.val_examples, class_counts=counts, val_loss=loss,
+                val_accuracy=0.5, class_correct=(3, 2, 0, 1),
             )  # fmt: skip
             content = {}
         content[P.METRICS] = MetricRecord(reply.to_metrics())
@@ -315,7 +316,7 @@ def test_the_coordinators_validation_set_chooses_the_best_round(bridge, oct_root
     val = tmp_path / "val"
     for label in LABELS:
         (val / label).mkdir(parents=True)
-        for img in sorted((oct_root / label).iterdir())[:3]:
+        for img in sorted((oct_root / label).iterdir())[:25]:  # 100 images: enough to rank
             (val / label / img.name).symlink_to(img)
     easy = {"val_loss": _losses({1: 0.9, 2: 0.1, 3: 0.5})}  # the sites' say does not count
     summary, _, text = _run(bridge, tmp_path / "fed", _sites(a=easy), val_data=str(val))
@@ -329,8 +330,35 @@ def test_the_coordinators_validation_set_chooses_the_best_round(bridge, oct_root
     assert "lowest loss on the coordinator's validation set (--val-data)" in text
 
 
+def test_a_handful_of_validation_images_ships_the_last_round_not_the_least_trained(
+    bridge, tmp_path
+):
+    # issue #29's regression: 7 + 8 + 5 validation images, the loss rising as the model grows
+    # confident while accuracy stays put: the lowest loss would ship round 1
+    rising = _losses({1: 0.9, 2: 1.0, 3: 1.1})
+    sizes = {"a": 7, "b": 8, "c": 5}
+    sites = _sites(**{n: {"val_loss": rising, "val_examples": k} for n, k in sizes.items()})
+    summary, _, text = _run(bridge, tmp_path / "fed", sites)
+    state = _state(tmp_path / "fed")
+    assert (summary["best_round"], state["best_rule"]) == (3, "small-val")
+    assert "fewer than 100 validation images cannot rank rounds" in text
+    assert load_bundle(tmp_path / "fed").training["best_round"] == 3
+    # the same losses on 120 images: the lowest loss is a real signal and wins
+    sites = _sites(**{n: {"val_loss": rising} for n in sizes})
+    summary, _, _ = _run(bridge, tmp_path / "big", sites)
+    assert summary["best_round"] == 1 and _state(tmp_path / "big")["best_rule"] == "same-sites"
+
+
+def test_choose_best_needs_enough_images_on_the_set_it_ranks():
+    small = [{**_row(r, a=loss), "server_val_loss": loss, "server_val_examples": 12}
+             for r, loss in ((1, 0.2), (2, 0.5))]  # fmt: skip
+    assert choose_best(small) == (2, None, "small-val")
+    big = [{**row, "server_val_examples": 100} for row in small]
+    assert choose_best(big) == (1, 0.2, "server-val")
+
+
 def _row(rnd: int, **sites: float) -> dict:
-    per = {n: {"val_examples": 10, "val_loss": loss} for n, loss in sites.items()}
+    per = {n: {"val_examples": 100, "val_loss": loss} for n, loss in sites.items()}
     return {"round": rnd, "per_site": per, "federated_val_loss": sum(sites.values()) / len(sites)}
 
 

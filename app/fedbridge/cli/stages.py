@@ -158,6 +158,15 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
         allow_shared_files: AllowSharedFiles = False,
         allow_similar_labels: AllowSimilarLabels = False,
         allow_manifest_conflict: AllowManifestConflict = False,
+        label_map: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--label-map",
+                help="Train on a folder whose class is only known as a set of the model's labels, "
+                "e.g. PNEUMONIA_UNSPECIFIED=BACTERIAL_PNEUMONIA|VIRAL_PNEUMONIA: its films teach "
+                "'one of these' (partial-label loss), never one guessed member (repeatable).",
+            ),
+        ] = None,
     ) -> None:
         check_tracking(tracking)
         allow = allowed(
@@ -166,6 +175,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
             manifest_conflict=allow_manifest_conflict,
         )
         with err.status("loading torch"):  # seconds on a cold start
+            from fedbridge_shared.shortcut import parse_label_map
             from fedbridge_shared.spec import IMAGE_SIZE_RANGE
             from fedbridge_shared.training import PAPER_PRESET, TrainConfig, run_stage
 
@@ -195,7 +205,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
         bundle, metrics = run_stage(
             stage, data, out=out_dir, init=init, config=config, arch=model,
             image_size=image_size, manifest=manifest, device=device, force=force, console=err,
-            allow=allow,
+            allow=allow, label_map=parse_label_map(label_map) if label_map else None,
         )  # fmt: skip
         if as_json:
             track(tracking, tracking_uri, bundle, console=err)
