@@ -52,7 +52,7 @@ def test_local_settings_are_composed_and_their_keys_stay_flat():
     flat = cfg.to_flat()
     assert flat["lr"] == 0.01 and "local.lr" not in flat and flat["dp.enabled"] is True
     # every LocalSettings field is a top-level run-config key
-    assert {f.replace("_", "-") for f in LocalSettings.__dataclass_fields__} <= set(flat)
+    assert {f.replace("_", "-") for f in LocalSettings.model_fields} <= set(flat)
 
 
 def test_pyproject_run_config_is_valid():
