@@ -81,12 +81,12 @@ class DPConfig(Settings):
     clipping_norm: Annotated[float, Finite, Field(gt=0, le=1e6)] = 1.0
     """Site level: L2 bound of one site's update (its trainable weights minus the global ones)."""
     max_grad_norm: Annotated[float, Finite, Field(gt=0, le=100)] = Field(
-        default=1.0, json_schema_extra=_hint("the per-patient gradient clip of DP-SGD, > 0, ≤ 100")
+        default=1.0, json_schema_extra=_hint("the per-patient gradient clip of DP-SGD")
     )
     """Record level: L2 bound of one patient's gradient in a DP-SGD step."""
     noise_multiplier: Annotated[float, Finite, Field(ge=0, le=DP_MAX_NOISE)] = Field(
         default=0.0,
-        json_schema_extra=_hint(f"0 (derive it from dp.target-epsilon) up to {DP_MAX_NOISE:g}"),
+        json_schema_extra=_hint("0: derive it from dp.target-epsilon"),
     )
     """σ (site level: noise std = σ·clipping-norm / sites; record level: σ·max-grad-norm per
     step). 0: the smallest σ that reaches target-epsilon (record level: at each site)."""
@@ -160,9 +160,7 @@ class FederationConfig(Settings):
     """The coordinator sees only the sum of the sites' updates (``server.secagg``)."""
     secure_aggregation_clip: Annotated[float, Finite, Field(gt=0, le=1000)] = Field(
         default=8.0,
-        json_schema_extra=_hint(
-            "the largest |weight change| a site's update may carry, > 0, ≤ 1000"
-        ),
+        json_schema_extra=_hint("the largest |weight change| a site's update may carry"),
     )
     """Per-weight range ±clip of an update under secure aggregation (fixed-point quantised)."""
 

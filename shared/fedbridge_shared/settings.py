@@ -294,11 +294,20 @@ def _line(problem: Any, f: FieldInfo | None, key: str, *, options: bool) -> str:
     bound = f"must be {_bound(f)}" if f is not None else problem["msg"]
     if options:
         return f"--{key} {value!r}: {bound}" + (f" ({hint})" if hint else "")
-    return f"run config: invalid value for {key!r} ({value!r}): {hint or bound}"
+    if hint and f is not None and _choices(f.annotation):
+        bound = hint  # the hint explains each choice
+    elif hint:
+        bound += f" ({hint})"
+    return f"run config: invalid value for {key!r} ({value!r}): {bound}"
 
 
 def _shown(value: Any, f: FieldInfo | None) -> Any:
-    if f is not None and f.annotation is float and not isinstance(value, bool):
+    """The value as the field would hold it (``"0"`` → 0 for an int, 0 → 0.0 for a float)."""
+    if f is None or isinstance(value, bool):
+        return value
+    if f.annotation is int:
+        return _whole(value)
+    if f.annotation is float:
         try:
             return float(value)
         except (TypeError, ValueError):
