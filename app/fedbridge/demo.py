@@ -88,7 +88,7 @@ def run_demo(
         data, out / "split", sites=SITES, bridge_fraction=0.5, test_fraction=0.2, seed=seed
     )
     stage_config = TrainConfig(
-        epochs=plan.bridge_epochs, preset=augment, seed=seed, ema_decay=defaults.BRIDGE_EMA_DECAY
+        epochs=plan.bridge_epochs, augment=augment, seed=seed, ema_decay=defaults.BRIDGE_EMA_DECAY
     )
     bridge_folder = split.out / "bridge"
     if bridge_index is not None:
@@ -119,7 +119,7 @@ def run_demo(
     target_config = TrainConfig(
         epochs=plan.target_epochs,
         augment_per_sample=plan.augment_per_sample,
-        preset=augment,
+        augment=augment,
         seed=seed,
     )
     sites = [split.out / f"site-{i}" for i in range(1, SITES + 1)]
@@ -243,7 +243,7 @@ def _federate(
         "batch-size": cfg.batch_size,
         "lr": cfg.lr,
         "augment-per-sample": cfg.augment_per_sample,
-        "augment": cfg.preset,
+        "augment": cfg.augment,
         "seed": cfg.seed,
         "label-smoothing": cfg.label_smoothing,
         "balanced": cfg.balanced,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 import threading
 import time
@@ -98,7 +97,7 @@ def _from_flower(run_config) -> FederationConfig:
                 f"\"{key}='{Path(str(value)).resolve()}'\""
             )
     if sims:  # `flwr run . local`: one SuperNode per site folder, or the extra folders idle
-        cfg = dataclasses.replace(cfg, min_available_sites=len(sims))
+        cfg = cfg.replace(min_available_sites=len(sims))
     return cfg
 
 

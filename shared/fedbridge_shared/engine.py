@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import FedbridgeError
 from fedbridge_shared.losses import hits, label_masks, make_criterion
+from fedbridge_shared.settings import TrainConfig, check
 
 BatchHook = Callable[[int], None]
 """Called after each batch with the number of images it held (drives progress bars)."""
@@ -85,8 +86,9 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
 
     After steps to weights w_1..w_T: ema_1 = w_1, ema_t = d · ema_{t-1} + (1 − d) · w_t, d = decay.
     """
-    if not 0 < decay < 1:
-        raise FedbridgeError(f"--ema-decay {decay}: must be in (0, 1), or 0 for off")
+    check(TrainConfig, "ema_decay", decay)
+    if decay == 0:
+        raise FedbridgeError("--ema-decay 0: no EMA to make (0 is off)")
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
@@ -102,8 +104,7 @@ def make_optimizer(
     ``backbone_lr_scale`` < 1 gives discriminative learning rates: the classifier (timm's
     ``get_classifier()``) learns at ``lr``, every other layer at ``lr * backbone_lr_scale``.
     """
-    if not (math.isfinite(backbone_lr_scale) and 0 < backbone_lr_scale <= 1):
-        raise FedbridgeError(f"--backbone-lr-scale {backbone_lr_scale}: must be in (0, 1]")
+    check(TrainConfig, "backbone_lr_scale", backbone_lr_scale)
     head: set[int] = set()
     if backbone_lr_scale != 1:
         if not hasattr(model, "get_classifier"):

@@ -7,15 +7,14 @@ Both ends import these names; Flower's records (``ArrayRecord``, ``ConfigRecord`
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any
 
-from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError, DataError
+from fedbridge_shared.settings import LocalSettings, kebab
 
 # Records of a message's RecordDict.
 ARRAYS = "arrays"
@@ -43,75 +42,6 @@ NODE_AUDIT_DIR = "audit-dir"
 NODE_EVENTS_FILE = "events-file"
 NODE_PARTITION_ID = "partition-id"
 NODE_WORKER_SOCKET = "worker-socket"  # the site's long-lived worker (deployed sites)
-
-
-def kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-MAX_BATCH_SIZE = 4096
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    """What the server asks every site to do in a round (sent as kebab-case config keys)."""
-
-    local_epochs: int = defaults.LOCAL_EPOCHS
-    batch_size: int = defaults.BATCH_SIZE
-    lr: float = defaults.LR
-    weight_decay: float = defaults.WEIGHT_DECAY
-    augment_per_sample: int = defaults.TARGET_AUGMENT_PER_SAMPLE
-    augment: str = defaults.AUGMENT
-    val_fraction: float = defaults.VAL_FRACTION
-    label_smoothing: float = defaults.LABEL_SMOOTHING
-    seed: int = defaults.SEED
-    proximal_mu: float = defaults.PROXIMAL_MU
-    ema_decay: float = defaults.SITE_EMA_DECAY
-    """EMA of the site's weights within its round (0: off); the site replies with the EMA."""
-    balanced: bool = defaults.BALANCED
-    # torch CPU threads while training (0: torch's default). Floating-point sums depend on the
-    # thread count, so bitwise-identical reruns need the same value on the same site.
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "local-epochs": 1 <= self.local_epochs <= 1000,
-            "batch-size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
-            "lr": math.isfinite(self.lr) and 0 < self.lr <= 1,
-            "weight-decay": math.isfinite(self.weight_decay) and 0 <= self.weight_decay <= 1,
-            "augment-per-sample": 0 <= self.augment_per_sample <= 100,
-            "augment": self.augment in defaults.AUGMENT_PRESETS,
-            "val-fraction": 0 <= self.val_fraction <= 0.5,
-            "label-smoothing": 0 <= self.label_smoothing < 1,
-            "seed": 0 <= self.seed < 2**32,
-            "proximal-mu": 0 <= self.proximal_mu <= 1000,
-            "threads": 0 <= self.threads <= 1024,
-            "ema-decay": math.isfinite(self.ema_decay) and 0 <= self.ema_decay < 1,
-        }
-        bad = next((k for k, ok in checks.items() if not ok), None)
-        if bad is not None:
-            value = getattr(self, bad.replace("-", "_"))
-            raise ConfigError(f"run config: invalid value for {bad!r} ({value!r})")
-
-    def to_config(self) -> dict[str, Any]:
-        return {kebab(k): v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> LocalSettings:
-        """Pick this dataclass's keys out of a round config (other keys are ignored)."""
-        values = {}
-        for f in fields(cls):
-            if kebab(f.name) in config:
-                kind, value = type(getattr(cls(), f.name)), config[kebab(f.name)]
-                if kind is bool and not isinstance(value, bool):  # bool("false") is True
-                    raise ConfigError(f"run config: {kebab(f.name)!r} must be true or false")
-                try:
-                    values[f.name] = kind(value)
-                except (TypeError, ValueError, OverflowError):
-                    raise ConfigError(
-                        f"run config: {kebab(f.name)!r} must be {kind.__name__}"
-                    ) from None
-        return cls(**values)
 
 
 DP_SGD = "dp-sgd."
@@ -412,7 +342,7 @@ def reply_problem(kind: str, records: dict[str, dict[str, Any]]) -> str | None:
 
 TASK_KEYS = frozenset(
     {
-        *(kebab(f.name) for f in fields(LocalSettings)),
+        *(kebab(name) for name in LocalSettings.model_fields),
         *(DP_SGD + kebab(f.name) for f in fields(RecordDP)),
         SPEC_JSON, SERVER_ROUND, NUM_ROUNDS,
     }

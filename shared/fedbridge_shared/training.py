@@ -8,7 +8,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedbridge_shared import defaults
-from fedbridge_shared.data.augment import PRESETS
 from fedbridge_shared.data.samples import FolderIndex, Sample, scan_folder
 from fedbridge_shared.data.sources import sample_sources
 from fedbridge_shared.data.split import assign_parts, copy_groups
@@ -29,8 +27,9 @@ from fedbridge_shared.engine import fit, predict
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.files import check_writable
 from fedbridge_shared.metrics import compute_metrics
-from fedbridge_shared.modality import MODALITIES, modality_for_stage
+from fedbridge_shared.modality import augment_for, modality_for_stage
 from fedbridge_shared.models import init_model, model_from_bundle
+from fedbridge_shared.settings import TrainConfig
 from fedbridge_shared.shortcut import (
     external_metrics,
     is_identity,
@@ -40,62 +39,6 @@ from fedbridge_shared.shortcut import (
 )
 from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
 from fedbridge_shared.tta import predict_tta, views_for
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one training stage; saved in the bundle as the resolved config."""
-
-    epochs: int = defaults.EPOCHS
-    batch_size: int = defaults.BATCH_SIZE
-    lr: float = defaults.LR
-    weight_decay: float = defaults.WEIGHT_DECAY
-    patience: int = defaults.PATIENCE
-    val_fraction: float = defaults.VAL_FRACTION
-    augment_per_sample: int = defaults.BRIDGE_AUGMENT_PER_SAMPLE
-    online_augment: bool = True
-    preset: str | None = defaults.AUGMENT
-    """The augmentation preset; None: the stage's modality's (``cxr``/``oct``), else the default."""
-    label_smoothing: float = defaults.LABEL_SMOOTHING
-    seed: int = defaults.SEED
-    ema_decay: float = defaults.EMA_DECAY
-    balanced: bool = defaults.BALANCED
-    backbone_lr_scale: float = defaults.BACKBONE_LR_SCALE
-    """Every layer but the classifier at this fraction of ``lr`` (discriminative LRs)."""
-    intensity: str | None = None
-    """``none`` | ``clahe``, recorded in the spec; None: the init bundle's (``none`` for others)."""
-    modality: str | None = None
-    """``cxr`` | ``oct`` | ``other``, sealed in the spec; None: the init bundle's, else the
-    augmentation preset's (``modality.modality_for_stage``)."""
-
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": (1 <= self.epochs <= 1000, "a whole number in [1, 1000]"),
-            "batch_size": (1 <= self.batch_size <= 4096, "a whole number in [1, 4096]"),
-            "lr": (math.isfinite(self.lr) and 0 < self.lr <= 1, "in (0, 1]"),
-            "weight_decay": (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "≥ 0"),
-            "patience": (self.patience >= 1, "≥ 1"),
-            "val_fraction": (0 <= self.val_fraction <= 0.5, "in [0, 0.5]"),
-            "augment_per_sample": (0 <= self.augment_per_sample <= 100, "in [0, 100]"),
-            "preset": (self.preset in (None, *PRESETS), f"one of {', '.join(PRESETS)}"),
-            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
-            "seed": (0 <= self.seed < 2**32, "in [0, 2**32)"),
-            "ema_decay": (0 <= self.ema_decay < 1, "in [0, 1) (0: off)"),
-            "backbone_lr_scale": (
-                math.isfinite(self.backbone_lr_scale) and 0 < self.backbone_lr_scale <= 1,
-                "in (0, 1] (1: one learning rate)",
-            ),
-            "intensity": (
-                self.intensity in (None, *defaults.INTENSITIES),
-                " | ".join(defaults.INTENSITIES),
-            ),
-            "modality": (self.modality in (None, *MODALITIES), " | ".join(MODALITIES)),
-        }
-        for name, (ok, allowed) in checks.items():
-            if not ok:
-                option = "--augment" if name == "preset" else "--" + name.replace("_", "-")
-                raise ConfigError(f"{option} {getattr(self, name)!r}: must be {allowed}")
-
 
 PAPER_PRESET = {"arch": "inception_v4", "image_size": 299, "augment_per_sample": 10}
 """The paper's settings (Carr, Sami, Sanderson): Inception-V4 at 299 px, ×10 expansion."""
@@ -286,12 +229,11 @@ def run_stage(
     if config.intensity is not None:
         spec = dataclasses.replace(spec, intensity=config.intensity)
     modality = modality_for_stage(
-        requested=config.modality, inherited=spec.modality, augment=config.preset or ""
+        requested=config.modality, inherited=spec.modality, augment=config.augment or ""
     )
     spec = dataclasses.replace(spec, modality=modality)
-    if config.preset is None:  # the modality's own augmentation, never another's by default
-        preset = modality if modality in PRESETS else defaults.AUGMENT
-        config = dataclasses.replace(config, preset=preset)
+    if config.augment is None:  # the modality's own augmentation, never another's by default
+        config = config.replace(augment=augment_for(modality, defaults.AUGMENT))
 
     parts = {"train": list(index.samples), "val": []}
     if config.val_fraction > 0:
@@ -317,7 +259,7 @@ def run_stage(
         spec,
         batch_size=config.batch_size,
         train=True,
-        preset=config.preset,
+        preset=config.augment,
         augment_per_sample=config.augment_per_sample,
         online=config.online_augment,
         seed=config.seed,
@@ -385,7 +327,7 @@ def run_stage(
         "patient_ids": index.patient_source,
         "counts": {k: dict(Counter(s.label for s in v)) for k, v in parts.items()},
         "patients": {k: len({s.patient_id for s in v}) for k, v in parts.items()},
-        "config": asdict(config),
+        "config": config.model_dump(),
         "label_map": {k: list(v) for k, v in (label_map or {}).items()},
         "device": str(dev),
         "history": result.history,

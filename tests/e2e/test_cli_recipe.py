@@ -78,7 +78,7 @@ def test_the_modality_is_sealed_inherited_and_decides_augmentation_and_tta(oct_r
     for bundle in (first, second):
         record = json.loads((bundle / "model.json").read_text())
         assert record["spec"]["modality"] == "oct", bundle
-        assert record["training"]["config"]["preset"] == "oct", bundle
+        assert record["training"]["config"]["augment"] == "oct", bundle
     tta = json_out("evaluate", second, oct_root, "--bootstrap", "0", "--tta", "--json",
                    "--device", "cpu")  # fmt: skip
     assert "hflip" in tta["tta"]

@@ -52,7 +52,7 @@ def test_local_settings_are_composed_and_their_keys_stay_flat():
     flat = cfg.to_flat()
     assert flat["lr"] == 0.01 and "local.lr" not in flat and flat["dp.enabled"] is True
     # every LocalSettings field is a top-level run-config key
-    assert {f.replace("_", "-") for f in LocalSettings.__dataclass_fields__} <= set(flat)
+    assert {f.replace("_", "-") for f in LocalSettings.model_fields} <= set(flat)
 
 
 def test_pyproject_run_config_is_valid():
@@ -173,3 +173,20 @@ def test_record_level_dp_goes_to_the_sites_and_works_with_secure_aggregation():
     assert FederationConfig.from_flat({"dp.enabled": True}).record_dp() is None  # site level
     fedadam = {"dp.enabled": True, "dp.level": "record", "strategy": "fedadam"}
     assert FederationConfig.from_flat(fedadam).dp.record_level  # sites' outputs are already DP
+
+
+def test_one_quorum_default_for_both_commands(tmp_path):
+    """server start and federate simulate: a majority of the expected sites."""
+    from fedbridge.cli.federate import run_config
+    from fedbridge_server.config import quorum
+
+    assert [quorum(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+    flat = run_config(
+        init=tmp_path, out=tmp_path / "o", sites=3, rounds=1, strategy="fedavg",
+        augment_per_sample=0, augment="cxr", local_epochs=1, lr=1e-3, batch_size=8, val=None,
+        test=None, seed=0, settings=None,
+    )  # fmt: skip
+    assert (flat["min-available-sites"], flat["min-train-sites"], flat["min-evaluate-sites"]) == (
+        3, 2, 2,
+    )  # fmt: skip
+    assert FederationConfig().min_train_sites == quorum(FederationConfig().min_available_sites)

@@ -56,3 +56,26 @@ def test_bad_site_settings_are_refused():
         LocalSettings(ema_decay=1.0)
     with pytest.raises(ConfigError, match="'balanced' must be true or false"):
         LocalSettings.from_config({"balanced": "false"})
+
+
+def test_a_stage_and_a_site_bound_each_shared_setting_the_same():
+    """One declaration per setting: TrainConfig and LocalSettings cannot disagree on a bound."""
+    shared = set(TrainConfig.model_fields) & set(LocalSettings.model_fields)
+    assert {"batch_size", "augment_per_sample", "lr", "weight_decay", "seed"} <= shared
+    for name in shared:
+        assert TrainConfig.bound(name) == LocalSettings.bound(name), name
+    with pytest.raises(ConfigError, match=r"^--batch-size 5000: must be in \[1, 4096\]$"):
+        TrainConfig(batch_size=5000)
+    with pytest.raises(ConfigError, match=r"'batch-size' \(5000\): must be in \[1, 4096\]$"):
+        LocalSettings(batch_size=5000)
+    with pytest.raises(ConfigError, match=r"'augment-per-sample' \(101\): must be in \[0, 100\]"):
+        LocalSettings(augment_per_sample=101)
+
+
+def test_preset_is_the_former_name_of_augment():
+    """Bundles written before the rename carry ``preset`` in their config: still read."""
+    old = TrainConfig(**{**TrainConfig().model_dump(exclude={"augment"}), "preset": "oct"})
+    assert old.augment == "oct" == old.preset
+    assert "augment" in old.model_dump() and "preset" not in old.model_dump()
+    with pytest.raises(ConfigError, match="--augment 'bogus': must be one of cxr, oct, none"):
+        TrainConfig(preset="bogus")

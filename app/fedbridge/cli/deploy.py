@@ -19,6 +19,7 @@ from fedbridge.cli.federate import (
     Labels,
     LocalEpochs,
     Lr,
+    MinSites,
     Out,
     Rounds,
     Settings,
@@ -105,14 +106,7 @@ def start(
     sites: Annotated[
         int, typer.Option("--sites", help="Sites expected: every round waits for them.")
     ] = 2,
-    min_sites: Annotated[
-        int | None,
-        typer.Option(
-            "--min-sites",
-            help="Quorum: a round goes on without a lost site if this many remain "
-            "(default: a majority of --sites); fewer stops the run, resumably.",
-        ),
-    ] = None,
+    min_sites: MinSites = None,
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="SuperLink port (sites connect here).")] = 9092,
     state: Annotated[
@@ -146,7 +140,7 @@ def start(
 
     flat = run_config(
         init=init, out=out_dir, sites=sites, rounds=rounds, strategy=strategy,
-        min_sites=sites // 2 + 1 if min_sites is None else min_sites,
+        min_sites=min_sites,
         augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
         lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
         labels=labels or folder_labels(val or test),

@@ -58,6 +58,14 @@ Labels = Annotated[
         "start)."
     ),
 ]
+MinSites = Annotated[
+    int | None,
+    typer.Option(
+        "--min-sites",
+        help="Quorum: a round goes on without a lost site if this many remain "
+        "(default: a majority of the sites expected); fewer stops the run, resumably.",
+    ),
+]
 Settings = Annotated[
     list[str] | None,
     typer.Option("--set", help="Any run-config key, e.g. --set dp.enabled=true."),
@@ -137,12 +145,14 @@ def run_config(
 ) -> dict[str, Any]:
     """The flat run config both commands hand to :class:`FederationConfig`.
 
-    ``sites`` are expected in every round; ``min_sites`` (default: all of them) is the quorum
-    of usable updates a round needs.
+    ``sites`` are expected in every round; ``min_sites`` is the quorum of usable updates a round
+    needs (default: a majority of ``sites``, :func:`fedbridge_server.config.quorum`, for both
+    commands).
     """
     from fedbridge_server.config import merge_overrides
+    from fedbridge_server.config import quorum as majority
 
-    quorum = sites if min_sites is None else min_sites
+    quorum = majority(sites) if min_sites is None else min_sites
     options = {
         "init": str(Path(init).resolve()),
         "out": str(Path(out).resolve()),
@@ -199,6 +209,7 @@ def simulate(
     init: Init,
     sites: Annotated[list[Path], typer.Option("--site", help="A site's class folders (repeat).")],
     out_dir: Out,
+    min_sites: MinSites = None,
     rounds: Rounds = defaults.ROUNDS,
     strategy: Strategy = StrategyName(defaults.STRATEGY),
     augment_per_sample: AugmentPerSample = defaults.TARGET_AUGMENT_PER_SAMPLE,
@@ -224,9 +235,10 @@ def simulate(
     from fedbridge.simulate import simulate as run
 
     flat = run_config(
-        init=init, out=out_dir, sites=len(sites), rounds=rounds, strategy=strategy,
-        augment_per_sample=augment_per_sample, augment=augment, local_epochs=local_epochs,
-        lr=lr, batch_size=batch_size, val=val, test=test, seed=seed, settings=settings,
+        init=init, out=out_dir, sites=len(sites), min_sites=min_sites, rounds=rounds,
+        strategy=strategy, augment_per_sample=augment_per_sample, augment=augment,
+        local_epochs=local_epochs, lr=lr, batch_size=batch_size, val=val, test=test, seed=seed,
+        settings=settings,
         labels=labels or site_labels(init, sites),
     )  # fmt: skip
     console = make_console(stderr=as_json)

@@ -192,7 +192,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
             batch_size=batch_size,
             lr=lr,
             augment_per_sample=per_sample if augment_per_sample is None else augment_per_sample,
-            preset=None if augment is None else augment.value,
+            augment=None if augment is None else augment.value,
             val_fraction=val_fraction,
             patience=patience,
             seed=seed,
