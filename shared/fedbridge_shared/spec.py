@@ -124,7 +124,12 @@ def _validate(spec: ModelSpec) -> None:
         raise BundleError(
             f"model spec: modality {spec.modality!r} (must be {' | '.join(MODALITIES)})"
         )
-    for key, value in spec.timm_kwargs.items():
+    check_timm_kwargs(spec.timm_kwargs)
+
+
+def check_timm_kwargs(timm_kwargs: dict[str, Any]) -> None:
+    """Refuse (BundleError) any kwarg outside :data:`TIMM_KWARGS` or of the wrong type."""
+    for key, value in timm_kwargs.items():
         kind = TIMM_KWARGS.get(key)
         if kind is None:
             allowed = ", ".join(sorted(TIMM_KWARGS))
