@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from fedbridge_server.quorum import Stopped
 from fedbridge_server.store import RoundStore
 from fedbridge_shared import pki
 from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.polling import wait_until
 from fedbridge_shared.processes import (
     die_with_parent,
     exclusive,
@@ -300,15 +300,17 @@ def _read(path: Path) -> str:
 
 
 def _wait_control_api(env: dict[str, str], link: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def answers() -> bool:
         try:
             check_control_api(env)
-            return
+            return True
         except FedbridgeError:
-            if link.poll() is not None or time.monotonic() > deadline:
+            if link.poll() is not None:
                 raise
-            time.sleep(1.0)
+            return False
+
+    if not wait_until(answers, timeout=timeout, interval=1.0):
+        check_control_api(env)  # raises the last reason it does not answer
 
 
 def _run_app(app: Path, env: dict[str, str], log: Path, console: Console) -> None:

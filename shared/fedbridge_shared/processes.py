@@ -13,9 +13,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+from fedbridge_shared.polling import wait_until
 
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -189,9 +190,7 @@ def stop_pids(pids: Iterable[int], timeout: float = 15.0) -> None:
     for pid in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(pid) for pid in targets):
-        time.sleep(0.2)
+    wait_until(lambda: not any(alive(pid) for pid in targets), timeout=timeout, interval=0.2)
     for pid in targets:
         if alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -202,16 +201,16 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float) 
     """True once ``host:port`` accepts connections; False if ``proc`` exits or time runs out."""
     import socket
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def state() -> str:
         if proc.poll() is not None:
-            return False
+            return "exited"
         try:
             with socket.create_connection((host, port), timeout=1.0):
-                return True
+                return "open"
         except OSError:
-            time.sleep(0.3)
-    return False
+            return ""
+
+    return wait_until(state, timeout=timeout, interval=0.3) == "open"
 
 
 @contextlib.contextmanager
