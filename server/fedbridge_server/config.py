@@ -17,7 +17,7 @@ from fedbridge_shared import defaults
 from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.protocol import LocalSettings, RecordDP, kebab
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
+STRATEGIES = defaults.STRATEGIES
 MAX_SECONDS = 7 * 24 * 3600.0  # the longest wait any timeout may ask for
 INLINE = {"inline": True}
 """Field metadata: the sub-config's keys sit at the top level of the flat run config."""

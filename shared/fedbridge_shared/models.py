@@ -20,6 +20,7 @@ from fedbridge_shared import defaults
 from fedbridge_shared.data.images import file_sha256
 from fedbridge_shared.errors import BundleError, ConfigError
 from fedbridge_shared.files import read_json_object
+from fedbridge_shared.layout import WEIGHTS_FILE
 from fedbridge_shared.spec import Bundle, ModelSpec, check_timm_kwargs, is_bundle, load_bundle
 
 WEIGHTS_DIR_ENV = "FEDBRIDGE_WEIGHTS_DIR"
@@ -72,7 +73,7 @@ def model_from_bundle(bundle: Bundle) -> nn.Module:
     """The bundle's model with its weights, every tensor's name and shape checked first."""
     model = build_model(bundle.spec)
     expected = model.state_dict()
-    where = bundle.path / "model.safetensors"
+    where = bundle.path / WEIGHTS_FILE
     missing = [k for k in expected if k not in bundle.state_dict]
     extra = [k for k in bundle.state_dict if k not in expected]
     if missing or extra:
