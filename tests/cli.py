@@ -6,9 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from fedbridge_shared.polling import wait_until
 
 
 def fedbridge(
@@ -74,10 +75,7 @@ def launch(*args: str | Path, log: Path, prefix: Sequence[str] = ()) -> subproce
 
 def wait_for(condition, what: str, *, deadline: float):
     """``condition()``'s first truthy value, polled every 0.2 s for at most ``deadline`` s."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"gave up waiting for {what}")
+    value = wait_until(condition, timeout=deadline, interval=0.2)
+    if not value:
+        raise AssertionError(f"gave up waiting for {what}")
+    return value

@@ -25,6 +25,7 @@ from fedbridge_client.events import EventFollower, describe_event
 from fedbridge_shared import pki
 from fedbridge_shared import protocol as P
 from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.polling import wait_until
 from fedbridge_shared.processes import (
     exclusive,
     owned_by,
@@ -196,17 +197,21 @@ class _SiteWorker:
             "--owner", f"{P.NODE_EVENTS_FILE}='{Path(self.node.events).resolve()}'",
         ]  # fmt: skip
         self.proc = spawn(cmd, self.log, tool_env())
-        deadline = time.monotonic() + _WORKER_START_TIMEOUT
-        while time.monotonic() < deadline:
+        proc = self.proc
+
+        def ready() -> bool:
             text = _log_since(self.log, offset)
             if READY in text:
-                return
-            if self.proc.poll() is not None:
+                return True
+            if proc.poll() is not None:
                 raise FedbridgeError(
                     f"site {self.node.name}: the site worker stopped: {_last_line(text)}; "
                     f"see {self.log}"
                 )
-            time.sleep(0.2)
+            return False
+
+        if wait_until(ready, timeout=_WORKER_START_TIMEOUT, interval=0.2):
+            return
         raise FedbridgeError(
             f"site {self.node.name}: the site worker was not ready within "
             f"{_WORKER_START_TIMEOUT:g} s; see {self.log}"

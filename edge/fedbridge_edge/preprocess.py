@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fedbridge_edge.errors import EdgeError
-from fedbridge_shared.data.images import IMAGE_SUFFIXES, read_image
+from fedbridge_shared.data.images import IMAGE_SUFFIXES, has_dicom_magic, read_image
 from fedbridge_shared.data.pixels import InputSpec, normalise, resize
 from fedbridge_shared.errors import DataError
 
@@ -37,7 +37,7 @@ def decode_bytes(data: bytes, name: str = "upload") -> np.ndarray:
     """Decode an image sent as bytes (PNG, JPEG or DICOM) through the same reader as files."""
     import tempfile
 
-    suffix = ".dcm" if len(data) > 132 and data[128:132] == b"DICM" else ""
+    suffix = ".dcm" if has_dicom_magic(data) else ""
     with tempfile.NamedTemporaryFile(suffix=suffix) as fh:
         fh.write(data)
         fh.flush()
@@ -57,7 +57,7 @@ def declared_size(data: bytes) -> tuple[int, int, int] | None:
     import io
     import warnings
 
-    if len(data) > 132 and data[128:132] == b"DICM":
+    if has_dicom_magic(data):
         import pydicom
 
         try:

@@ -300,13 +300,13 @@ def markers_of_file(path: Path) -> tuple[Markers | None, str]:
 
 def is_dicom_file(path: Path) -> bool:
     """A DICOM input by the same rule the image reader uses: suffix or DICM magic."""
-    from fedbridge_shared.data.images import DICOM_SUFFIXES
+    from fedbridge_shared.data.images import DICOM_SUFFIXES, has_dicom_magic
 
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
         with path.open("rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
+            return has_dicom_magic(fh.read(132))
     except OSError:
         return False
 

@@ -34,7 +34,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import importlib
 import io
 import json
 import logging
@@ -74,6 +73,8 @@ from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.preprocess import check_declared_size, decode_bytes
 from fedbridge_edge.record import ApiErrorBody, FileError
 from fedbridge_edge.runtime import Prediction, Predictor
+from fedbridge_shared import __version__
+from fedbridge_shared.data.images import has_dicom_magic
 from fedbridge_shared.errors import FedbridgeError
 
 log = logging.getLogger("fedbridge.edge")
@@ -120,12 +121,8 @@ class ApiError(Exception):
 
 
 def version() -> str:
-    try:
-        from importlib.metadata import version as dist_version
-
-        return dist_version("fedbridge")
-    except Exception:  # noqa: BLE001 - running from a source tree without metadata
-        return getattr(importlib.import_module("fedbridge_shared"), "__version__", "unknown")
+    """fedbridge's version (``fedbridge_shared.__version__``, the installed distribution's)."""
+    return __version__
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -638,7 +635,7 @@ class Api:
 
 def dicom_header(data: bytes, name: str) -> Any:
     """The header of a DICOM upload (None for PNG/JPEG or a header that cannot be read)."""
-    if not (len(data) > 132 and data[128:132] == b"DICM"):
+    if not has_dicom_magic(data):
         return None
     import pydicom
 

@@ -31,7 +31,7 @@ from fedbridge_shared.settings import (
     to_flat,
 )
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
+STRATEGIES = defaults.STRATEGIES
 MAX_SECONDS = 7 * 24 * 3600.0  # the longest wait any timeout may ask for
 DP_MAX_NOISE = 1e3  # σ beyond this drowns any update; Opacus' search tops out near it
 DP_MIN_EPSILON, DP_MAX_EPSILON = 0.05, 1e3

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,10 @@ from fedbridge_server.config import FederationConfig
 from fedbridge_server.front import Front
 from fedbridge_server.quorum import Stopped
 from fedbridge_server.store import RoundStore
-from fedbridge_shared import pki
+from fedbridge_shared import __version__, pki
 from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.layout import SPEC_FILE
+from fedbridge_shared.polling import wait_until
 from fedbridge_shared.processes import (
     die_with_parent,
     exclusive,
@@ -141,7 +142,7 @@ def write_app(folder: Path, config: FederationConfig) -> Path:
     doc = {
         "project": {
             "name": APP_NAME,
-            "version": "0.1.0",
+            "version": __version__,
             "description": "fedbridge federated target stage",
             "license": "Apache-2.0",
             "dependencies": [],
@@ -287,7 +288,7 @@ def _start(coord: Coordinator, console: Console) -> dict[str, Any]:
     finally:
         stop(children)
     out = Path(coord.config.out)
-    if not (out / "model.json").is_file():
+    if not (out / SPEC_FILE).is_file():
         raise FedbridgeError(f"the run ended without a final bundle at {out}; see {state}")
     return read_bundle_record(out)
 
@@ -300,15 +301,17 @@ def _read(path: Path) -> str:
 
 
 def _wait_control_api(env: dict[str, str], link: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def answers() -> bool:
         try:
             check_control_api(env)
-            return
+            return True
         except FedbridgeError:
-            if link.poll() is not None or time.monotonic() > deadline:
+            if link.poll() is not None:
                 raise
-            time.sleep(1.0)
+            return False
+
+    if not wait_until(answers, timeout=timeout, interval=1.0):
+        check_control_api(env)  # raises the last reason it does not answer
 
 
 def _run_app(app: Path, env: dict[str, str], log: Path, console: Console) -> None:

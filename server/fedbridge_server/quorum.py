@@ -15,6 +15,7 @@ from collections.abc import Callable
 from flwr.serverapp import Grid
 
 from fedbridge_shared.errors import FedbridgeError
+from fedbridge_shared.polling import wait_until
 
 log = logging.getLogger("fedbridge.server")
 
@@ -53,30 +54,35 @@ def wait_for_sites(
     set changes and every ``progress_every`` seconds; ``stop`` set raises :class:`Stopped`.
     """
     deadline = clock() + timeout
+    nodes: list[int] = []
     shown: list[int] | None = None
     next_note = clock()
-    while True:
+
+    def all_came() -> bool:
+        nonlocal shown, next_note
         _stopping(stop, what)
-        nodes = sorted(grid.get_node_ids())
+        nodes[:] = sorted(grid.get_node_ids())
         if len(nodes) >= expected:
-            return nodes
-        if clock() >= deadline:
-            if len(nodes) >= quorum and nodes:
-                log.warning(
-                    "%s: %d of %d expected sites connected after %g s; going on with the quorum",
-                    what, len(nodes), expected, timeout,
-                )  # fmt: skip
-                return nodes
-            raise QuorumError(
-                f"{what}: {len(nodes)} of {expected} expected sites connected after {timeout:g} "
-                f"s, fewer than the quorum of {quorum} (min-train-sites)"
-            )
-        if nodes != shown or clock() >= next_note:
+            return True
+        if clock() < deadline and (nodes != shown or clock() >= next_note):
             log.info("%s: waiting for sites, %d of %d connected", what, len(nodes), expected)
             if progress is not None:
-                progress(nodes, max(0.0, deadline - clock()))
-            shown, next_note = nodes, clock() + progress_every
-        sleep(poll)
+                progress(list(nodes), max(0.0, deadline - clock()))
+            shown, next_note = list(nodes), clock() + progress_every
+        return False
+
+    if wait_until(all_came, timeout=timeout, interval=poll, clock=clock, sleep=sleep):
+        return nodes
+    if len(nodes) >= quorum and nodes:
+        log.warning(
+            "%s: %d of %d expected sites connected after %g s; going on with the quorum",
+            what, len(nodes), expected, timeout,
+        )  # fmt: skip
+        return nodes
+    raise QuorumError(
+        f"{what}: {len(nodes)} of {expected} expected sites connected after {timeout:g} "
+        f"s, fewer than the quorum of {quorum} (min-train-sites)"
+    )
 
 
 def exchange(
@@ -95,16 +101,17 @@ def exchange(
     has two such waits, so at ``poll`` = 0.5 s a deployed round ends ~5 s sooner.
     """
     waiting = set(grid.push_messages(messages))
-    deadline = clock() + timeout
     replies: list = []
-    while waiting:
+
+    def all_replied() -> bool:
         _stopping(stop, "waiting for the sites' replies")
         got = list(grid.pull_messages(waiting))
-        replies += got
-        waiting -= {m.metadata.reply_to_message_id for m in got}
-        if not waiting or clock() >= deadline:
-            break
-        sleep(poll)
+        replies.extend(got)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+        return not waiting
+
+    if waiting:
+        wait_until(all_replied, timeout=timeout, interval=poll, clock=clock, sleep=sleep)
     return replies
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from fedbridge_server.config import FederationConfig
 from fedbridge_server.federation import run_federation
 from fedbridge_server.round_loop import Clock
 from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.polling import wait_until
 
 
 def make_server_app(
@@ -104,10 +104,13 @@ def _from_flower(run_config) -> FederationConfig:
 def _check_supernodes(grid: Grid, sites: int, settle: float = 10.0) -> None:
     """In ``flwr run . local`` every SuperNode exists from the start: fewer than the site
     folders means Flower's ``num-supernodes`` (default 2) is lower, and a folder would idle."""
-    deadline = time.monotonic() + settle
-    while len(nodes := list(grid.get_node_ids())) < sites and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if len(nodes) < sites:
+    nodes: list[int] = []
+
+    def all_there() -> bool:
+        nodes[:] = grid.get_node_ids()
+        return len(nodes) >= sites
+
+    if not wait_until(all_there, timeout=settle, interval=0.5):
         raise ConfigError(
             f"run config: simulation-sites lists {sites} folders but Flower's simulation has "
             f"{len(nodes)} SuperNodes; set options.num-supernodes = {sites} for this SuperLink "

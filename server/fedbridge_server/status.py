@@ -21,14 +21,10 @@ from rich.table import Table
 
 from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.files import atomic_write, read_json_object, strict_json
+from fedbridge_shared.layout import SPEC_FILE, beside
 
 LIVE_FILE = "live.json"
 STATE_FILE = "state.json"
-
-
-def rounds_dir(out: Path) -> Path:
-    """The round store's folder for the final bundle ``out`` (``OUT-rounds``)."""
-    return out.with_name(out.name + "-rounds")
 
 
 def write_live(folder: Path, **fields: Any) -> None:
@@ -89,8 +85,8 @@ def _json_in(text: str) -> dict[str, Any] | None:
 def collect(out: Path, state: Path | None = None) -> dict[str, Any]:
     """The status document (what ``--json`` prints) for the run whose final bundle is ``out``."""
     out = Path(out)
-    state = Path(state) if state else out.with_name(out.name + "-superlink")
-    store = rounds_dir(out)
+    state = Path(state) if state else beside(out, "superlink")
+    store = beside(out, "rounds")
     if not state.is_dir() and not store.is_dir():
         raise ConfigError(
             f"no coordinator here: neither {state} nor {store} exists "
@@ -108,7 +104,7 @@ def collect(out: Path, state: Path | None = None) -> dict[str, Any]:
         total = live["rounds"]
     names = {str(k): v for k, v in ((live or {}).get("nodes") or {}).items()}
     current = live if live and int(live.get("round") or 0) > completed else None
-    finished = (out / "model.json").is_file() and total is not None and completed >= int(total)
+    finished = (out / SPEC_FILE).is_file() and total is not None and completed >= int(total)
     running = link["reachable"] and any(r.get("status") == "running" for r in link["runs"])
     return {
         "out": str(out),
@@ -131,7 +127,7 @@ def collect(out: Path, state: Path | None = None) -> dict[str, Any]:
         "dropped": [
             {"round": h["round"], "why": why} for h in history for why in h.get("dropped") or []
         ],
-        "bundle": str(out) if (out / "model.json").is_file() else None,
+        "bundle": str(out) if (out / SPEC_FILE).is_file() else None,
         "privacy": privacy_spent(history),
     }
 

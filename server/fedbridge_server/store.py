@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 from fedbridge_server.best import choose_best
 from fedbridge_shared.errors import BundleError, ConfigError
 from fedbridge_shared.files import atomic_write, strict_json
+from fedbridge_shared.layout import beside
 from fedbridge_shared.spec import Bundle, ModelSpec, load_bundle, save_bundle
 
 log = logging.getLogger("fedbridge.server")
@@ -44,7 +45,7 @@ class RoundStore:
 
     def __init__(self, out: Path, keep_last: int = 2) -> None:
         self.out = Path(out)
-        self.dir = self.out.with_name(self.out.name + "-rounds")
+        self.dir = beside(self.out, "rounds")
         self.keep_last = keep_last
 
     def round_dir(self, rnd: int) -> Path:

@@ -10,21 +10,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import ErrorCode
-from flwr.serverapp.strategy import (
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedProx,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedbridge_server.config import FederationConfig
+from fedbridge_server.server_opt import AdamStep, MomentumStep, ServerOptStrategy
 from fedbridge_shared import protocol as P
 from fedbridge_shared.weights import WeightsError, pack, unpack
 
 log = logging.getLogger("fedbridge.server")
-_OPT_STATE = ("current_arrays", "m_t", "v_t")  # FedOpt's server optimizer state
-_MOMENTUM = "momentum_vector"  # FedAvgM's: a list of arrays (the current weights are resent)
 
 
 def state_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -52,53 +45,38 @@ def build_strategy(cfg: FederationConfig) -> Strategy:
         "min_available_nodes": 1,
     }
     if cfg.strategy == "fedprox":
-        strategy: Strategy = FedProx(**common, proximal_mu=cfg.local.proximal_mu)
-    elif cfg.strategy == "fedadam":
+        return FedProx(**common, proximal_mu=cfg.local.proximal_mu)
+    if cfg.strategy == "fedadam":
         a = cfg.fedadam
-        strategy = FedAdam(
-            **common, eta=a.eta, eta_l=a.eta_l, beta_1=a.beta_1, beta_2=a.beta_2, tau=a.tau
-        )
-    elif cfg.strategy == "fedavgm":
-        strategy = FedAvgM(
-            **common,
-            server_learning_rate=cfg.fedavgm.server_lr,
-            server_momentum=cfg.fedavgm.momentum,
-        )
-    else:
-        strategy = FedAvg(**common)
-    return strategy  # with dp.enabled the round loop aggregates privately (privacy.py)
+        adam = AdamStep(eta=a.eta, beta_1=a.beta_1, beta_2=a.beta_2, tau=a.tau)
+        return ServerOptStrategy(adam, **common)
+    if cfg.strategy == "fedavgm":
+        m = cfg.fedavgm
+        return ServerOptStrategy(MomentumStep(lr=m.server_lr, momentum=m.momentum), **common)
+    return FedAvg(**common)  # with dp.enabled the round loop aggregates privately (privacy.py)
 
 
-def _inner(strategy: Strategy) -> Strategy:
-    return getattr(strategy, "strategy", strategy)
+# Checkpoint keys: "<moment>/<record key>", as fedbridge's FedAdam/FedAvgM state was saved
+# before (m_t/weights, v_t/weights, momentum_vector/0), so older round stores resume.
+_KEYS = {
+    "m_t": f"m_t/{P.WEIGHTS}",
+    "v_t": f"v_t/{P.WEIGHTS}",
+    "momentum_vector": "momentum_vector/0",
+}
 
 
 def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
-    """The server optimizer's state (FedAdam moments), flattened for safetensors."""
-    inner, out = _inner(strategy), {}
-    for attr in _OPT_STATE:
-        value = getattr(inner, attr, None)
-        if isinstance(value, dict):
-            out.update({f"{attr}/{k}": torch.from_numpy(np.array(v)) for k, v in value.items()})
-    momentum = getattr(inner, _MOMENTUM, None)
-    if isinstance(momentum, list):
-        out.update(
-            {f"{_MOMENTUM}/{i}": torch.from_numpy(np.array(v)) for i, v in enumerate(momentum)}
-        )
-    return out
+    """The server optimizer's state (FedAdam's moments, FedAvgM's velocity), for safetensors."""
+    if not isinstance(strategy, ServerOptStrategy):
+        return {}
+    return {_KEYS[k]: torch.from_numpy(np.array(v)) for k, v in strategy.step.state.items()}
 
 
 def restore_strategy_state(strategy: Strategy, saved: dict[str, torch.Tensor]) -> None:
-    inner = _inner(strategy)
-    for attr in _OPT_STATE:
-        prefix = attr + "/"
-        values = {k[len(prefix) :]: v.numpy() for k, v in saved.items() if k.startswith(prefix)}
-        if values:
-            setattr(inner, attr, values)
-    prefix = _MOMENTUM + "/"
-    momentum = {int(k[len(prefix) :]): v.numpy() for k, v in saved.items() if k.startswith(prefix)}
-    if momentum and hasattr(inner, _MOMENTUM):  # FedAvgM resumes with its velocity
-        setattr(inner, _MOMENTUM, [momentum[i] for i in sorted(momentum)])
+    """Put :func:`strategy_state`'s tensors back (a resumed run goes on with its moments)."""
+    if isinstance(strategy, ServerOptStrategy):
+        state = {k: saved[key].numpy() for k, key in _KEYS.items() if key in saved}
+        strategy.step.state = state
 
 
 def site_label(node_id: int, names: dict[int, str]) -> str:

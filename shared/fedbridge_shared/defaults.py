@@ -45,6 +45,7 @@ BOOTSTRAP = 1000  # resamples for every CI fedbridge prints: evaluate, federate 
 
 ROUNDS = 3
 LOCAL_EPOCHS = 1
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
 STRATEGY = "fedavg"
 SERVER_LR = 1.0
 SERVER_MOMENTUM = 0.0

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import FedbridgeError
 from fedbridge_shared.losses import hits, label_masks, make_criterion
+from fedbridge_shared.metrics import cross_entropy
 from fedbridge_shared.settings import TrainConfig, check
 
 BatchHook = Callable[[int], None]
@@ -216,8 +217,7 @@ def loss_and_accuracy(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     """Mean cross-entropy ``-log p(true class)`` and accuracy of predictions (0, 0 when empty)."""
     if not len(y):
         return 0.0, 0.0
-    loss = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
-    return loss, float((p.argmax(1) == y).mean())
+    return cross_entropy(y, p), float((p.argmax(1) == y).mean())
 
 
 def fit(

@@ -218,6 +218,12 @@ def _percentile(values: np.ndarray, alpha: float) -> list[float] | None:
     return [float(low), float(high)]
 
 
+def cross_entropy(y_true: Any, probs: Any) -> float:
+    """Mean cross-entropy −log p(true class) of probabilities (p clipped at 1e-12)."""
+    y, p = np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+
+
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> list[float] | None:
     """Wilson score interval of a proportion ``k / n`` (scipy's ``binomtest``); None when
     ``n`` is 0."""

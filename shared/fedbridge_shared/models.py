@@ -11,6 +11,7 @@ import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from timm.data import resolve_model_data_config
 from timm.models import register_model
 from timm.models.efficientnet import _gen_mobilenet_v1
 from torch import nn
@@ -19,7 +20,8 @@ from fedbridge_shared import defaults
 from fedbridge_shared.data.images import file_sha256
 from fedbridge_shared.errors import BundleError, ConfigError
 from fedbridge_shared.files import read_json_object
-from fedbridge_shared.spec import Bundle, ModelSpec, is_bundle, load_bundle
+from fedbridge_shared.layout import WEIGHTS_FILE
+from fedbridge_shared.spec import Bundle, ModelSpec, check_timm_kwargs, is_bundle, load_bundle
 
 WEIGHTS_DIR_ENV = "FEDBRIDGE_WEIGHTS_DIR"
 
@@ -44,25 +46,34 @@ def mobilenetv1_025(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """A freshly initialised timm model for ``spec`` (weights are loaded separately)."""
+    return _create(
+        spec.arch,
+        num_classes=spec.num_classes,
+        in_chans=spec.in_chans,
+        timm_kwargs=spec.timm_kwargs,
+    )
+
+
+def _create(
+    arch: str, *, num_classes: int, in_chans: int = 3, timm_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    kwargs = timm_kwargs or {}
+    check_timm_kwargs(kwargs)  # before timm sees them: no file paths, no `pretrained`
     try:
         return timm.create_model(
-            spec.arch,
-            pretrained=False,
-            num_classes=spec.num_classes,
-            in_chans=spec.in_chans,
-            **spec.timm_kwargs,
+            arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
         )
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
-        raise ConfigError(f"unknown timm model {spec.arch!r}: {e}") from e
+        raise ConfigError(f"unknown timm model {arch!r}: {e}") from e
     except (TypeError, ValueError, AssertionError) as e:  # kwargs the architecture refuses
-        raise ConfigError(f"timm cannot build {spec.arch!r} with {spec.timm_kwargs}: {e}") from e
+        raise ConfigError(f"timm cannot build {arch!r} with {kwargs}: {e}") from e
 
 
 def model_from_bundle(bundle: Bundle) -> nn.Module:
     """The bundle's model with its weights, every tensor's name and shape checked first."""
     model = build_model(bundle.spec)
     expected = model.state_dict()
-    where = bundle.path / "model.safetensors"
+    where = bundle.path / WEIGHTS_FILE
     missing = [k for k in expected if k not in bundle.state_dict]
     extra = [k for k in bundle.state_dict if k not in expected]
     if missing or extra:
@@ -131,19 +142,15 @@ def find_local_imagenet_weights(arch: str) -> Path | None:
     return None
 
 
-def _timm_defaults(arch: str, **kwargs: Any) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    """Input size and mean/std from timm's pretrained config for ``arch``."""
-    try:
-        cfg = timm.get_pretrained_cfg(arch)
-    except (RuntimeError, KeyError):
-        cfg = None
-    if cfg is None:
-        return 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    return int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std)
+def _data_config(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """Input size and mean/std of ``model``, as timm resolves its pretrained config."""
+    cfg = resolve_model_data_config(model)
+    return int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
 def _init_none(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
-    size, mean, std = _timm_defaults(arch)
+    model = _create(arch, num_classes=len(labels))
+    size, mean, std = _data_config(model)
     spec = ModelSpec(
         arch=arch,
         labels=labels,
@@ -152,7 +159,7 @@ def _init_none(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
         std=std,
         init={"kind": "none"},
     )
-    return build_model(spec), spec
+    return model, spec
 
 
 def _init_from_hub(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
@@ -165,14 +172,15 @@ def _init_from_hub(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
             f"when offline, set {WEIGHTS_DIR_ENV} to a folder of weights or pass "
             "--init PATH.safetensors"
         ) from e
-    cfg = model.pretrained_cfg
+    size, mean, std = _data_config(model)
+    hub_id = model.pretrained_cfg.get("hf_hub_id") or arch
     spec = ModelSpec(
         arch=arch,
         labels=labels,
-        image_size=image_size or int(cfg["input_size"][-1]),
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        init={"kind": "imagenet", "source": f"timm hub: {cfg.get('hf_hub_id') or arch}"},
+        image_size=image_size or size,
+        mean=mean,
+        std=std,
+        init={"kind": "imagenet", "source": f"timm hub: {hub_id}"},
     )
     return model, spec
 
@@ -190,7 +198,9 @@ def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module,
     arch = arch or side.get("arch")
     if not arch:
         raise ConfigError(f"{weights}: no sidecar JSON naming the arch; pass --model")
-    size, mean, std = _timm_defaults(arch)
+    timm_kwargs = dict(side.get("timm_kwargs", {}))
+    model = _create(arch, num_classes=len(labels), timm_kwargs=timm_kwargs)
+    size, mean, std = _data_config(model)
     if "input_size" in side:
         size = int(side["input_size"][-1])
     spec = ModelSpec(
@@ -199,7 +209,7 @@ def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module,
         image_size=image_size or size,
         mean=tuple(side.get("mean", mean)),
         std=tuple(side.get("std", std)),
-        timm_kwargs=dict(side.get("timm_kwargs", {})),
+        timm_kwargs=timm_kwargs,
         init={
             "kind": "imagenet" if side else "file",
             "source": str(weights.resolve()),
@@ -207,7 +217,6 @@ def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module,
             "description": side.get("source", ""),
         },
     )
-    model = build_model(spec)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:

@@ -2,8 +2,8 @@
 
 Flower's SuperLink and SuperNode spawn ``flower-superexec`` children, some in their own session
 (found through their ``--parent-pid`` argument). Each process we start gets its own process
-group, and :func:`stop` ends the group plus every descendant found in ``/proc`` — only processes
-this program started, by PID.
+group, and :func:`stop` ends the group plus every descendant psutil finds — only processes this
+program started, by PID (psutil checks a PID's start time before it signals it).
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+import psutil
+
+from fedbridge_shared.polling import wait_until
 
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -72,21 +75,22 @@ def _die_with(parent: int):
 
 
 def group_members(pgid: int) -> set[int]:
-    """Processes in process group ``pgid`` (Linux /proc), e.g. nginx workers whose master
-    died: they keep the group but not a command line that names anything."""
-    return {pid for pid, (_, group, _) in _proc_entries().items() if group == pgid}
+    """Processes in process group ``pgid``, e.g. nginx workers whose master died: they keep
+    the group but not a command line that names anything."""
+    found = set()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(OSError):
+            if os.getpgid(proc.pid) == pgid:
+                found.add(proc.pid)
+    return found
 
 
 def owned_by(marker: str) -> set[int]:
     """Processes whose command line contains ``marker`` (e.g. one state folder's path), with
     their descendants; this process and its ancestors are never included."""
-    table = process_table()
-    mine = {os.getpid()}
-    pid = os.getpid()
-    while pid in table and table[pid][0] not in mine and table[pid][0] > 0:
-        pid = table[pid][0]
-        mine.add(pid)
-    roots = {p for p, (_, cmd) in table.items() if marker in cmd and p not in mine}
+    me = psutil.Process()
+    mine = {me.pid} | {p.pid for p in me.parents()}
+    roots = {p for p, (_, cmd) in process_table().items() if marker in cmd and p not in mine}
     return descendants(roots) - mine if roots else set()
 
 
@@ -119,65 +123,82 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
 
 
 def process_table() -> dict[int, tuple[int, str]]:
-    """pid → (parent pid, command line) for every visible process (Linux /proc)."""
-    return {pid: (ppid, cmd) for pid, (ppid, _, cmd) in _proc_entries().items()}
+    """pid → (parent pid, command line) for every visible process."""
+    return {pid: (ppid, " ".join(argv)) for pid, (ppid, argv) in _table().items()}
 
 
-def _proc_entries() -> dict[int, tuple[int, int, str]]:
-    """pid → (parent pid, process group, command line), read once from /proc (Linux)."""
-    table: dict[int, tuple[int, int, str]] = {}
-    for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else []:
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            ppid, pgid = int(fields[1]), int(fields[2])
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-        table[int(entry.name)] = (ppid, pgid, cmd)
+def _table() -> dict[int, tuple[int, list[str]]]:
+    table = {}
+    for proc in psutil.process_iter(["ppid", "cmdline"]):
+        table[proc.pid] = (proc.info["ppid"] or 0, proc.info["cmdline"] or [])
     return table
+
+
+def _parent_pid_arg(argv: list[str]) -> int | None:
+    """The PID a Flower ``flower-superexec`` names with ``--parent-pid``, if any."""
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--parent-pid" and value.isdigit():
+            return int(value)
+    return None
 
 
 def descendants(pids: Iterable[int]) -> set[int]:
     """``pids``, their descendants, and processes naming one of them as ``--parent-pid``."""
-    table = process_table()
-    found = set(pids)
+    return set(_tree(pids))
+
+
+def _tree(pids: Iterable[int]) -> dict[int, psutil.Process | None]:
+    """:func:`descendants` as pid → psutil.Process (None for a PID already gone): the Process
+    remembers its start time, so a PID reused since is never signalled."""
+    found: dict[int, psutil.Process | None] = {pid: _process(pid) for pid in pids}
     while True:
-        more = {
-            pid
-            for pid, (ppid, cmd) in table.items()
-            if pid not in found
-            and (ppid in found or any(f"--parent-pid {p}" in cmd for p in found))
-        }
+        more: dict[int, psutil.Process | None] = {}
+        for proc in [p for p in found.values() if p is not None]:
+            with contextlib.suppress(psutil.Error):
+                more.update({c.pid: c for c in proc.children(recursive=True)})
+        for pid, (_, argv) in _table().items():
+            if _parent_pid_arg(argv) in found:
+                more.setdefault(pid, _process(pid))
+        more = {pid: p for pid, p in more.items() if pid not in found}
         if not more:
             return found
-        found |= more
+        found.update(more)
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 def alive(pid: int) -> bool:
     """Is ``pid`` running (zombies count as gone)?"""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    # a zombie still answers kill(0); treat it as gone
+
+
+def _running(proc: psutil.Process) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
         return True
 
 
 def stop(procs: Iterable[subprocess.Popen], timeout: float = 15.0) -> None:
     """SIGTERM each process group and every descendant; SIGKILL what is left after ``timeout``."""
     procs = list(procs)
-    targets = descendants(p.pid for p in procs)
+    tree = _tree(p.pid for p in procs)
     for p in procs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGTERM)
-    stop_pids(targets, timeout)
+    _end([proc for proc in tree.values() if proc is not None], timeout)
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=5)
@@ -185,33 +206,37 @@ def stop(procs: Iterable[subprocess.Popen], timeout: float = 15.0) -> None:
 
 def stop_pids(pids: Iterable[int], timeout: float = 15.0) -> None:
     """SIGTERM ``pids``, wait up to ``timeout`` s, then SIGKILL the ones still running."""
-    targets = set(pids)
-    for pid in targets:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(pid) for pid in targets):
-        time.sleep(0.2)
-    for pid in targets:
-        if alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+    _end([proc for proc in map(_process, set(pids)) if proc is not None], timeout)
+
+
+def _end(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM, wait, SIGKILL, through psutil: a PID reused since ``procs`` were found is left
+    alone. Not ``psutil.wait_procs``: it reaps our own children (their ``Popen`` would lose the
+    exit status) and counts a zombie as running until its parent reaps it."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    wait_until(lambda: not any(map(_running, procs)), timeout=timeout, interval=0.2)
+    for proc in procs:
+        if _running(proc):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float) -> bool:
     """True once ``host:port`` accepts connections; False if ``proc`` exits or time runs out."""
     import socket
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def state() -> str:
         if proc.poll() is not None:
-            return False
+            return "exited"
         try:
             with socket.create_connection((host, port), timeout=1.0):
-                return True
+                return "open"
         except OSError:
-            time.sleep(0.3)
-    return False
+            return ""
+
+    return wait_until(state, timeout=timeout, interval=0.3) == "open"
 
 
 @contextlib.contextmanager

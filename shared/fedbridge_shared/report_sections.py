@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbridge_shared.metrics import wilson_interval
+from fedbridge_shared.metrics import cross_entropy, wilson_interval
 
 UNKNOWN = "unknown"
 
@@ -222,8 +222,7 @@ def _ratio(k: int | None, n: int | None) -> float | None:
 
 def test_loss(y_true: Any, probs: Any) -> float:
     """Mean cross-entropy −log p(true class), as sites compute their validation loss."""
-    y, p = np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64)
-    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+    return cross_entropy(y_true, probs)
 
 
 def cross_site_section(

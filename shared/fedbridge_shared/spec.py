@@ -20,13 +20,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedbridge_shared import __version__
-from fedbridge_shared.data.pixels import INTENSITIES
+from fedbridge_shared.data.pixels import FALLBACK_MEAN, FALLBACK_STD, INTENSITIES
 from fedbridge_shared.errors import BundleError
 from fedbridge_shared.files import atomic_dir, max_model_bytes, read_regular, strict_json
+from fedbridge_shared.layout import SPEC_FILE, WEIGHTS_FILE
 from fedbridge_shared.modality import MODALITIES
 
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "model.json"
 BUNDLE_FORMAT = "fedbridge-bundle/2"
 """Format 2: ``seal`` covers the weights and the canonical spec (format 1 hashed weights only)."""
 
@@ -44,8 +43,8 @@ class ModelSpec:
     labels: tuple[str, ...]
     image_size: int
     in_chans: int = 3
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    mean: tuple[float, ...] = FALLBACK_MEAN
+    std: tuple[float, ...] = FALLBACK_STD
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     init: dict[str, Any] = field(default_factory=dict)
     """Provenance of the starting weights: kind (none|imagenet|file|bundle), source, sha256."""
@@ -88,8 +87,8 @@ class ModelSpec:
                 labels=tuple(str(x) for x in d["labels"]),
                 image_size=int(d["image_size"]),
                 in_chans=int(d.get("in_chans", 3)),
-                mean=tuple(float(x) for x in d.get("mean", (0.5, 0.5, 0.5))),
-                std=tuple(float(x) for x in d.get("std", (0.5, 0.5, 0.5))),
+                mean=tuple(float(x) for x in d.get("mean", FALLBACK_MEAN)),
+                std=tuple(float(x) for x in d.get("std", FALLBACK_STD)),
                 timm_kwargs=dict(d.get("timm_kwargs", {})),
                 init=dict(d.get("init", {})),
                 intensity=str(d.get("intensity", "none")),
@@ -124,7 +123,12 @@ def _validate(spec: ModelSpec) -> None:
         raise BundleError(
             f"model spec: modality {spec.modality!r} (must be {' | '.join(MODALITIES)})"
         )
-    for key, value in spec.timm_kwargs.items():
+    check_timm_kwargs(spec.timm_kwargs)
+
+
+def check_timm_kwargs(timm_kwargs: dict[str, Any]) -> None:
+    """Refuse (BundleError) any kwarg outside :data:`TIMM_KWARGS` or of the wrong type."""
+    for key, value in timm_kwargs.items():
         kind = TIMM_KWARGS.get(key)
         if kind is None:
             allowed = ", ".join(sorted(TIMM_KWARGS))

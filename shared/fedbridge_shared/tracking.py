@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbridge_shared.errors import ConfigError, FedbridgeError
+from fedbridge_shared.layout import SPEC_FILE
 
 EXPERIMENT = "fedbridge"
 REPORT_FILES = ("report.html", "metrics.json")
@@ -99,7 +100,7 @@ def log_bundle(
     require()
     if uri.startswith("file:") or "://" not in uri:  # MLflow 3 wants an opt-in for a file store
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    path = Path(bundle) / "model.json"
+    path = Path(bundle) / SPEC_FILE
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -38,8 +38,7 @@ def _reply(weights: list[float], n: int, node: int) -> Message:
 
 
 def _round(strategy, rnd: int, global_state: dict) -> dict:
-    if strategy.current_arrays is None:  # what configure_train does on the first round
-        strategy.current_arrays = state_record(global_state)
+    strategy.current = state_record(global_state)[P.WEIGHTS].numpy()  # what configure_train does
     replies = [_reply(w, n, node) for node, (w, n) in enumerate(ROUNDS[rnd - 1], start=1)]
     arrays, _ = strategy.aggregate_train(rnd, replies)
     return record_state(arrays, W0)

@@ -41,6 +41,7 @@ from fedbridge.cli.options import (
 )
 from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
+from fedbridge_shared.layout import beside
 
 server_app = typer.Typer(help="The coordinator: certificates and the federation run.")
 site_app = typer.Typer(help="A hospital site: its key pair and joining a federation.")
@@ -147,7 +148,7 @@ def start(
     )  # fmt: skip
     coord = Coordinator(
         config=FederationConfig.from_flat(flat),
-        state=state or out_dir.with_name(out_dir.name + "-superlink"),
+        state=state or beside(out_dir, "superlink"),
         host=host,
         port=port,
         certs=certs_dir,

@@ -26,6 +26,7 @@ from fedbridge.cli.options import Augment as AugmentPreset
 from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
 from fedbridge_shared.errors import FedbridgeError
+from fedbridge_shared.layout import beside
 
 app = typer.Typer(help="Federated target stage over hospital sites.", no_args_is_help=True)
 
@@ -250,4 +251,4 @@ def simulate(
 
 def federation_files(out: Path) -> tuple[Path, ...]:
     """The round store's ``state.json`` (every round's numbers), tracked beside the bundle."""
-    return (out.with_name(out.name + "-rounds") / "state.json",)
+    return (beside(out, "rounds") / "state.json",)

@@ -13,6 +13,8 @@ import typer
 import typer.core
 from rich.console import Console
 
+from fedbridge_shared import defaults
+
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 else:  # the bedside runs Python 3.10 on JetPack 6
@@ -56,20 +58,9 @@ class Augment(StrEnum):
     none = "none"
 
 
-class Strategy(StrEnum):
-    """Federated aggregation (``fedbridge_server.config.STRATEGIES``)."""
-
-    fedavg = "fedavg"
-    fedprox = "fedprox"
-    fedadam = "fedadam"
-    fedavgm = "fedavgm"
-
-
-class Intensity(StrEnum):
-    """Intensity normalisation (``fedbridge_shared.defaults.INTENSITIES``)."""
-
-    none = "none"
-    clahe = "clahe"
+# choices named once, in fedbridge_shared.defaults
+Strategy = StrEnum("Strategy", {name: name for name in defaults.STRATEGIES})  # type: ignore[misc]
+Intensity = StrEnum("Intensity", {name: name for name in defaults.INTENSITIES})  # type: ignore[misc]
 
 
 AugmentOpt = Annotated[Augment, typer.Option("--augment", help="Augmentation preset.")]

@@ -22,6 +22,11 @@ _TURNS = {2: "mirrored", 3: "rotated 180°", 4: "flipped", 5: "transposed", 6: "
           7: "transversed", 8: "rotated 270°"}  # fmt: skip
 
 
+def has_dicom_magic(head: bytes) -> bool:
+    """A DICOM Part 10 file: ``DICM`` after the 128-byte preamble (``head`` = its first bytes)."""
+    return head[128:132] == b"DICM"
+
+
 def read_image(path: Path, *, notes: list[str] | None = None) -> np.ndarray:
     """Decode an image file fully and return it as a 2-D uint8 greyscale array (H, W).
 
@@ -41,7 +46,7 @@ def read_image(path: Path, *, notes: list[str] | None = None) -> np.ndarray:
             head = fh.read(132)
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({_one_line(e)})") from e
-    is_dicom = head[128:132] == b"DICM"
+    is_dicom = has_dicom_magic(head)
     if is_dicom or path.suffix.lower() in DICOM_SUFFIXES:
         arr = _read_dicom(path, has_preamble=is_dicom)
     else:

@@ -11,6 +11,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fedbridge_shared.defaults import INTENSITIES
+
+FALLBACK_MEAN = FALLBACK_STD = (0.5, 0.5, 0.5)
+"""mean/std of a spec that names none (timm's pretrained configs give the real ones)."""
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -30,8 +35,8 @@ class InputSpec:
         return cls(
             image_size=int(spec["image_size"]),
             in_chans=in_chans,
-            mean=tuple(float(x) for x in spec.get("mean", (0.5,) * 3))[:in_chans],
-            std=tuple(float(x) for x in spec.get("std", (0.5,) * 3))[:in_chans],
+            mean=tuple(float(x) for x in spec.get("mean", FALLBACK_MEAN))[:in_chans],
+            std=tuple(float(x) for x in spec.get("std", FALLBACK_STD))[:in_chans],
             intensity=str(spec.get("intensity", "none")),
         )
 
@@ -42,7 +47,6 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
-INTENSITIES = ("none", "clahe")
 CLAHE_CLIP_LIMIT = 2.0
 CLAHE_TILES = (8, 8)
 
