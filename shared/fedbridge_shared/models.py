@@ -39,7 +39,11 @@ def mobilenetv1_025(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     # timm's create_model passes pretrained_cfg=None explicitly (setdefault would keep it), and
     # a None config makes timm warn "No pretrained configuration specified" on every build
     kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or _MOBILENETV1_025_CFG
-    return _gen_mobilenet_v1("mobilenetv1_025", 0.25, pretrained=pretrained, **kwargs)
+    # timm leaves its generator functions unannotated
+    model: nn.Module = _gen_mobilenet_v1(  # type: ignore[no-untyped-call]
+        "mobilenetv1_025", 0.25, pretrained=pretrained, **kwargs
+    )
+    return model
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -142,7 +146,9 @@ def _timm_defaults(arch: str, **kwargs: Any) -> tuple[int, tuple[float, ...], tu
     return int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std)
 
 
-def _init_none(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+def _init_none(
+    labels: tuple[str, ...], arch: str, image_size: int | None
+) -> tuple[nn.Module, ModelSpec]:
     size, mean, std = _timm_defaults(arch)
     spec = ModelSpec(
         arch=arch,
@@ -155,7 +161,9 @@ def _init_none(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
     return build_model(spec), spec
 
 
-def _init_from_hub(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+def _init_from_hub(
+    labels: tuple[str, ...], arch: str, image_size: int | None
+) -> tuple[nn.Module, ModelSpec]:
     try:
         model = timm.create_model(arch, pretrained=True, num_classes=len(labels))
         zero_head(model)
@@ -165,7 +173,7 @@ def _init_from_hub(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
             f"when offline, set {WEIGHTS_DIR_ENV} to a folder of weights or pass "
             "--init PATH.safetensors"
         ) from e
-    cfg = model.pretrained_cfg
+    cfg: dict[str, Any] = model.pretrained_cfg  # type: ignore[assignment]  # timm sets it
     spec = ModelSpec(
         arch=arch,
         labels=labels,
@@ -181,7 +189,9 @@ def _read_sidecar(weights: Path) -> dict[str, Any]:
     return read_json_object(weights.with_suffix(".json"), what="sidecar JSON") or {}
 
 
-def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+def _init_from_file(
+    weights: Path, labels: tuple[str, ...], arch: str | None, image_size: int | None
+) -> tuple[nn.Module, ModelSpec]:
     side = _read_sidecar(weights)
     if arch and side.get("arch") and side["arch"] != arch:
         raise ConfigError(
@@ -216,7 +226,9 @@ def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module,
     return model, spec
 
 
-def _init_from_bundle(path: Path, labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+def _init_from_bundle(
+    path: Path, labels: tuple[str, ...], arch: str | None, image_size: int | None
+) -> tuple[nn.Module, ModelSpec]:
     bundle = load_bundle(path)
     if arch and arch != bundle.spec.arch:
         raise ConfigError(f"{path}: bundle holds {bundle.spec.arch!r} but --model is {arch!r}")
@@ -276,7 +288,7 @@ def _carry_rows(
     label_map: dict[str, str | None],
 ) -> None:
     """Copy the source classifier's rows into ``model``'s head by label (weight and bias)."""
-    head = model.get_classifier()
+    head = model.get_classifier()  # type: ignore[operator]  # timm method
     prefix = _head_prefixes(model)[0]
     with torch.no_grad():
         for name, param in head.named_parameters():
@@ -320,7 +332,7 @@ def zero_head(model: nn.Module) -> None:
     timm's default head init scales with 1/sqrt(num_classes); with pretrained features that
     gives initial logits in the tens and a loss several times ln(K).
     """
-    head = model.get_classifier()
+    head = model.get_classifier()  # type: ignore[operator]  # timm method
     for p in head.parameters():
         nn.init.zeros_(p)
 

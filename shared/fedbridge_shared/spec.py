@@ -129,7 +129,7 @@ def _validate(spec: ModelSpec) -> None:
         if kind is None:
             allowed = ", ".join(sorted(TIMM_KWARGS))
             raise BundleError(f"model spec: timm_kwargs {key!r} not allowed (only {allowed})")
-        if not isinstance(value, kind) or (kind is float and not math.isfinite(value)):
+        if not isinstance(value, kind) or (isinstance(value, float) and not math.isfinite(value)):
             raise BundleError(f"model spec: timm_kwargs {key}={value!r} must be {kind.__name__}")
 
 
