@@ -10,7 +10,9 @@ import numpy as np
 from fedbridge_edge.runtime import Predictor
 
 
-def bench(predictor: Predictor, batches=(1, 8), iters: int = 50, warmup: int = 5) -> dict[str, Any]:
+def bench(
+    predictor: Predictor, batches: tuple[int, ...] = (1, 8), iters: int = 50, warmup: int = 5
+) -> dict[str, Any]:
     """Time ``predictor.run`` on fixed inputs; p50/p95 ms per batch and images per second."""
     spec = predictor.spec
     rng = np.random.default_rng(0)

@@ -76,9 +76,11 @@ def guarded(assoc: Any) -> GuardedSocket | None:
 
 
 class _Handler(RequestHandler):
+    server: GuardedServer
+
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        sock = assoc.dul.socket
+        sock: Any = assoc.dul.socket
         sock.__class__ = GuardedSocket  # the same object, with bounded reads
         sock.bounds = self.server.bounds
         sock.peer = str(self.client_address[0])
@@ -95,7 +97,8 @@ class GuardedServer(ThreadedAssociationServer):
         self.bounds = bounds
         self.born: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.stopping = threading.Event()
-        super().__init__(*args, request_handler=_Handler, **kwargs)
+        kwargs["request_handler"] = _Handler
+        super().__init__(*args, **kwargs)
         self.watchdog = threading.Thread(
             target=self._watch, name="fedbridge-dicom-watchdog", daemon=True
         )
@@ -142,13 +145,15 @@ def cut(assoc: Any) -> None:
         raw.shutdown(socket.SHUT_RDWR)
 
 
-def start(ae: Any, address: tuple[str, int], *, bounds: Bounds, handlers: list) -> GuardedServer:
+def start(
+    ae: Any, address: tuple[str, int], *, bounds: Bounds, handlers: list[Any]
+) -> GuardedServer:
     """Start ``ae`` as a guarded acceptor in a background thread, as pynetdicom's
     ``start_server(block=False)`` does."""
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = bounds.timeout
     ae.maximum_associations = bounds.max_associations
     ae.maximum_pdu_size = bounds.max_pdu
-    server = ae.make_server(
+    server: GuardedServer = ae.make_server(
         address, evt_handlers=handlers, server_class=GuardedServer, bounds=bounds
     )
     thread = threading.Thread(

@@ -205,7 +205,7 @@ def secondary_capture(record: PredictionRecord, overlay_png: bytes, source: Data
         **_equipment(record),
     )
     # The overlay adds bands and a colour bar around the image but keeps its axes.
-    sc.PatientOrientation = _orientation(source)
+    sc.PatientOrientation = _orientation(source)  # type: ignore[assignment]  # "" = no value
     body_part = str(source.get("BodyPartExamined", "") or "")
     if not body_part and not source.get("Laterality") and not source.get("ImageLaterality"):
         body_part = BODY_PART_OF_MODALITY.get(record.model.modality, "")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -29,6 +29,11 @@ from fedbridge_edge.preprocess import InputSpec, list_images, normalise, resize
 from fedbridge_shared import label_codes
 from fedbridge_shared.files import atomic_write
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from fedbridge_shared.spec import Bundle
+
 DEFAULT_OPSET = 17
 FP32_LOGITS_TOL = 1e-4
 PARITY_IMAGES = 16
@@ -36,6 +41,10 @@ PARITY_IMAGES = 16
 
 class EdgeHead(nn.Module):
     """Backbone + classifier returning (logits, cam, ood_score) in one forward pass."""
+
+    cam_weight: torch.Tensor
+    ood_means: torch.Tensor
+    ood_whiten: torch.Tensor
 
     def __init__(
         self,
@@ -46,7 +55,7 @@ class EdgeHead(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        classifier = model.get_classifier()
+        classifier = model.get_classifier()  # type: ignore[operator]  # timm method
         if not isinstance(classifier, nn.Linear):
             raise EdgeError(f"{type(model).__name__}: classifier is not a linear layer; no CAM")
         self.register_buffer("cam_weight", classifier.weight.detach()[:, :, None, None].clone())
@@ -57,9 +66,9 @@ class EdgeHead(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fp16:
             x = x.half()
-        feats = self.model.forward_features(x)
+        feats = self.model.forward_features(x)  # type: ignore[operator]  # timm method
         pooled = feats.mean(dim=(2, 3))
-        logits = self.model.get_classifier()(pooled)
+        logits = self.model.get_classifier()(pooled)  # type: ignore[operator]  # timm method
         cam = F.conv2d(feats, self.cam_weight)
         g = pooled.float() @ self.ood_whiten
         dist = ((g.unsqueeze(1) - self.ood_means.unsqueeze(0)) ** 2).sum(-1)
@@ -78,7 +87,7 @@ class ExportResult:
     tensorrt: dict[str, Any] = field(default_factory=dict)
 
 
-def _torch_model(bundle_path: Path):
+def _torch_model(bundle_path: Path) -> tuple[Bundle, nn.Module]:
     from fedbridge_shared.models import model_from_bundle
     from fedbridge_shared.spec import load_bundle
 
@@ -90,8 +99,8 @@ def _torch_model(bundle_path: Path):
     )
     with torch.no_grad():
         try:
-            pooled = model.forward_features(probe).mean(dim=(2, 3))
-            exact = torch.allclose(model.get_classifier()(pooled), model(probe), atol=1e-5)
+            pooled = model.forward_features(probe).mean(dim=(2, 3))  # type: ignore[operator]  # timm method
+            exact = torch.allclose(model.get_classifier()(pooled), model(probe), atol=1e-5)  # type: ignore[operator]  # timm method
         except (RuntimeError, AttributeError, IndexError):  # e.g. a ViT's (N, L, C) tokens
             exact = False
     if not exact:
@@ -150,13 +159,13 @@ def _features(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     feats, logits = [], []
     with torch.no_grad():
         for start in range(0, len(x), 32):
-            pooled = model.forward_features(torch.from_numpy(x[start : start + 32])).mean((2, 3))
+            pooled = model.forward_features(torch.from_numpy(x[start : start + 32])).mean((2, 3))  # type: ignore[operator]  # timm method
             feats.append(pooled)
-            logits.append(model.get_classifier()(pooled))
+            logits.append(model.get_classifier()(pooled))  # type: ignore[operator]  # timm method
     return torch.cat(feats).double().numpy(), torch.cat(logits).double().numpy()
 
 
-def _val_images(val: Path | None, bundle, console) -> tuple[list[Path], str]:
+def _val_images(val: Path | None, bundle: Bundle, console: Console) -> tuple[list[Path], str]:
     if val is None:
         data = Path(str(bundle.training.get("data", "")))
         if not bundle.training.get("data") or not data.is_dir():
@@ -184,7 +193,7 @@ def export_onnx(
     int8_method: str = "percentile",
     int8_fallback: bool = False,
     ood_percentile: float = ood.DEFAULT_PERCENTILE,
-    console=None,
+    console: Console | None = None,
 ) -> ExportResult:
     """Export, calibrate OOD, check (onnx.checker + onnxruntime parity) and write ``out``."""
     from rich.console import Console
@@ -201,7 +210,7 @@ def export_onnx(
 class _Steps:
     """One progress bar over export's named steps (each takes seconds), on ``console``."""
 
-    def __init__(self, console, *, total: int) -> None:
+    def __init__(self, console: Console, *, total: int) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -228,7 +237,7 @@ class _Steps:
         self._started = True
         self._bar.update(self._task, description=name)
 
-    def __exit__(self, kind, *_) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         if kind is None:
             self._bar.update(self._task, advance=1, description="done")
         self._bar.stop()
@@ -246,7 +255,7 @@ def _export(
     int8_method: str,
     int8_fallback: bool,
     ood_percentile: float,
-    console,
+    console: Console,
     step: Callable[[str], None],
 ) -> ExportResult:
     t0 = time.perf_counter()
@@ -282,10 +291,10 @@ def _export(
     parity_x = x_val[:PARITY_IMAGES] if batch is None else x_val[:batch]
     with torch.no_grad():
         reference = [t.numpy() for t in head(torch.from_numpy(parity_x))] if not fp16 else None
-        if fp16:
+        if reference is None:  # fp16: the reference is the fp32 head
             ref_head = EdgeHead(model.float(), gaussians).eval()
             reference = [t.numpy() for t in ref_head(torch.from_numpy(parity_x))]
-    edge = {
+    edge: dict[str, Any] = {
         "outputs": list(OUTPUTS),
         "input": "input",
         "precision": "fp16" if fp16 else "fp32",
@@ -294,7 +303,7 @@ def _export(
         "cam": {
             "resolution": "features",
             "formula": "CAM_k = sum_c w_kc F_c (1x1 conv of the classifier weights, no bias)",
-            "bias": model.get_classifier().bias.detach().tolist(),
+            "bias": model.get_classifier().bias.detach().tolist(),  # type: ignore[operator]  # timm method
             "reference": cam_reference,
         },
         "ood": ood_record,
@@ -441,13 +450,13 @@ def _int8(
     return _Int8(model=model, info=info, refused=verdict(info["held_out_check"]))
 
 
-def _bundle_record(bundle) -> dict[str, Any]:
+def _bundle_record(bundle: Bundle) -> dict[str, Any]:
     """The bundle's model.json as read (spec, training, metrics) plus its weights hash."""
     import json
 
-    from fedbridge_shared.spec import SPEC_FILE
+    from fedbridge_shared.layout import SPEC_FILE
 
-    record = json.loads((bundle.path / SPEC_FILE).read_text())
+    record: dict[str, Any] = json.loads((bundle.path / SPEC_FILE).read_text())
     record["spec"] = bundle.spec.to_dict()
     return record
 
@@ -461,7 +470,7 @@ def _trace(head: nn.Module, spec: InputSpec, opset: int, batch: int | None) -> o
         torch.onnx.export(
             head,
             (dummy,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # a file object works; torch types a path
             input_names=["input"],
             output_names=list(OUTPUTS),
             dynamic_axes=dynamic,

@@ -39,7 +39,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import time
     ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -146,9 +146,9 @@ def check_original(ds: Dataset, context: str, *, name: str) -> None:
 
 def decodable_syntaxes() -> list[str]:
     """Uncompressed transfer syntaxes plus every compressed one pydicom can decode here."""
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels import get_decoder  # type: ignore[attr-defined]  # no __all__ there
 
-    found = list(UNCOMPRESSED)
+    found: list[str] = list(UNCOMPRESSED)
     for uid in ALL_TRANSFER_SYNTAXES:
         if uid in found:
             continue
@@ -277,7 +277,7 @@ class Listener:
         self.files_lock = threading.Lock()  # the same-patient check and the writes, together
         self.outbox: Outbox | None = None
         if forward is not None:
-            options: dict[str, float] = {}
+            options: dict[str, Any] = {}
             if max_delay is not None:
                 options["max_delay"] = max_delay
             if status_every is not None:
@@ -569,6 +569,7 @@ def lean_grey(ds: Dataset, name: str, side: int = DECODE_SIDE) -> Any:
     )
     if not (native and plain and max(rows, cols) > side and "PixelData" in ds):
         return dicom_to_grey(ds, name)
+    assert syntax is not None  # native implies it
     import numpy as np
 
     raw = ds.PixelData

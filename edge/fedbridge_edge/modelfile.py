@@ -43,7 +43,8 @@ class EdgeModel:
 
     @property
     def spec(self) -> dict[str, Any]:
-        return self.record["spec"]
+        spec: dict[str, Any] = self.record["spec"]
+        return spec
 
     @property
     def labels(self) -> list[str]:
@@ -74,7 +75,8 @@ def seal(model: onnx.ModelProto, record: dict[str, Any], edge: dict[str, Any]) -
     digest = content_sha256(model)  # before adding the entry it must not cover
     entry = model.metadata_props.add()
     entry.key, entry.value = KEY_SHA, digest
-    return model.SerializeToString(deterministic=True)
+    sealed: bytes = model.SerializeToString(deterministic=True)
+    return sealed
 
 
 def read_edge_model(path: Path) -> EdgeModel:

@@ -15,6 +15,7 @@ Beside it, :func:`fit_inputs` learns the model-independent input test of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,8 @@ class Gaussians:
         """Mahalanobis score per row of ``features`` (N, C), as computed in the graph."""
         g = features.astype(np.float64) @ self.whiten
         d = ((g[:, None, :] - self.means[None]) ** 2).sum(-1)
-        return d.min(1) / features.shape[1]
+        scores: np.ndarray = d.min(1) / features.shape[1]
+        return scores
 
 
 def fit(features: np.ndarray, labels: np.ndarray, num_classes: int) -> Gaussians:
@@ -74,7 +76,7 @@ def calibrate(
     labels: np.ndarray,
     num_classes: int,
     percentile: float = DEFAULT_PERCENTILE,
-) -> tuple[Gaussians, float, dict]:
+) -> tuple[Gaussians, float, dict[str, Any]]:
     """Fit on all validation features; threshold = ``percentile`` of out-of-fold scores."""
     if len(features) < MIN_IMAGES:
         raise EdgeError(
@@ -106,7 +108,7 @@ def _whitening(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_inputs(
     greys: list[np.ndarray], *, percentile: float = INPUT_PERCENTILE, folds: int = 5, seed: int = 0
-) -> tuple[fingerprint.InputTest, dict]:
+) -> tuple[fingerprint.InputTest, dict[str, Any]]:
     """Learn the input-level test from greyscale calibration images (see ``fingerprint``)."""
     from sklearn.linear_model import LogisticRegression
 

@@ -21,6 +21,7 @@ import functools
 import io
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -68,7 +69,8 @@ class Caption:
 def colour_lut() -> np.ndarray:
     """The colour map as a (256, 3) RGB uint8 table (index = round(255 · value))."""
     ramp = np.arange(256, dtype=np.uint8)[:, None]
-    return cv2.applyColorMap(ramp, _CMAPS[UNSIGNED_CMAP])[:, 0, ::-1].copy()
+    lut: np.ndarray = cv2.applyColorMap(ramp, _CMAPS[UNSIGNED_CMAP])[:, 0, ::-1].copy()
+    return lut
 
 
 def cam_to_unit(cam: np.ndarray, size: tuple[int, int], reference: float) -> np.ndarray:
@@ -131,7 +133,7 @@ def drawable(text: str, size: int) -> tuple[str, ImageFont.ImageFont | ImageFont
     return kept, _font(size, kept)
 
 
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int, fill) -> None:
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int, fill: Any) -> None:
     shown, font = drawable(text, size)
     draw.text(xy, shown, fill=fill, font=font)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def list_images(inputs: Iterable[Path]) -> list[Path]:
     return found
 
 
-def batches(items: Sequence, size: int) -> Iterator[Sequence]:
+def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive chunks of ``items`` of at most ``size``."""
     for start in range(0, len(items), max(1, size)):
         yield items[start : start + size]

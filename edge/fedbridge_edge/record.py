@@ -85,12 +85,13 @@ class PredictionRecord(BaseModel):
     latency_ms: float
     inference_ms: float
 
-    @computed_field(description="status == out_of_distribution (derived here only)")
+    # pydantic's documented pattern; mypy does not follow decorators over @property
+    @computed_field(description="status == out_of_distribution (derived here only)")  # type: ignore[prop-decorator]
     @property
     def ood(self) -> bool:
         return self.status is Status.OUT_OF_DISTRIBUTION
 
-    @computed_field(description="model.sha256, at the top level for clients that index by it")
+    @computed_field(description="model.sha256, at the top level for clients that index by it")  # type: ignore[prop-decorator]
     @property
     def model_sha256(self) -> str:
         return self.model.sha256

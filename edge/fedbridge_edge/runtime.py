@@ -179,7 +179,7 @@ class Predictor:
 
             engine = trt.load_engine(model_path)
             self.meta = engine.meta
-            self.runner = trt.TensorRTRunner(engine)
+            self.runner: trt.TensorRTRunner | OnnxRuntimeRunner = trt.TensorRTRunner(engine)
         else:
             model = read_edge_model(model_path)
             self.meta = model

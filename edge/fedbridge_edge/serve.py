@@ -41,7 +41,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +96,7 @@ RAW_TYPES = (
 )
 
 Scope = dict[str, Any]
-Message = dict[str, Any]
+Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
@@ -199,7 +199,8 @@ class _Bounds:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         started, status, sent = time.perf_counter(), 0, 0
         request_id = request_id_of(dict(scope["headers"]).get(REQUEST_ID_HEADER))
         scope.setdefault("state", {})["request_id"] = request_id
@@ -415,7 +416,7 @@ class Api:
                 raise ApiError(400, f"malformed multipart body ({type(e).__name__})") from None
             files = []
             for _, value in form.multi_items():
-                if hasattr(value, "read"):
+                if not isinstance(value, str):  # an UploadFile
                     name = value.filename or "upload"
                     if len(name) > MAX_NAME:
                         raise ApiError(400, f"a file name of {len(name)} characters; at most "
@@ -646,7 +647,8 @@ def dicom_header(data: bytes, name: str) -> Any:
 
 
 def _dump(model: Any) -> dict[str, Any]:
-    return model.model_dump(mode="json", exclude_unset=True)
+    dumped: dict[str, Any] = model.model_dump(mode="json", exclude_unset=True)
+    return dumped
 
 
 def _json(model: Any) -> JSONResponse:
@@ -687,7 +689,7 @@ def make_app(predictor: Predictor, limits: Limits = Limits()) -> tuple[Any, Api]
     api = Api(predictor, limits, metrics)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = asyncio.get_running_loop().run_in_executor(None, api.warm_up)
         yield
         with contextlib.suppress(Exception):
@@ -747,7 +749,7 @@ class EdgeServer:
 
     @property
     def server_port(self) -> int:
-        return self.socket.getsockname()[1]
+        return int(self.socket.getsockname()[1])
 
     def serve_forever(self) -> None:
         try:
@@ -826,7 +828,7 @@ def openapi_schema(limits: Limits) -> dict[str, Any]:
     models the replies are built from (``api_models.component_schemas``)."""
     err = ref(ApiErrorBody)
 
-    def replies(ok: dict, *codes: int, media: str = "application/json") -> dict:
+    def replies(ok: dict[str, Any], *codes: int, media: str = "application/json") -> dict[str, Any]:
         out = {"200": {"description": "OK", "content": {media: {"schema": ok}}}}
         for code in codes:
             out[str(code)] = {
@@ -835,7 +837,7 @@ def openapi_schema(limits: Limits) -> dict[str, Any]:
             }
         return out
 
-    def get(summary: str, ok: dict, *codes: int, **kw: Any) -> dict:
+    def get(summary: str, ok: dict[str, Any], *codes: int, **kw: Any) -> dict[str, Any]:
         return {"get": {"summary": summary, "responses": replies(ok, *codes, **kw)}}
 
     overlay = {

@@ -36,7 +36,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 MAX_HEADER = 16 << 20
 
 
-def import_tensorrt():
+def import_tensorrt() -> Any:
     """``import tensorrt`` or a one-line error saying where it comes from."""
     try:
         import tensorrt
@@ -48,7 +48,7 @@ def import_tensorrt():
     return tensorrt
 
 
-def _cudart():
+def _cudart() -> Any:
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -59,7 +59,7 @@ def _cudart():
     return cudart
 
 
-def _check_cuda(result):
+def _check_cuda(result: Any) -> Any:
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         raise EdgeError(f"CUDA call failed: {err}")
@@ -145,7 +145,7 @@ def plan_build(
             raise EdgeError(f"--max-batch must be ≥ 1, got {max_batch}")
         lo, hi = 1, max_batch
         opt = min(max(1, opt_batch or 1), hi)
-    profile = {
+    profile: dict[str, tuple[int, ...]] = {
         name: (n, int(c), int(h), int(w)) for name, n in (("min", lo), ("opt", opt), ("max", hi))
     }
     flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}[precision]
@@ -172,11 +172,12 @@ def calibration_cache_path(engine_out: Path, key: str) -> Path:
     return Path(engine_out).with_name(f"{Path(engine_out).name}.calib-{key[:16]}.cache")
 
 
-def make_calibrator(trt, batcher: CalibrationBatcher, cache: Path):
+def make_calibrator(trt: Any, batcher: CalibrationBatcher, cache: Path) -> Any:
     """An ``IInt8EntropyCalibrator2`` feeding ``batcher`` through one device buffer."""
     cudart = _cudart()
 
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+    # tensorrt ships no stubs: its base class is Any here
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
             self.batches = iter(batcher)
@@ -187,7 +188,7 @@ def make_calibrator(trt, batcher: CalibrationBatcher, cache: Path):
         def get_batch_size(self) -> int:
             return batcher.batch
 
-        def get_batch(self, names):
+        def get_batch(self, names: list[str]) -> list[int] | None:
             x = next(self.batches, None)
             if x is None:
                 return None
@@ -195,10 +196,10 @@ def make_calibrator(trt, batcher: CalibrationBatcher, cache: Path):
             _check_cuda(cudart.cudaMemcpy(self.device, x.ctypes.data, x.nbytes, kind))
             return [int(self.device)]
 
-        def read_calibration_cache(self):
+        def read_calibration_cache(self) -> bytes | None:
             return cache.read_bytes() if cache.is_file() else None
 
-        def write_calibration_cache(self, data) -> None:
+        def write_calibration_cache(self, data: Any) -> None:
             atomic_write(cache, bytes(data))
 
     return EntropyCalibrator()

@@ -14,6 +14,7 @@ whose parser supports everything listed here, so the check is conservative.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -82,7 +83,7 @@ def check(model: onnx.ModelProto) -> list[Problem]:
     return problems
 
 
-def _qdq(node: onnx.NodeProto, where: str, constants: dict) -> list[Problem]:
+def _qdq(node: onnx.NodeProto, where: str, constants: dict[str, Any]) -> list[Problem]:
     """Explicit quantization in TensorRT: signed INT8 with zero point 0 (symmetric)."""
     if len(node.input) < 3 or not node.input[2]:
         return []  # no zero point: uint8 by ONNX default for Q, which TensorRT refuses
@@ -98,7 +99,7 @@ def _qdq(node: onnx.NodeProto, where: str, constants: dict) -> list[Problem]:
     return out
 
 
-def summary(model: onnx.ModelProto) -> dict:
+def summary(model: onnx.ModelProto) -> dict[str, Any]:
     """The record export writes into the edge metadata."""
     problems = check(model)
     ops = sorted({n.op_type for n in model.graph.node})

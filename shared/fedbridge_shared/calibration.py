@@ -64,12 +64,14 @@ def _check(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    out: np.ndarray = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return out
 
 
 def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
     """``softmax(logits / temperature)`` row-wise, in float64."""
-    return np.exp(_log_softmax(np.asarray(logits, dtype=np.float64) / temperature))
+    probs: np.ndarray = np.exp(_log_softmax(np.asarray(logits, dtype=np.float64) / temperature))
+    return probs
 
 
 def nll(logits: Any, labels: Any, temperature: float = 1.0) -> float:
@@ -83,7 +85,7 @@ def ece(
 ) -> float:
     """Top-label expected calibration error of ``softmax(logits / temperature)``."""
     z, y = _check(logits, labels)
-    return calibration(y, softmax(z, temperature), n_bins)["ece"]
+    return float(calibration(y, softmax(z, temperature), n_bins)["ece"])
 
 
 def fit_temperature(logits: Any, labels: Any) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 from fedbridge_shared.errors import ConfigError
 
@@ -16,7 +17,7 @@ MAX_NOISE = 1e3
 """σ beyond this drowns any update; Opacus' search tops out near it."""
 
 
-def _opacus():
+def _opacus() -> tuple[Any, Any]:
     try:
         from opacus.accountants import RDPAccountant
         from opacus.accountants.utils import get_noise_multiplier

@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class EpochStats:
 
 @dataclass
 class FitResult:
-    history: list[dict] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
     stopped_early: bool = False
 
@@ -77,7 +77,7 @@ def proximal_penalty(model: nn.Module, mu: float) -> Callable[[], torch.Tensor]:
 
     def penalty() -> torch.Tensor:
         terms = ((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
-        return mu / 2 * sum(terms)
+        return cast(torch.Tensor, mu / 2 * sum(terms))  # a sum of tensors
 
     return penalty
 
@@ -90,7 +90,8 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
     check(TrainConfig, "ema_decay", decay)
     if decay == 0:
         raise FedbridgeError("--ema-decay 0: no EMA to make (0 is off)")
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema_fn = get_ema_multi_avg_fn(decay)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+    return AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
 
 
 def make_optimizer(
@@ -112,7 +113,7 @@ def make_optimizer(
             raise FedbridgeError(
                 f"--backbone-lr-scale: {type(model).__name__} has no classifier to tell apart"
             )
-        head = {id(p) for p in model.get_classifier().parameters()}
+        head = {id(p) for p in model.get_classifier().parameters()}  # type: ignore[operator]  # timm method
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
@@ -132,7 +133,7 @@ def make_optimizer(
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader[Any],
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     *,
@@ -192,7 +193,10 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader, device: torch.device, on_batch: BatchHook | None = None
+    model: nn.Module,
+    loader: DataLoader[Any],
+    device: torch.device,
+    on_batch: BatchHook | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """True class indices and softmax probabilities (N, K) for every item of ``loader``."""
     model.eval()
@@ -205,7 +209,7 @@ def predict(
     return torch.cat(ys).numpy(), torch.cat(ps).double().numpy()
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> EpochStats:
+def evaluate(model: nn.Module, loader: DataLoader[Any], device: torch.device) -> EpochStats:
     """Mean cross-entropy and accuracy over ``loader``."""
     start = time.perf_counter()
     y, p = predict(model, loader, device)
@@ -222,12 +226,12 @@ def loss_and_accuracy(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
 
 def fit(
     model: nn.Module,
-    train_loader: DataLoader,
+    train_loader: DataLoader[Any],
     *,
     device: torch.device,
     epochs: int,
     lr: float,
-    val_loader: DataLoader | None = None,
+    val_loader: DataLoader[Any] | None = None,
     weight_decay: float = defaults.WEIGHT_DECAY,
     patience: int = defaults.PATIENCE,
     label_smoothing: float = defaults.LABEL_SMOOTHING,
@@ -237,7 +241,7 @@ def fit(
     ema_decay: float = 0.0,
     backbone_lr_scale: float = defaults.BACKBONE_LR_SCALE,
     on_batch: BatchHook | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
     privacy: PrivacyHook | None = None,
     label_sets: Sequence[Sequence[int]] = (),
 ) -> FitResult:
@@ -280,9 +284,13 @@ def fit(
 
 
 def _epochs(
-    *, model, trained, train_loader, optimizer, scheduler, ema, kept, device, epochs,
-    val_loader, patience, label_smoothing, epoch_offset, penalty, on_batch, on_epoch, privacy,
-    label_sets,
+    *, model: nn.Module, trained: nn.Module, train_loader: DataLoader[Any],
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: AveragedModel | None, kept: nn.Module, device: torch.device, epochs: int,
+    val_loader: DataLoader[Any] | None, patience: int, label_smoothing: float, epoch_offset: int,
+    penalty: Callable[[], torch.Tensor] | None, on_batch: BatchHook | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None, privacy: PrivacyHook | None,
+    label_sets: Sequence[Sequence[int]],
 ) -> FitResult:  # fmt: skip
     """``fit``'s epochs: ``trained`` is ``model`` or its private wrapper."""
     result = FitResult()

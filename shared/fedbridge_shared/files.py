@@ -17,14 +17,14 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.processes import alive
 
 
 def atomic_write(
-    path: Path, data: bytes | Callable[[IO[bytes]], None], *, mode: int | None = None
+    path: Path, data: bytes | Callable[[IO[bytes]], object], *, mode: int | None = None
 ) -> Path:
     """Write ``data`` (bytes, or a function writing to a binary handle) to a temp file beside
     ``path``, fsync it, then rename it onto ``path``: readers see the old file or the new one.
@@ -150,7 +150,7 @@ def stop_signals_raise() -> None:
     SIGINT raises KeyboardInterrupt, so every ``atomic_dir`` / ``atomic_write`` removes its
     temp files when a long command is stopped (the CLI calls this once at start)."""
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum: int, frame: object) -> NoReturn:  # noqa: ARG001
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):

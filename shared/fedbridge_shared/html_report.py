@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -132,7 +132,7 @@ def _calibration_section(cal: Mapping[str, Any]) -> str:
     return section("calibration", "Calibration", body)
 
 
-def _temp_png(plot) -> bytes:
+def _temp_png(plot: Callable[[Path], object]) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "figure.png"
         plot(path)
@@ -332,7 +332,9 @@ def privacy_line(privacy: Mapping[str, Any]) -> str:
     )
 
 
-def bundle_context(bundle: Any) -> tuple[dict[str, Any], dict[str, dict[str, int]], list[dict]]:
+def bundle_context(
+    bundle: Any,
+) -> tuple[dict[str, Any], dict[str, Mapping[str, int]], list[dict[str, Any]]]:
     """``(config, counts, rounds)`` for the report from a loaded bundle's record.
 
     Counts are the stage's own (central) or each site's train and validation images per class
@@ -352,7 +354,9 @@ def bundle_context(bundle: Any) -> tuple[dict[str, Any], dict[str, dict[str, int
         config["differential privacy"] = privacy_line(training["privacy"])
     if training.get("config"):
         config["training config"] = training["config"]
-    counts = {f"training: {k}": dict(v) for k, v in (training.get("counts") or {}).items()}
+    counts: dict[str, Mapping[str, int]] = {
+        f"training: {k}": dict(v) for k, v in (training.get("counts") or {}).items()
+    }
     rounds = list(training.get("history") or [])
     for name, s in site_rows(rounds).items():
         counts[f"{name}: train"] = dict(s.get("train_counts") or {})

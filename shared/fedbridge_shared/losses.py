@@ -27,6 +27,7 @@ class PartialLabelLoss(nn.Module):
 
     def __init__(self, masks: torch.Tensor, label_smoothing: float = 0.0) -> None:
         super().__init__()
+        self.masks: torch.Tensor
         self.register_buffer("masks", masks)
         self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="none")
 

@@ -260,7 +260,7 @@ def calibration(y_true: Any, probs: Any, n_bins: int = CALIBRATION_BINS) -> dict
         count = int(mine.sum())
         conf = float(confidence[mine].mean()) if count else None
         acc = float(correct[mine].mean()) if count else None
-        if count:
+        if acc is not None and conf is not None:  # count > 0
             ece += count / y.size * abs(acc - conf)
         bins.append(
             {"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": count,

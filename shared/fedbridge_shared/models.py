@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.data import resolve_model_data_config
+from timm.data.config import resolve_model_data_config
 from timm.models import register_model
 from timm.models.efficientnet import _gen_mobilenet_v1
 from torch import nn
@@ -41,7 +41,11 @@ def mobilenetv1_025(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     # timm's create_model passes pretrained_cfg=None explicitly (setdefault would keep it), and
     # a None config makes timm warn "No pretrained configuration specified" on every build
     kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or _MOBILENETV1_025_CFG
-    return _gen_mobilenet_v1("mobilenetv1_025", 0.25, pretrained=pretrained, **kwargs)
+    # timm leaves its generator functions unannotated
+    model: nn.Module = _gen_mobilenet_v1(  # type: ignore[no-untyped-call]
+        "mobilenetv1_025", 0.25, pretrained=pretrained, **kwargs
+    )
+    return model
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -144,11 +148,13 @@ def find_local_imagenet_weights(arch: str) -> Path | None:
 
 def _data_config(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """Input size and mean/std of ``model``, as timm resolves its pretrained config."""
-    cfg = resolve_model_data_config(model)
+    cfg = resolve_model_data_config(model)  # type: ignore[no-untyped-call]  # timm is untyped
     return int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
-def _init_none(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+def _init_none(
+    labels: tuple[str, ...], arch: str, image_size: int | None
+) -> tuple[nn.Module, ModelSpec]:
     model = _create(arch, num_classes=len(labels))
     size, mean, std = _data_config(model)
     spec = ModelSpec(
@@ -162,7 +168,9 @@ def _init_none(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
     return model, spec
 
 
-def _init_from_hub(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+def _init_from_hub(
+    labels: tuple[str, ...], arch: str, image_size: int | None
+) -> tuple[nn.Module, ModelSpec]:
     try:
         model = timm.create_model(arch, pretrained=True, num_classes=len(labels))
         zero_head(model)
@@ -173,7 +181,8 @@ def _init_from_hub(labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
             "--init PATH.safetensors"
         ) from e
     size, mean, std = _data_config(model)
-    hub_id = model.pretrained_cfg.get("hf_hub_id") or arch
+    cfg: dict[str, Any] = model.pretrained_cfg  # type: ignore[assignment]  # timm sets it
+    hub_id = cfg.get("hf_hub_id") or arch
     spec = ModelSpec(
         arch=arch,
         labels=labels,
@@ -189,7 +198,9 @@ def _read_sidecar(weights: Path) -> dict[str, Any]:
     return read_json_object(weights.with_suffix(".json"), what="sidecar JSON") or {}
 
 
-def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+def _init_from_file(
+    weights: Path, labels: tuple[str, ...], arch: str | None, image_size: int | None
+) -> tuple[nn.Module, ModelSpec]:
     side = _read_sidecar(weights)
     if arch and side.get("arch") and side["arch"] != arch:
         raise ConfigError(
@@ -225,7 +236,9 @@ def _init_from_file(weights: Path, labels, arch, image_size) -> tuple[nn.Module,
     return model, spec
 
 
-def _init_from_bundle(path: Path, labels, arch, image_size) -> tuple[nn.Module, ModelSpec]:
+def _init_from_bundle(
+    path: Path, labels: tuple[str, ...], arch: str | None, image_size: int | None
+) -> tuple[nn.Module, ModelSpec]:
     bundle = load_bundle(path)
     if arch and arch != bundle.spec.arch:
         raise ConfigError(f"{path}: bundle holds {bundle.spec.arch!r} but --model is {arch!r}")
@@ -285,7 +298,7 @@ def _carry_rows(
     label_map: dict[str, str | None],
 ) -> None:
     """Copy the source classifier's rows into ``model``'s head by label (weight and bias)."""
-    head = model.get_classifier()
+    head = model.get_classifier()  # type: ignore[operator]  # timm method
     prefix = _head_prefixes(model)[0]
     with torch.no_grad():
         for name, param in head.named_parameters():
@@ -329,7 +342,7 @@ def zero_head(model: nn.Module) -> None:
     timm's default head init scales with 1/sqrt(num_classes); with pretrained features that
     gives initial logits in the tens and a loss several times ln(K).
     """
-    head = model.get_classifier()
+    head = model.get_classifier()  # type: ignore[operator]  # timm method
     for p in head.parameters():
         nn.init.zeros_(p)
 

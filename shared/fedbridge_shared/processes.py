@@ -13,8 +13,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import psutil
 
@@ -36,7 +37,7 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def spawn(
     cmd: Sequence[str], log: Path, env: dict[str, str], cwd: Path | None = None
-) -> subprocess.Popen:
+) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in a new process group with stdout+stderr appended to ``log``.
 
     On Linux the child gets SIGTERM when this process dies, even by SIGKILL (the OOM killer, an
@@ -56,12 +57,12 @@ def spawn(
         )
 
 
-def die_with_parent():
+def die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` for Popen: on Linux the child gets SIGTERM when this process dies."""
     return _die_with(os.getpid()) if sys.platform.startswith("linux") else None
 
 
-def _die_with(parent: int):
+def _die_with(parent: int) -> Callable[[], None]:
     def preexec() -> None:
         """In the child, before exec: ask the kernel for SIGTERM when the parent dies."""
         import ctypes
@@ -191,7 +192,7 @@ def _running(proc: psutil.Process) -> bool:
         return True
 
 
-def stop(procs: Iterable[subprocess.Popen], timeout: float = 15.0) -> None:
+def stop(procs: Iterable[subprocess.Popen[Any]], timeout: float = 15.0) -> None:
     """SIGTERM each process group and every descendant; SIGKILL what is left after ``timeout``."""
     procs = list(procs)
     tree = _tree(p.pid for p in procs)
@@ -223,7 +224,7 @@ def _end(procs: list[psutil.Process], timeout: float) -> None:
                 proc.kill()
 
 
-def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float) -> bool:
+def wait_for_port(host: str, port: int, proc: subprocess.Popen[Any], timeout: float) -> bool:
     """True once ``host:port`` accepts connections; False if ``proc`` exits or time runs out."""
     import socket
 
@@ -243,7 +244,7 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float) 
 def sigterm_as_exit() -> Iterator[None]:
     """Turn SIGTERM into ``SystemExit`` so ``finally`` blocks stop our children first."""
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum: int, frame: object) -> NoReturn:  # noqa: ARG001
         raise SystemExit(128 + signum)
 
     try:
@@ -263,4 +264,4 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])

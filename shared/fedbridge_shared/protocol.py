@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from enum import StrEnum
+from enum import Enum
 from typing import Any
 
 from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.settings import LocalSettings, kebab
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10 (JetPack 6), as fedbridge.cli.options
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
 
 # Records of a message's RecordDict.
 ARRAYS = "arrays"
@@ -150,7 +160,9 @@ class _Reply:
         values: dict[str, Any] = {
             n: metrics[kebab(n)] for n in names - set(_PER_CLASS) if kebab(n) in metrics
         }
-        per_class = {n: _per_class(metrics, _PER_CLASS[n]) for n in names & set(_PER_CLASS)}
+        per_class: dict[str, Any] = {
+            n: _per_class(metrics, _PER_CLASS[n]) for n in names & set(_PER_CLASS)
+        }
         return cls(**values, **per_class)
 
     def counts_by_label(self, labels: Sequence[str]) -> dict[str, int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, roc_curve
@@ -176,7 +177,7 @@ def plot_site_rounds(rows: Sequence[Mapping[str, Any]]) -> bytes:
     return _png(fig)
 
 
-def _axes_style(ax, x_label: str, y_label: str) -> None:
+def _axes_style(ax: Axes, x_label: str, y_label: str) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)

@@ -234,7 +234,7 @@ def cross_site_section(
     test_name: str,
 ) -> str:
     best = next((r for r in rounds if r.get("round") == best_round), rounds[-1])
-    rows = []
+    rows: list[tuple[str, int, float | None, str, float | None]] = []
     for name, s in sorted((best.get("per_site") or {}).items()):
         n = int(s.get("val_examples") or 0)
         if not n:
@@ -310,7 +310,7 @@ def limitations(
     known = [s for s in sources or [] if s]
     if len(set(known)) >= 2:
         for c, label in enumerate(labels):
-            mine = Counter(s or UNKNOWN for s, t in zip(sources, y, strict=True) if t == c)
+            mine = Counter(s or UNKNOWN for s, t in zip(sources or [], y, strict=True) if t == c)
             if len(mine) == 1 and sum(mine.values()) > 0:
                 (only,) = mine
                 out.append(
@@ -468,7 +468,7 @@ def shortcut_section(metrics: Mapping[str, Any]) -> str:
     body = ""
     per_src = audit.get("per_source") or {}
     if per_src:
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         for source, s in per_src.items():
             called = s.get(f"non_{positive}_called_{positive}") if positive else None
             rows.append((source, s["n"], s["accuracy"], fmt_ci(s.get("accuracy_ci95")),

@@ -219,9 +219,8 @@ def coerce(model: type[Settings], key: str, value: Any) -> Any:
     f = owner.model_fields[path[-1]]
 
     try:
-        return TypeAdapter(
-            Annotated.__class_getitem__((f.annotation, *f.metadata))
-        ).validate_python(value)
+        annotated: Any = Annotated.__class_getitem__((f.annotation, *f.metadata))  # type: ignore[attr-defined]  # runtime-built Annotated[T, *bounds]
+        return TypeAdapter(annotated).validate_python(value)
     except ValidationError as e:
         raise ConfigError(_line(e.errors(include_url=False)[0], f, key, options=False)) from None
 

@@ -204,7 +204,8 @@ def probe_pair(
     f = np.asarray(features)[known]
     src: dict[str, Any] = {"available": False, "reason": "no image's source is known", "n": 0}
     if known:
-        src = source_probe(f, [sources[i] for i in known], [groups[i] for i in known], seed=seed)
+        known_sources = [str(sources[i]) for i in known]  # known: those with a source
+        src = source_probe(f, known_sources, [groups[i] for i in known], seed=seed)
     lab = source_probe(features, labels, groups, seed=seed)
     flagged = None
     if src.get("available") and lab.get("available"):

@@ -20,7 +20,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedbridge_shared import __version__
-from fedbridge_shared.data.pixels import FALLBACK_MEAN, FALLBACK_STD, INTENSITIES
+from fedbridge_shared.data.pixels import FALLBACK_MEAN, FALLBACK_STD
+from fedbridge_shared.defaults import INTENSITIES
 from fedbridge_shared.errors import BundleError
 from fedbridge_shared.files import atomic_dir, max_model_bytes, read_regular, strict_json
 from fedbridge_shared.layout import SPEC_FILE, WEIGHTS_FILE
@@ -133,7 +134,7 @@ def check_timm_kwargs(timm_kwargs: dict[str, Any]) -> None:
         if kind is None:
             allowed = ", ".join(sorted(TIMM_KWARGS))
             raise BundleError(f"model spec: timm_kwargs {key!r} not allowed (only {allowed})")
-        if not isinstance(value, kind) or (kind is float and not math.isfinite(value)):
+        if not isinstance(value, kind) or (isinstance(value, float) and not math.isfinite(value)):
             raise BundleError(f"model spec: timm_kwargs {key}={value!r} must be {kind.__name__}")
 
 

@@ -156,4 +156,4 @@ def _log(
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id)
-    return run_id
+    return str(run_id)

@@ -259,7 +259,7 @@ def run_stage(
         spec,
         batch_size=config.batch_size,
         train=True,
-        preset=config.augment,
+        preset=config.augment or defaults.AUGMENT,  # resolved above, never None here
         augment_per_sample=config.augment_per_sample,
         online=config.online_augment,
         seed=config.seed,
@@ -274,13 +274,13 @@ def run_stage(
     console.print(
         f"[bold]{stage}[/]: {spec.arch} @ {spec.image_size}px, init {spec.init.get('kind')}, "
         f"{len(parts['train'])} training images (×{1 + config.augment_per_sample} = "
-        f"{len(train_ds)}), {len(parts['val'])} validation, device {dev}"
+        f"{len(train_ds)}), {len(parts['val'])} validation, device {dev}"  # type: ignore[arg-type]  # a sized Dataset
     )
     with _progress(console) as bar:
         total = images_per_epoch(train_loader)  # the last partial batch is dropped
         task = bar.add_task(f"{stage} epoch 1/{config.epochs}", total=total, info="")
 
-        def on_epoch(row: dict) -> None:
+        def on_epoch(row: dict[str, Any]) -> None:
             info = f"loss {row['train_loss']:.3f}"
             if "val_loss" in row:
                 info += f"  val loss {row['val_loss']:.3f} acc {row['val_accuracy']:.3f}"

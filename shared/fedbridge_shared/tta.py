@@ -9,6 +9,7 @@ an unknown modality: only a model whose spec says ``oct`` gets the flipped view.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ def apply_view(x: torch.Tensor, view: str) -> torch.Tensor:
 @torch.no_grad()
 def predict_tta(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader[Any],
     device: torch.device,
     *,
     views: Sequence[str],
@@ -70,7 +71,7 @@ def predict_tta(
     for x, y in loader:
         x = x.to(device)
         p = sum(torch.softmax(model(apply_view(x, v)), dim=1).double() for v in views)
-        ps.append((p / len(views)).cpu())
+        ps.append((cast(torch.Tensor, p) / len(views)).cpu())  # a sum of tensors
         ys.append(torch.as_tensor(y))
         if on_batch:
             on_batch(len(y))

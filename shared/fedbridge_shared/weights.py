@@ -22,7 +22,9 @@ class WeightsError(FedbridgeError):
     """A set of weights does not fit the model (missing, extra, mis-shaped or non-finite)."""
 
 
-def shared_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> OrderedDict:
+def shared_state(
+    model_or_state: nn.Module | dict[str, torch.Tensor],
+) -> OrderedDict[str, torch.Tensor]:
     """Floating-point tensors of a state dict (integer counters such as BN's stay local)."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     return OrderedDict(
@@ -30,7 +32,7 @@ def shared_state(model_or_state: nn.Module | dict[str, torch.Tensor]) -> Ordered
     )
 
 
-def check_state(reference: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+def check_state(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
     """Raise WeightsError naming the first tensor that is missing, extra, mis-shaped or NaN."""
     missing = [k for k in reference if k not in state]
     extra = [k for k in state if k not in reference]
@@ -56,7 +58,9 @@ def pack(state: Mapping[str, torch.Tensor]) -> np.ndarray:
     return np.concatenate([a.astype(dtype, copy=False).ravel() for a in arrays])
 
 
-def unpack(flat: np.ndarray, reference: Mapping[str, torch.Tensor]) -> OrderedDict:
+def unpack(
+    flat: np.ndarray, reference: Mapping[str, torch.Tensor]
+) -> OrderedDict[str, torch.Tensor]:
     """The state dict a :func:`pack` vector holds, in ``reference``'s layout and dtypes.
 
     Raises WeightsError when the vector does not fit the layout or holds NaN/Inf (named by layer).
@@ -68,7 +72,7 @@ def unpack(flat: np.ndarray, reference: Mapping[str, torch.Tensor]) -> OrderedDi
             f"packed weights: shape {tuple(flat.shape)}, expected ({sum(sizes)},) for the "
             f"model's {len(sizes)} tensors"
         )
-    out: OrderedDict = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     start = 0
     for (name, ref), size in zip(reference.items(), sizes, strict=True):
         part = torch.from_numpy(np.array(flat[start : start + size])).reshape(ref.shape)

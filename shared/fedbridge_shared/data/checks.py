@@ -83,7 +83,9 @@ def check_folder(
             message = str(e).removeprefix(f"{sample.path}: ")
             findings.append(Finding("error", sample.path, message))
         for note in notes:
-            level = "warning" if note.startswith("extreme aspect") else "info"
+            level: Literal["warning", "info"] = (
+                "warning" if note.startswith("extreme aspect") else "info"
+            )
             findings.append(Finding(level, sample.path, note))
         if progress is not None:
             progress(done, total)

@@ -6,11 +6,15 @@ import hashlib
 import struct
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fedbridge_shared.errors import DataError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -111,7 +115,7 @@ def _read_pil(path: Path, notes: list[str]) -> np.ndarray:
         raise DataError(
             f"{path}: image too large, possible decompression bomb ({_one_line(e)})"
         ) from e
-    except Image.UnidentifiedImageError as e:
+    except UnidentifiedImageError as e:
         raise DataError(f"{path}: not a readable image (unknown or unsupported format)") from e
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise DataError(f"{path}: truncated or corrupt image ({_one_line(e)})") from e
@@ -161,7 +165,7 @@ def _pil_to_grey(
     """Convert any PIL mode to 8-bit luminance; alpha is composited on black."""
     mode = img.mode
     if mode == "L":
-        return np.asarray(img, dtype=np.uint8).copy()
+        return np.array(img, dtype=np.uint8)
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(img).astype(np.int64)
         if values.min() >= 0 and values.max() <= 65535:
@@ -177,15 +181,15 @@ def _pil_to_grey(
     if mode == "F":
         return _minmax_uint8(np.asarray(img, dtype=np.float64))
     if mode == "P":
-        return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8).copy()
+        return np.array(img.convert("RGB").convert("L"), dtype=np.uint8)
     if "A" in img.getbands():  # RGBA, LA, PA, ...: composite on black
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return np.asarray(Image.alpha_composite(black, rgba).convert("L"), dtype=np.uint8).copy()
+        return np.array(Image.alpha_composite(black, rgba).convert("L"), dtype=np.uint8)
     if mode in ("1", "RGB"):
-        return np.asarray(img.convert("L"), dtype=np.uint8).copy()
+        return np.array(img.convert("L"), dtype=np.uint8)
     # CMYK, YCbCr, LAB, HSV, RGBX, ...: go through RGB so each mode's own conversion applies.
-    return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8).copy()
+    return np.array(img.convert("RGB").convert("L"), dtype=np.uint8)
 
 
 def _bit_depth(peak: int, sbit: int | None) -> tuple[int, str]:
@@ -221,11 +225,11 @@ def _read_dicom(path: Path, *, has_preamble: bool) -> np.ndarray:
     return dicom_to_grey(ds, path)
 
 
-def dicom_to_grey(ds, name: str | Path) -> np.ndarray:
+def dicom_to_grey(ds: Dataset, name: str | Path) -> np.ndarray:
     """The first frame of an already parsed DICOM dataset as display greyscale (uint8), so a
     caller holding the dataset (a DICOM listener) decodes it without writing or parsing again;
     errors name ``name``."""
-    from pydicom.pixels import pixel_array
+    from pydicom.pixels import pixel_array  # type: ignore[attr-defined]  # pydicom.pixels has no __all__
 
     path = name
     if "PixelData" not in ds:
@@ -262,7 +266,7 @@ def dicom_to_grey(ds, name: str | Path) -> np.ndarray:
     return grey
 
 
-def _int_or(value, default: int) -> int:
+def _int_or(value: Any, default: int) -> int:
     try:
         return int(value) if value not in (None, "") else default
     except (TypeError, ValueError):
@@ -278,7 +282,7 @@ PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL",
                "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}  # fmt: skip
 
 
-def _check_dicom_kind(path: Path, ds) -> None:
+def _check_dicom_kind(path: str | Path, ds: Dataset) -> None:
     """Refuse DICOM objects that are not images fedbridge can interpret, by name."""
     from pydicom.multival import MultiValue
 
@@ -310,9 +314,14 @@ def _check_dicom_kind(path: Path, ds) -> None:
         raise DataError(f"{path}: DICOM RescaleSlope is 0 (every pixel the same)")
 
 
-def _dicom_to_grey(arr: np.ndarray, ds) -> np.ndarray:
+def _dicom_to_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """Apply modality LUT/rescale, VOI LUT/window and MONOCHROME1 inversion; scale to uint8."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing
+    from pydicom.pixels import (  # type: ignore[attr-defined]  # pydicom.pixels has no __all__
+        apply_color_lut,
+        apply_modality_lut,
+        apply_voi,
+        apply_windowing,
+    )
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":

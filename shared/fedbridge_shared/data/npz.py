@@ -6,6 +6,7 @@ import csv
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -107,7 +108,7 @@ def _load(npz_path: Path, splits: Sequence[str]) -> dict[str, tuple[np.ndarray, 
     return {s: _validate(npz_path, s, x, y) for s, (x, y) in loaded.items()}
 
 
-def _check_declared_size(npz_path: Path, archive, key: str) -> None:
+def _check_declared_size(npz_path: Path, archive: Any, key: str) -> None:  # an open NpzFile
     """Read a member's .npy header and refuse an array too large to load, before loading it."""
     try:
         with archive.zip.open(f"{key}.npy") as fh:

@@ -142,13 +142,17 @@ def _expose(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     image = image * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06) + gradient
     image = image + _blur(rng.normal(0, rng.uniform(0.03, 0.06), image.shape), sigma_px=0.7)
     image = np.clip(image, 0, 1) ** rng.uniform(0.8, 1.25)
-    return np.rint(image * 255).astype(np.uint8)
+    film: np.ndarray = np.rint(image * 255).astype(np.uint8)
+    return film
 
 
-def _soft_ellipse(xx, yy, cx: float, cy: float, ax: float, ay: float, edge: float) -> np.ndarray:
+def _soft_ellipse(
+    xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, ax: float, ay: float, edge: float
+) -> np.ndarray:
     """1 inside the ellipse, 0 outside, with a smooth border about ``edge`` wide."""
     distance = np.sqrt(((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2) - 1.0
-    return 1 / (1 + np.exp(np.clip(distance * min(ax, ay) / edge, -50, 50)))
+    inside: np.ndarray = 1 / (1 + np.exp(np.clip(distance * min(ax, ay) / edge, -50, 50)))
+    return inside
 
 
 def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -158,4 +162,5 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
     taps /= taps.sum()
     padded = np.pad(image, radius, mode="reflect")
     rows = sum(w * padded[:, i : i + image.shape[1]] for i, w in enumerate(taps))
-    return sum(w * rows[i : i + image.shape[0], :] for i, w in enumerate(taps))
+    blurred: np.ndarray = sum(w * rows[i : i + image.shape[0], :] for i, w in enumerate(taps))
+    return blurred

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from fedbridge_shared.data.samples import Sample
 from fedbridge_shared.spec import ModelSpec
 
 
-def load_resized(path, size: int) -> np.ndarray:
+def load_resized(path: Path, size: int) -> np.ndarray:
     """Read one image (greyscale uint8) and resize it to ``size`` × ``size``."""
     return resize(read_image(path), size)
 
@@ -48,7 +50,7 @@ def _seed(*parts: int) -> int:
     return zlib.crc32(np.asarray(parts, dtype=np.int64).tobytes())
 
 
-class ImageDataset(Dataset):
+class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """Samples as tensors, with the paper's offline ×N expansion and online augmentation.
 
     Index ``i`` is variant ``i % (N + 1)`` of image ``i // (N + 1)``; variant 0 is the image
@@ -107,7 +109,7 @@ def make_loader(
     seed: int = 0,
     shuffle_seed: int | None = None,
     balanced: bool = False,
-) -> DataLoader:
+) -> DataLoader[Any]:
     """The DataLoader every stage uses: samples → tensors → batches.
 
     ``train=True`` adds the ×N offline expansion and online augmentation (``online``), shuffles
@@ -131,7 +133,11 @@ def make_loader(
     sampler = None
     if balanced:
         sampler = WeightedRandomSampler(
-            class_balanced_weights(ds), len(ds), replacement=True, generator=generator
+            # torch takes a tensor of weights; its stubs say Sequence[float]
+            class_balanced_weights(ds),  # type: ignore[arg-type]
+            len(ds),
+            replacement=True,
+            generator=generator,
         )
     return DataLoader(
         ds,
@@ -150,10 +156,10 @@ def class_balanced_weights(ds: ImageDataset) -> torch.Tensor:
     return torch.from_numpy(1.0 / counts[targets]).double()
 
 
-def images_per_epoch(loader: DataLoader) -> int:
+def images_per_epoch(loader: DataLoader[Any]) -> int:
     """Images one pass over ``loader`` really yields: a dropped last partial batch excluded, so
     a progress bar's total is the count it reaches."""
-    n = len(loader.dataset)
+    n = len(loader.dataset)  # type: ignore[arg-type]  # torch's Dataset type has no __len__
     if loader.drop_last and loader.batch_size:
         return (n // loader.batch_size) * loader.batch_size
     return n

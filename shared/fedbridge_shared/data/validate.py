@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedbridge_shared.data.samples import FolderIndex
+from fedbridge_shared.data.samples import FolderIndex, Sample
 from fedbridge_shared.errors import ConfigError, DataError
 
 ALLOW_KINDS = ("shared-files", "similar-labels", "manifest-conflict")
@@ -162,7 +162,7 @@ def _shared_files(index: FolderIndex) -> list[Problem]:
                 f"({target}): one set of files under {len(labels)} labels"
             )
             problems.append(Problem("shared-files", index.root, message))
-    reached: dict[tuple[int, int], list] = defaultdict(list)
+    reached: dict[tuple[int, int], list[Sample]] = defaultdict(list)
     for sample in index.samples:
         if sample.label in linked:
             continue  # already said, once for the whole folder

@@ -11,6 +11,7 @@ input size with bilinear interpolation (``align_corners=False``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ class _Features(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        feats: torch.Tensor = self.model.forward_features(x)  # type: ignore[operator]  # timm method
+        return feats
 
 
 class GreyModel(nn.Module):
@@ -48,6 +50,9 @@ class GreyModel(nn.Module):
     to_tensor` happen inside, so attributions are per greyscale pixel (one channel) and the
     baseline 0 is a black image. ``features`` is the module whose output is the last feature map.
     """
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
         super().__init__()
@@ -62,11 +67,12 @@ class GreyModel(nn.Module):
         return (grey.expand(-1, self.in_chans, -1, -1) - self.mean) / self.std
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.features(self.normalise(grey)))
+        logits: torch.Tensor = self.model.forward_head(self.features(self.normalise(grey)))  # type: ignore[operator]  # timm method
+        return logits
 
 
 def load_explainer(
-    bundle: Bundle, device: torch.device | str = "cpu", state_dict: dict | None = None
+    bundle: Bundle, device: torch.device | str = "cpu", state_dict: dict[str, Any] | None = None
 ) -> GreyModel:
     """A :class:`GreyModel` in eval mode with the bundle's weights (or ``state_dict``)."""
     model = model_from_bundle(bundle)
@@ -87,7 +93,7 @@ def predict_probs(model: GreyModel, x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(model(x), dim=1)
 
 
-def captum_attr():
+def captum_attr() -> Any:
     """The ``captum.attr`` module, or a ConfigError saying how to install it."""
     try:
         import captum.attr
@@ -106,7 +112,7 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def check_cam_head(model: GreyModel, x: torch.Tensor) -> nn.Linear:
     """The linear classifier, after checking the head is global average pooling + linear."""
-    head = model.model.get_classifier()
+    head = model.model.get_classifier()  # type: ignore[operator]  # timm method
     if not isinstance(head, nn.Linear):
         raise ConfigError(
             f"CAM needs a linear classifier; {type(model.model).__name__} has "
@@ -114,7 +120,7 @@ def check_cam_head(model: GreyModel, x: torch.Tensor) -> nn.Linear:
         )
     with torch.no_grad():
         feats = model.features(model.normalise(x[:1]))
-        pooled = model.model.forward_head(feats, pre_logits=True)
+        pooled = model.model.forward_head(feats, pre_logits=True)  # type: ignore[operator]  # timm method
     if (
         feats.ndim != 4
         or pooled.shape != feats.shape[:2]
@@ -139,7 +145,7 @@ def class_activation_map(
     feats = model.features(model.normalise(x))  # (B, C, h, w)
     weights = head.weight[target]  # (B, C)
     cam = torch.einsum("bc,bchw->bhw", weights, feats).unsqueeze(1)
-    return _upsample(cam, tuple(x.shape[-2:])) if upsample else cam[:, 0]
+    return _upsample(cam, (x.shape[-2], x.shape[-1])) if upsample else cam[:, 0]
 
 
 def grad_cam(
@@ -151,7 +157,7 @@ def grad_cam(
         .LayerGradCam(model, model.features)
         .attribute(x, target=target, relu_attributions=True)
     )
-    return _upsample(attr, tuple(x.shape[-2:])) if upsample else attr[:, 0]
+    return _upsample(attr, (x.shape[-2], x.shape[-1])) if upsample else attr[:, 0]
 
 
 def attribute(
@@ -194,4 +200,5 @@ def attribute(
     else:
         maps = class_activation_map(model, x.detach(), target)
     out = maps.detach().float().cpu().numpy()
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    maps_np: np.ndarray = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    return maps_np

@@ -13,6 +13,7 @@ import io
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -39,11 +40,12 @@ def heat_rgba(amap: np.ndarray, signed: bool) -> tuple[np.ndarray, ScalarMappabl
     norm = colour_scale(amap, signed)
     cmap = colormaps[SIGNED_CMAP if signed else UNSIGNED_CMAP]
     rgba = cmap(norm(amap))
-    rgba[..., 3] = MAX_ALPHA * np.clip(np.abs(amap) / max(abs(norm.vmax), 1e-12), 0.0, 1.0)
+    top = abs(norm.vmax or 0.0)  # colour_scale always sets vmax
+    rgba[..., 3] = MAX_ALPHA * np.clip(np.abs(amap) / max(top, 1e-12), 0.0, 1.0)
     return rgba, ScalarMappable(norm=norm, cmap=cmap)
 
 
-def draw_overlay(ax, image: np.ndarray, amap: np.ndarray, signed: bool) -> ScalarMappable:
+def draw_overlay(ax: Axes, image: np.ndarray, amap: np.ndarray, signed: bool) -> ScalarMappable:
     """Draw the greyscale ``image`` with ``amap`` over it on ``ax``; returns the colour map."""
     rgba, mappable = heat_rgba(amap, signed)
     ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")

@@ -9,6 +9,7 @@ much more mass in the border than its area share (``border_area``) would suggest
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,8 @@ REGIONS: tuple[str, ...] = ("left", "right", "centre", "border")
 def _half_weights(n: int) -> np.ndarray:
     """Weight of each of ``n`` columns in the left half (a middle column counts half)."""
     idx = np.arange(n) + 0.5
-    return np.clip(n / 2.0 - (idx - 0.5), 0.0, 1.0)
+    weights: np.ndarray = np.clip(n / 2.0 - (idx - 0.5), 0.0, 1.0)
+    return weights
 
 
 def border_mask(shape: tuple[int, int], fraction: float = BORDER_FRACTION) -> np.ndarray:
@@ -33,7 +35,9 @@ def border_mask(shape: tuple[int, int], fraction: float = BORDER_FRACTION) -> np
     return mask
 
 
-def region_fractions(amap: np.ndarray, fraction: float = BORDER_FRACTION) -> dict[str, float]:
+def region_fractions(
+    amap: np.ndarray, fraction: float = BORDER_FRACTION
+) -> dict[str, float | None]:
     """Shares of ``|amap|`` in the left/right halves and the centre/border band, each in [0, 1].
 
     ``left + right == 1`` and ``centre + border == 1``; ``border_area`` is the share of pixels in
@@ -53,9 +57,11 @@ def region_fractions(amap: np.ndarray, fraction: float = BORDER_FRACTION) -> dic
     return {"left": left, "right": 1.0 - left, "centre": 1.0 - border, "border": border, **out}
 
 
-def summarise(rows: Iterable[Mapping], key: str) -> dict[str, dict[str, float | int | None]]:
+def summarise(
+    rows: Iterable[Mapping[str, Any]], key: str
+) -> dict[str, dict[str, float | int | None]]:
     """Mean region fractions per value of ``rows[i][key]`` (e.g. the predicted label)."""
-    groups: dict[str, list[Mapping]] = {}
+    groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         if row.get(key) is not None:
             groups.setdefault(str(row[key]), []).append(row)

@@ -46,7 +46,7 @@ from fedbridge_shared.explain.overlay import overlay_png
 from fedbridge_shared.explain.regions import REGIONS, region_fractions, summarise
 from fedbridge_shared.explain.sanity import SANITY_THRESHOLD, sanity_check, sanity_steps
 from fedbridge_shared.files import atomic_dir
-from fedbridge_shared.spec import load_bundle
+from fedbridge_shared.spec import Bundle, load_bundle
 
 RECORD_FILE = "explain.json"
 CSV_FIELDS = (
@@ -147,7 +147,7 @@ def _check_out(out: Path, *, force: bool) -> None:
         raise ConfigError(f"{out}: holds an earlier explain run; add --force to replace it")
 
 
-def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
+def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
@@ -240,7 +240,9 @@ def explain_images(
     return record
 
 
-def _prediction(item, name, labels, probs, target) -> dict[str, Any]:
+def _prediction(
+    item: ExplainInput, name: str, labels: Sequence[str], probs: torch.Tensor, target: int
+) -> dict[str, Any]:
     """The prediction fields of one image's rows."""
     p = probs.detach().cpu().numpy().astype(float)
     predicted = int(p.argmax())
@@ -256,7 +258,13 @@ def _prediction(item, name, labels, probs, target) -> dict[str, Any]:
     }
 
 
-def _write_image(tmp, base, item, image, maps) -> list[dict[str, Any]]:
+def _write_image(
+    tmp: Path,
+    base: dict[str, Any],
+    item: ExplainInput,
+    image: np.ndarray,
+    maps: dict[str, np.ndarray],
+) -> list[dict[str, Any]]:
     """Write one image's overlay and raw map per method; return its rows."""
     name = base["name"]
     rows = []
@@ -282,7 +290,14 @@ def _write_image(tmp, base, item, image, maps) -> list[dict[str, Any]]:
     return rows
 
 
-def _record(bundle, items, rows, methods, target, labels) -> dict[str, Any]:
+def _record(
+    bundle: Bundle,
+    items: Sequence[ExplainInput],
+    rows: Sequence[dict[str, Any]],
+    methods: Sequence[str],
+    target: str | None,
+    labels: Sequence[str],
+) -> dict[str, Any]:
     class_summary = {
         m: {
             "predicted": summarise([r for r in rows if r["method"] == m], "predicted"),
@@ -302,7 +317,7 @@ def _record(bundle, items, rows, methods, target, labels) -> dict[str, Any]:
     }
 
 
-def _write_class_summary(path: Path, summary: dict) -> None:
+def _write_class_summary(path: Path, summary: dict[str, Any]) -> None:
     fields = ("method", "group", "class", "n", *REGIONS, "border_area")
     rows = [
         {"method": m, "group": group, "class": cls, **values}

@@ -35,7 +35,7 @@ SANITY_THRESHOLD = 0.5
 RANDOMISATION = "all layers re-initialised (timm init, seeded); cascade end point"
 
 
-def randomised_explainer(bundle: Bundle, device, seed: int = 0) -> GreyModel:
+def randomised_explainer(bundle: Bundle, device: torch.device | str, seed: int = 0) -> GreyModel:
     """The bundle's architecture with every weight freshly initialised from ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
