@@ -272,8 +272,8 @@ def assess(bundle: Path, test: Path, n_bootstrap: int, tta: bool = False) -> dic
     """`fedbridge evaluate` (evaluate_bundle) plus per-source accuracy from the file names."""
     from rich.console import Console
 
+    from fedbridge_shared.assessment import evaluate_bundle
     from fedbridge_shared.data.samples import scan_folder
-    from fedbridge_shared.training import evaluate_bundle
 
     metrics, y, probs = evaluate_bundle(
         bundle, test, n_bootstrap=n_bootstrap, tta=tta, console=Console(stderr=True, quiet=True)
