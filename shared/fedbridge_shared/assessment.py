@@ -148,7 +148,7 @@ def assess(
         probs_all, features = predict_with_features(
             model, loader, dev, views=views, on_batch=lambda n: bar.advance(task, n)
         )
-    sources = sample_sources(index.samples, index.manifest)
+    sources = sample_sources(index.samples, index.manifest, index.manifest_rows)
     true = [s.label for s in index.samples]
     predicted = [spec.labels[k] for k in probs_all.argmax(axis=1)]
     with console.status("shortcut audit: source probe on the pooled features"):

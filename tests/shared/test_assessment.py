@@ -23,14 +23,14 @@ import fedbridge_shared.assessment  # noqa: F401
 import fedbridge_shared.explain.grid  # noqa: F401
 import fedbridge_shared.html_report  # noqa: F401
 from fedbridge_shared import engine, models, report, spec
-from fedbridge_shared.data import samples, sources, tensors
+from fedbridge_shared.data import samples, tensors
 from fedbridge_shared.data.samples import scan_folder
 
 PER_LABEL = 8
 
 
 def _count(monkeypatch, module, name: str) -> list[int]:
-    """Wrap ``module.name`` wherever a fedbridge module holds it; returns the call log."""
+    """Wrap ``module.name``, and wherever a fedbridge module holds it; returns the call log."""
     original = getattr(module, name)
     calls: list[int] = []
 
@@ -38,6 +38,7 @@ def _count(monkeypatch, module, name: str) -> list[int]:
         calls.append(1)
         return original(*args, **kwargs)
 
+    monkeypatch.setattr(module, name, counted)
     for mod in list(sys.modules.values()):
         if getattr(mod, "__name__", "").startswith("fedbridge") and (
             getattr(mod, name, None) is original
@@ -71,8 +72,7 @@ def test_evaluate_out_does_each_step_once(capsys, monkeypatch, cxr_bundle, small
     loads = _count(monkeypatch, spec, "load_bundle")
     builds = _count(monkeypatch, models, "model_from_bundle")
     scans = _count(monkeypatch, samples, "scan_folder")
-    manifests = _count(monkeypatch, samples, "read_manifest")
-    source_reads = _count(monkeypatch, sources, "_rows")
+    manifests = _count(monkeypatch, csv, "DictReader")  # every CSV read, wherever
     decodes = _count(monkeypatch, tensors, "load_resized")
     confusion = _count(monkeypatch, report, "confusion_figure")
     roc = _count(monkeypatch, report, "roc_figure")
@@ -84,7 +84,7 @@ def test_evaluate_out_does_each_step_once(capsys, monkeypatch, cxr_bundle, small
     assert result.returncode == 0, result.stderr
     counts = {
         "load_bundle": len(loads), "model_from_bundle": len(builds), "scan_folder": len(scans),
-        "manifest": len(manifests) + len(source_reads), "decode": len(decodes),
+        "manifest": len(manifests), "decode": len(decodes),
         "confusion": len(confusion), "roc": len(roc), "predict": len(second_pass),
     }  # fmt: skip
     assert counts == {
@@ -112,7 +112,7 @@ def test_one_pass_features_are_the_models_pooled_features(cxr_bundle, small_test
     result = assess(
         cxr_bundle, small_test, n_bootstrap=0, device="cpu", console=Console(quiet=True)
     )
-    loader = make_loader(result.images, [0] * len(result.images), result.bundle.spec)
+    loader = make_loader(result.images, [0] * len(result.images), result.bundle.spec, batch_size=8)
     probs, feats = predict_with_features(result.model, loader, torch.device("cpu"))
     x = torch.cat([batch for batch, _ in loader])
     with torch.no_grad():
