@@ -269,19 +269,19 @@ def _nbytes(a: dict) -> int:
 
 
 def assess(bundle: Path, test: Path, n_bootstrap: int, tta: bool = False) -> dict[str, Any]:
-    """`fedbridge evaluate` (evaluate_bundle) plus per-source accuracy from the file names."""
+    """`fedbridge evaluate` (the one assessment) plus per-source accuracy from the file names."""
     from rich.console import Console
 
-    from fedbridge_shared.data.samples import scan_folder
-    from fedbridge_shared.training import evaluate_bundle
+    from fedbridge_shared.assessment import assess as assess_bundle
 
-    metrics, y, probs = evaluate_bundle(
+    result = assess_bundle(
         bundle, test, n_bootstrap=n_bootstrap, tta=tta, console=Console(stderr=True, quiet=True)
     )
+    metrics, y, probs = result.metrics, result.y, result.probs
     keep = ("n", "accuracy", "macro_auc", "sensitivity_mean", "f1_mean", "ci95", "per_class",
             "confusion_matrix", "labels")  # fmt: skip
     out = {k: metrics[k] for k in keep if k in metrics}
-    samples = scan_folder(test).samples
+    samples = result.scored_samples  # the order of y and probs: no second scan
     pred = probs.argmax(1)
     by_source: dict[str, list[int]] = {}
     for s, yy, pp in zip(samples, y, pred, strict=True):

@@ -342,7 +342,7 @@ def federate(cfg: dict, eps: float | None, init: Path, sites: list[Path], out: P
 
 
 def assess(bundle: Path, test: Path, n_bootstrap: int) -> dict[str, Any]:
-    from fedbridge_shared.training import evaluate_bundle
+    from fedbridge_shared.assessment import evaluate_bundle
 
     metrics, _, _ = evaluate_bundle(bundle, test, n_bootstrap=n_bootstrap, device="cpu",
                                     console=quiet_console())  # fmt: skip

@@ -25,8 +25,7 @@ from fedbridge_shared.data.synthetic import make_phantom_dataset
 from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.files import atomic_write
 from fedbridge_shared.models import find_local_imagenet_weights
-from fedbridge_shared.report import write_metrics
-from fedbridge_shared.training import TrainConfig, evaluate_bundle, run_stage, usable_index
+from fedbridge_shared.training import TrainConfig, run_stage, usable_index
 
 DEMO_MARKER = ".fedbridge-demo"
 SITES = 3  # hospital sites the target set is split across
@@ -307,14 +306,23 @@ def _pool(sites: list[Path], out: Path) -> Path:
 def _assess(
     name: str, bundle: Path, split, plan: DemoPlan, synthetic: bool, out: Path, console: Console
 ) -> dict[str, Any]:
-    """Test metrics, PNG plots and the HTML report of one arm."""
-    metrics, y, probs = evaluate_bundle(
-        bundle, split.out / "test", n_bootstrap=plan.bootstrap, console=console
-    )
+    """Test metrics, PNG plots and the HTML report of one arm (the folder appears whole)."""
+    from fedbridge_shared.assessment import assess, write_assessment
+
+    result = assess(bundle, split.out / "test", n_bootstrap=plan.bootstrap, console=console)
+    metrics = result.metrics
     metrics["synthetic"] = synthetic
     report_dir = out / ("report-" + bundle.name.removesuffix("-bundle"))
-    write_metrics(metrics, report_dir, y, probs)
-    _html_report(name, bundle, split, metrics, y, probs, report_dir, synthetic, console)
+    write_assessment(
+        result,
+        report_dir,
+        title=f"fedbridge demo: {name}",
+        config={"demo_arm": name, "synthetic": synthetic},
+        counts={
+            part: dict(Counter(s.label for s in samples)) for part, samples in split.parts.items()
+        },
+        warn=lambda text: console.print(f"[yellow]{text}[/]"),
+    )
     return {
         "model": name,
         "bundle": str(bundle),
@@ -326,29 +334,6 @@ def _assess(
         },
         "accuracy_ci95": metrics["ci95"]["accuracy"],
     }  # fmt: skip
-
-
-def _html_report(name, bundle, split, metrics, y, probs, report_dir, synthetic, console) -> None:
-    from fedbridge_shared.data.samples import scan_folder
-    from fedbridge_shared.data.sources import sample_sources
-    from fedbridge_shared.html_report import write_bundle_report
-
-    test = scan_folder(split.out / "test")  # the order evaluate_bundle used
-    write_bundle_report(
-        report_dir,
-        bundle,
-        test.samples,
-        metrics,
-        y,
-        probs,
-        title=f"fedbridge demo: {name}",
-        config={"demo_arm": name, "synthetic": synthetic},
-        counts={
-            part: dict(Counter(s.label for s in samples)) for part, samples in split.parts.items()
-        },
-        sources=sample_sources(test.samples, test.manifest),
-        warn=lambda text: console.print(f"[yellow]{text}[/]"),
-    )
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

@@ -27,13 +27,14 @@ from fedbridge_server.round_loop import Clock, Federation, RoundLoop
 from fedbridge_server.store import RoundStore, RunState
 from fedbridge_server.strategy import build_strategy, record_state, restore_strategy_state
 from fedbridge_shared import protocol as P
+from fedbridge_shared.assessment import assess, write_assessment
 from fedbridge_shared.data.samples import check_labels
 from fedbridge_shared.data.tensors import make_loader
 from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.metrics import format_metrics_table
 from fedbridge_shared.models import model_from_bundle, retarget
 from fedbridge_shared.spec import Bundle, ModelSpec, load_bundle, save_bundle
-from fedbridge_shared.training import decode, evaluate_bundle, usable_index
+from fedbridge_shared.training import decode, usable_index
 
 log = logging.getLogger("fedbridge.server")
 _NOT_IN_FINGERPRINT = {
@@ -283,8 +284,26 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
         f"best round {state.best_round} ({RULES.get(state.best_rule, state.best_rule)}) → {out}"
     )
     if cfg.test_data:
-        metrics, _, _ = evaluate_bundle(out, Path(cfg.test_data), console=console)
-        summary["test"] = metrics
-        console.print(f"test set {cfg.test_data}:")
-        console.print(format_metrics_table(metrics))
+        summary["test"], summary["report"] = _assess_test(out, Path(cfg.test_data), console)
     return summary
+
+
+def report_folder(out: Path) -> Path:
+    """Where ``--test-data``'s report of the final bundle ``OUT`` goes: ``OUT-report``."""
+    return out.with_name(out.name + "-report")
+
+
+def _assess_test(out: Path, test: Path, console: Console) -> tuple[dict[str, Any], str]:
+    """The final bundle on the server's test set: metrics and the report folder beside it."""
+    result = assess(out, test, console=console)
+    folder = report_folder(out)
+    write_assessment(
+        result, folder, title=f"fedbridge federated: {out.name} on {test.name}",
+        config={"data": str(test.resolve()), "patient_ids": result.index.patient_source},
+        counts={f"test: {test.name}": result.index.counts()}, test_name=f"test: {test.name}",
+        warn=lambda text: console.print(f"[yellow]{text}[/]"),
+    )  # fmt: skip
+    console.print(f"test set {test}:")
+    console.print(format_metrics_table(result.metrics))
+    console.print(f"report: {folder / 'report.html'}")
+    return result.metrics, str(folder)

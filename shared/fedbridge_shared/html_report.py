@@ -12,8 +12,7 @@ its own box and figures shrink, so a 600 px window reads it.
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 from fedbridge_shared import __version__
 from fedbridge_shared.files import atomic_write
 from fedbridge_shared.metrics import CI_METRICS, calibration
-from fedbridge_shared.report import plot_confusion_matrix, plot_history, plot_reliability, plot_roc
+from fedbridge_shared.report import assessment_figures, plot_history, plot_reliability
 from fedbridge_shared.report_sections import (
     card_section,
     cross_site_section,
@@ -132,13 +131,6 @@ def _calibration_section(cal: Mapping[str, Any]) -> str:
     return section("calibration", "Calibration", body)
 
 
-def _temp_png(plot: Callable[[Path], object]) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "figure.png"
-        plot(path)
-        return path.read_bytes()
-
-
 def _saliency_section(examples: Sequence[Any], labels: Sequence[str]) -> str:
     from fedbridge_shared.explain.methods import SIGNED_METHODS
     from fedbridge_shared.explain.overlay import colourbar_png
@@ -230,6 +222,7 @@ def render_html_report(
     best_round: int | None = None,
     sources: Sequence[str | None] | None = None,
     test_name: str = "test set",
+    figures: Mapping[str, bytes] | None = None,
 ) -> str:
     """The report as one HTML string (see :func:`write_html_report`)."""
     labels = list(labels if labels is not None else metrics["labels"])
@@ -239,8 +232,9 @@ def render_html_report(
     metrics.setdefault("calibration", calibration(y, p))
     rounds = list(rounds or [])
     sites = site_rows(rounds)
-    confusion = _temp_png(lambda path: plot_confusion_matrix(metrics, path))
-    roc = _temp_png(lambda path: plot_roc(y, p, labels, path))
+    if figures is None:
+        figures = assessment_figures(metrics, y, p, labels)
+    confusion = figures["confusion_matrix"]
     body = [
         f"<h1>{esc(title)}</h1>",
         f'<p class="muted">fedbridge {esc(__version__)} · '
@@ -265,7 +259,7 @@ def render_html_report(
         shortcut_section(metrics),
         _calibration_section(metrics["calibration"]),
         section("confusion", "Confusion matrix", png_img(confusion, "confusion matrix")),
-        section("roc", "ROC curves (one-vs-rest)", png_img(roc, "ROC curves")),
+        section("roc", "ROC curves (one-vs-rest)", png_img(figures["roc"], "ROC curves")),
     ]
     if sites:
         body.append(sites_section(rounds, labels, best_round))
@@ -305,6 +299,8 @@ def write_html_report(out_dir: Path, *, filename: str = REPORT_FILE, **parts: An
       ``label_map``); ``lineage``: :func:`report_sections.lineage_steps`; ``sources``: each
       test image's source data set (``None`` unknown), for per-source accuracy;
       ``test_name``: the test set's row name in the cross-site table.
+    - ``figures``: the confusion-matrix and ROC PNGs of
+      :func:`fedbridge_shared.report.assessment_figures` when already rendered.
     """
     payload = render_html_report(**parts).encode("utf-8")
     return atomic_write(Path(out_dir) / filename, lambda fh: fh.write(payload))
@@ -378,7 +374,7 @@ def bundle_card(bundle: Any) -> dict[str, Any]:
 
 def write_bundle_report(
     out_dir: Path,
-    bundle: Path,
+    bundle: Any,
     test_samples: Sequence[Any],
     metrics: Mapping[str, Any],
     y_true: Any,
@@ -389,27 +385,36 @@ def write_bundle_report(
     counts: Mapping[str, Mapping[str, int]] | None = None,
     sources: Sequence[str | None] | None = None,
     test_name: str = "test set",
-    device: str = "cpu",
+    device: Any = "cpu",
     warn: Any = None,
+    images: Sequence[Any] | None = None,
+    model: Any = None,
+    figures: Mapping[str, bytes] | None = None,
 ) -> Path:
-    """report.html for ``bundle`` assessed on ``test_samples`` (in the order of ``y_true``).
+    """report.html for ``bundle`` (a folder or a loaded ``Bundle``) assessed on
+    ``test_samples`` (in the order of ``y_true``).
 
     The bundle's record gives config, lineage, training and site counts and curves; ``config``
     and ``counts`` add to them; ``sources`` (one per test sample, e.g. from
     :func:`fedbridge_shared.data.sources.sample_sources`) add per-source accuracy to the model
-    card. Without captum the report is written without its saliency grid (``warn`` is told).
+    card. ``images`` (the decoded test images, one per sample), ``model`` (the bundle's model)
+    and ``figures`` (:func:`fedbridge_shared.report.assessment_figures`) are reused when given,
+    not decoded, built or rendered again. Without captum the report is written without its
+    saliency grid (``warn`` is told).
     """
     from fedbridge_shared.errors import ConfigError
     from fedbridge_shared.explain.grid import saliency_examples
     from fedbridge_shared.report_sections import lineage_steps
-    from fedbridge_shared.spec import load_bundle
+    from fedbridge_shared.spec import Bundle, load_bundle
 
-    loaded = load_bundle(bundle)
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     base_config, base_counts, rounds = bundle_context(loaded)
     base_config.update(config or {})
     base_counts.update(counts or {})
     try:
-        examples = saliency_examples(loaded, test_samples, y_true, probs, device=device)
+        examples = saliency_examples(
+            loaded, test_samples, y_true, probs, device=device, images=images, model=model
+        )
     except ConfigError as e:  # captum missing
         if warn is not None:
             warn(f"report without saliency grid: {e}")
@@ -429,4 +434,5 @@ def write_bundle_report(
         best_round=loaded.training.get("best_round"),
         sources=sources,
         test_name=test_name,
+        figures=figures,
     )

@@ -25,24 +25,55 @@ from fedbridge_shared.metrics import ovr_auc, validate_predictions
 
 __all__ = [
     "DPI",
+    "assessment_figures",
+    "confusion_figure",
     "plot_confusion_matrix",
     "history_figure",
     "plot_history",
     "plot_reliability",
     "plot_roc",
     "plot_site_rounds",
+    "roc_figure",
     "write_metrics",
 ]
 
 DPI = 120
 
 
-def _save_figure(fig: Figure, path: Path) -> Path:
-    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=DPI))
+def _save_png(png: bytes, path: Path) -> Path:
+    return atomic_write(Path(path), lambda handle: handle.write(png))
 
 
 def plot_confusion_matrix(metrics: dict[str, Any], path: Path) -> Path:
-    """Plot ``metrics["confusion_matrix"]`` to a PNG at ``path``; returns ``path``.
+    """:func:`confusion_figure` as a PNG at ``path``; returns ``path``."""
+    return _save_png(_png(confusion_figure(metrics)), path)
+
+
+def plot_roc(y_true: Any, probs: Any, labels: Sequence[str], path: Path) -> Path:
+    """:func:`roc_figure` as a PNG at ``path``; returns ``path``."""
+    return _save_png(_png(roc_figure(y_true, probs, labels)), path)
+
+
+CONFUSION_PNG = "confusion_matrix.png"
+ROC_PNG = "roc.png"
+METRICS_JSON = "metrics.json"
+
+
+def assessment_figures(
+    metrics: Mapping[str, Any], y_true: Any, probs: Any, labels: Sequence[str] | None = None
+) -> dict[str, bytes]:
+    """The confusion matrix and ROC plots of one assessment as PNG bytes, each rendered once:
+    ``{"confusion_matrix": …, "roc": …}`` (the files :func:`write_metrics` writes and the
+    figures the HTML report embeds). ``labels`` default to ``metrics["labels"]``."""
+    names = list(metrics["labels"] if labels is None else labels)
+    return {
+        "confusion_matrix": _png(confusion_figure(metrics)),
+        "roc": _png(roc_figure(y_true, probs, names)),
+    }
+
+
+def confusion_figure(metrics: Mapping[str, Any]) -> Figure:
+    """The figure of ``metrics["confusion_matrix"]``.
 
     Each cell shows the count and its percentage of the true class (row-normalised, so the
     diagonal reads as per-class sensitivity); the colour scale is that row-normalised fraction,
@@ -79,11 +110,11 @@ def plot_confusion_matrix(metrics: dict[str, Any], path: Path) -> Path:
         title += f", accuracy = {metrics['accuracy']:.3f}"
     ax.set_title(title + ")")
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return fig
 
 
-def plot_roc(y_true: Any, probs: Any, labels: Sequence[str], path: Path) -> Path:
-    """One-vs-rest ROC curve of each class with its AUC in the legend; returns ``path``.
+def roc_figure(y_true: Any, probs: Any, labels: Sequence[str]) -> Figure:
+    """One-vs-rest ROC curve of each class with its AUC in the legend.
 
     Classes absent from ``y_true`` have no ROC curve and are skipped (noted in the legend area);
     the title gives the macro AUC over the classes drawn, as in
@@ -116,7 +147,7 @@ def plot_roc(y_true: Any, probs: Any, labels: Sequence[str], path: Path) -> Path
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return fig
 
 
 def _png(fig: Figure) -> bytes:
@@ -221,14 +252,20 @@ def plot_reliability(cal: Mapping[str, Any]) -> bytes:
 
 
 def write_metrics(
-    metrics: dict[str, Any], out_dir: Path, y_true: Any, probs: Any
+    metrics: dict[str, Any],
+    out_dir: Path,
+    y_true: Any,
+    probs: Any,
+    *,
+    figures: Mapping[str, bytes] | None = None,
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``confusion_matrix.png`` and ``roc.png`` into ``out_dir``.
 
     ``metrics`` is the dict from :func:`fedbridge_shared.metrics.compute_metrics` for the same
-    ``y_true`` and ``probs`` (checked: same ``n`` and number of labels). ``metrics.json`` is
-    written last, so its presence means the plots are complete. Each file is replaced
-    atomically. Returns ``{"metrics": ..., "confusion_matrix": ..., "roc": ...}`` paths.
+    ``y_true`` and ``probs`` (checked: same ``n`` and number of labels). ``figures``: the PNGs
+    of :func:`assessment_figures` when already rendered (else they are rendered here).
+    ``metrics.json`` is written last, so its presence means the plots are complete. Each file
+    is replaced atomically. Returns ``{"metrics": ..., "confusion_matrix": ..., "roc": ...}``.
     """
     labels = list(metrics["labels"])
     y, p, _ = validate_predictions(y_true, probs, labels)
@@ -241,7 +278,8 @@ def write_metrics(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    confusion_path = plot_confusion_matrix(metrics, out_dir / "confusion_matrix.png")
-    roc_path = plot_roc(y, p, labels, out_dir / "roc.png")
-    metrics_path = atomic_write(out_dir / "metrics.json", lambda handle: handle.write(payload))
+    pngs = figures if figures is not None else assessment_figures(metrics, y, p)
+    confusion_path = _save_png(pngs["confusion_matrix"], out_dir / CONFUSION_PNG)
+    roc_path = _save_png(pngs["roc"], out_dir / ROC_PNG)
+    metrics_path = atomic_write(out_dir / METRICS_JSON, lambda handle: handle.write(payload))
     return {"metrics": metrics_path, "confusion_matrix": confusion_path, "roc": roc_path}

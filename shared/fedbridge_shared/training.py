@@ -19,7 +19,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedbridge_shared import defaults
 from fedbridge_shared.data.samples import FolderIndex, Sample, scan_folder
-from fedbridge_shared.data.sources import sample_sources
 from fedbridge_shared.data.split import assign_parts, copy_groups
 from fedbridge_shared.data.tensors import images_per_epoch, load_images, make_loader
 from fedbridge_shared.data.validate import validate_index
@@ -28,17 +27,9 @@ from fedbridge_shared.errors import ConfigError, DataError
 from fedbridge_shared.files import check_writable
 from fedbridge_shared.metrics import compute_metrics
 from fedbridge_shared.modality import augment_for, modality_for_stage
-from fedbridge_shared.models import init_model, model_from_bundle
+from fedbridge_shared.models import init_model
 from fedbridge_shared.settings import TrainConfig
-from fedbridge_shared.shortcut import (
-    external_metrics,
-    is_identity,
-    pooled_features,
-    resolve_label_map,
-    shortcut_audit,
-)
-from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
-from fedbridge_shared.tta import predict_tta, views_for
+from fedbridge_shared.spec import is_bundle, save_bundle
 
 PAPER_PRESET = {"arch": "inception_v4", "image_size": 299, "augment_per_sample": 10}
 """The paper's settings (Carr, Sami, Sanderson): Inception-V4 at 299 px, ×10 expansion."""
@@ -67,7 +58,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _progress(console: Console) -> Progress:
+def progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -177,7 +168,7 @@ def decode(
     samples: Sequence[Sample], size: int, *, console: Console, what: str
 ) -> list[np.ndarray]:
     """Decode and resize every image with a progress bar; a bad file stops with DataError."""
-    with _progress(console) as bar:
+    with progress(console) as bar:
         task = bar.add_task(f"reading {what}", total=len(samples), info="")
         return load_images(samples, size, on_image=lambda: bar.advance(task))
 
@@ -276,7 +267,7 @@ def run_stage(
         f"{len(parts['train'])} training images (×{1 + config.augment_per_sample} = "
         f"{len(train_ds)}), {len(parts['val'])} validation, device {dev}"  # type: ignore[arg-type]  # a sized Dataset
     )
-    with _progress(console) as bar:
+    with progress(console) as bar:
         total = images_per_epoch(train_loader)  # the last partial batch is dropped
         task = bar.add_task(f"{stage} epoch 1/{config.epochs}", total=total, info="")
 
@@ -349,93 +340,11 @@ def ema_plan(decay: float, *, steps: int) -> dict[str, Any]:
             "applied": bool(decay) and steps >= horizon}  # fmt: skip
 
 
-def evaluate_bundle(
-    bundle_path: Path,
-    data: Path,
-    *,
-    manifest: Path | None = None,
-    batch_size: int = 32,
-    n_bootstrap: int = defaults.BOOTSTRAP,
-    device: str = "auto",
-    tta: bool = defaults.TTA,
-    label_map: Mapping[str, Sequence[str]] | None = None,
-    console: Console | None = None,
-    allow: Iterable[str] = (),
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Predict every image of ``data`` and compute the paper's metrics with bootstrap CIs.
-
-    ``tta`` averages the probabilities over the views of the spec's modality
-    (:func:`~fedbridge_shared.tta.views_for`). ``metrics["shortcut"]`` is the shortcut audit
-    (:mod:`fedbridge_shared.shortcut`). With ``label_map`` (folder label → model labels that
-    count as correct) a folder whose labels are not the model's is scored too:
-    ``metrics["external"]`` covers every image, while the paper's metrics (and the returned
-    ``y``/``probs``) cover the images whose label maps to exactly one model label
-    (:func:`scored_samples`).
-    """
-    console = console or Console(stderr=True)
-    dev = resolve_device(device)
-    bundle = load_bundle(bundle_path)
-    spec = bundle.spec
-    index = scan_folder(Path(data), manifest)
-    for text in validate_index(index, allow=allow):
-        console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
-    mapping = resolve_label_map(index.labels, spec.labels, label_map, where=Path(data))
-    if not index.samples:
-        raise DataError(f"{data}: no images to evaluate")
-    model = model_from_bundle(bundle)
-    images = decode(index.samples, spec.image_size, console=console, what="evaluation images")
-    first = {label: spec.labels.index(targets[0]) for label, targets in mapping.items()}
-    loader = make_loader(images, [first[s.label] for s in index.samples], spec,
-                         batch_size=batch_size)  # fmt: skip
-    with _progress(console) as bar:
-        task = bar.add_task("predicting", total=len(images), info="")
-        advance = lambda n: bar.advance(task, n)  # noqa: E731
-        if tta:
-            views = views_for(spec.modality)
-            y, probs = predict_tta(model, loader, dev, views=views, on_batch=advance)
-        else:
-            y, probs = predict(model, loader, dev, on_batch=advance)
-    with console.status("shortcut audit: source probe on the pooled features"):
-        features = pooled_features(model, loader, dev)
-        true = [s.label for s in index.samples]
-        predicted = [spec.labels[k] for k in probs.argmax(axis=1)]
-        audit = shortcut_audit(
-            true_labels=true, predicted=predicted,
-            sources=sample_sources(index.samples, index.manifest),
-            groups=[s.patient_id for s in index.samples], features=features,
-            model_labels=spec.labels, mapping=mapping,
-        )  # fmt: skip
-    external = None
-    if not is_identity(mapping):
-        external = external_metrics(true, predicted, mapping)
-        keep = [i for i, s in enumerate(index.samples) if len(mapping[s.label]) == 1]
-        if not keep:
-            raise DataError(
-                f"{data}: no class folder maps to exactly one model label; nothing to compute "
-                "the per-class metrics on"
-            )
-        y, probs = y[keep], probs[keep]
-    with console.status(f"metrics with {n_bootstrap} bootstrap resamples"):
-        metrics = compute_metrics(y, probs, spec.labels, n_bootstrap=n_bootstrap)
-    metrics["shortcut"] = audit
-    if external is not None:
-        metrics["external"] = external
-    metrics["bundle"] = {"path": str(Path(bundle_path).resolve()), "sha256": bundle.sha256}
-    if tta:
-        metrics["tta"] = list(views_for(spec.modality))
-    metrics["data"] = {"path": str(Path(data).resolve()), "patient_ids": index.patient_source}
-    overlap = training_data_overlap(bundle.training, data)
-    if overlap:
-        metrics["warnings"] = [overlap]
-        console.print(f"[bold red]WARNING:[/] {escape(overlap)}", highlight=False)
-    return metrics, y, probs
-
-
 def scored_samples(
     samples: Sequence[Sample], mapping: Mapping[str, Sequence[str]] | None
 ) -> list[Sample]:
-    """The samples :func:`evaluate_bundle`'s paper metrics cover: all of them without a
-    mapping, else those whose folder label maps to exactly one model label."""
+    """The samples :func:`fedbridge_shared.assessment.assess`'s paper metrics cover: all of them
+    without a mapping, else those whose folder label maps to exactly one model label."""
     if mapping is None:
         return list(samples)
     return [s for s in samples if len(mapping.get(s.label, (s.label,))) == 1]

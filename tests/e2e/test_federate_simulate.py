@@ -86,6 +86,10 @@ def test_simulation_writes_rounds_and_best_bundle_and_audits_every_message(fed, 
             assert 0.0 <= site["val_accuracy"] <= 1.0 and site["train_loss"] > 0
     assert state["history"][-1]["per_site"] == summary["history"][-1]["per_site"]
     assert summary["test"]["n"] == sum(1 for _ in (split / "test").rglob("*.jpg"))
+    report = tmp_path / "fed-report"  # --test-data writes the assessment's report beside OUT
+    assert summary["report"] == str(report)
+    assert json.loads((report / "metrics.json").read_text())["n"] == summary["test"]["n"]
+    assert '<section id="roc">' in (report / "report.html").read_text()
     # privacy: every message each site sent holds model tensors, numbers and its name only
     n_weights = sum(v.numel() for v in bundle.state_dict.values() if v.is_floating_point())
     entries = [

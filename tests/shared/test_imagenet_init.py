@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from fedbridge_shared.assessment import evaluate_bundle
 from fedbridge_shared.data.split import split_folder
-from fedbridge_shared.training import TrainConfig, evaluate_bundle, run_stage
+from fedbridge_shared.training import TrainConfig, run_stage
 
 
 @pytest.mark.slow

@@ -312,9 +312,9 @@ def register(app: typer.Typer) -> None:
                     f"--out {out_dir}: inside the data folder {data}; write the report elsewhere"
                 )
         with err.status("loading torch"):
-            from fedbridge_shared.training import evaluate_bundle
+            from fedbridge_shared.assessment import assess
 
-        metrics, y, probs = evaluate_bundle(
+        result = assess(
             bundle,
             data,
             manifest=manifest,
@@ -329,12 +329,11 @@ def register(app: typer.Typer) -> None:
                 manifest_conflict=allow_manifest_conflict,
             ),
         )
+        metrics = result.metrics
         if onnx is not None:
-            _bedside_ood(onnx, data, manifest, metrics)
+            _bedside_ood(onnx, result)
         if out_dir is not None:
-            written = _write_report(
-                bundle, data, manifest, metrics, y, probs, out_dir, device, declared
-            )
+            written = write_report(result, out_dir, warn=_warn)
             err.print("wrote " + ", ".join(str(out_dir / name) for name in written))
         if as_json:
             print_json(metrics)
@@ -345,19 +344,19 @@ def register(app: typer.Typer) -> None:
                 out.print(line)
 
 
-def _bedside_ood(onnx: Path, data: Path, manifest: Path | None, metrics: dict) -> None:
-    """Run the bedside Predictor's out-of-distribution tests on every image of ``data``."""
+def _bedside_ood(onnx: Path, result) -> None:
+    """Run the bedside Predictor's out-of-distribution tests on every image assessed."""
     from collections import Counter
 
     from fedbridge_edge.runtime import Predictor
-    from fedbridge_shared.data.samples import scan_folder
 
+    metrics = result.metrics
     predictor = Predictor(onnx)
     if predictor.sha256 != metrics["bundle"]["sha256"]:
         err.print(f"[yellow]--onnx {onnx}: holds other weights than the bundle[/]")
     refused: Counter[str] = Counter()
     totals: Counter[str] = Counter()
-    for sample in scan_folder(Path(data), manifest).samples:
+    for sample in result.index.samples:
         totals[sample.label] += 1
         refused[sample.label] += predictor.predict_file(sample.path).ood
     n, k = sum(totals.values()), sum(refused.values())
@@ -389,47 +388,23 @@ def _check_report_folder(out_dir: Path, *, force: bool) -> None:
         )
 
 
-def _write_report(
-    bundle, data, manifest, metrics, y, probs, out_dir, device, label_map=None
-) -> list[str]:
-    """The whole report appears at once or not at all (a full disk leaves the old one)."""
-    from fedbridge_shared.files import atomic_dir
-    from fedbridge_shared.report import write_metrics
-
-    try:
-        with atomic_dir(out_dir, replace=True) as tmp:
-            paths = write_metrics(metrics, tmp, y, probs)
-            paths["report"] = _html_report(
-                bundle, data, manifest, metrics, y, probs, tmp, device, label_map
-            )
-    except OSError as e:
-        raise ConfigError(f"{out_dir}: cannot write the report: {e.strerror or e}") from e
-    return [Path(p).name for p in paths.values()]
+def _warn(text: str) -> None:
+    err.print(f"[yellow]{text}[/]")
 
 
-def _html_report(bundle, data, manifest, metrics, y, probs, out_dir, device, label_map) -> Path:
-    """report.html for ``evaluate --out``: bundle record, test counts and a saliency grid."""
-    from fedbridge_shared.data.samples import scan_folder
-    from fedbridge_shared.data.sources import sample_sources
-    from fedbridge_shared.html_report import write_bundle_report
-    from fedbridge_shared.training import resolve_device, scored_samples
+def write_report(result, out_dir: Path, *, warn) -> list[str]:
+    """``evaluate --out``'s folder: metrics, plots and report.html, at once or not at all."""
+    from fedbridge_shared.assessment import write_assessment
 
-    index = scan_folder(Path(data), manifest)
-    samples = scored_samples(index.samples, label_map)  # the order of y and probs
-    return write_bundle_report(
+    data = result.data
+    return write_assessment(
+        result,
         out_dir,
-        bundle,
-        samples,
-        metrics,
-        y,
-        probs,
-        title=f"fedbridge assessment: {Path(bundle).name} on {Path(data).name}",
-        config={"data": str(Path(data).resolve()), "patient_ids": index.patient_source},
-        counts={f"test: {Path(data).name}": index.counts()},
-        sources=sample_sources(samples, index.manifest),
-        test_name=f"test: {Path(data).name}",
-        device=str(resolve_device(device)),
-        warn=lambda text: err.print(f"[yellow]{text}[/]"),
+        title=f"fedbridge assessment: {result.bundle.path.name} on {data.name}",
+        config={"data": str(data.resolve()), "patient_ids": result.index.patient_source},
+        counts={f"test: {data.name}": result.index.counts()},
+        test_name=f"test: {data.name}",
+        warn=warn,
     )
 
 

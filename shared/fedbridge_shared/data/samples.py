@@ -7,8 +7,8 @@ import errno
 import os
 import stat
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from fedbridge_shared.data.images import IMAGE_SUFFIXES
@@ -41,6 +41,10 @@ class FolderIndex:
     manifest: Path | None = None
     unlisted: tuple[Path, ...] = ()  # images missing from the manifest: each is its own patient
     unusable: tuple[tuple[Path, str], ...] = ()  # entries of root that cannot be class folders
+    # every manifest row by resolved path, all its columns (sources read them: no second read)
+    manifest_rows: Mapping[Path, Mapping[str, str]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def counts(self) -> dict[str, int]:
         """Number of images per label, in label order (empty classes included)."""
@@ -100,7 +104,7 @@ def scan_folder(root: Path, manifest: Path | None = None) -> FolderIndex:
     files.sort()
 
     manifest_path = Path(manifest) if manifest is not None else find_manifest(root)
-    rows = read_manifest(manifest_path) if manifest_path is not None else {}
+    rows, records = read_manifest_rows(manifest_path) if manifest_path is not None else ({}, {})
 
     samples: list[Sample] = []
     mismatches: list[tuple[Path, str, str]] = []
@@ -132,6 +136,7 @@ def scan_folder(root: Path, manifest: Path | None = None) -> FolderIndex:
         manifest=manifest_path,
         unlisted=tuple(unlisted) if manifest_path is not None else (),
         unusable=tuple(unusable),
+        manifest_rows=records,
     )
 
 
@@ -182,6 +187,13 @@ def find_manifest(root: Path) -> Path | None:
 
 def read_manifest(manifest: Path) -> dict[Path, _ManifestRow]:
     """Read a manifest CSV into resolved absolute path -> row; reject unsafe or conflicting rows."""
+    return read_manifest_rows(manifest)[0]
+
+
+def read_manifest_rows(
+    manifest: Path,
+) -> tuple[dict[Path, _ManifestRow], dict[Path, dict[str, str]]]:
+    """:func:`read_manifest` and, from the same read, every row's columns by resolved path."""
     manifest = Path(manifest)
     base = manifest.resolve().parent
     try:
@@ -195,14 +207,16 @@ def read_manifest(manifest: Path) -> dict[Path, _ManifestRow]:
                     f"(has: {', '.join(columns) or 'nothing'})"
                 )
             rows: dict[Path, _ManifestRow] = {}
+            records: dict[Path, dict[str, str]] = {}
             for record in reader:
                 line = reader.line_num
                 relative = _safe_relative(manifest, line, (record.get("path") or "").strip())
+                key = (base / relative).resolve()
+                records.setdefault(key, record)
                 patient = (record.get("patient_id") or "").strip()
                 if not patient:
                     continue  # no id: the file is treated as its own patient
                 label = (record.get("label") or "").strip() or None
-                key = (base / relative).resolve()
                 row = _ManifestRow(line, label, patient)
                 previous = rows.setdefault(key, row)
                 if (previous.label, previous.patient_id) != (label, patient):
@@ -212,7 +226,7 @@ def read_manifest(manifest: Path) -> dict[Path, _ManifestRow]:
                     )
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{manifest}: cannot read manifest ({e})") from e
-    return rows
+    return rows, records
 
 
 def _safe_relative(manifest: Path, line: int, text: str) -> Path:

@@ -9,7 +9,7 @@ unknown (``None``): a report then shows no per-source numbers.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,21 @@ def _rows(manifest: Path) -> dict[Path, dict[str, str]]:
         return {}
 
 
-def sample_sources(samples: Sequence[Any], manifest: Path | None) -> list[str | None]:
-    """The source data set of each sample (``.path``), in order; ``None`` where unknown."""
+def sample_sources(
+    samples: Sequence[Any],
+    manifest: Path | None,
+    rows: Mapping[Path, Mapping[str, str]] | None = None,
+) -> list[str | None]:
+    """The source data set of each sample (``.path``), in order; ``None`` where unknown.
+
+    ``rows``: the manifest's rows when already read (``FolderIndex.manifest_rows``)."""
     if manifest is None:
         return [None] * len(samples)
-    rows = _rows(Path(manifest))
-    originals: dict[Path, dict[Path, dict[str, str]]] = {}  # original root → its manifest rows
+    if rows is None:
+        rows = _rows(Path(manifest))
+    originals: dict[
+        Path, Mapping[Path, Mapping[str, str]]
+    ] = {}  # original root → its manifest rows
     out: list[str | None] = []
     for sample in samples:
         row = rows.get(Path(getattr(sample, "path", sample)).resolve()) or {}

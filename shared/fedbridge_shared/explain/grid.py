@@ -52,36 +52,45 @@ def saliency_examples(
     probs: Any,
     method: str = "saliency",
     per_class: int = 2,
-    device: str = "cpu",
+    device: Any = "cpu",
     seed: int = 0,
+    images: Sequence[np.ndarray] | None = None,
+    model: Any = None,
 ) -> list[SaliencyExample]:
     """Maps for the saliency grid of the HTML report.
 
     ``samples`` are the evaluated images in the order of ``y_true``/``probs`` (``Sample``
-    objects with a ``.path``, or paths), exactly as
-    :func:`fedbridge_shared.training.evaluate_bundle` returns them for
-    ``scan_folder(data).samples``. Each example explains its predicted class.
+    objects with a ``.path``, or paths), as :class:`fedbridge_shared.assessment.Assessment`
+    holds them. ``images``: their decoded, resized greyscale images (one per sample; the
+    chosen ones are reused, not read again); ``model``: the bundle's model, already built.
+    Each example explains its predicted class.
     """
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(Path(bundle))
     p = np.asarray(probs, dtype=np.float64)
     if len(samples) != p.shape[0]:
         raise ValueError(f"{len(samples)} samples but {p.shape[0]} rows of probabilities")
+    if images is not None and len(images) != len(samples):
+        raise ValueError(f"{len(images)} images for {len(samples)} samples")
     labels = bundle.spec.labels
     chosen = pick_examples(y_true, p, per_class)
     if not chosen:
         return []
     paths = [Path(getattr(samples[i], "path", samples[i])) for i in chosen]
     size, normalisation = bundle.spec.image_size, bundle.spec.intensity
-    images = [intensity(load_resized(path, size), normalisation) for path in paths]
-    model = load_explainer(bundle, device)
+    decoded = [
+        load_resized(path, size) if images is None else images[i]
+        for i, path in zip(chosen, paths, strict=True)
+    ]
+    shown = [intensity(img, normalisation) for img in decoded]
+    explainer = load_explainer(bundle, device, model=model)
     y = np.asarray(y_true, dtype=np.int64)
     pred = p.argmax(axis=1)
     examples: list[SaliencyExample] = []
     for start in range(0, len(chosen), 8):
         part = list(range(start, min(start + 8, len(chosen))))
-        x = images_to_batch([images[k] for k in part], device)
-        maps = attribute(method, model, x, [int(pred[chosen[k]]) for k in part], seed=seed)
+        x = images_to_batch([shown[k] for k in part], device)
+        maps = attribute(method, explainer, x, [int(pred[chosen[k]]) for k in part], seed=seed)
         for j, k in enumerate(part):
             i = chosen[k]
             examples.append(
@@ -92,7 +101,7 @@ def saliency_examples(
                     probability=float(p[i, pred[i]]),
                     correct=bool(y[i] == pred[i]),
                     method=method,
-                    png=thumbnail_png(images[k], maps[j], method),
+                    png=thumbnail_png(shown[k], maps[j], method),
                     regions=region_fractions(maps[j]),
                 )
             )

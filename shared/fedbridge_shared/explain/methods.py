@@ -72,10 +72,15 @@ class GreyModel(nn.Module):
 
 
 def load_explainer(
-    bundle: Bundle, device: torch.device | str = "cpu", state_dict: dict[str, Any] | None = None
+    bundle: Bundle,
+    device: torch.device | str = "cpu",
+    state_dict: dict[str, Any] | None = None,
+    *,
+    model: nn.Module | None = None,
 ) -> GreyModel:
-    """A :class:`GreyModel` in eval mode with the bundle's weights (or ``state_dict``)."""
-    model = model_from_bundle(bundle)
+    """A :class:`GreyModel` in eval mode with the bundle's weights (or ``state_dict``);
+    ``model``: the bundle's model when already built (not built again)."""
+    model = model if model is not None else model_from_bundle(bundle)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return GreyModel(model, bundle.spec).to(device).eval()
