@@ -341,7 +341,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     _no_planted_name_in_any_coordinator_file(tmp_path)
 
 
-SITE_FILES = ("sites", "keys", "audit-", "site-", "intruder.", "wrong-ca.")  # the sites' own
+SITE_FILES = ("sites", "keys", "audit-", "site-", "intruder", "wrong-ca")  # the sites' own
 
 
 def _no_planted_name_in_any_coordinator_file(tmp_path: Path) -> None:
