@@ -303,7 +303,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     dropped = " ".join(training["history"][0]["dropped"])
     # the coordinator is told a code; the reason, with the site's folder names, stays there
     assert "failed (labels_differ: 1)" in dropped and "VIRAL" not in dropped, dropped
-    assert "site-e: failed (unreadable_images: 1)" in dropped, dropped
+    assert "failed (unreadable_images: 1)" in dropped, dropped
     site_c = (tmp_path / "site-c.out").read_text()
     assert "REFUSED" in site_c and "VIRAL" in site_c
     # the full message, with the file's name, stays on the site's console
