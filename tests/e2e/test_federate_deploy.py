@@ -3,9 +3,11 @@
 ``fedbridge server start`` (SuperLink + ServerApp run) and three ``fedbridge site join``
 processes (SuperNodes) train three rounds on real chest X-rays; one site is lost (SIGKILL)
 after round 1 and the run goes on within the short site wait, not the 30-minute join
-timeout; a site whose key was never registered is refused. Every process started here is
-stopped by PID, Flower's ``flower-superexec`` children included, and the test checks none is
-left.
+timeout; a site whose key was never registered is refused. A foreign app submitted on the
+coordinator host gets only the code ``unknown_app`` from the sites. Every site's folder, file
+names and DICOM tags name a patient: none of that reaches any coordinator file (console, logs,
+superlink.db, state, bundles). Every process started here is stopped by
+PID, Flower's ``flower-superexec`` children included, and the test checks none is left.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,16 +25,19 @@ from pathlib import Path
 import pytest
 import torch
 from cli import assert_one_line_error, fedbridge, json_out, launch, ok
+from foreign import assert_refused, attack, audit_refusals
+from planted import leaks, plant_copy, plant_unreadable
 
 from fedbridge_shared.processes import alive, descendants, free_port, process_table, stop
 from fedbridge_shared.spec import load_bundle
 
 
-def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return
+        body = path.read_text(errors="replace") if path.exists() else ""
+        if text in body:
+            return body
         assert proc.poll() is None, path.read_text(errors="replace")
         time.sleep(0.5)
     raise AssertionError(f"{text!r} not in {path} after {timeout} s")
@@ -133,6 +137,7 @@ def _join_args(net, tmp_path, port, name: str, data: Path, ca: Path, key: str) -
         "--key", tmp_path / "keys" / f"{key}.key",
         "--runtime-port", free_port(),
         "--log", tmp_path / f"{name}.log",
+        "--audit-dir", tmp_path / f"audit-{name}",
     ]  # fmt: skip
 
 
@@ -142,7 +147,7 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     """Coordinator, two sites and an intruder each in a network namespace of their own."""
     root, split = fed
     ok("server", "certs", "--out", tmp_path / "certs", "--host", net.address("coord"))
-    for name in ("site-a", "site-b", "site-c", "site-d", "intruder"):
+    for name in ("site-a", "site-b", "site-c", "site-d", "site-e", "intruder"):
         ok("site", "keys", "--name", name, "--out", tmp_path / "keys")
     assert oct(os.stat(tmp_path / "keys" / "site-a.key").st_mode & 0o777) == "0o600"
     port, ca = free_port(), tmp_path / "certs" / "ca.crt"
@@ -152,8 +157,14 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     )  # fmt: skip
     started.append(server)
 
-    def join(i: int, name: str, where: str | None = None) -> subprocess.Popen:
-        args = _join_args(net, tmp_path, port, name, split / f"site-{i}", ca, name)
+    # every site's folder, file names and DICOM tags name a patient (planted.py)
+    data = {
+        name: plant_copy(split / f"site-{i}", tmp_path / "sites" / name, i)
+        for i, name in ((1, "site-a"), (2, "site-b"), (3, "site-d"))
+    }
+
+    def join(name: str, where: str | None = None) -> subprocess.Popen:
+        args = _join_args(net, tmp_path, port, name, data[name], ca, name)
         proc = launch(*args, log=tmp_path / f"{name}.out", prefix=net.prefix(where or name))
         started.append(proc)
         return proc
@@ -161,8 +172,8 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     # Only site-a (and site-d, lost later) join at first: round 1 waits for all three sites, so
     # the coordinator is up (and stays up) while a rogue site tries its way in; site-b joins
     # after that.
-    join(1, "site-a")
-    lost = join(3, "site-d", where="site-3")
+    join("site-a")
+    lost = join("site-d", where="site-3")
     _wait_for(server_log, "site-d.pub: registered", server, timeout=120)
     from_outside = net.prefix("intruder")
     intruder = fedbridge(
@@ -200,7 +211,21 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     assert server.poll() is None  # all of that happened while the coordinator ran
     _status_while_round_1_waits_for_site_b(net, tmp_path / "fed", server)
 
-    join(2, "site-b")
+    # The foreign-app attack, on the coordinator host with the run's flwr home, while round 1
+    # waits: the two connected sites answer only the code `unknown_app`, and say so at home.
+    got, text = attack(
+        tmp_path / "attack", tmp_path / "fed-superlink" / "flwr-home", sites=2,
+        prefix=net.prefix("coord"),
+    )  # fmt: skip
+    (tmp_path / "attack.out").write_text(text)  # what the attacker saw, searched below too
+    assert_refused(got, text, 2, [split, *data.values()])
+    for name in ("site-a", "site-d"):
+        console = _wait_for(tmp_path / f"{name}.out", "unknown app asked", server, timeout=60)
+        assert "REFUSED" in console and "evil/evil" in console, console
+        refused = audit_refusals(tmp_path / f"audit-{name}")
+        assert [e["fab_id"] for e in refused] == ["evil/evil"], refused
+
+    join("site-b")
     sites = [p for p in started[1:] if p is not lost]
     _wait_for(server_log, "round 1/3", server, timeout=900)
     _lose(lost)  # a site lost after round 1: the run goes on without it
@@ -251,18 +276,25 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     # folders differ from the bridge bundle's labels joins it: it refuses every round on its
     # own console, the coordinator names it as dropped, and the quorum of 2 carries the run.
     assert all(p.poll() is None for p in sites)
-    odd = tmp_path / "site-c-data"
-    shutil.copytree(split / "site-3", odd)
+    # A fourth site, in the lost site's namespace, holds a file it cannot decode, named after a
+    # patient: it refuses every round, and the coordinator is told a code and a count.
+    odd = plant_copy(split / "site-3", tmp_path / "sites" / "site-c", 3)
     (odd / "VIRAL_PNEUMONIA").rename(odd / "VIRAL")
-    odd_site = launch(
-        *_join_args(net, tmp_path, port, "site-c", odd, ca, "site-c"),
-        log=tmp_path / "site-c.out", prefix=net.prefix("intruder"),
-    )  # fmt: skip
-    started.append(odd_site)
+    broken = plant_copy(split / "site-3", tmp_path / "sites" / "site-e", 3)
+    plant_unreadable(broken)
+    odd_sites = [
+        launch(
+            *_join_args(net, tmp_path, port, name, folder, ca, name),
+            log=tmp_path / f"{name}.out",
+            prefix=net.prefix(where),
+        )  # fmt: skip
+        for name, folder, where in (("site-c", odd, "intruder"), ("site-e", broken, "site-3"))
+    ]
+    started.extend(odd_sites)
     second, second_log = _server(
         net, tmp_path, port, "fed2", "--rounds", "1", "--set", "dp.enabled=true",
         "--tracking", "mlflow",
-        root=root, split=split, sites=("site-a", "site-b", "site-c"),
+        root=root, split=split, sites=("site-a", "site-b", "site-c", "site-e"),
     )  # fmt: skip
     started.append(second)
     assert second.wait(timeout=900) == 0, second_log.read_text()
@@ -271,8 +303,13 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     dropped = " ".join(training["history"][0]["dropped"])
     # the coordinator is told a code; the reason, with the site's folder names, stays there
     assert "failed (labels_differ: 1)" in dropped and "VIRAL" not in dropped, dropped
+    assert "failed (unreadable_images: 1)" in dropped, dropped
     site_c = (tmp_path / "site-c.out").read_text()
     assert "REFUSED" in site_c and "VIRAL" in site_c
+    # the site's console says its worker refused; the full message, with the file's name,
+    # stays in the worker's log at the site
+    assert "unreadable_images" in (tmp_path / "site-e.out").read_text()
+    assert "DOE_JOHN_MRN4471234_1961-02-03.jpg" in (tmp_path / "site-e-worker.log").read_text()
     privacy = training["privacy"]
     assert 0 < privacy["epsilon"] < float("inf") and privacy["rounds"] == 1
     _tracked_epsilon_is_the_bundles(tmp_path / "mlruns", training)
@@ -280,8 +317,10 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert "reconnecting" in (tmp_path / "site-b.out").read_text()
     assert all(p.poll() is None for p in sites)  # the same processes, still serving
-    odd_site.send_signal(signal.SIGTERM)
-    odd_site.wait(timeout=60)
+    for p in odd_sites:
+        p.send_signal(signal.SIGTERM)
+    for p in odd_sites:
+        p.wait(timeout=60)
 
     # the sites keep serving until told to stop; stop them and check nothing is left
     tree = descendants(p.pid for p in sites)
@@ -301,6 +340,32 @@ def test_tls_federation_between_network_namespaces_serves_run_after_run(
         ready = (tmp_path / f"{name}-worker.log").read_text()
         sock = Path(re.search(r"worker ready on (\S+)", ready).group(1))
         assert not sock.parent.exists(), sock
+    _no_planted_name_in_any_coordinator_file(tmp_path)
+
+
+SITE_FILES = ("sites", "keys", "audit-", "site-", "intruder", "wrong-ca")  # the sites' own
+
+
+def _no_planted_name_in_any_coordinator_file(tmp_path: Path) -> None:
+    """Every file the coordinator host has (consoles, superlink.db, logs, state, bundles, the
+    tracking store, the attacker's loot): none holds a planted name, record number or birth
+    date. (The ONNX export seals model.json, searched here; the tiny 48-px model cannot
+    calibrate an export, which test_identifiers_stay_at_sites.py searches.)"""
+    files = [
+        p for p in tmp_path.rglob("*")
+        if p.is_file() and not p.relative_to(tmp_path).parts[0].startswith(SITE_FILES)
+    ]  # fmt: skip
+    names = {str(p.relative_to(tmp_path)) for p in files}
+    for run in ("fed", "fed2"):
+        assert {
+            f"{run}.out",
+            f"{run}-superlink/superlink.db",
+            f"{run}-superlink/run.log",
+            f"{run}-rounds/state.json",
+            f"{run}/model.json",
+        } <= names, sorted(names)
+    assert {"attack.out", "attack/loot.json", "fed2-rounds/round-0001/model.json"} <= names
+    assert leaks(files) == {}
 
 
 def test_server_start_refuses_to_run_without_tls_or_site_keys(fed, tmp_path):

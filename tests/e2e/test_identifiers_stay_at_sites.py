@@ -5,44 +5,23 @@ every coordinator artefact of a real federation and the bedside model exported f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import numpy as np
-from badinputs import write_edited_dicom
 from cli import ok
-from PIL import Image
-
-PLANTED = "DOE_JOHN_MRN4471234_1961-02-03"
-NEEDLES = (PLANTED, "DOE_JOHN", "DOE^JOHN", "MRN4471234", "4471234", "1961-02-03", "19610203")
+from planted import leaks, plant_site, plant_unreadable
 
 
 def plant_sites(train: Path, root: Path) -> list[Path]:
-    """Three sites from ``train``'s images (symlinks, every third file), each in a folder named
-    after a patient, with a file named after one and a DICOM whose PatientName, PatientID and
-    PatientBirthDate are one's; site 3 also holds an unreadable file with such a name."""
-    sites = []
-    for i in (1, 2, 3):
-        site = root / f"{PLANTED}_site{i}"
-        for cls in sorted(p for p in train.iterdir() if p.is_dir()):
-            (site / cls.name).mkdir(parents=True)
-            files = sorted(cls.iterdir())[i - 1 :: 3]
-            for f in files[1:]:
-                os.symlink(f.resolve(), site / cls.name / f.name)
-            grey = np.asarray(Image.open(files[0]).convert("L").resize((64, 64)))
-            Image.fromarray(grey).save(site / cls.name / f"{PLANTED}_{i}.png")
-            write_edited_dicom(
-                site / cls.name / f"MRN4471234_{i}.dcm", grey, PatientName="DOE^JOHN",
-                PatientID="MRN4471234", PatientBirthDate="19610203",
-            )  # fmt: skip
-        sites.append(site)
-    first_class = sorted(p for p in sites[2].iterdir() if p.is_dir())[0]
-    (first_class / f"{PLANTED}.jpg").write_bytes(b"\xff\xd8 cut short at the site")
+    """Three sites from ``train``'s images (every third file), each with identifier-like names
+    planted (see ``planted.plant_site``); site 3 also holds an unreadable file named after a
+    patient."""
+    classes = sorted(p for p in train.iterdir() if p.is_dir())
+    sites = [
+        plant_site({c.name: sorted(c.iterdir())[i - 1 :: 3] for c in classes}, root, i)
+        for i in (1, 2, 3)
+    ]
+    plant_unreadable(sites[2])
     return sites
-
-
-def found(data: bytes) -> list[str]:
-    return [n for n in NEEDLES if n.encode() in data]
 
 
 def test_planted_names_reach_no_coordinator_artefact_in_simulation(cxr_bundle, cxr_parts, tmp_path):
@@ -64,5 +43,4 @@ def test_planted_names_reach_no_coordinator_artefact_in_simulation(cxr_bundle, c
     artefacts = [p for p in (tmp_path / "coord").rglob("*") if p.is_file()]
     assert {p.name for p in artefacts} >= {"state.json", "model.json", "model.onnx"}
     assert len([p for p in artefacts if p.name == "model.json"]) == 3  # rounds 1, 2, final
-    hits = {str(p): found(p.read_bytes()) for p in artefacts}
-    assert {k: v for k, v in hits.items() if v} == {}
+    assert leaks(artefacts) == {}

@@ -5,45 +5,17 @@ asked. The fedbridge run itself completes."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
-import tomli_w
 from cli import launch
+from foreign import assert_refused, attack, audit_refusals, foreign_app
 
 from fedbridge_client.guard import app_problem
 from fedbridge_server.config import FederationConfig
 from fedbridge_server.deploy import write_app
-from fedbridge_shared.processes import free_port, stop, tool_env
-
-FOREIGN = Path(__file__).resolve().parents[1] / "foreign_app"
-
-
-def _foreign_app(folder: Path, out_file: Path) -> Path:
-    app = folder / "evil"
-    shutil.copytree(FOREIGN, app)
-    doc = {
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "evil", "version": "1.0.0", "dependencies": []},
-        "tool": {
-            "hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
-            "flwr": {
-                "app": {
-                    "publisher": "evil",
-                    "components": {
-                        "serverapp": "evilapp.server:app",
-                        "clientapp": "evilapp.client:app",
-                    },
-                    "config": {"out-file": str(out_file), "sites": 2},
-                }
-            },
-        },
-    }
-    (app / "pyproject.toml").write_text(tomli_w.dumps(doc))
-    return app
+from fedbridge_shared.processes import free_port, stop
 
 
 def _fab(app: Path) -> bytes:
@@ -56,7 +28,7 @@ def test_only_fedbridges_own_app_passes_the_check(fed, tmp_path):
     root, _ = fed
     cfg = FederationConfig.from_flat({"init": str(root / "bridge")})
     assert app_problem(_fab(write_app(tmp_path / "ours", cfg))) is None
-    why = app_problem(_fab(_foreign_app(tmp_path, tmp_path / "x.json")))
+    why = app_problem(_fab(foreign_app(tmp_path, tmp_path / "x.json")))
     assert why is not None and "ships files of its own" in why
 
 
@@ -94,31 +66,14 @@ def test_a_foreign_app_gets_nothing_from_the_sites(fed, tmp_path):
             ))  # fmt: skip
         _wait(tmp_path / "server.out", "round 1/3", procs, 600)
         # the attack: another app, submitted on the coordinator host with the run's flwr home
-        loot = tmp_path / "loot.json"
-        env = tool_env({"FLWR_HOME": str(out.with_name("fed-superlink") / "flwr-home")})
-        attack = subprocess.run(
-            ["flwr", "run", str(_foreign_app(tmp_path, loot)), "fedbridge", "--stream"],
-            env=env, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
-        assert loot.exists(), attack.stdout + attack.stderr
-        got = json.loads(loot.read_text())
-        assert got["nodes"] == 2 and len(got["replies"]) == 2, got
-        for reply in got["replies"]:  # each site refused: a code, nothing else
-            assert "content" not in reply, reply
-            assert '{"error": "unknown_app", "count": 1}' in reply["error"], reply
-        text = loot.read_text() + attack.stdout + attack.stderr
-        for leak in (str(split), "site-1", "data-path", ".jpg", ".png", "node-config"):
-            assert leak not in text, leak
+        home = out.with_name("fed-superlink") / "flwr-home"
+        got, text = attack(tmp_path, home, sites=2)
+        assert_refused(got, text, 2, [split])
         for name in ("site-a", "site-b"):
             console = _wait(tmp_path / f"{name}.out", "unknown app asked", procs, 60)
             assert "evil" in console  # the admin sees which app asked
-            audit = [
-                json.loads(line)
-                for f in (tmp_path / f"audit-{name}").glob("*.jsonl")
-                for line in f.read_text().splitlines()
-            ]
-            refused = [e for e in audit if e.get("refused") == "unknown app asked"]
-            assert refused and refused[0]["fab_id"] == "evil/evil", audit
+            refused = audit_refusals(tmp_path / f"audit-{name}")
+            assert refused and refused[0]["fab_id"] == "evil/evil", refused
         # fedbridge's own run goes on and ends with its bundle
         assert server.wait(timeout=600) == 0, (tmp_path / "server.out").read_text()[-3000:]
         assert (out / "model.json").is_file()
