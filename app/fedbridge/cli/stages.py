@@ -352,7 +352,7 @@ def _bedside_ood(onnx: Path, result) -> None:
 
     metrics = result.metrics
     predictor = Predictor(onnx)
-    if predictor.sha256 != metrics["bundle"]["sha256"]:
+    if predictor.meta.record.get("weights_sha256") != metrics["bundle"]["sha256"]:
         err.print(f"[yellow]--onnx {onnx}: holds other weights than the bundle[/]")
     refused: Counter[str] = Counter()
     totals: Counter[str] = Counter()
