@@ -23,7 +23,6 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from PIL import Image
 from pydicom.dataset import Dataset
@@ -81,14 +80,6 @@ def check_source(source: Dataset, *, name: str) -> None:
             raise EdgeError(f"{name}: DICOM without {key}; cannot write results into its study")
         if len(value) > 64 or not UID_PATTERN.match(value):
             raise EdgeError(f"{name}: DICOM {key} {value[:70]!r} is not a valid UID")
-
-
-def read_header(path: Path) -> Dataset:
-    """The DICOM header (no pixels) of an input file, for :func:`build`."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception as e:  # pydicom raises many types on broken files
-        raise EdgeError(f"{path}: not a readable DICOM header ({' '.join(str(e).split())})") from e
 
 
 def _uid(*parts: str) -> str:

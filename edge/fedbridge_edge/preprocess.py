@@ -5,16 +5,28 @@ The pixels go through :mod:`fedbridge_shared.data.pixels`, the functions trainin
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedbridge_edge.errors import EdgeError
-from fedbridge_shared.data.images import IMAGE_SUFFIXES, has_dicom_magic, read_image
+from fedbridge_shared.data.images import (
+    IMAGE_SUFFIXES,
+    DecodedImage,
+    check_shape,
+    dicom_to_grey,
+    has_dicom_magic,
+    parse_dicom,
+    read_image,
+)
 from fedbridge_shared.data.pixels import InputSpec, normalise, resize
 from fedbridge_shared.errors import DataError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "InputSpec",
@@ -22,6 +34,8 @@ __all__ = [
     "resize",
     "load",
     "decode_bytes",
+    "decode_upload",
+    "DecodedImage",
     "list_images",
     "check_declared_size",
     "ImageTooLarge",
@@ -36,10 +50,32 @@ def load(path: Path, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
 
 def decode_bytes(data: bytes, name: str = "upload") -> np.ndarray:
     """Decode an image sent as bytes (PNG, JPEG or DICOM) through the same reader as files."""
+    return decode_upload(data, name).grey
+
+
+def decode_upload(
+    data: bytes, name: str = "upload", *, max_pixels: int | None = None
+) -> DecodedImage:
+    """Decode uploaded bytes once: a DICOM (DICM magic) is parsed once, its declared size
+    checked against ``max_pixels`` (when given) before its pixels are decoded, and its dataset
+    kept for the markers and the results; PNG/JPEG go through the file reader."""
+    if not has_dicom_magic(data):
+        if max_pixels is not None:
+            check_declared_size(data, max_pixels, name)
+        return DecodedImage(_decode_via_file(data, name))
+    ds = parse_dicom(io.BytesIO(data), name)
+    if max_pixels is not None:
+        _check_size(dicom_size(ds), max_pixels, name)
+    grey = dicom_to_grey(ds, name)
+    check_shape(grey, name, [])
+    return DecodedImage(grey, ds)
+
+
+def _decode_via_file(data: bytes, name: str) -> np.ndarray:
+    """PNG/JPEG bytes through :func:`read_image` (a temporary file; errors name ``name``)."""
     import tempfile
 
-    suffix = ".dcm" if has_dicom_magic(data) else ""
-    with tempfile.NamedTemporaryFile(suffix=suffix) as fh:
+    with tempfile.NamedTemporaryFile() as fh:
         fh.write(data)
         fh.flush()
         try:
@@ -55,7 +91,6 @@ class ImageTooLarge(DataError):
 def declared_size(data: bytes) -> tuple[int, int, int] | None:
     """(width, height, frames) from the header alone (PNG/JPEG via PIL, DICOM via pydicom
     without pixel data); None when the header is not recognised (the decoder then says why)."""
-    import io
     import warnings
 
     if has_dicom_magic(data):
@@ -63,10 +98,9 @@ def declared_size(data: bytes) -> tuple[int, int, int] | None:
 
         try:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            return int(ds.Columns), int(ds.Rows), max(frames, 1)
         except Exception:  # noqa: BLE001 - an unreadable header is for the decoder to report
             return None
+        return dicom_size(ds)
     from PIL import Image
 
     try:
@@ -77,6 +111,15 @@ def declared_size(data: bytes) -> tuple[int, int, int] | None:
     except Image.DecompressionBombError:  # over twice PIL's own limit: the caller refuses it
         raise
     except Exception:  # noqa: BLE001 - unknown formats are reported by the decoder
+        return None
+
+
+def dicom_size(ds: Dataset) -> tuple[int, int, int] | None:
+    """(width, height, frames) a parsed DICOM declares (None: no usable Rows/Columns)."""
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return int(ds.Columns), int(ds.Rows), max(frames, 1)
+    except Exception:  # noqa: BLE001 - an unusable header is for the decoder to report
         return None
 
 
@@ -92,6 +135,10 @@ def check_declared_size(data: bytes, max_pixels: int, name: str = "upload") -> N
             f"the {max_pixels / 1e6:.1f} MP limit (--max-pixels): refused before decoding as a "
             "possible decompression bomb"
         ) from e
+    _check_size(size, max_pixels, name)
+
+
+def _check_size(size: tuple[int, int, int] | None, max_pixels: int, name: str) -> None:
     if size is None:
         return
     width, height, frames = size

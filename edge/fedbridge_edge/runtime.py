@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,11 @@ from fedbridge_shared import __version__, label_codes
 from fedbridge_shared.errors import FedbridgeError
 from fedbridge_shared.files import atomic_write
 from fedbridge_shared.modality import MODALITIES
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from fedbridge_shared.data.images import DecodedImage
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -66,6 +71,9 @@ class Prediction:
     """The map of ``record.cam_label`` (None: no map drawn)."""
     grey: np.ndarray
     style: OverlayStyle
+    dicom: Dataset | None = None
+    """The DICOM dataset the image was decoded from (None: PNG/JPEG or an array), parsed once:
+    its header is what the SC and SR results are built from."""
 
     @property
     def image(self) -> str:
@@ -278,24 +286,21 @@ class Predictor:
         )
 
     def predict_file(self, path: Path) -> Prediction:
-        from fedbridge_shared.data.images import read_image
+        """Decode (a DICOM parsed once) and predict one image file."""
+        from fedbridge_shared.data.images import decode_image
 
         started = time.perf_counter()
-        grey = read_image(Path(path))
-        return self.predict_array(grey, str(path), started, markers=markers_of_file(Path(path)))
+        return self.predict_image(decode_image(Path(path)), str(path), started)
 
-
-def markers_of_file(path: Path) -> tuple[Markers | None, str]:
-    """Markers of an image file: from its DICOM header, none for PNG/JPEG."""
-    if not is_dicom_file(path):
-        return laterality.markers_from_dataset(None)
-    import pydicom
-
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001 - the pixels were read; an odd header just means no markers
-        return None, "none: the DICOM header could not be read"
-    return laterality.markers_from_dataset(header)
+    def predict_image(
+        self, image: DecodedImage, name: str, started: float | None = None
+    ) -> Prediction:
+        """Predict a decoded image; a DICOM's markers come from the dataset it was decoded from
+        (kept on the prediction as ``dicom``)."""
+        markers = laterality.markers_from_dataset(image.dicom)
+        pred = self.predict_array(image.grey, name, started, markers=markers)
+        pred.dicom = image.dicom
+        return pred
 
 
 def is_dicom_file(path: Path) -> bool:

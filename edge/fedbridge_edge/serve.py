@@ -34,7 +34,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import io
 import json
 import logging
 import socket
@@ -55,7 +54,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from fedbridge_edge import laterality
 from fedbridge_edge.api_models import (
     Health,
     InferRequest,
@@ -70,11 +68,10 @@ from fedbridge_edge.api_models import (
     ref,
 )
 from fedbridge_edge.errors import EdgeError
-from fedbridge_edge.preprocess import check_declared_size, decode_bytes
+from fedbridge_edge.preprocess import DecodedImage, decode_upload
 from fedbridge_edge.record import ApiErrorBody, FileError
 from fedbridge_edge.runtime import Prediction, Predictor
 from fedbridge_shared import __version__
-from fedbridge_shared.data.images import has_dicom_magic
 from fedbridge_shared.errors import FedbridgeError
 
 log = logging.getLogger("fedbridge.edge")
@@ -443,22 +440,23 @@ class Api:
 
     def _predict_sync(self, name: str, data: bytes, overlay: str) -> PredictReply:
         started = time.perf_counter()
-        header = dicom_header(data, name)
-        with self.decoders:  # decoded images in memory at once, bounded
-            check_declared_size(data, self.limits.max_pixels, name)
-            grey = decode_bytes(data, name)
-        pred = self._infer(grey, name, started, header)
-        return self._render(pred, header, overlay)
+        pred = self._infer(self._decode(data, name), name, started)
+        return self._render(pred, overlay)
 
-    def _infer(self, grey: np.ndarray, name: str, started: float, header: Any) -> Prediction:
-        markers = laterality.markers_from_dataset(header)
+    def _decode(self, data: bytes, name: str) -> DecodedImage:
+        """Decode an upload once (a DICOM parsed once, its size checked before its pixels)."""
+        with self.decoders:  # decoded images in memory at once, bounded
+            return decode_upload(data, name, max_pixels=self.limits.max_pixels)
+
+    def _infer(self, image: DecodedImage, name: str, started: float) -> Prediction:
         with self.infer_lock:
-            pred = self.predictor.predict_array(grey, name, started, markers=markers)
+            pred = self.predictor.predict_image(image, name, started)
         self.metrics.observe(pred)
         return pred
 
-    def _render(self, pred: Prediction, header: Any, overlay: str) -> PredictReply:
+    def _render(self, pred: Prediction, overlay: str) -> PredictReply:
         extra: dict[str, Any] = {}
+        header = pred.dicom
         if header is not None:
             extra["study_instance_uid"] = str(header.get("StudyInstanceUID", "")) or None
             extra["sop_instance_uid"] = str(header.get("SOPInstanceUID", "")) or None
@@ -600,12 +598,8 @@ class Api:
     def _v2_predict(self, name: str, item: bytes | np.ndarray) -> Prediction:
         started = time.perf_counter()
         if isinstance(item, np.ndarray):
-            return self._infer(item, name, started, None)
-        header = dicom_header(item, name)
-        with self.decoders:
-            check_declared_size(item, self.limits.max_pixels, name)
-            grey = decode_bytes(item, name)
-        return self._infer(grey, name, started, header)
+            return self._infer(DecodedImage(item), name, started)
+        return self._infer(self._decode(item, name), name, started)
 
     def _v2_response(self, infer: InferRequest, preds: list[Prediction]) -> InferResponse:
         n, labels = len(preds), list(self.predictor.labels)
@@ -632,18 +626,6 @@ class Api:
             model_name=self.model_name, model_version=self.predictor.sha256, id=infer.id,
             outputs=outputs,
         )  # fmt: skip
-
-
-def dicom_header(data: bytes, name: str) -> Any:
-    """The header of a DICOM upload (None for PNG/JPEG or a header that cannot be read)."""
-    if not has_dicom_magic(data):
-        return None
-    import pydicom
-
-    try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001 - the decoder reports an unreadable file in one line
-        return None
 
 
 def _dump(model: Any) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fedbridge_shared import rounds as R
+
 MIN_VAL_IMAGES = 100  # one image = one point of accuracy; fewer cannot rank rounds
 
 RULES = {
@@ -37,48 +39,48 @@ def choose_best(
 ) -> tuple[int, float | None, str]:
     """``(round, score, rule)`` for ``history`` (the round rows); rounds for which
     ``available(round)`` is false (their checkpoint was pruned) are not chosen."""
-    rows = [h for h in history if available(h["round"])]
+    rows = [h for h in history if available(h[R.ROUND])]
     if not rows:
         return 0, None, "last-round"
-    server = [h for h in rows if h.get("server_val_loss") is not None]
+    server = [h for h in rows if h.get(R.SERVER_VAL_LOSS) is not None]
     if server:
-        if min(int(h.get("server_val_examples") or 0) for h in server) < MIN_VAL_IMAGES:
-            return rows[-1]["round"], None, "small-val"
-        best = min(server, key=lambda h: (h["server_val_loss"], h["round"]))
-        return best["round"], float(best["server_val_loss"]), "server-val"
+        if min(int(h.get(R.SERVER_VAL_EXAMPLES) or 0) for h in server) < MIN_VAL_IMAGES:
+            return rows[-1][R.ROUND], None, "small-val"
+        best = min(server, key=lambda h: (h[R.SERVER_VAL_LOSS], h[R.ROUND]))
+        return best[R.ROUND], float(best[R.SERVER_VAL_LOSS]), "server-val"
     evaluated = [h for h in rows if _evaluated(h)]
     everyone = set().union(*(_evaluated(h) for h in history if _evaluated(h)))
     full = [
         h
         for h in evaluated
-        if _evaluated(h) == everyone and h.get("federated_val_loss") is not None
+        if _evaluated(h) == everyone and h.get(R.FEDERATED_VAL_LOSS) is not None
     ]
     if full and _images(full[0], everyone) < MIN_VAL_IMAGES:
-        return rows[-1]["round"], None, "small-val"
+        return rows[-1][R.ROUND], None, "small-val"
     if full:
-        best = min(full, key=lambda h: (h["federated_val_loss"], h["round"]))
-        return best["round"], float(best["federated_val_loss"]), "same-sites"
+        best = min(full, key=lambda h: (h[R.FEDERATED_VAL_LOSS], h[R.ROUND]))
+        return best[R.ROUND], float(best[R.FEDERATED_VAL_LOSS]), "same-sites"
     common = set.intersection(*(_evaluated(h) for h in evaluated)) if evaluated else set()
     if common and _images(evaluated[0], common) < MIN_VAL_IMAGES:
-        return rows[-1]["round"], None, "small-val"
+        return rows[-1][R.ROUND], None, "small-val"
     if common:
-        scored = [(_loss_over(h, common), h["round"]) for h in evaluated]
+        scored = [(_loss_over(h, common), h[R.ROUND]) for h in evaluated]
         loss, rnd = min(scored)
         return rnd, loss, "common-sites"
-    return rows[-1]["round"], None, "last-round"
+    return rows[-1][R.ROUND], None, "last-round"
 
 
 def _evaluated(row: dict[str, Any]) -> set[str]:
     """The sites whose validation answer counted in ``row``."""
-    return {n for n, s in (row.get("per_site") or {}).items() if s.get("val_examples")}
+    return {n for n, s in (row.get(R.PER_SITE) or {}).items() if s.get("val_examples")}
 
 
 def _images(row: dict[str, Any], sites: set[str]) -> int:
     """Validation images of ``sites`` in ``row``."""
-    return int(sum(row["per_site"][s]["val_examples"] for s in sites))
+    return int(sum(row[R.PER_SITE][s]["val_examples"] for s in sites))
 
 
 def _loss_over(row: dict[str, Any], sites: set[str]) -> float:
-    per = row["per_site"]
+    per = row[R.PER_SITE]
     n = sum(per[s]["val_examples"] for s in sites)
     return float(sum(per[s]["val_loss"] * per[s]["val_examples"] for s in sites) / n)

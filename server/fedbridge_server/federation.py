@@ -27,6 +27,7 @@ from fedbridge_server.round_loop import Clock, Federation, RoundLoop
 from fedbridge_server.store import RoundStore, RunState
 from fedbridge_server.strategy import build_strategy, record_state, restore_strategy_state
 from fedbridge_shared import protocol as P
+from fedbridge_shared import rounds as R
 from fedbridge_shared.assessment import assess, write_assessment
 from fedbridge_shared.data.samples import check_labels
 from fedbridge_shared.data.tensors import make_loader
@@ -224,7 +225,7 @@ def _finish(cfg, store: RoundStore, state: RunState, spec: ModelSpec, init_sha: 
         "best_round_chosen_by": RULES.get(state.best_rule, ""),
         "history": state.history,
     }
-    spent = [h["privacy"] for h in state.history if h.get("privacy")]
+    spent = [h[R.PRIVACY] for h in state.history if h.get(R.PRIVACY)]
     if spent and spent[-1].get("level") == "record":
         training["privacy"] = privacy.record_total(spent, cfg.dp)
         console.print(privacy.record_summary(training["privacy"]))

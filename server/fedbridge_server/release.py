@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord
 from fedbridge_server.quorum import SnapshotGrid, exchange, wait_for_sites
 from fedbridge_server.strategy import screen_replies, state_record
 from fedbridge_shared import protocol as P
+from fedbridge_shared import rounds as R
 from fedbridge_shared.engine import evaluate
 
 ASIDE = "-dp-below-start"
@@ -48,7 +49,7 @@ def start_accuracy(
 
 def best_accuracy(row: dict) -> float | None:
     """The accuracy a round was chosen by (server validation first, as its score)."""
-    for key in ("server_val_accuracy", "federated_val_accuracy"):
+    for key in (R.SERVER_VAL_ACCURACY, R.FEDERATED_VAL_ACCURACY):
         if row.get(key) is not None:
             return float(row[key])
     return None

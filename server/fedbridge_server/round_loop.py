@@ -38,6 +38,7 @@ from fedbridge_server.strategy import (
     strategy_state,
 )
 from fedbridge_shared import protocol as P
+from fedbridge_shared import rounds as R
 from fedbridge_shared.engine import evaluate
 from fedbridge_shared.errors import FedbridgeError
 from fedbridge_shared.spec import ModelSpec
@@ -130,7 +131,7 @@ class RoundLoop:
             dropped += dropped_eval
         self.check_stop(rnd)
         row = self.row(rnd, usable, dropped, train_metrics, usable_eval, eval_metrics)
-        row["seconds"] = round(self.clock.now() - started, 2)
+        row[R.SECONDS] = round(self.clock.now() - started, 2)
         self.save(rnd, row)
         return row
 
@@ -240,32 +241,30 @@ class RoundLoop:
         fed.model.load_state_dict(fed.global_state, strict=False)
         trained = P.TrainReply.from_metrics(train_metrics) if train_metrics else None
         assessed = P.EvalReply.from_metrics(eval_metrics) if eval_metrics else None
-        row: dict[str, Any] = {
-            "round": rnd,
-            "sites": [site_label(m.metadata.src_node_id, fed.names) for m in usable],
-            "dropped": dropped,
-            "train_loss": trained.train_loss if trained else None,
-            "train_accuracy": trained.train_accuracy if trained else None,
-            "federated_val_loss": assessed.val_loss if assessed else None,
-            "federated_val_accuracy": assessed.val_accuracy if assessed else None,
-            "per_site": per_site_metrics(
+        row: R.RoundRow = {
+            R.ROUND: rnd,
+            R.SITES: [site_label(m.metadata.src_node_id, fed.names) for m in usable],
+            R.DROPPED: dropped,
+            R.TRAIN_LOSS: trained.train_loss if trained else None,
+            R.TRAIN_ACCURACY: trained.train_accuracy if trained else None,
+            R.FEDERATED_VAL_LOSS: assessed.val_loss if assessed else None,
+            R.FEDERATED_VAL_ACCURACY: assessed.val_accuracy if assessed else None,
+            R.PER_SITE: per_site_metrics(
                 fed.spec.labels, fed.names, train=usable, evaluated=usable_eval
             ),
         }
         if fed.cfg.dp.record_level:
-            self.private = privacy.record_level(row["per_site"], fed.cfg.dp)
+            self.private = privacy.record_level(row[R.PER_SITE], fed.cfg.dp)
         if self.private is not None:
-            row["privacy"] = self.private
+            row[R.PRIVACY] = self.private
         if self.secure is not None:
-            row["secure_aggregation"] = self.secure.info
+            row[R.SECURE_AGGREGATION] = self.secure.info
         if fed.val_loader is not None:
             stats = evaluate(fed.model, fed.val_loader, torch.device("cpu"))
-            row.update(
-                server_val_loss=stats.loss,
-                server_val_accuracy=stats.accuracy,
-                server_val_examples=stats.n,
-            )
-        row["score"] = row.get("server_val_loss", row["federated_val_loss"])
+            row[R.SERVER_VAL_LOSS] = stats.loss
+            row[R.SERVER_VAL_ACCURACY] = stats.accuracy
+            row[R.SERVER_VAL_EXAMPLES] = stats.n
+        row[R.SCORE] = row.get(R.SERVER_VAL_LOSS, row[R.FEDERATED_VAL_LOSS])
         return row
 
     def save(self, rnd: int, row: dict) -> None:
@@ -320,21 +319,21 @@ def per_site_metrics(
 
 
 def round_line(row: dict, total: int) -> str:
-    parts = [f"round {row['round']}/{total}", f"sites {len(row['sites'])}"]
+    parts = [f"round {row[R.ROUND]}/{total}", f"sites {len(row[R.SITES])}"]
     for key, label in (
-        ("train_loss", "train loss"),
-        ("federated_val_accuracy", "val acc"),
-        ("server_val_accuracy", "server val acc"),
+        (R.TRAIN_LOSS, "train loss"),
+        (R.FEDERATED_VAL_ACCURACY, "val acc"),
+        (R.SERVER_VAL_ACCURACY, "server val acc"),
     ):
         if row.get(key) is not None:
             parts.append(f"{label} {row[key]:.3f}")
-    if row.get("secure_aggregation"):
+    if row.get(R.SECURE_AGGREGATION):
         parts.append("secure aggregation")
-    if row.get("privacy"):
-        parts.append(f"ε {row['privacy']['epsilon']:.2f}")
-    parts.append(f"{row['seconds']:.1f}s")
-    if row["dropped"]:
-        parts.append("[yellow]dropped: " + escape("; ".join(row["dropped"])) + "[/]")
+    if row.get(R.PRIVACY):
+        parts.append(f"ε {row[R.PRIVACY]['epsilon']:.2f}")
+    parts.append(f"{row[R.SECONDS]:.1f}s")
+    if row[R.DROPPED]:
+        parts.append("[yellow]dropped: " + escape("; ".join(row[R.DROPPED])) + "[/]")
     return "  ".join(parts)
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedbridge_shared import rounds as R
 from fedbridge_shared.errors import ConfigError
 from fedbridge_shared.files import atomic_write, read_json_object, strict_json
 from fedbridge_shared.layout import SPEC_FILE, beside
@@ -125,7 +126,7 @@ def collect(out: Path, state: Path | None = None) -> dict[str, Any]:
         },
         "history": history,
         "dropped": [
-            {"round": h["round"], "why": why} for h in history for why in h.get("dropped") or []
+            {"round": h[R.ROUND], "why": why} for h in history for why in h.get(R.DROPPED) or []
         ],
         "bundle": str(out) if (out / SPEC_FILE).is_file() else None,
         "privacy": privacy_spent(history),
@@ -135,7 +136,7 @@ def collect(out: Path, state: Path | None = None) -> dict[str, Any]:
 def privacy_spent(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """ε spent so far: per site under record-level DP-SGD (each site's largest reported ε), the
     run's under site-level DP; None without DP."""
-    rows = [h["privacy"] for h in history if h.get("privacy")]
+    rows = [h[R.PRIVACY] for h in history if h.get(R.PRIVACY)]
     if not rows:
         return None
     if rows[-1].get("level") == "record":
@@ -246,29 +247,29 @@ def render(doc: dict[str, Any], console: Console) -> None:
 def _history_tables(history: list[dict[str, Any]], console: Console) -> None:
     t = Table(title="rounds")
     cols = ("round", "sites", "train loss", "train acc", "fed val loss", "fed val acc")
-    server = any(h.get("server_val_loss") is not None for h in history)
+    server = any(h.get(R.SERVER_VAL_LOSS) is not None for h in history)
     for col in (*cols, *(("server val loss", "server val acc") if server else ()), "seconds"):
         t.add_column(col, justify="right")
     for h in history:
         t.add_row(
-            str(h["round"]), str(len(h.get("sites") or [])), _f(h.get("train_loss")),
-            _f(h.get("train_accuracy")), _f(h.get("federated_val_loss")),
-            _f(h.get("federated_val_accuracy")),
-            *((_f(h.get("server_val_loss")), _f(h.get("server_val_accuracy"))) if server else ()),
-            _f(h.get("seconds"), 1),
+            str(h[R.ROUND]), str(len(h.get(R.SITES) or [])), _f(h.get(R.TRAIN_LOSS)),
+            _f(h.get(R.TRAIN_ACCURACY)), _f(h.get(R.FEDERATED_VAL_LOSS)),
+            _f(h.get(R.FEDERATED_VAL_ACCURACY)),
+            *((_f(h.get(R.SERVER_VAL_LOSS)), _f(h.get(R.SERVER_VAL_ACCURACY))) if server else ()),
+            _f(h.get(R.SECONDS), 1),
         )  # fmt: skip
     console.print(t)
     t = Table(title="per site")
     for col in ("round", "site", "train n", "train loss", "train acc", "val n", "val loss"):
         t.add_column(col, justify="right")
     t.add_column("val acc", justify="right")
-    private = any("epsilon" in s for h in history for s in (h.get("per_site") or {}).values())
+    private = any("epsilon" in s for h in history for s in (h.get(R.PER_SITE) or {}).values())
     if private:
         t.add_column("ε", justify="right")
     for h in history:
-        for name, s in (h.get("per_site") or {}).items():
+        for name, s in (h.get(R.PER_SITE) or {}).items():
             t.add_row(
-                str(h["round"]), shown(name), str(s.get("train_examples", "—")),
+                str(h[R.ROUND]), shown(name), str(s.get("train_examples", "—")),
                 _f(s.get("train_loss")), _f(s.get("train_accuracy")),
                 str(s.get("val_examples", "—")), _f(s.get("val_loss")), _f(s.get("val_accuracy")),
                 *((_f(s.get("epsilon"), 2),) if private else ()),

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from fedbridge_server.best import choose_best
+from fedbridge_shared import rounds as R
 from fedbridge_shared.errors import BundleError, ConfigError
 from fedbridge_shared.files import atomic_write, strict_json
 from fedbridge_shared.layout import beside
@@ -95,7 +96,7 @@ class RoundStore:
                 continue
             strategy_file = self.round_dir(rnd) / STRATEGY_FILE
             extra = load_file(str(strategy_file)) if strategy_file.exists() else {}
-            state.history = [h for h in state.history if h["round"] <= rnd]
+            state.history = [h for h in state.history if h[R.ROUND] <= rnd]
             if state.best_round > rnd:
                 state.best_round, state.best_score, state.best_rule = choose_best(
                     state.history, available=lambda r: self.round_dir(r).is_dir()

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedbridge_shared import __version__
+from fedbridge_shared import rounds as R
 from fedbridge_shared.files import atomic_write
 from fedbridge_shared.metrics import CI_METRICS, calibration
 from fedbridge_shared.report import assessment_figures, plot_history, plot_reliability
@@ -265,8 +266,8 @@ def render_html_report(
         body.append(sites_section(rounds, labels, best_round))
         body.append(cross_site_section(rounds, best_round, metrics, y, p, test_name))
     if rounds:
-        x_key = "round" if any("round" in r for r in rounds) else "epoch"
-        heading = "Federated rounds" if x_key == "round" else "Training curves (per epoch)"
+        x_key = R.ROUND if any(R.ROUND in r for r in rounds) else "epoch"
+        heading = "Federated rounds" if x_key == R.ROUND else "Training curves (per epoch)"
         body.append(section("rounds", heading, png_img(plot_history(rounds), heading)))
     if saliency_examples:
         body.append(_saliency_section(saliency_examples, labels))

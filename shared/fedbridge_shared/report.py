@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, roc_curve
 
+from fedbridge_shared import rounds as R
 from fedbridge_shared.colours import series_colour, site_colours
 from fedbridge_shared.files import atomic_write
 from fedbridge_shared.metrics import ovr_auc, validate_predictions
@@ -157,7 +158,7 @@ def _png(fig: Figure) -> bytes:
 
 
 def _x_key(rows: Sequence[Mapping[str, Any]]) -> str:
-    return "round" if any("round" in r for r in rows) else "epoch"
+    return R.ROUND if any(R.ROUND in r for r in rows) else "epoch"
 
 
 def plot_history(rows: Sequence[Mapping[str, Any]]) -> bytes:
@@ -189,16 +190,16 @@ def history_figure(rows: Sequence[Mapping[str, Any]]) -> Figure:
 
 def plot_site_rounds(rows: Sequence[Mapping[str, Any]]) -> bytes:
     """Each site's validation loss and accuracy of the global model per round (``per_site``)."""
-    names = sorted({n for r in rows for n in (r.get("per_site") or {})})
+    names = sorted({n for r in rows for n in (r.get(R.PER_SITE) or {})})
     colours = site_colours(names)
     fig = Figure(figsize=(8, 3.4))
     axes = fig.subplots(1, 2)
     for ax, suffix in zip(axes, ("loss", "accuracy"), strict=True):
         for name in names:
             pts = [
-                (r["round"], r["per_site"][name][f"val_{suffix}"])
+                (r[R.ROUND], r[R.PER_SITE][name][f"val_{suffix}"])
                 for r in rows
-                if (r.get("per_site") or {}).get(name, {}).get("val_examples")
+                if (r.get(R.PER_SITE) or {}).get(name, {}).get("val_examples")
             ]
             if pts:
                 xs, ys = zip(*pts, strict=True)

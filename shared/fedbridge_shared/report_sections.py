@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedbridge_shared import rounds as R
 from fedbridge_shared.metrics import cross_entropy, wilson_interval
 
 UNKNOWN = "unknown"
@@ -146,7 +147,7 @@ def _stage_detail(training: Mapping[str, Any]) -> str:
         shown = ", ".join(f"{k} {sum(v.values())}" for k, v in counts.items())
         parts.append(f"images: {shown}")
     if training.get("rounds"):
-        sites = sorted({s for r in training.get("history") or [] for s in r.get("sites") or []})
+        sites = sorted({s for r in training.get("history") or [] for s in r.get(R.SITES) or []})
         parts.append(
             f"{training['rounds']} federated round(s), best round {training.get('best_round')}"
             + (
@@ -174,7 +175,7 @@ def site_rows(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each site's latest ``per_site`` entry (its image counts do not change between rounds)."""
     latest: dict[str, dict[str, Any]] = {}
     for row in rounds:
-        latest.update(row.get("per_site") or {})
+        latest.update(row.get(R.PER_SITE) or {})
     return dict(sorted(latest.items()))
 
 
@@ -192,14 +193,14 @@ def sites_section(
     names = list(sites)
     per_round = []
     for row in rounds:
-        mine = row.get("per_site") or {}
+        mine = row.get(R.PER_SITE) or {}
         cells = [
             mine[n]["val_accuracy"] if mine.get(n, {}).get("val_examples") else None for n in names
         ]
-        mark = " ★" if row.get("round") == best_round else ""
+        mark = " ★" if row.get(R.ROUND) == best_round else ""
         per_round.append(
-            (f"{row.get('round')}{mark}", *cells, row.get("federated_val_accuracy"),
-             row.get("server_val_accuracy"))
+            (f"{row.get(R.ROUND)}{mark}", *cells, row.get(R.FEDERATED_VAL_ACCURACY),
+             row.get(R.SERVER_VAL_ACCURACY))
         )  # fmt: skip
     body = (
         "<h3>Images per class at each site</h3>"
@@ -233,9 +234,9 @@ def cross_site_section(
     probs: Any,
     test_name: str,
 ) -> str:
-    best = next((r for r in rounds if r.get("round") == best_round), rounds[-1])
+    best = next((r for r in rounds if r.get(R.ROUND) == best_round), rounds[-1])
     rows: list[tuple[str, int, float | None, str, float | None]] = []
-    for name, s in sorted((best.get("per_site") or {}).items()):
+    for name, s in sorted((best.get(R.PER_SITE) or {}).items()):
         n = int(s.get("val_examples") or 0)
         if not n:
             rows.append((f"{name} validation", 0, None, "–", None))
@@ -250,7 +251,7 @@ def cross_site_section(
          fmt_ci((metrics.get("ci95") or {}).get("accuracy")), test_loss(y_true, probs))
     )  # fmt: skip
     body = table(("data", "images", "accuracy", "95% CI", "loss"), rows) + muted(
-        f"The final model (round {esc(best.get('round'))}) on each site's validation patients "
+        f"The final model (round {esc(best.get(R.ROUND))}) on each site's validation patients "
         "(reported by the sites; Wilson interval) and on the held-out test set (percentile "
         "bootstrap). A site far below the others is one the model does not serve."
     )
@@ -259,7 +260,7 @@ def cross_site_section(
         (f"{name} validation",
          *(_ratio((s.get("val_correct") or {}).get(c), (s.get("val_counts") or {}).get(c))
            for c in labels))
-        for name, s in sorted((best.get("per_site") or {}).items())
+        for name, s in sorted((best.get(R.PER_SITE) or {}).items())
         if s.get("val_correct")
     ]  # fmt: skip
     if sens_rows:

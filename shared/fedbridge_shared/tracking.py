@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedbridge_shared import rounds as R
 from fedbridge_shared.errors import ConfigError, FedbridgeError
 from fedbridge_shared.layout import SPEC_FILE
 
@@ -56,13 +57,13 @@ def metrics_of(record: dict[str, Any]) -> list[tuple[str, float, int]]:
     training = record.get("training") or {}
     out: list[tuple[str, float, int]] = []
     for row in training.get("history") or []:
-        if "round" in row:  # a federation: step = round
-            step = int(row["round"])
-            out += [(k, v, step) for k, v in _numbers(row, skip=("round",))]
-            out.append(("dropped_sites", float(len(row.get("dropped") or [])), step))
-            if row.get("privacy"):
-                out += [(f"privacy/{k}", v, step) for k, v in _numbers(row["privacy"])]
-            for site, numbers in (row.get("per_site") or {}).items():
+        if R.ROUND in row:  # a federation: step = round
+            step = int(row[R.ROUND])
+            out += [(k, v, step) for k, v in _numbers(row, skip=(R.ROUND,))]
+            out.append(("dropped_sites", float(len(row.get(R.DROPPED) or [])), step))
+            if row.get(R.PRIVACY):
+                out += [(f"privacy/{k}", v, step) for k, v in _numbers(row[R.PRIVACY])]
+            for site, numbers in (row.get(R.PER_SITE) or {}).items():
                 out += [(f"site/{_name(site)}/{k}", v, step) for k, v in _numbers(numbers)]
         else:  # a central stage: step = epoch
             step = int(row.get("epoch", len(out)))

@@ -24,6 +24,7 @@ from fedbridge_server.federation import run_federation
 from fedbridge_server.quorum import QuorumError, Stopped
 from fedbridge_server.round_loop import Clock, wait_timeout
 from fedbridge_shared import protocol as P
+from fedbridge_shared import rounds as R
 from fedbridge_shared.models import init_model
 from fedbridge_shared.spec import load_bundle, save_bundle
 
@@ -185,6 +186,9 @@ def test_all_sites_present_three_rounds_without_waiting(bridge, tmp_path):
     summary, clock, text = _run(bridge, tmp_path / "fed", _sites())
     assert [h["round"] for h in summary["history"]] == [1, 2, 3]
     assert all(h["sites"] == ["a", "b", "c"] and not h["dropped"] for h in summary["history"])
+    for h in summary["history"]:  # the loop writes the keys R.RoundRow names, no other
+        assert set(h) <= R.KEYS, set(h) - R.KEYS
+        assert {R.ROUND, R.SITES, R.PER_SITE, R.SCORE} <= set(h)
     assert clock.t < 3 * 2 * 3  # three rounds of two 2-s exchanges (+ the half-second polls)
     per_site = summary["history"][0]["per_site"]["a"]
     assert per_site["train_counts"] == {"CNV": 5, "DME": 4, "DRUSEN": 0, "NORMAL": 3}
@@ -322,6 +326,7 @@ def test_the_coordinators_validation_set_chooses_the_best_round(bridge, oct_root
     summary, _, text = _run(bridge, tmp_path / "fed", _sites(a=easy), val_data=str(val))
     rounds = summary["history"]
     assert all(r["server_val_loss"] > 0 for r in rounds)
+    assert all(set(r) <= R.KEYS for r in rounds)  # the server_val_* keys included
     best = min(rounds, key=lambda r: r["server_val_loss"])["round"]
     state = _state(tmp_path / "fed")
     assert (state["best_round"], state["best_rule"]) == (best, "server-val")

@@ -41,6 +41,7 @@ from fedbridge.cli.options import (
 )
 from fedbridge.cli.options import Strategy as StrategyName
 from fedbridge_shared import defaults
+from fedbridge_shared import rounds as R
 from fedbridge_shared.layout import beside
 
 server_app = typer.Typer(help="The coordinator: certificates and the federation run.")
@@ -158,7 +159,7 @@ def start(
     record = run(coord, make_console())
     best = (record.get("metrics") or {}).get("best_round") or {}
     console = make_console()
-    console.print(f"federated bundle: {out_dir} (best round {best.get('round', '?')})")
+    console.print(f"federated bundle: {out_dir} (best round {best.get(R.ROUND, '?')})")
     track(tracking, tracking_uri, out_dir, console=console, extra_files=federation_files(out_dir))
 
 

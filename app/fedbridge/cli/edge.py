@@ -254,10 +254,9 @@ def predict(
             try:
                 pred = predictor.predict_file(path)
                 results = None
-                if dicom and _is_dicom(path):
-                    header = dicom_out.read_header(path)
+                if dicom and pred.dicom is not None:  # the dataset decoded, parsed once
                     results = dicom_out.build(
-                        pred.record, pred.overlay_png(max_side=dicom_out.SC_MAX_SIDE), header,
+                        pred.record, pred.overlay_png(max_side=dicom_out.SC_MAX_SIDE), pred.dicom,
                         codes=predictor.codes, name=str(path),
                     )  # fmt: skip
             except (DataError, EdgeError) as e:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,6 +32,15 @@ def has_dicom_magic(head: bytes) -> bool:
     return head[128:132] == b"DICM"
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image decoded once: its greyscale pixels and, for a DICOM, the dataset they were
+    decoded from (whose header gives markers and study UIDs without parsing the file again)."""
+
+    grey: np.ndarray
+    dicom: Dataset | None = None
+
+
 def read_image(path: Path, *, notes: list[str] | None = None) -> np.ndarray:
     """Decode an image file fully and return it as a 2-D uint8 greyscale array (H, W).
 
@@ -39,6 +49,11 @@ def read_image(path: Path, *, notes: list[str] | None = None) -> np.ndarray:
     user may want to know (orientation applied, bit depth, an extreme aspect ratio) is appended
     to ``notes`` as one-line texts without the path.
     """
+    return decode_image(path, notes=notes).grey
+
+
+def decode_image(path: Path, *, notes: list[str] | None = None) -> DecodedImage:
+    """:func:`read_image`, keeping a DICOM's parsed dataset (the file is parsed once)."""
     path = Path(path)
     notes = [] if notes is None else notes
     try:
@@ -52,13 +67,22 @@ def read_image(path: Path, *, notes: list[str] | None = None) -> np.ndarray:
         raise DataError(f"{path}: cannot read file ({_one_line(e)})") from e
     is_dicom = has_dicom_magic(head)
     if is_dicom or path.suffix.lower() in DICOM_SUFFIXES:
-        arr = _read_dicom(path, has_preamble=is_dicom)
+        ds = parse_dicom(path, path)
+        if "PixelData" not in ds and not is_dicom:
+            raise DataError(f"{path}: not a readable DICOM file (no DICM header, no pixel data)")
+        decoded = DecodedImage(dicom_to_grey(ds, path), ds)
     else:
-        arr = _read_pil(path, notes)
+        decoded = DecodedImage(_read_pil(path, notes))
+    check_shape(decoded.grey, path, notes)
+    return decoded
+
+
+def check_shape(arr: np.ndarray, name: str | Path, notes: list[str]) -> None:
+    """Refuse an image with a side under :data:`MIN_SIDE`; note an extreme aspect ratio."""
     height, width = arr.shape
     if min(arr.shape) < MIN_SIDE:
         raise DataError(
-            f"{path}: image too small ({width}x{height} px; each side needs at least {MIN_SIDE} px)"
+            f"{name}: image too small ({width}x{height} px; each side needs at least {MIN_SIDE} px)"
         )
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT:
@@ -66,7 +90,6 @@ def read_image(path: Path, *, notes: list[str] | None = None) -> np.ndarray:
             f"extreme aspect ratio {ratio:.3g}:1 ({width}x{height} px): the square resize "
             "distorts it; crop it to the region of interest"
         )
-    return arr
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -86,7 +109,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _check_pixel_count(path: Path, width: int, height: int) -> None:
+def _check_pixel_count(path: str | Path, width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise DataError(
             f"{path}: image has {width}x{height} pixels, more than the limit of {MAX_PIXELS:,} "
@@ -212,17 +235,14 @@ def _minmax_uint8(values: np.ndarray) -> np.ndarray:
     return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
-def _read_dicom(path: Path, *, has_preamble: bool) -> np.ndarray:
-    """Decode the first frame of a DICOM file and map it to display greyscale."""
+def parse_dicom(source: Path | BinaryIO, name: str | Path) -> Dataset:
+    """Parse a DICOM file or buffer once, pixels included (errors name ``name``)."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, force=True)
+        return pydicom.dcmread(source, force=True)
     except Exception as e:
-        raise DataError(f"{path}: not a readable DICOM file ({_one_line(e)})") from e
-    if "PixelData" not in ds and not has_preamble:
-        raise DataError(f"{path}: not a readable DICOM file (no DICM header, no pixel data)")
-    return dicom_to_grey(ds, path)
+        raise DataError(f"{name}: not a readable DICOM file ({_one_line(e)})") from e
 
 
 def dicom_to_grey(ds: Dataset, name: str | Path) -> np.ndarray:
@@ -242,7 +262,7 @@ def dicom_to_grey(ds: Dataset, name: str | Path) -> np.ndarray:
             "save the frame you mean as its own single-frame file"
         )
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    _check_pixel_count(Path(path), cols, rows)
+    _check_pixel_count(path, cols, rows)
     try:
         arr = pixel_array(ds, index=0)
     except Exception as e:
