@@ -2,15 +2,21 @@
 # Issue #29 study: does training on adult non-COVID films at the *target* stage (NIH NORMAL as
 # NORMAL, NIH "Pneumonia" as BACTERIAL|VIRAL through the partial-label loss) break the
 # "adult ⇒ COVID19" shortcut? Seeds × {mixed sources, the paper's setting} × {base, adult}, and
-# OCT, with the product's commands only. Cheap model (MobileNet-V1 0.25 @ 128) so 3 seeds fit
-# 2 CPU cores. The recipe is chosen on *validation* films (held-out NIH adult patients + each
-# stage's own validation patients), then reported on the test patients and cxr-external.
+# OCT, with the product's commands only. Default: the cheap model (MobileNet-V1 0.25 @ 128) so 3
+# seeds fit 2 CPU cores (MODEL, SIZE, WEIGHTS select another, e.g. mobilenetv2_100, 224,
+# mobilenetv2_100_tfslim_quant_in1k.safetensors). Arms (ARMS): base = the split's training
+# patients; adult = + 80 % of the NIH adult patients (NORMAL, and "Pneumonia" as
+# BACTERIAL|VIRAL); adultbal = the same with class-balanced sampling (--balanced). The recipe is
+# chosen on *validation* films (held-out NIH adult patients + each stage's own validation
+# patients), then reported on the test patients and cxr-external.
 # Usage: bench/shortcut_study.sh OUT [SEED…]      (default seeds 0 1 2; rerunning skips done work)
 set -euo pipefail
 OUT=${1:?usage: bench/shortcut_study.sh OUT [SEED…]}; shift
 SEEDS=("${@:-0 1 2}")
+ARMS=${ARMS:-base adultbal}
 D=${DATA:-../shared/data}
-W=${FEDBRIDGE_WEIGHTS_DIR:-/work/shared/weights}/mobilenetv1_025_tfslim_quant_in1k_128.safetensors
+MODEL=${MODEL:-mobilenetv1_025}; SIZE=${SIZE:-128}
+W=${FEDBRIDGE_WEIGHTS_DIR:-../shared/weights}/${WEIGHTS:-mobilenetv1_025_tfslim_quant_in1k_128.safetensors}
 FB="${PYTHON:-python} -m fedbridge"
 MAP='PNEUMONIA_UNSPECIFIED=BACTERIAL_PNEUMONIA|VIRAL_PNEUMONIA'
 COMMON=(--device cpu --epochs "${TARGET_EPOCHS:-4}" --augment-per-sample "${TARGET_AUGMENT:-0}")
@@ -41,21 +47,25 @@ fi
 [ -d "$OUT/adult" ] || $FB data split "$D/bridge/cxr-adult" --out "$OUT/adult" --sites 1 \
   --test-fraction 0.2 --seed 0
 [ -f "$OUT/bridge-cxr/model.json" ] || T bridge-cxr $FB bridge "$D/bridge/cxr" --out "$OUT/bridge-cxr" \
-  --init "$W" --model mobilenetv1_025 --image-size 128 --epochs "${BRIDGE_EPOCHS:-2}" --device cpu --seed 0
+  --init "$W" --model "$MODEL" --image-size "$SIZE" --epochs "${BRIDGE_EPOCHS:-2}" --device cpu --seed 0
 [ -f "$OUT/bridge-oct/model.json" ] || T bridge-oct $FB bridge "$D/bridge/oct" --out "$OUT/bridge-oct" \
-  --init "$W" --model mobilenetv1_025 --image-size 128 --epochs 4 --device cpu --seed 0 --modality oct
+  --init "$W" --model "$MODEL" --image-size "$SIZE" --epochs 4 --device cpu --seed 0 --modality oct
 
 evaluate() {  # bundle folder name json [extra…]
-  [ -f "$3" ] || $FB evaluate "$1" "$2" --json --bootstrap 500 "${@:4}" > "$3.tmp" && mv "$3.tmp" "$3"
+  if [ ! -f "$3" ]; then
+    $FB evaluate "$1" "$2" --json --bootstrap 500 "${@:4}" > "$3.tmp"; mv "$3.tmp" "$3"
+  fi
 }
 for s in ${SEEDS[@]}; do
   for setting in mixed paper; do
     data="$D/cxr"; [ $setting = paper ] && data="$OUT/data/paper"
     split="$OUT/s$s/$setting/split"
     [ -d "$split" ] || $FB data split "$data" --out "$split" --sites 1 --test-fraction 0.3 --seed "$s"
-    for arm in base adult; do
+    for arm in $ARMS; do
       t="$OUT/s$s/$setting/$arm"
-      extra=(); [ $arm = adult ] && extra=("$OUT/adult/site-1" --label-map "$MAP")
+      extra=()
+      [ $arm != base ] && extra=("$OUT/adult/site-1" --label-map "$MAP")
+      [ $arm = adultbal ] && extra+=(--balanced)
       [ -f "$t/model.json" ] || T "s$s-$setting-$arm" $FB train "$split/site-1" "${extra[@]}" \
         --out "$t" --init "$OUT/bridge-cxr" --seed "$s" "${COMMON[@]}"
       [ -f "$t.onnx" ] || $FB export onnx "$t" --out "$t.onnx" --val-data "$split/site-1"

@@ -48,16 +48,31 @@ def films(folder: Path) -> list[tuple[Path, str, str]]:
     ]
 
 
-def predict(onnx: Path, items: list[tuple[Path, str, str]]) -> tuple[list[str], list[bool]]:
-    """The argmax label and whether the bedside refused it (out of distribution), per film."""
+def predict(
+    onnx: Path, items: list[tuple[Path, str, str]]
+) -> tuple[list[str], list[bool], np.ndarray]:
+    """Per film: the argmax label, whether the bedside refused it (out of distribution), and
+    the softmax probability of COVID19 (refused films are scored too)."""
     model = Predictor(onnx, threads=2)
-    labels, refused = [], []
+    labels, refused, p_covid = [], [], []
+    k = model.labels.index(POSITIVE)
     for path, _, _ in items:
         grey = read_image(path)
         refused.append(model.predict_array(grey, str(path)).record.ood)
         logits = model.run(normalise(resize(grey, model.spec.image_size), model.spec)[None])
-        labels.append(model.labels[int(logits["logits"][0].argmax())])  # refused films too
-    return labels, refused
+        z = logits["logits"][0].astype(np.float64)
+        labels.append(model.labels[int(z.argmax())])
+        p = np.exp(z - z.max())
+        p_covid.append(float(p[k] / p.sum()))
+    return labels, refused, np.array(p_covid)
+
+
+def covid_auc(items, p_covid: np.ndarray) -> float | None:
+    """AUC of P(COVID19): COVID films vs every other film (threshold-free separation)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([t == POSITIVE for _, t, _ in items])
+    return float(roc_auc_score(y, p_covid)) if 0 < y.sum() < len(y) else None
 
 
 def indicators(items, labels: list[str]) -> dict[str, np.ndarray]:
@@ -109,6 +124,9 @@ def paired(per_seed: list[tuple[list[str], np.ndarray, np.ndarray]], seed: int =
             "films": int(sum(len(a) for _, _, a, _ in groups)), "seeds": len(groups)}  # fmt: skip
 
 
+FOLDERS = ("validation (NIH adult, held out)", "test patients", "cxr-external")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -121,42 +139,47 @@ def main() -> None:
     external = films(args.data / "cxr-external")
     adultval = films(out / "adult" / "test")
     for setting in ("mixed", "paper"):
-        rows: dict[str, dict] = defaultdict(dict)
-        per = defaultdict(list)  # (folder, measure) → per-seed (patients, base, adult)
-        refusals: dict[str, list[int]] = defaultdict(list)
-        for s in seeds:
-            root = out / f"s{s}" / setting
-            if not all((root / f"{arm}.onnx").is_file() for arm in ("base", "adult")):
-                continue
-            test = films(root / "split" / "test")
-            for name, items in (("validation (NIH adult, held out)", adultval),
-                                ("test patients", test), ("cxr-external", external)):  # fmt: skip
-                preds = {arm: predict(root / f"{arm}.onnx", items) for arm in ("base", "adult")}
-                ind = {arm: indicators(items, preds[arm][0]) for arm in preds}
-                patients = [p for _, _, p in items]
-                for measure in ind["base"]:
-                    per[(name, measure)].append(
-                        (patients, ind["base"][measure], ind["adult"][measure])
-                    )
-                if name == "cxr-external":
-                    for arm in preds:
-                        refusals[arm].append(int(sum(preds[arm][1])))
-            for arm in ("base", "adult"):
+        arms = sorted({p.stem for p in out.glob(f"s*/{setting}/*.onnx")} - {"base"})
+        block: dict = {"arms": {}}
+        for arm in ["base", *arms]:
+            per = defaultdict(list)  # (folder, measure) → per-seed (patients, base, arm)
+            stats: dict = defaultdict(list)
+            for s in seeds:
+                root = out / f"s{s}" / setting
+                if not all((root / f"{a}.onnx").is_file() for a in ("base", arm)):
+                    continue
+                test = films(root / "split" / "test")
+                for name, items in zip(FOLDERS, (adultval, test, external), strict=True):
+                    preds = {a: predict(root / f"{a}.onnx", items) for a in ("base", arm)}
+                    ind = {a: indicators(items, preds[a][0]) for a in preds}
+                    patients = [p for _, _, p in items]
+                    for measure in ind["base"]:
+                        per[(name, measure)].append(
+                            (patients, ind["base"][measure], ind[arm][measure])
+                        )
+                    stats[f"{name} | COVID19 AUC"].append(covid_auc(items, preds[arm][2]))
+                    if name == "cxr-external":
+                        stats["cxr-external | refused by the bedside"].append(
+                            int(sum(preds[arm][1]))
+                        )
                 meta = json.loads((root / arm / "model.json").read_text())
                 val = (meta.get("metrics") or {}).get("validation") or {}
-                rows[arm].setdefault("stage_val_accuracy", []).append(val.get("accuracy"))
+                stats["stage validation accuracy"].append(val.get("accuracy"))
                 test_json = root / f"{arm}-test.json"
                 if test_json.is_file():
                     m = json.loads(test_json.read_text())
-                    rows[arm].setdefault("test_macro_auc", []).append(m.get("macro_auc"))
-        table = {
-            f"{name} | {measure}": paired(v)
-            for (name, measure), v in per.items()
-            if not all(np.isnan(a).all() for _, a, _ in v)
-        }
-        result["settings"][setting] = {
-            "paired": table, "stage": rows, "external_refused": dict(refusals),
-        }  # fmt: skip
+                    stats["test patients | macro AUC"].append(m.get("macro_auc"))
+                    stats["test patients | accuracy"].append(m.get("accuracy"))
+            block["arms"][arm] = {
+                "seeds": len(stats["stage validation accuracy"]),
+                "stats": dict(stats),
+                "vs_base": {
+                    f"{name} | {measure}": paired(v)
+                    for (name, measure), v in per.items()
+                    if not all(np.isnan(a).all() for _, a, _ in v)
+                },
+            }
+        result["settings"][setting] = block
     oct_rows = []
     for s in seeds:
         f = out / f"s{s}" / "oct" / "base-test.json"
@@ -167,13 +190,17 @@ def main() -> None:
     result["oct"] = oct_rows
     args.json.write_text(json.dumps(result, indent=1))
     for setting, block in result["settings"].items():
-        print(f"\n## {setting}: base → adult-at-target (mean over seeds, Δ [95 % CI])")
-        for key, v in block["paired"].items():
-            print(f"{key:60s} {v['a']:.3f} → {v['b']:.3f}  Δ {v['diff']:+.3f} "
-                  f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]  ({v['films']} films, "
-                  f"{v['seeds']} seeds)")  # fmt: skip
-        print("external refused by the bedside:", block["external_refused"])
-        print("stage:", json.dumps(block["stage"]))
+        for arm, r in block["arms"].items():
+            print(f"\n## {setting} / {arm} ({r['seeds']} seeds)")
+            for key, vals in r["stats"].items():
+                v = [x for x in vals if x is not None]
+                print(f"{key:60s} " + (f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "—"))
+            if arm == "base":
+                continue
+            for key, v in r["vs_base"].items():
+                lo, hi = v["ci95"]
+                print(f"{key:60s} base {v['a']:.3f} → {v['b']:.3f}  Δ {v['diff']:+.3f} "
+                      f"[{lo:+.3f}, {hi:+.3f}]  ({v['films']} films)")  # fmt: skip
     print("\nOCT:", json.dumps(oct_rows))
 
 
