@@ -134,3 +134,17 @@ def pytest_collection_modifyitems(config, items) -> None:
         for marker, applies in TIERS.items():
             if applies(path):
                 item.add_marker(getattr(pytest.mark, marker))
+
+
+@pytest.fixture
+def started():
+    """Processes started by a test; all of them (and their children) end with it."""
+    import subprocess
+
+    from fedbridge_shared.processes import alive, descendants, stop, stop_pids
+
+    procs: list[subprocess.Popen] = []
+    yield procs
+    stop([p for p in procs if p.poll() is None], timeout=20)
+    leftovers = [pid for pid in descendants(p.pid for p in procs) if alive(pid)]
+    stop_pids(leftovers, timeout=5)

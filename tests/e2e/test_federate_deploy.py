@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from cli import assert_one_line_error, fedbridge, json_out, launch, ok
 from foreign import assert_refused, attack, audit_refusals
 from planted import leaks, plant_copy, plant_unreadable
 
-from fedbridge_shared.processes import alive, descendants, free_port, process_table, stop
+from fedbridge_shared.processes import alive, descendants, free_port, process_table
 from fedbridge_shared.spec import load_bundle
 
 
@@ -92,17 +91,6 @@ def _lose(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
-
-
-@pytest.fixture
-def started():
-    """Processes started by a test; all of them (and their children) end with it."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    stop(procs, timeout=20)
 
 
 def _server(

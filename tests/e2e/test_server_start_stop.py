@@ -12,27 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
-import pytest
 from cli import launch, ok, wait_for
 
-from fedbridge_shared.processes import alive, descendants, free_port, process_table, stop
+from fedbridge_shared.processes import alive, descendants, free_port, process_table
 from fedbridge_shared.spec import load_bundle
 
 ROUNDS = 4
-
-
-@pytest.fixture
-def started():
-    """Processes started by the test; all of them (and their children) end with it."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    stop(procs, timeout=20)
 
 
 def _completed(rounds: Path) -> int:

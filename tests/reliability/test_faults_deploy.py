@@ -25,7 +25,7 @@ import torch
 from cli import launch, ok
 from rich.console import Console
 
-from fedbridge_shared.processes import alive, descendants, free_port, stop, stop_pids
+from fedbridge_shared.processes import alive, descendants, free_port, stop_pids
 from fedbridge_shared.spec import load_bundle
 
 TIMINGS: dict[str, float] = {}
@@ -66,16 +66,6 @@ def _completed(rounds_dir: Path) -> int:
         return json.loads((rounds_dir / "state.json").read_text())["completed"]
     except (OSError, ValueError, KeyError):
         return 0
-
-
-@pytest.fixture
-def started():
-    """Processes started by a test; all of them (and their children) end with it."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    stop([p for p in procs if p.poll() is None], timeout=20)
-    leftovers = [pid for pid in descendants(p.pid for p in procs) if alive(pid)]
-    stop_pids(leftovers, timeout=5)
 
 
 @pytest.fixture(scope="module")
