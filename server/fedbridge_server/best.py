@@ -44,7 +44,8 @@ def choose_best(
         return 0, None, "last-round"
     server = [h for h in rows if h.get(R.SERVER_VAL_LOSS) is not None]
     if server:
-        if min(int(h.get(R.SERVER_VAL_EXAMPLES) or 0) for h in server) < MIN_VAL_IMAGES:
+        sizes = [int(h[R.SERVER_VAL_EXAMPLES]) for h in server if R.SERVER_VAL_EXAMPLES in h]
+        if sizes and min(sizes) < MIN_VAL_IMAGES:  # rows of an older store carry no size
             return rows[-1][R.ROUND], None, "small-val"
         best = min(server, key=lambda h: (h[R.SERVER_VAL_LOSS], h[R.ROUND]))
         return best[R.ROUND], float(best[R.SERVER_VAL_LOSS]), "server-val"

@@ -219,7 +219,11 @@ def coerce(model: type[Settings], key: str, value: Any) -> Any:
     f = owner.model_fields[path[-1]]
 
     try:
-        annotated: Any = Annotated.__class_getitem__((f.annotation, *f.metadata))  # type: ignore[attr-defined]  # runtime-built Annotated[T, *bounds]
+        annotated: Any = (
+            Annotated.__class_getitem__((f.annotation, *f.metadata))  # type: ignore[attr-defined]  # runtime-built Annotated[T, *bounds]
+            if f.metadata
+            else f.annotation  # a plain Literal or type: nothing to annotate
+        )
         return TypeAdapter(annotated).validate_python(value)
     except ValidationError as e:
         raise ConfigError(_line(e.errors(include_url=False)[0], f, key, options=False)) from None

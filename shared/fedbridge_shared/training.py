@@ -29,7 +29,7 @@ from fedbridge_shared.metrics import compute_metrics
 from fedbridge_shared.modality import augment_for, modality_for_stage
 from fedbridge_shared.models import init_model
 from fedbridge_shared.settings import TrainConfig
-from fedbridge_shared.spec import is_bundle, save_bundle
+from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
 
 PAPER_PRESET = {"arch": "inception_v4", "image_size": 299, "augment_per_sample": 10}
 """The paper's settings (Carr, Sami, Sanderson): Inception-V4 at 299 px, ×10 expansion."""
@@ -134,24 +134,33 @@ def union_index(
 
 
 def target_plan(
-    folder_labels: Sequence[str], label_map: Mapping[str, Sequence[str]] | None, *, where: object
+    folder_labels: Sequence[str],
+    label_map: Mapping[str, Sequence[str]] | None,
+    *,
+    where: object,
+    known: Iterable[str] = (),
 ) -> tuple[tuple[str, ...], dict[str, int], list[tuple[int, ...]]]:
     """The model's labels, each folder label's training target, and the label sets.
 
     Without a map the model's labels are the folders'. A mapped folder label is not a model
     label: it trains as its one target, or as target ``C + k`` (the k-th set) when it names
-    several (:mod:`fedbridge_shared.losses`).
+    several (:mod:`fedbridge_shared.losses`). A target must be an unmapped folder label or one
+    of ``known`` (the ``--init`` bundle's labels): a typo never becomes a new class.
     """
     label_map = dict(label_map or {})
     absent = [name for name in label_map if name not in folder_labels]
     if absent:
         raise ConfigError(f"--label-map {absent[0]}: no class folder of that name in {where}")
-    labels = tuple(
-        sorted(
-            {x for x in folder_labels if x not in label_map}
-            | {t for v in label_map.values() for t in v}
-        )
-    )
+    allowed = {x for x in folder_labels if x not in label_map} | set(known)
+    for name, targets in label_map.items():
+        unknown = [t for t in targets if t not in allowed]
+        if unknown:
+            raise ConfigError(
+                f"--label-map {name}={'|'.join(targets)}: {', '.join(unknown)} is neither a class "
+                f"folder of {where} nor a label of the --init bundle"
+            )
+    mapped = {t for targets in label_map.values() for t in targets}
+    labels = tuple(sorted({x for x in folder_labels if x not in label_map} | mapped))
     target_of = {label: i for i, label in enumerate(labels)}
     sets: list[tuple[int, ...]] = []
     for name, targets in label_map.items():
@@ -215,7 +224,10 @@ def run_stage(
     folders = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
     index, folder_records = union_index(folders, manifest, allow=allow, console=console)
     seed_everything(config.seed)
-    model_labels, target_of, label_sets = target_plan(index.labels, label_map, where=folders[0])
+    known = load_bundle(Path(init)).spec.labels if label_map and is_bundle(Path(init)) else ()
+    model_labels, target_of, label_sets = target_plan(
+        index.labels, label_map, where=folders[0], known=known
+    )
     model, spec = init_model(init, model_labels, arch, image_size)
     if config.intensity is not None:
         spec = dataclasses.replace(spec, intensity=config.intensity)
@@ -234,10 +246,12 @@ def run_stage(
             config.seed,
             group_of=copy_groups(index.samples)[0],  # a copy never validates its original
         )
-    if label_sets:  # a film known only as "one of these" is trained on, never validated on
+    if label_sets:  # a film known only as "one of these" is trained on, never validated on:
+        # its patient moves to training whole, so no patient is on both sides
         is_set = {s.label for s in index.samples if target_of[s.label] >= len(spec.labels)}
-        parts["train"] += [s for s in parts["val"] if s.label in is_set]
-        parts["val"] = [s for s in parts["val"] if s.label not in is_set]
+        moved = {s.patient_id for s in parts["val"] if s.label in is_set}
+        parts["train"] += [s for s in parts["val"] if s.patient_id in moved]
+        parts["val"] = [s for s in parts["val"] if s.patient_id not in moved]
     if len(parts["val"]) < 2:
         parts = {"train": list(index.samples), "val": []}
     train_imgs = decode(

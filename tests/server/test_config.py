@@ -158,6 +158,13 @@ def test_a_set_key_that_disagrees_with_a_typed_option_is_refused(tmp_path):
     assert merge_overrides(flat, same, given=given)["num-server-rounds"] == "1.0"
     assert merge_overrides(flat, {"lr": "0.1"}, given=given)["lr"] == "0.1"
     assert merge_overrides(flat, {"out": "B"}, given={})["out"] == "B"
+    # keys whose type is a plain choice (no bounds) compare too, and never crash
+    choices = {"strategy": "fedprox", "augment": "oct"}
+    named = {"strategy": "--strategy", "augment": "--augment"}
+    for key, value in (("strategy", "fedavg"), ("augment", "cxr")):
+        with pytest.raises(ConfigError, match=f"--set {key}=.* disagrees with --{key}"):
+            merge_overrides(choices, {key: value}, given=named)
+    assert merge_overrides(choices, {"strategy": "fedprox"}, given=named)["strategy"] == "fedprox"
 
 
 def test_record_level_dp_goes_to_the_sites_and_works_with_secure_aggregation():

@@ -360,6 +360,8 @@ def test_choose_best_needs_enough_images_on_the_set_it_ranks():
     assert choose_best(small) == (2, None, "small-val")
     big = [{**row, "server_val_examples": 100} for row in small]
     assert choose_best(big) == (1, 0.2, "server-val")
+    older = [{k: v for k, v in row.items() if k != "server_val_examples"} for row in small]
+    assert choose_best(older) == (1, 0.2, "server-val")  # a store written before the size key
 
 
 def _row(rnd: int, **sites: float) -> dict:

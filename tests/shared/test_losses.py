@@ -55,7 +55,7 @@ def test_hits_count_a_prediction_inside_the_set():
 
 def test_target_plan_makes_mapped_folders_targets_not_model_labels():
     labels, target_of, sets = target_plan(
-        ["COVID19", "NORMAL", "PNEUMONIA_UNSPECIFIED", "VIRAL_PNEUMONIA"],
+        ["BACTERIAL_PNEUMONIA", "COVID19", "NORMAL", "PNEUMONIA_UNSPECIFIED", "VIRAL_PNEUMONIA"],
         {"PNEUMONIA_UNSPECIFIED": ("VIRAL_PNEUMONIA", "BACTERIAL_PNEUMONIA")},
         where="data",
     )
@@ -64,3 +64,13 @@ def test_target_plan_makes_mapped_folders_targets_not_model_labels():
     assert target_of["NORMAL"] == 2
     with pytest.raises(ConfigError, match="--label-map ADULT: no class folder"):
         target_plan(["NORMAL"], {"ADULT": ("NORMAL",)}, where="data")
+    typo = {"PNEUMONIA_UNSPECIFIED": ("BACTERIAL_PNEUMONIA", "VIRAL_PNEUMONA")}
+    with pytest.raises(ConfigError, match="VIRAL_PNEUMONA is neither a class folder"):
+        target_plan(["BACTERIAL_PNEUMONIA", "PNEUMONIA_UNSPECIFIED"], typo, where="data")
+    labels, _, sets = target_plan(  # a target the --init bundle knows is fine
+        ["NORMAL", "PNEUMONIA_UNSPECIFIED"],
+        {"PNEUMONIA_UNSPECIFIED": ("BACTERIAL_PNEUMONIA", "VIRAL_PNEUMONIA")},
+        where="data",
+        known=("BACTERIAL_PNEUMONIA", "NORMAL", "VIRAL_PNEUMONIA"),
+    )
+    assert labels == ("BACTERIAL_PNEUMONIA", "NORMAL", "VIRAL_PNEUMONIA") and sets == [(0, 2)]
