@@ -74,10 +74,12 @@ def _config_section(config: Mapping[str, Any]) -> str:
 
 
 def _counts_section(counts: Mapping[str, Mapping[str, int]], labels: Sequence[str]) -> str:
-    header = ("split / site", *labels, "total")
+    extra = sorted({k for c in counts.values() for k in c} - set(labels))  # --label-map sets
+    columns = [*labels, *extra]
+    header = ("split / site", *labels, *(f"{k} (label set)" for k in extra), "total")
     rows = []
     for part, per_class in counts.items():
-        values = [int(per_class.get(label, 0)) for label in labels]
+        values = [int(per_class.get(label, 0)) for label in columns]
         rows.append((part, *values, sum(values)))
     return section("counts", "Images per split and site", table(header, rows))
 
