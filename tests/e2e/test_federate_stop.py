@@ -73,13 +73,14 @@ def test_every_site_dropped_by_the_round_timeout_ends_the_run_with_a_clear_messa
     root, split = fed
     out = tmp_path / "fed"
     ray_before = _ray_dirs()
-    # one second is too short for any site to train a round: all three are dropped
+    # one second is too short for any site to train a round: all three are dropped, and the
+    # default quorum is a majority of the 3 sites (2)
     result = fedbridge(
         *_simulate(root, split, out, "--rounds", "2", "--set", "round-timeout=1"), timeout=300
     )
     assert result.returncode != 0
     err = result.stderr.strip().splitlines()[-1]
-    assert err.startswith("error: round 1: 0 usable update(s), fewer than the quorum of 3"), (
+    assert err.startswith("error: round 1: 0 usable update(s), fewer than the quorum of 2"), (
         result.stderr[-3000:]
     )
     assert "no reply before the round timeout" in err and "rerun the same command" in err
