@@ -17,7 +17,7 @@ Three parts, all numbers, no pictures (``report_sections.shortcut_section`` rend
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,19 @@ def parse_label_map(items: Sequence[str], *, option: str = "--label-map") -> Lab
     return out
 
 
+def check_targets(
+    declared: Mapping[str, Sequence[str]], allowed: Iterable[str], problem: str
+) -> None:
+    """One-line ConfigError naming the first mapping with a target outside ``allowed``."""
+    allowed = set(allowed)
+    for name, targets in declared.items():
+        unknown = [t for t in targets if t not in allowed]
+        if unknown:
+            raise ConfigError(
+                f"--label-map {name}={'|'.join(targets)}: {', '.join(unknown)} {problem}"
+            )
+
+
 def resolve_label_map(
     folder_labels: Sequence[str],
     model_labels: Sequence[str],
@@ -70,13 +83,7 @@ def resolve_label_map(
     """
     declared = dict(declared or {})
     model = list(model_labels)
-    for name, targets in declared.items():
-        unknown = [t for t in targets if t not in model]
-        if unknown:
-            raise ConfigError(
-                f"--label-map {name}={'|'.join(targets)}: {', '.join(unknown)} is not a label "
-                f"of the model ({', '.join(model)})"
-            )
+    check_targets(declared, model, f"is not a label of the model ({', '.join(model)})")
     unknown = [label for label in folder_labels if label not in declared and label not in model]
     if unknown:
         raise ConfigError(

@@ -29,6 +29,7 @@ from fedbridge_shared.metrics import compute_metrics
 from fedbridge_shared.modality import augment_for, modality_for_stage
 from fedbridge_shared.models import init_model
 from fedbridge_shared.settings import TrainConfig
+from fedbridge_shared.shortcut import check_targets
 from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
 
 PAPER_PRESET = {"arch": "inception_v4", "image_size": 299, "augment_per_sample": 10}
@@ -152,13 +153,9 @@ def target_plan(
     if absent:
         raise ConfigError(f"--label-map {absent[0]}: no class folder of that name in {where}")
     allowed = {x for x in folder_labels if x not in label_map} | set(known)
-    for name, targets in label_map.items():
-        unknown = [t for t in targets if t not in allowed]
-        if unknown:
-            raise ConfigError(
-                f"--label-map {name}={'|'.join(targets)}: {', '.join(unknown)} is neither a class "
-                f"folder of {where} nor a label of the --init bundle"
-            )
+    check_targets(
+        label_map, allowed, f"is neither a class folder of {where} nor a label of the --init bundle"
+    )
     mapped = {t for targets in label_map.values() for t in targets}
     labels = tuple(sorted({x for x in folder_labels if x not in label_map} | mapped))
     target_of = {label: i for i, label in enumerate(labels)}
