@@ -259,8 +259,9 @@ def _many_files(root: Path, cxr_root: Path, per_class: int) -> Path:
 
 
 def _stop_when(proc: subprocess.Popen, parent: Path, prefix: str, sig: int) -> None:
-    """Send ``sig`` once a temp folder ``prefix…`` holds a file (at most 20000 looks)."""
-    for _ in range(20000):
+    """Send ``sig`` once a temp folder ``prefix…`` holds a file (at most 200000 looks: a loaded
+    machine can take minutes to start the command and scan its inputs)."""
+    for _ in range(200_000):
         temps = [p for p in parent.iterdir() if p.name.startswith(prefix)]
         if temps and any(p.is_file() for p in temps[0].rglob("*")):
             proc.send_signal(sig)
