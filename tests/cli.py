@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -54,6 +55,15 @@ def assert_one_line_error(result, *needles: str) -> str:
     return lines[0]
 
 
+def as_foreground() -> None:
+    """A ``preexec_fn``: SIGINT as a terminal's foreground command has it (default).
+
+    A test run started as a background job (``cmd &`` in a script, as CI may) ignores SIGINT,
+    and its children inherit that, so a test of Ctrl-C would test nothing; this undoes it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def launch(*args: str | Path, log: Path, prefix: Sequence[str] = ()) -> subprocess.Popen:
     """Start ``fedbridge ARGS…`` in the background, in its own session, output appended to ``log``.
 
@@ -68,6 +78,7 @@ def launch(*args: str | Path, log: Path, prefix: Sequence[str] = ()) -> subproce
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=as_foreground,
         )
     finally:
         fh.close()

@@ -28,7 +28,7 @@ from badinputs import (
     write_multiframe_dicom,
     write_wide_png,
 )
-from cli import assert_one_line_error, fedbridge
+from cli import as_foreground, assert_one_line_error, fedbridge
 from inproc import run
 
 from fedbridge_shared.data.images import read_image
@@ -277,7 +277,8 @@ def test_data_split_stopped_mid_copy_leaves_nothing(tmp_path, cxr_root, sig):
     work = _work(tmp_path)
     split = work / "split"
     cmd = [sys.executable, "-m", "fedbridge", "data", "split", str(data), "--out", str(split)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_foreground)  # fmt: skip
     try:
         _stop_when(proc, work, ".split.tmp-", sig)
         _, err = proc.communicate(timeout=120)
