@@ -30,7 +30,7 @@ from fedbridge_shared.modality import augment_for, modality_for_stage
 from fedbridge_shared.models import init_model
 from fedbridge_shared.settings import TrainConfig
 from fedbridge_shared.shortcut import check_targets
-from fedbridge_shared.spec import is_bundle, load_bundle, save_bundle
+from fedbridge_shared.spec import is_bundle, read_bundle_record, save_bundle
 
 PAPER_PRESET = {"arch": "inception_v4", "image_size": 299, "augment_per_sample": 10}
 """The paper's settings (Carr, Sami, Sanderson): Inception-V4 at 299 px, ×10 expansion."""
@@ -221,7 +221,9 @@ def run_stage(
     folders = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
     index, folder_records = union_index(folders, manifest, allow=allow, console=console)
     seed_everything(config.seed)
-    known = load_bundle(Path(init)).spec.labels if label_map and is_bundle(Path(init)) else ()
+    known: list[str] = []  # the --init bundle's labels, from model.json alone (no weights)
+    if label_map and is_bundle(Path(init)):
+        known = list(read_bundle_record(Path(init))["spec"].get("labels", []))
     model_labels, target_of, label_sets = target_plan(
         index.labels, label_map, where=folders[0], known=known
     )
