@@ -11,7 +11,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,24 @@ from fedbridge_shared.processes import descendants, process_table, stop_pids
 from fedbridge_shared.spec import load_bundle
 
 
-def preflight(cfg: FederationConfig, sites: Sequence[Path]) -> None:
+def site_maps(
+    sites: Sequence[Path], label_map: Mapping[str, Sequence[str]] | None
+) -> list[dict[str, tuple[str, ...]]]:
+    """Each site's part of ``--label-map``: the names it has a class folder of. A name no site
+    has is a typo: ConfigError."""
+    label_map = dict(label_map or {})
+    maps = [{k: tuple(v) for k, v in label_map.items() if (Path(s) / k).is_dir()} for s in sites]
+    unused = [k for k in label_map if not any(k in m for m in maps)]
+    if unused:
+        raise ConfigError(f"--label-map {unused[0]}: no --site has a class folder of that name")
+    return maps
+
+
+def preflight(
+    cfg: FederationConfig,
+    sites: Sequence[Path],
+    label_maps: Sequence[Mapping[str, Sequence[str]]] = (),
+) -> None:
     """Check the init bundle and every site's labels before starting any process."""
     if len(sites) < 1:
         raise ConfigError("give at least one --site")
@@ -48,7 +65,7 @@ def preflight(cfg: FederationConfig, sites: Sequence[Path]) -> None:
     if cfg.target_labels():  # the federation retargets the bridge's head to these
         spec = dataclasses.replace(spec, labels=cfg.target_labels())
     for i, path in enumerate(sites, start=1):
-        site = Site(path, f"site-{i}")
+        site = Site(path, f"site-{i}", label_maps[i - 1] if label_maps else None)
         try:
             site.check_labels(spec)
         except FedbridgeError as e:
@@ -62,6 +79,7 @@ def simulate(
     out: Console,
     mods: Sequence = (),
     audit_dir: Path | None = None,
+    label_map: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Run the federation; returns the server's summary (history, best round, test metrics).
 
@@ -72,7 +90,8 @@ def simulate(
 
     cfg = FederationConfig.from_flat(flat)
     paths = [str(Path(s).resolve()) for s in sites]
-    preflight(cfg, [Path(p) for p in paths])
+    maps = site_maps([Path(p) for p in paths], label_map)
+    preflight(cfg, [Path(p) for p in paths], maps)
     summary: dict[str, Any] = {}
     failed: list[FedbridgeError] = []
     with Shutdown() as shutdown:
@@ -81,8 +100,9 @@ def simulate(
             stop=shutdown.stop, on_exit=shutdown.server_ended.set,
         )  # fmt: skip
         client = make_client_app(
-            paths, mods=mods, audit_dir=str(Path(audit_dir).resolve()) if audit_dir else None
-        )
+            paths, mods=mods, audit_dir=str(Path(audit_dir).resolve()) if audit_dir else None,
+            label_maps=maps,
+        )  # fmt: skip
         try:
             run_simulation(
                 server_app=server, client_app=client, num_supernodes=len(paths),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,11 +35,18 @@ class SiteError(RuntimeError):
     """What the server is told when a site fails: ``{"error": CODE, "count": N}`` only."""
 
 
-def site_for(context: Context, site_paths: Sequence[str] | None) -> Site:
+LabelMaps = Sequence[Mapping[str, Sequence[str]]]
+
+
+def site_for(
+    context: Context, site_paths: Sequence[str] | None, label_maps: LabelMaps | None = None
+) -> Site:
     """The Site of this SuperNode: node-config ``data-path`` or, in simulation, its partition
 
-    (folders from ``site_paths`` or the run config's ``simulation-sites``).
+    (folders from ``site_paths`` or the run config's ``simulation-sites``; ``label_maps``: each
+    simulated site's ``--label-map``, see :class:`fedbridge_client.site.Site`).
     """
+    label_map: Mapping[str, Sequence[str]] = {}
     node = context.node_config
     sim = context.run_config.get("simulation-sites")
     if not site_paths and P.NODE_DATA_PATH not in node and sim:
@@ -47,6 +54,7 @@ def site_for(context: Context, site_paths: Sequence[str] | None) -> Site:
     if site_paths:
         pid = int(node[P.NODE_PARTITION_ID])
         data, name = site_paths[pid], f"site-{pid + 1}"
+        label_map = label_maps[pid] if label_maps else {}
     elif P.NODE_DATA_PATH in node:
         data, name = str(node[P.NODE_DATA_PATH]), str(node.get(P.NODE_SITE_NAME, "site"))
     else:
@@ -58,11 +66,13 @@ def site_for(context: Context, site_paths: Sequence[str] | None) -> Site:
     if key not in _sites:
         from fedbridge_client.site import Site
 
-        _sites[key] = Site(Path(data), name)
+        _sites[key] = Site(Path(data), name, label_map)
     return _sites[key]
 
 
-def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_dir):
+def _guarded(
+    handler: Callable[[Site, Message], RecordDict], site_paths, audit_dir, label_maps=None
+):
     def run(msg: Message, context: Context) -> Message:
         node = context.node_config
         audit = audit_dir or node.get(P.NODE_AUDIT_DIR)
@@ -81,7 +91,7 @@ def _guarded(handler: Callable[[Site, Message], RecordDict], site_paths, audit_d
             elif worker and not site_paths:
                 content = _in_worker(str(worker), msg)
             else:
-                content = handler(site_for(context, site_paths), msg)
+                content = handler(site_for(context, site_paths, label_maps), msg)
             if msg.metadata.message_type == secure.TRAIN:
                 content = secure.mask_reply(content, msg, context)
             reply = Message(content=content, reply_to=msg)
@@ -221,19 +231,24 @@ def _evaluate(site: Site, msg: Message) -> RecordDict:
 
 
 def make_client_app(
-    site_paths: Sequence[str] | None = None, mods: Sequence = (), audit_dir: str | None = None
+    site_paths: Sequence[str] | None = None,
+    mods: Sequence = (),
+    audit_dir: str | None = None,
+    label_maps: LabelMaps | None = None,
 ) -> ClientApp:
-    """A ClientApp; ``site_paths`` maps simulation partitions to local folders.
+    """A ClientApp; ``site_paths`` maps simulation partitions to local folders (and
+    ``label_maps`` to each one's label map).
 
     With ``audit_dir`` (or node-config ``audit-dir``) every reply is described in a JSON-lines
     audit file (see :mod:`fedbridge_client.audit`).
     """
     app = ClientApp(mods=list(mods))
-    app.train()(_guarded(_train, site_paths, audit_dir))
-    app.evaluate()(_guarded(_evaluate, site_paths, audit_dir))
-    app.train("secagg")(_guarded(_train, site_paths, audit_dir))
+    train, evaluate = (_guarded(h, site_paths, audit_dir, label_maps) for h in (_train, _evaluate))
+    app.train()(train)
+    app.evaluate()(evaluate)
+    app.train("secagg")(train)
     for kind in secure.QUERIES:
-        app.query(kind)(_guarded(_evaluate, site_paths, audit_dir))  # routed to secure.STAGES
+        app.query(kind)(evaluate)  # routed to secure.STAGES
     return app
 
 

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -60,6 +60,7 @@ class SiteNode:
     max_retries: int | None = None
     max_wait: float | None = None  # seconds the SuperNode tries to reach a SuperLink that is down
     worker_socket: Path | None = None  # the site worker's socket (set by `join`)
+    label_map: dict[str, tuple[str, ...]] = field(default_factory=dict)  # see Site
 
     def check(self) -> dict[str, int]:
         """Refuse a bad plan before connecting; returns the image count per class."""
@@ -78,7 +79,13 @@ class SiteNode:
             pki.check_tls_files([self.ca])
             if not self.key.is_file():
                 raise ConfigError(f"{self.key}: private key not found")
-        return usable_index(self.data).counts()  # raises DataError naming the folder
+        counts = usable_index(self.data).counts()  # raises DataError naming the folder
+        absent = [k for k in self.label_map if k not in counts]
+        if absent:
+            raise ConfigError(
+                f"--label-map {absent[0]}: no class folder of that name in {self.data}"
+            )
+        return counts
 
     def node_config(self) -> str:
         """The SuperNode's node-config; with a worker (``join``) the data folder is not in it:
@@ -196,6 +203,8 @@ class _SiteWorker:
             "--name", self.node.name,
             "--owner", f"{P.NODE_EVENTS_FILE}='{Path(self.node.events).resolve()}'",
         ]  # fmt: skip
+        for name, targets in self.node.label_map.items():
+            cmd += ["--label-map", f"{name}={'|'.join(targets)}"]
         self.proc = spawn(cmd, self.log, tool_env())
         proc = self.proc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from fedbridge_shared.engine import (
     predict,
     proximal_penalty,
 )
-from fedbridge_shared.errors import DataError
+from fedbridge_shared.errors import DataError, FedbridgeError
 from fedbridge_shared.models import build_model
 from fedbridge_shared.protocol import (
     EvalReply,
@@ -29,32 +30,59 @@ from fedbridge_shared.protocol import (
     SiteFailure,
     TrainReply,
 )
+from fedbridge_shared.shortcut import resolve_label_map
 from fedbridge_shared.spec import ModelSpec
-from fedbridge_shared.training import resolve_device, usable_index
+from fedbridge_shared.training import resolve_device, set_targets, usable_index
 from fedbridge_shared.weights import load_shared_state, shared_state
 
 
 class Site:
-    """One site's data, split by patient into local train and validation parts."""
+    """One site's data, split by patient into local train and validation parts.
 
-    def __init__(self, data: Path, name: str) -> None:
+    ``label_map`` (the site's own declaration, e.g. ``{"PNEUMONIA_UNSPECIFIED":
+    ("BACTERIAL_PNEUMONIA", "VIRAL_PNEUMONIA")}``): a class folder whose films are known only as
+    one of several model labels trains with the partial-label loss and never validates, as in
+    ``fedbridge train --label-map``. Only counts of the model's own labels leave the site.
+    """
+
+    def __init__(
+        self, data: Path, name: str, label_map: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
         self.data, self.name = Path(data), name
+        self.label_map = {k: tuple(v) for k, v in (label_map or {}).items()}
         try:
             self.index = usable_index(self.data)
         except DataError as e:
             empty = "empty class folder" in str(e)
             code = SiteErrorCode.EMPTY_CLASS_FOLDER if empty else SiteErrorCode.DATA_FOLDER
             raise SiteFailure(str(e), code=code) from None
+        absent = [k for k in self.label_map if k not in self.index.labels]
+        if absent:
+            raise SiteFailure(
+                f"site {name}: --label-map {absent[0]}: no class folder of that name in "
+                f"{self.data}",
+                code=SiteErrorCode.LABELS_DIFFER,
+            )
         self._cache: dict[tuple, tuple] = {}
         self._patients: dict[tuple, list[str]] = {}
 
     def check_labels(self, spec: ModelSpec) -> None:
-        """Refuse, before any training, class folders the model does not know. A site that
-        lacks some of the model's classes takes part with what it has (zero counts)."""
+        """Refuse, before any training, class folders the model does not know (unless the
+        site's label map declares them). A site that lacks some of the model's classes takes
+        part with what it has (zero counts)."""
         try:
-            check_labels(self.index, spec.labels, where=f"site {self.name}")
-        except DataError as e:
+            if self.label_map:
+                resolve_label_map(
+                    self.index.labels, spec.labels, self.label_map, where=f"site {self.name}"
+                )
+            else:
+                check_labels(self.index, spec.labels, where=f"site {self.name}")
+        except FedbridgeError as e:
             raise SiteFailure(str(e), code=SiteErrorCode.LABELS_DIFFER) from None
+
+    def label_sets(self, spec: ModelSpec) -> list[tuple[int, ...]]:
+        """The partial-label sets of this site's label map under the model's labels."""
+        return set_targets(spec.labels, self.label_map)[1]
 
     def _parts(self, spec: ModelSpec, settings: LocalSettings):
         """Decoded train/val images and targets, cached per input size and split settings."""
@@ -63,7 +91,13 @@ class Site:
             self.check_labels(spec)
             weights = {"train": 1 - settings.val_fraction, "val": settings.val_fraction}
             parts = assign_parts(self.index.samples, weights, settings.seed)
-            target = {label: i for i, label in enumerate(spec.labels)}
+            target, _ = set_targets(spec.labels, self.label_map)
+            if len(target) > len(spec.labels):  # a set-labelled film never validates: its
+                # patient moves to training whole, so no patient is on both sides
+                k = len(spec.labels)
+                moved = {s.patient_id for s in parts["val"] if target[s.label] >= k}
+                parts["train"] += [s for s in parts["val"] if s.patient_id in moved]
+                parts["val"] = [s for s in parts["val"] if s.patient_id not in moved]
             self._cache[key] = tuple(
                 (_decode(parts[p], spec.image_size), [target[s.label] for s in parts[p]])
                 for p in ("train", "val")
@@ -139,6 +173,7 @@ class Site:
             penalty=proximal_penalty(model, settings.proximal_mu) if settings.proximal_mu else None,
             ema_decay=settings.ema_decay,
             privacy=private,
+            label_sets=self.label_sets(spec),
         )
         last = result.history[-1]
         spent = {}
@@ -198,7 +233,6 @@ def _decode(samples, size: int) -> list[np.ndarray]:
 
 
 def _class_counts(targets: list[int] | np.ndarray, n_labels: int) -> tuple[int, ...]:
-    """Images per label index (before augmentation)."""
-    return tuple(
-        int(n) for n in np.bincount(np.asarray(targets, dtype=np.int64), minlength=n_labels)
-    )
+    """Images per label index (before augmentation); a label set's films are not counted."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=n_labels)
+    return tuple(int(n) for n in counts[:n_labels])

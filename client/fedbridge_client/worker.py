@@ -26,13 +26,14 @@ READY = "fedbridge site worker ready"  # logged once the socket accepts tasks
 class Worker:
     """Serves train/evaluate tasks for one site's data folder."""
 
-    def __init__(self, data: Path, name: str) -> None:
+    def __init__(self, data: Path, name: str, label_map: dict | None = None) -> None:
         import torch  # noqa: F401  (loaded once, here, not per message)
 
         from fedbridge_client.site import Site
 
-        self.data, self.name = Path(data), name
-        self.site, self._seen = Site(self.data, name), _fingerprint(self.data)
+        self.data, self.name, self.label_map = Path(data), name, label_map or {}
+        self.site = Site(self.data, name, self.label_map)
+        self._seen = _fingerprint(self.data)
 
     def _current_site(self):
         """The site, re-indexed when files were added, removed or changed since the last task."""
@@ -41,7 +42,7 @@ class Worker:
         now = _fingerprint(self.data)
         if now != self._seen:
             log.info("the data folder changed: re-reading it")
-            self.site, self._seen = Site(self.data, self.name), now
+            self.site, self._seen = Site(self.data, self.name, self.label_map), now
         return self.site
 
     def handle(self, header: dict, arrays: dict) -> tuple[dict, dict]:
@@ -119,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--name", required=True)
     parser.add_argument("--owner", default="", help="marker `site join` finds strays by")
+    parser.add_argument("--label-map", action="append", default=[], help="as `site join`'s")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        worker = Worker(args.data, args.name)
+        from fedbridge_shared.shortcut import parse_label_map
+
+        worker = Worker(args.data, args.name, parse_label_map(args.label_map))
         worker.serve(args.socket)
     except KeyboardInterrupt:
         return 0

@@ -158,6 +158,15 @@ def target_plan(
     )
     mapped = {t for targets in label_map.values() for t in targets}
     labels = tuple(sorted({x for x in folder_labels if x not in label_map} | mapped))
+    target_of, sets = set_targets(labels, label_map)
+    return labels, target_of, sets
+
+
+def set_targets(
+    labels: Sequence[str], label_map: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, int], list[tuple[int, ...]]]:
+    """Each label's training target under the model's ``labels``: its index; a mapped folder
+    label's one target, or ``C + k`` for the k-th label set (:mod:`fedbridge_shared.losses`)."""
     target_of = {label: i for i, label in enumerate(labels)}
     sets: list[tuple[int, ...]] = []
     for name, targets in label_map.items():
@@ -167,7 +176,7 @@ def target_plan(
         else:
             target_of[name] = len(labels) + len(sets)
             sets.append(idx)
-    return labels, target_of, sets
+    return target_of, sets
 
 
 def decode(

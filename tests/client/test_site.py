@@ -9,7 +9,13 @@ from badinputs import make_class_tree
 from fedbridge_client.site import Site
 from fedbridge_shared.errors import DataError
 from fedbridge_shared.models import init_model
-from fedbridge_shared.protocol import NUM_EXAMPLES, LocalSettings, RoundTask
+from fedbridge_shared.protocol import (
+    NUM_EXAMPLES,
+    LocalSettings,
+    RoundTask,
+    SiteErrorCode,
+    SiteFailure,
+)
 from fedbridge_shared.weights import shared_state
 
 SETTINGS = LocalSettings(batch_size=8, augment_per_sample=1, lr=1e-3, proximal_mu=0.0)
@@ -96,3 +102,52 @@ def test_the_last_round_of_the_federation_ends_the_cosine_schedule(site_and_mode
     head = [k for k in state if k.startswith("classifier.")]  # trained weights, not BN buffers
     dist = lambda s: sum((s[k] - state[k]).pow(2).sum() for k in head)  # noqa: E731
     assert dist(last) < 0.2 * dist(first)
+
+
+MAP = {"PNEUMONIA_UNSPECIFIED": ("BACTERIAL_PNEUMONIA", "VIRAL_PNEUMONIA")}
+LABELS = ("BACTERIAL_PNEUMONIA", "COVID19", "NORMAL", "VIRAL_PNEUMONIA")
+
+
+@pytest.fixture(scope="module")
+def adult_site(cxr_root, data_root, tmp_path_factory):
+    """CXR classes plus NIH adult films known only as 'pneumonia' (organism not recorded)."""
+    data = make_class_tree(tmp_path_factory.mktemp("adult") / "data", cxr_root, per_class=6)
+    nih = data_root / "bridge" / "cxr-adult" / "PNEUMONIA_UNSPECIFIED"
+    (data / nih.name).mkdir()
+    for image in sorted(nih.glob("*.jpg"))[:10]:
+        shutil.copy(image, data / nih.name / image.name)
+    return data
+
+
+def test_a_site_label_map_trains_set_labelled_films_and_never_validates_them(adult_site):
+    site = Site(adult_site, "site-4", MAP)
+    model, spec = init_model("none", LABELS, "test_efficientnet", 48)
+    spec_labels = spec.labels
+    assert "PNEUMONIA_UNSPECIFIED" not in spec_labels and len(spec_labels) == 4
+    state = shared_state(model)
+    settings = LocalSettings(**{**SETTINGS.__dict__, "val_fraction": 0.3, "augment_per_sample": 0})
+    (train_imgs, train_y), (val_imgs, val_y) = site._parts(spec, settings)
+    k = len(spec_labels)
+    assert sum(t >= k for t in train_y) == 10  # all 10 set-labelled films train …
+    assert all(t < k for t in val_y) and val_imgs  # … and none validates
+    # a set target (≥ C) reaches the loss only as a label set: plain CE would fail on it
+    new, reply = site.train(task(spec, settings=settings), state)
+    assert any(not torch.equal(new[k_], state[k_]) for k_ in state)
+    counts = reply.counts_by_label(spec_labels)
+    assert set(counts) == set(spec_labels)  # only the model's own labels leave the site
+    assert reply.num_examples == len(train_imgs) == sum(counts.values()) + 10
+    m = site.evaluate(task(spec, settings=settings), new)
+    assert m.num_examples == len(val_imgs) == sum(m.class_counts)
+
+
+def test_a_site_label_map_is_checked_against_the_folder_and_the_model(adult_site, tmp_path):
+    model, spec = init_model("none", LABELS, "test_efficientnet", 48)
+    state = shared_state(model)
+    with pytest.raises(DataError, match=r"class folders \['PNEUMONIA_UNSPECIFIED'\]"):
+        Site(adult_site, "site-4").train(task(spec), state)  # undeclared: refused
+    with pytest.raises(DataError, match="--label-map ADULT: no class folder of that name"):
+        Site(adult_site, "site-4", {"ADULT": ("NORMAL",)})
+    bad = Site(adult_site, "site-4", {"PNEUMONIA_UNSPECIFIED": ("PNEUMONIA",)})
+    with pytest.raises(SiteFailure, match="PNEUMONIA is not a label of the model") as e:
+        bad.train(task(spec), state)
+    assert e.value.code is SiteErrorCode.LABELS_DIFFER

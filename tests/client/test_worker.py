@@ -5,8 +5,11 @@ weights and metrics that :class:`Site` gives when called directly with the same 
 """
 
 import json
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +25,7 @@ from fedbridge_client.wire import WireError, recv_frame, send_frame
 from fedbridge_client.worker import Worker
 from fedbridge_shared import protocol as P
 from fedbridge_shared.models import init_model
+from fedbridge_shared.processes import stop_pids
 from fedbridge_shared.protocol import LocalSettings, RoundTask
 from fedbridge_shared.weights import pack, shared_state, unpack
 
@@ -130,3 +134,39 @@ def test_a_failing_task_and_a_missing_worker_are_reported_as_site_errors(
     with pytest.raises(P.SiteFailure, match="worker is not running") as down:
         client_app._in_worker(str(tmp_path / "gone.sock"), msg)
     assert down.value.code == P.SiteErrorCode.WORKER_DOWN
+
+
+def test_a_worker_started_with_a_label_map_trains_the_sites_set_labelled_films(
+    site_data, data_root, tmp_path
+):
+    """The worker `site join` starts, as a process, with the site's own --label-map."""
+    data, _, _ = site_data
+    adult = tmp_path / "data"
+    shutil.copytree(data, adult)
+    nih = data_root / "bridge" / "cxr-adult" / "PNEUMONIA_UNSPECIFIED"
+    (adult / nih.name).mkdir()
+    for image in sorted(nih.glob("*.jpg"))[:6]:
+        shutil.copy(image, adult / nih.name / image.name)
+    labels = ("BACTERIAL_PNEUMONIA", "COVID19", "NORMAL", "VIRAL_PNEUMONIA")
+    model, spec = init_model("none", labels, "test_efficientnet", 48)
+    state = shared_state(model)
+    path = tmp_path / "w.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedbridge_client.worker", "--socket", str(path), "--data",
+         str(adult), "--name", "site-a", "--label-map",
+         "PNEUMONIA_UNSPECIFIED=BACTERIAL_PNEUMONIA|VIRAL_PNEUMONIA"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(60_000):  # until it binds or dies (importing torch takes a while)
+            if path.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert path.exists(), proc.stderr.read() if proc.stderr else ""
+        reply = client_app._in_worker(str(path), _message("train", spec, state))
+        metrics = dict(reply[P.METRICS])
+        counted = sum(metrics[f"class-count-{i}"] for i in range(len(labels)))
+        assert metrics[P.NUM_EXAMPLES] == counted + 6  # the 6 films train, as a label set
+    finally:
+        stop_pids([proc.pid])  # SIGTERM, SIGKILL after 15 s
+        proc.wait()

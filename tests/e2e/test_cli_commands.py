@@ -128,3 +128,13 @@ def test_version_prints_the_package_version_and_exits_zero():
     assert result.stdout.strip() == f"fedbridge {__version__}"
     metadata = Path(__file__).resolve().parents[2] / "pyproject.toml"
     assert f'version = "{__version__}"' in metadata.read_text()  # one version, not two
+
+
+def test_site_join_refuses_a_label_map_naming_no_class_folder_before_connecting(cxr_root, tmp_path):
+    result = fedbridge(
+        "site", "join", "--superlink", "127.0.0.1:9", "--data", cxr_root, "--name", "a",
+        "--insecure", "--label-map", "ADULT_PNEUMONIA=BACTERIAL_PNEUMONIA|VIRAL_PNEUMONIA",
+        "--log", tmp_path / "a.log",
+    )  # fmt: skip
+    assert_one_line_error(result, "--label-map ADULT_PNEUMONIA", "no class folder")
+    assert not (tmp_path / "a.log").exists()  # nothing started

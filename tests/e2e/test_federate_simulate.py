@@ -277,3 +277,38 @@ def test_a_three_label_bridge_becomes_a_four_label_federated_model(fed, tmp_path
     assert init["label_map"]["COVID19"] is None
     assert init["label_map"]["NORMAL"] == "NORMAL"
     assert init["source_labels"] == list(bridge.spec.labels)
+
+
+def test_a_site_with_adult_films_known_only_as_pneumonia_takes_part(fed, data_root, tmp_path):
+    """`--label-map` at the sites that hold such a folder: its films train as a label set, only
+    counts of the model's labels reach the coordinator, a name no site has is refused."""
+    root, split = fed
+    site = tmp_path / "site-adult"
+    site.mkdir()
+    for label_dir in (split / "site-1").iterdir():
+        if label_dir.is_dir():
+            (site / label_dir.name).symlink_to(label_dir.resolve())
+    nih = data_root / "bridge" / "cxr-adult" / "PNEUMONIA_UNSPECIFIED"
+    (site / nih.name).mkdir()
+    for image in sorted(nih.glob("*.jpg"))[:12]:
+        (site / nih.name / image.name).symlink_to(image)
+    sites = ("--site", site, "--site", split / "site-2")
+    typo = fedbridge("federate", "simulate", "--init", root / "bridge", *sites,
+                     "--label-map", "ADULT=NORMAL", "--out", tmp_path / "x")  # fmt: skip
+    assert_one_line_error(typo, "--label-map ADULT", "no --site has a class folder")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x-rounds").exists()
+    audit = tmp_path / "audit"
+    ok("federate", "simulate", "--init", root / "bridge", *sites, "--rounds", "1",
+       "--augment-per-sample", "0", "--out", tmp_path / "fed", "--audit-dir", audit,
+       "--label-map", "PNEUMONIA_UNSPECIFIED=BACTERIAL_PNEUMONIA|VIRAL_PNEUMONIA")  # fmt: skip
+    final = load_bundle(tmp_path / "fed")
+    assert final.spec.labels == ("BACTERIAL_PNEUMONIA", "COVID19", "NORMAL", "VIRAL_PNEUMONIA")
+    state = json.loads((tmp_path / "fed-rounds" / "state.json").read_text())
+    (row,) = state["history"]
+    adult = row["per_site"]["site-1"]
+    on_disk = {d.name: sum(1 for _ in d.glob("*.jpg")) for d in (split / "site-1").iterdir()}
+    assert set(adult["train_counts"]) == set(final.spec.labels)
+    both = {k: adult["train_counts"][k] + adult["val_counts"][k] for k in on_disk}
+    assert both == on_disk  # the 12 set-labelled films are in no class's count
+    sent = "".join(f.read_text() for f in audit.glob("*.jsonl"))
+    assert "PNEUMONIA_UNSPECIFIED" not in sent and "train" in sent

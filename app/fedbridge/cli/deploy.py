@@ -35,6 +35,7 @@ from fedbridge.cli.options import (
     Tracking,
     TrackingOpt,
     TrackingUri,
+    TrainLabelMap,
     check_tracking,
     make_console,
     track,
@@ -230,16 +231,20 @@ def join(
         float, typer.Option(help="Seconds to keep retrying until the SuperLink admits this site.")
     ] = 600.0,
     insecure: Insecure = False,
+    label_map: TrainLabelMap = None,
 ) -> None:
     """Connect this site's data to a federation and train when the coordinator asks.
 
-    Runs until Ctrl-C or SIGTERM: the site serves every run the coordinator starts.
+    Runs until Ctrl-C or SIGTERM: the site serves every run the coordinator starts. The
+    ``--label-map`` stays at the site: the coordinator sees only counts of the model's labels.
     """
     from fedbridge_client.join import SiteNode
     from fedbridge_client.join import join as run
+    from fedbridge_shared.shortcut import parse_label_map
 
     node = SiteNode(
         superlink=superlink, data=data, name=name, ca=ca, key=key, insecure=insecure,
         runtime_port=runtime_port, audit_dir=audit_dir,
+        label_map=parse_label_map(label_map or []),
     )  # fmt: skip
     run(node, log or Path(f"{name}-supernode.log"), make_console(), admit_timeout=admit_timeout)

@@ -17,6 +17,7 @@ from fedbridge.cli.options import (
     Tracking,
     TrackingOpt,
     TrackingUri,
+    TrainLabelMap,
     check_tracking,
     make_console,
     print_json,
@@ -95,13 +96,22 @@ def folder_labels(folder: Path | None) -> str | None:
     return ",".join(scan_folder(Path(folder)).labels)
 
 
-def site_labels(init: Path, sites: list[Path]) -> str | None:
+def site_labels(
+    init: Path, sites: list[Path], label_map: dict[str, tuple[str, ...]] | None = None
+) -> str | None:
     """The target labels of a simulation: the bridge bundle's when every site's class folders
     are among them (a site lacking a class still takes part), else the first site's folders
-    (the federation retargets the bridge to them; a site with other classes is refused)."""
+    (the federation retargets the bridge to them; a site with other classes is refused). A
+    folder the ``label_map`` declares counts as the labels it maps to."""
     from fedbridge_shared.spec import read_bundle_record
 
-    found = [folder_labels(s) for s in sites]
+    def mapped(labels: str | None) -> str | None:
+        if labels is None or not label_map:
+            return labels
+        names = [x for f in labels.split(",") for x in label_map.get(f, (f,))]
+        return ",".join(sorted(set(names)))
+
+    found = [mapped(folder_labels(s)) for s in sites]
     if not found or found[0] is None:
         return None
     try:
@@ -230,20 +240,26 @@ def simulate(
     as_json: AsJson = False,
     tracking: TrackingOpt = Tracking.none,
     tracking_uri: TrackingUri = None,
+    label_map: TrainLabelMap = None,
 ) -> None:
-    """Run the sites on this machine through Flower's simulation runtime."""
+    """Run the sites on this machine through Flower's simulation runtime.
+
+    ``--label-map`` applies at every site that has a class folder of that name.
+    """
     check_tracking(tracking)
     from fedbridge.simulate import simulate as run
+    from fedbridge_shared.shortcut import parse_label_map
 
+    declared = parse_label_map(label_map or [])
     flat = run_config(
         init=init, out=out_dir, sites=len(sites), min_sites=min_sites, rounds=rounds,
         strategy=strategy, augment_per_sample=augment_per_sample, augment=augment,
         local_epochs=local_epochs, lr=lr, batch_size=batch_size, val=val, test=test, seed=seed,
         settings=settings,
-        labels=labels or site_labels(init, sites),
+        labels=labels or site_labels(init, sites, declared),
     )  # fmt: skip
     console = make_console(stderr=as_json)
-    summary = run(flat, sites, out=console, audit_dir=audit_dir)
+    summary = run(flat, sites, out=console, audit_dir=audit_dir, label_map=declared)
     track(tracking, tracking_uri, out_dir, console=console, extra_files=federation_files(out_dir))
     if as_json:
         print_json(summary)

@@ -117,6 +117,15 @@ def allowed(*, shared_files: bool, similar_labels: bool, manifest_conflict: bool
 
 
 Seed = Annotated[int, typer.Option(help="Random seed (splits, initialisation, augmentation).")]
+TrainLabelMap = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--label-map",
+        help="Train on a folder whose class is only known as a set of the model's labels, "
+        "e.g. PNEUMONIA_UNSPECIFIED=BACTERIAL_PNEUMONIA|VIRAL_PNEUMONIA: its films teach "
+        "'one of these' (partial-label loss), never one guessed member (repeatable).",
+    ),
+]
 
 
 AsJson = Annotated[

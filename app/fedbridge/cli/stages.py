@@ -20,6 +20,7 @@ from fedbridge.cli.options import (
     Tracking,
     TrackingOpt,
     TrackingUri,
+    TrainLabelMap,
     allowed,
     check_tracking,
     make_console,
@@ -158,15 +159,7 @@ def stage_command(stage: str, *, augment_per_sample_default: int, ema_default: f
         allow_shared_files: AllowSharedFiles = False,
         allow_similar_labels: AllowSimilarLabels = False,
         allow_manifest_conflict: AllowManifestConflict = False,
-        label_map: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--label-map",
-                help="Train on a folder whose class is only known as a set of the model's labels, "
-                "e.g. PNEUMONIA_UNSPECIFIED=BACTERIAL_PNEUMONIA|VIRAL_PNEUMONIA: its films teach "
-                "'one of these' (partial-label loss), never one guessed member (repeatable).",
-            ),
-        ] = None,
+        label_map: TrainLabelMap = None,
     ) -> None:
         check_tracking(tracking)
         allow = allowed(
