@@ -9,6 +9,7 @@
 # BACTERIAL|VIRAL); adultbal = the same with class-balanced sampling (--balanced). The recipe is
 # chosen on *validation* films (held-out NIH adult patients + each stage's own validation
 # patients), then reported on the test patients and cxr-external.
+# OCT=0 skips the OCT arm (e.g. at a model whose OCT result is already known).
 # Usage: bench/shortcut_study.sh OUT [SEED…]      (default seeds 0 1 2; rerunning skips done work)
 set -euo pipefail
 OUT=${1:?usage: bench/shortcut_study.sh OUT [SEED…]}; shift
@@ -48,7 +49,7 @@ fi
   --test-fraction 0.2 --seed 0
 [ -f "$OUT/bridge-cxr/model.json" ] || T bridge-cxr $FB bridge "$D/bridge/cxr" --out "$OUT/bridge-cxr" \
   --init "$W" --model "$MODEL" --image-size "$SIZE" --epochs "${BRIDGE_EPOCHS:-2}" --device cpu --seed 0
-[ -f "$OUT/bridge-oct/model.json" ] || T bridge-oct $FB bridge "$D/bridge/oct" --out "$OUT/bridge-oct" \
+[ "${OCT:-1}" = 0 ] || [ -f "$OUT/bridge-oct/model.json" ] || T bridge-oct $FB bridge "$D/bridge/oct" --out "$OUT/bridge-oct" \
   --init "$W" --model "$MODEL" --image-size "$SIZE" --epochs 4 --device cpu --seed 0 --modality oct
 
 evaluate() {  # bundle folder name json [extra…]
@@ -74,6 +75,7 @@ for s in ${SEEDS[@]}; do
       evaluate "$t" "$D/cxr-external" "$t-external.json" --label-map "$MAP" --onnx "$t.onnx"
     done
   done
+  [ "${OCT:-1}" = 0 ] && continue
   split="$OUT/s$s/oct/split"; t="$OUT/s$s/oct/base"
   [ -d "$split" ] || $FB data split "$D/oct" --out "$split" --sites 1 --test-fraction 0.3 --seed "$s"
   [ -f "$t/model.json" ] || T "s$s-oct" $FB train "$split/site-1" --out "$t" --init "$OUT/bridge-oct" \
