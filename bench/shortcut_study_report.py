@@ -50,11 +50,12 @@ def films(folder: Path) -> list[tuple[Path, str, str]]:
 
 def predict(
     onnx: Path, items: list[tuple[Path, str, str]]
-) -> tuple[list[str], list[bool], np.ndarray]:
-    """Per film: the argmax label, whether the bedside refused it (out of distribution), and
-    the softmax probability of COVID19 (refused films are scored too)."""
+) -> tuple[list[str], list[bool], np.ndarray, np.ndarray]:
+    """Per film: the argmax label, whether the bedside refused it (out of distribution), the
+    softmax probability of COVID19 (refused films are scored too), and the most probable label
+    other than COVID19 (the call when a cut-off says "not COVID19": ``called_at``)."""
     model = Predictor(onnx, threads=2)
-    labels, refused, p_covid = [], [], []
+    labels, refused, probs, runner_up = [], [], [], []
     k = model.labels.index(POSITIVE)
     for path, _, _ in items:
         grey = read_image(path)
@@ -63,8 +64,28 @@ def predict(
         z = logits["logits"][0].astype(np.float64)
         labels.append(model.labels[int(z.argmax())])
         p = np.exp(z - z.max())
-        p_covid.append(float(p[k] / p.sum()))
-    return labels, refused, np.array(p_covid)
+        probs.append(float(p[k] / p.sum()))
+        p[k] = -1.0
+        runner_up.append(model.labels[int(p.argmax())])
+    return labels, refused, np.array(probs), runner_up
+
+
+MAX_FALSE_COVID = 0.10  # the issue's goal for adult non-COVID films called COVID19
+
+
+def covid_threshold(p_covid_val: np.ndarray, rate: float = MAX_FALSE_COVID) -> float:
+    """The lowest P(COVID19) cut-off at which at most ``rate`` of the *validation* adult
+    non-COVID films (held-out NIH patients) would be called COVID19."""
+    ranked = np.sort(p_covid_val)[::-1]
+    allowed = int(np.floor(rate * len(ranked)))  # films that may lie at or above the cut-off
+    return float(np.nextafter(ranked[allowed], 1.0)) if allowed < len(ranked) else 0.0
+
+
+def called_at(labels: list[str], p_covid: np.ndarray, runner_up: list[str], t: float) -> list[str]:
+    """The call with a COVID19 cut-off: COVID19 iff P(COVID19) ≥ t, else the argmax when it is
+    not COVID19, else the most probable other label."""
+    return [POSITIVE if p >= t else (x if x != POSITIVE else r)
+            for x, p, r in zip(labels, p_covid, runner_up, strict=True)]  # fmt: skip
 
 
 def covid_auc(items, p_covid: np.ndarray) -> float | None:
@@ -127,6 +148,29 @@ def paired(per_seed: list[tuple[list[str], np.ndarray, np.ndarray]], seed: int =
 FOLDERS = ("validation (NIH adult, held out)", "test patients", "cxr-external")
 
 
+def federated(out: Path) -> dict:
+    """The federated arms (`bench/shortcut_headline_fed.sh`, `bench/shortcut_fed_adult.sh`) from
+    their `fedbridge evaluate --json` files: per setting, sites and arm, each seed's numbers."""
+    rows: dict = defaultdict(lambda: defaultdict(list))
+    for f in sorted(out.glob("s[0-9]*/*/fed-*/*-test.json")):
+        setting, sites, arm = f.parts[-3], f.parts[-2].removeprefix("fed-"), f.stem[:-5]
+        row = {"seed": int(f.parts[-4][1:])}
+        m = json.loads(f.read_text())
+        row |= {"test_accuracy": m["accuracy"], "test_macro_auc": m.get("macro_auc")}
+        for folder in ("adultval", "external"):
+            g = f.with_name(f"{arm}-{folder}.json")
+            if g.is_file():
+                ext = json.loads(g.read_text())["external"]
+                fc = ext["non_COVID19_called_COVID19"]
+                row[f"{folder}_false_covid"] = fc["k"] / fc["n"]
+                if folder == "external":
+                    sens = ext["COVID19_sensitivity"]
+                    row["external_covid_recognised"] = sens["k"] / sens["n"]
+                    row["external_accuracy"] = ext["accuracy"]["rate"]
+        rows[setting][f"{arm}, {sites}"].append(row)
+    return {k: dict(v) for k, v in rows.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -158,6 +202,15 @@ def main() -> None:
                             (patients, ind["base"][measure], ind[arm][measure])
                         )
                     stats[f"{name} | COVID19 AUC"].append(covid_auc(items, preds[arm][2]))
+                    if name == FOLDERS[0]:
+                        t = covid_threshold(preds[arm][2])
+                        stats["COVID19 cut-off (chosen on validation)"].append(t)
+                    argmax, _, p_covid, runner_up = preds[arm]
+                    at_t = indicators(items, called_at(argmax, p_covid, runner_up, t))
+                    for measure, v in at_t.items():
+                        kept = v[~np.isnan(v)]
+                        if len(kept):
+                            stats[f"{name} | {measure} @cut-off"].append(float(kept.mean()))
                     if name == "cxr-external":
                         stats["cxr-external | refused by the bedside"].append(
                             int(sum(preds[arm][1]))
@@ -188,6 +241,7 @@ def main() -> None:
             oct_rows.append({"seed": s, "accuracy": m["accuracy"], "macro_auc": m.get("macro_auc"),
                              "ci95": m.get("ci95", {}).get("accuracy")})  # fmt: skip
     result["oct"] = oct_rows
+    result["federated"] = federated(out)
     args.json.write_text(json.dumps(result, indent=1))
     for setting, block in result["settings"].items():
         for arm, r in block["arms"].items():
@@ -202,6 +256,11 @@ def main() -> None:
                 print(f"{key:60s} base {v['a']:.3f} → {v['b']:.3f}  Δ {v['diff']:+.3f} "
                       f"[{lo:+.3f}, {hi:+.3f}]  ({v['films']} films)")  # fmt: skip
     print("\nOCT:", json.dumps(oct_rows))
+    for setting, arms in result["federated"].items():
+        for arm, seeds_ in arms.items():
+            keys = [k for k in seeds_[0] if k != "seed"]
+            cells = [f"{k} {np.mean([r[k] for r in seeds_ if k in r]):.3f}" for k in keys]
+            print(f"federated {setting} / {arm} ({len(seeds_)} seeds): " + ", ".join(cells))
 
 
 if __name__ == "__main__":
