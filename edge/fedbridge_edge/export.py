@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedbridge_edge import cutoff as decisions
 from fedbridge_edge import ood, trt_ops
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, seal
@@ -85,6 +86,7 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
     int8: dict[str, Any] | None = None
     tensorrt: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] | None = None  # the --cutoff rule (fedbridge_edge.cutoff)
 
 
 def _torch_model(bundle_path: Path) -> tuple[Bundle, nn.Module]:
@@ -193,17 +195,27 @@ def export_onnx(
     int8_method: str = "percentile",
     int8_fallback: bool = False,
     ood_percentile: float = ood.DEFAULT_PERCENTILE,
+    cutoff: tuple[str, float] | None = None,
+    cutoff_data: Path | None = None,
     console: Console | None = None,
 ) -> ExportResult:
-    """Export, calibrate OOD, check (onnx.checker + onnxruntime parity) and write ``out``."""
+    """Export, calibrate OOD, check (onnx.checker + onnxruntime parity) and write ``out``.
+
+    ``cutoff`` (label, rate) with ``cutoff_data``: the bedside calls that label only at or
+    above the probability chosen on those films (:mod:`fedbridge_edge.cutoff`).
+    """
     from rich.console import Console
 
+    if (cutoff is None) != (cutoff_data is None):
+        raise EdgeError("--cutoff and --cutoff-data go together: give both or neither")
     console = console or Console(stderr=True, quiet=True)
-    with _Steps(console, total=6 + (int8_calib is not None)) as step:
+    steps = 6 + (int8_calib is not None) + (cutoff is not None)
+    with _Steps(console, total=steps) as step:
         return _export(
             bundle_path, out, val=val, opset=opset, batch=batch, fp16=fp16,
             int8_calib=int8_calib, int8_method=int8_method, int8_fallback=int8_fallback,
-            ood_percentile=ood_percentile, console=console, step=step,
+            ood_percentile=ood_percentile, cutoff=cutoff, cutoff_data=cutoff_data,
+            console=console, step=step,
         )  # fmt: skip
 
 
@@ -255,12 +267,16 @@ def _export(
     int8_method: str,
     int8_fallback: bool,
     ood_percentile: float,
+    cutoff: tuple[str, float] | None,
+    cutoff_data: Path | None,
     console: Console,
     step: Callable[[str], None],
 ) -> ExportResult:
     t0 = time.perf_counter()
     step("loading the bundle")
     bundle, model = _torch_model(bundle_path)
+    if cutoff is not None:  # a wrong label fails before any image is read
+        decisions.parse(f"{cutoff[0]}={cutoff[1]}", list(bundle.spec.labels))
     spec = InputSpec.from_spec(bundle.spec.to_dict())
     paths, val_root = _val_images(val, bundle, console)
     step(f"reading {len(paths)} validation images")
@@ -275,6 +291,10 @@ def _export(
     ood_record.update(data=val_root, class_source="folders", inputs=input_record)
     ood_record["input_test"] = input_test.to_json()
     cam_reference = _cam_reference(model, x_val, gaussians)
+    decision = None
+    if cutoff is not None and cutoff_data is not None:
+        step("choosing the cut-off")
+        decision = _decision(model, cutoff, cutoff_data, spec, labels, calibration)
     seconds = {"load_and_calibrate": time.perf_counter() - t0}
 
     t1 = time.perf_counter()
@@ -312,14 +332,17 @@ def _export(
         "bundle_weights_sha256": bundle.sha256,
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if decision is not None:
+        edge["decision"] = decision
     record = _bundle_record(bundle)
     data = seal(onnx_model, record, edge)
     step("checking onnxruntime against PyTorch")
     parity = _parity(data, parity_x, reference, tol=None if fp16 else FP32_LOGITS_TOL)
     edge["parity"] = parity
     result = ExportResult(
-        path=Path(out), parity=parity, ood=ood_record, calibration=calibration, seconds=seconds
-    )
+        path=Path(out), parity=parity, ood=ood_record, calibration=calibration, seconds=seconds,
+        decision=decision,
+    )  # fmt: skip
     edge["calibration"] = calibration
     edge["tensorrt"] = trt_ops.summary(onnx_model)
     if int8_calib is not None:
@@ -386,6 +409,30 @@ def _calibrate(logits: np.ndarray, y: np.ndarray, *, held_out: bool, root: str) 
         applies="probabilities = softmax(logits / temperature)",
     )
     return record
+
+
+def _decision(
+    model: nn.Module,
+    cutoff: tuple[str, float],
+    data: Path,
+    spec: InputSpec,
+    labels: list[str],
+    calibration: dict[str, Any],
+) -> dict[str, Any]:
+    """``edge["decision"]``: the cut-off chosen on the probabilities the bedside will show
+    (``softmax(logits / T)`` when calibrated) of the --cutoff-data films."""
+    from fedbridge_shared.calibration import softmax
+
+    paths = list_images([data])
+    if not paths:
+        raise EdgeError(f"--cutoff-data {data}: no PNG/JPEG/DICOM images in class folders")
+    x, _ = _load_images(paths, spec)
+    _, logits = _features(model, x)
+    probs = softmax(logits, calibration.get("temperature") or 1.0)
+    return decisions.record(
+        probs, [p.parent.name for p in paths], label=cutoff[0], labels=labels, rate=cutoff[1],
+        root=str(Path(data).resolve()),
+    )  # fmt: skip
 
 
 CAM_REFERENCE_PERCENTILE = 99.0

@@ -48,6 +48,11 @@ class ModelIdentity(BaseModel):
     modality: str = Field(description="cxr | oct | other, sealed in the model spec")
     version: str = Field(description="fedbridge version that ran it")
     calibrated: bool = Field(description="temperature scaling fitted at export")
+    cutoff: dict[str, float] | None = Field(
+        default=None,
+        description="a label called only at or above this score, chosen at export on films that "
+        "are not it (e.g. {'COVID19': 0.38}); None: the most probable label is called",
+    )
 
 
 class PredictionRecord(BaseModel):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedbridge_edge import fingerprint, laterality, overlay, scores
+from fedbridge_edge import cutoff, fingerprint, laterality, overlay, scores
 from fedbridge_edge.errors import EdgeError
 from fedbridge_edge.modelfile import OUTPUTS, EdgeModel, read_edge_model
 from fedbridge_edge.preprocess import InputSpec, normalise, resize
@@ -199,6 +199,7 @@ class Predictor:
         self.input_test = _input_test(self.meta.edge, model_path)
         self.style = OverlayStyle.from_meta(self.meta.edge, self.meta.spec, self.sha256)
         self.temperature = temperature_of(self.meta.edge, model_path)
+        self.cutoff = cutoff.from_edge(self.meta.edge, list(self.labels), model_path)
         try:
             self.codes = label_codes.from_edge(self.meta.edge, list(self.labels))
         except FedbridgeError as e:
@@ -213,6 +214,7 @@ class Predictor:
             modality=modality if modality in MODALITIES else "other",
             version=__version__,
             calibrated=self.temperature is not None,
+            cutoff=None if self.cutoff is None else {self.cutoff.label: self.cutoff.value},
         )
 
     @property
@@ -249,7 +251,7 @@ class Predictor:
         inference_ms = (time.perf_counter() - t0) * 1e3
         logits = out["logits"].astype(np.float64)
         probs = scores.softmax(logits if self.temperature is None else logits / self.temperature)[0]
-        k = int(probs.argmax())
+        k = int(probs.argmax()) if self.cutoff is None else self.cutoff.decide(probs)
         score = float(out["ood_score"][0])
         if reason is None and score > self.threshold:
             reason = (

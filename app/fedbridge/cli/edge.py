@@ -97,6 +97,23 @@ def export_onnx(
         float,
         typer.Option(help="OOD threshold: this percentile of out-of-fold validation scores."),
     ] = 99.0,  # fedbridge_edge.ood.DEFAULT_PERCENTILE
+    cutoff: Annotated[
+        str | None,
+        typer.Option(
+            "--cutoff",
+            help="LABEL=RATE, e.g. COVID19=0.10: the bedside calls LABEL only at or above the "
+            "score at which at most RATE of the --cutoff-data films that are not LABEL would be "
+            "called LABEL (else the most probable other label).",
+        ),
+    ] = None,
+    cutoff_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--cutoff-data",
+            help="Held-out films (class folders, any names) the --cutoff is chosen on, e.g. adult "
+            "normal and pneumonia films of the hospital's own population.",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Export BUNDLE to ONNX with `logits`, `cam` and `ood_score` outputs; checks parity."""
@@ -114,6 +131,11 @@ def export_onnx(
         raise ConfigError("--int8 and --fp16 exclude each other")
     if calib is not None and not int8:
         raise ConfigError("--calib is only used with --int8")
+    if (cutoff is None) != (cutoff_data is None):
+        raise ConfigError("--cutoff and --cutoff-data go together: give both or neither")
+    if cutoff_data is not None and not cutoff_data.is_dir():
+        raise ConfigError(f"--cutoff-data {cutoff_data}: not a folder of class folders")
+    from fedbridge_edge import cutoff as decisions
     from fedbridge_edge.export import export_onnx as run_export
     from fedbridge_shared.files import check_writable
 
@@ -130,6 +152,8 @@ def export_onnx(
         int8_method=int8_calibration.value,
         int8_fallback=int8_fallback,
         ood_percentile=ood_percentile,
+        cutoff=decisions.parse(cutoff) if cutoff is not None else None,
+        cutoff_data=cutoff_data,
         console=err,
     )
     p = result.parity
@@ -145,6 +169,15 @@ def export_onnx(
         f"scores on {o['n_val']} images in {o['data']})"
     )
     out.print(calibration_line(result.calibration))
+    if result.decision is not None:
+        d = result.decision
+        out.print(
+            f"cut-off: {d['label']} called at P ≥ {d['cutoff']:.3f}, chosen on {d['negatives']} "
+            f"--cutoff-data films that are not {d['label']}: called {d['label']} "
+            f"{d['argmax_false_rate']:.1%} → {d['false_rate']:.1%} (at most "
+            f"{d['max_false_rate']:.0%})"
+            + (f"; {d['label']} films recognised {d['recognised']:.1%}" if d["positives"] else "")
+        )
     if result.int8:
         c = result.int8["held_out_check"]
         kept = "kept" if "refused" not in result.int8 else "REFUSED (fp32 written)"
