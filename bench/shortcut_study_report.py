@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedbridge_edge.cutoff import choose
 from fedbridge_edge.preprocess import normalise, resize
 from fedbridge_edge.runtime import Predictor
 from fedbridge_shared.data.images import read_image
@@ -75,10 +76,9 @@ MAX_FALSE_COVID = 0.10  # the issue's goal for adult non-COVID films called COVI
 
 def covid_threshold(p_covid_val: np.ndarray, rate: float = MAX_FALSE_COVID) -> float:
     """The lowest P(COVID19) cut-off at which at most ``rate`` of the *validation* adult
-    non-COVID films (held-out NIH patients) would be called COVID19."""
-    ranked = np.sort(p_covid_val)[::-1]
-    allowed = int(np.floor(rate * len(ranked)))  # films that may lie at or above the cut-off
-    return float(np.nextafter(ranked[allowed], 1.0)) if allowed < len(ranked) else 0.0
+    non-COVID films (held-out NIH patients) would be called COVID19: the rule of the bedside's
+    ``export onnx --cutoff COVID19=0.10 --cutoff-data …``."""
+    return choose(p_covid_val, rate)
 
 
 def called_at(labels: list[str], p_covid: np.ndarray, runner_up: list[str], t: float) -> list[str]:
