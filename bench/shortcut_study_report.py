@@ -51,12 +51,13 @@ def films(folder: Path) -> list[tuple[Path, str, str]]:
 
 def predict(
     onnx: Path, items: list[tuple[Path, str, str]]
-) -> tuple[list[str], list[bool], np.ndarray, np.ndarray]:
+) -> tuple[list[str], list[bool], np.ndarray, list[str], np.ndarray]:
     """Per film: the argmax label, whether the bedside refused it (out of distribution), the
-    softmax probability of COVID19 (refused films are scored too), and the most probable label
-    other than COVID19 (the call when a cut-off says "not COVID19": ``called_at``)."""
+    softmax probability of COVID19 (refused films are scored too), the most probable label
+    other than COVID19 (the call when a cut-off says "not COVID19": ``called_at``), and
+    P(COVID19) as the bedside shows it (softmax(logits / T), the export's temperature)."""
     model = Predictor(onnx, threads=2)
-    labels, refused, probs, runner_up = [], [], [], []
+    labels, refused, probs, runner_up, shown = [], [], [], [], []
     k = model.labels.index(POSITIVE)
     for path, _, _ in items:
         grey = read_image(path)
@@ -66,9 +67,11 @@ def predict(
         labels.append(model.labels[int(z.argmax())])
         p = np.exp(z - z.max())
         probs.append(float(p[k] / p.sum()))
+        q = np.exp((z - z.max()) / (model.temperature or 1.0))
+        shown.append(float(q[k] / q.sum()))
         p[k] = -1.0
         runner_up.append(model.labels[int(p.argmax())])
-    return labels, refused, np.array(probs), runner_up
+    return labels, refused, np.array(probs), runner_up, np.array(shown)
 
 
 MAX_FALSE_COVID = 0.10  # the issue's goal for adult non-COVID films called COVID19
@@ -202,11 +205,11 @@ def main() -> None:
                             (patients, ind["base"][measure], ind[arm][measure])
                         )
                     stats[f"{name} | COVID19 AUC"].append(covid_auc(items, preds[arm][2]))
+                    argmax, _, _, runner_up, shown = preds[arm]
                     if name == FOLDERS[0]:
-                        t = covid_threshold(preds[arm][2])
+                        t = covid_threshold(shown)
                         stats["COVID19 cut-off (chosen on validation)"].append(t)
-                    argmax, _, p_covid, runner_up = preds[arm]
-                    at_t = indicators(items, called_at(argmax, p_covid, runner_up, t))
+                    at_t = indicators(items, called_at(argmax, shown, runner_up, t))
                     for measure, v in at_t.items():
                         kept = v[~np.isnan(v)]
                         if len(kept):
