@@ -5,7 +5,8 @@
 # sampling (`--set balanced=true`); `federate simulate` 4 rounds × 1 local epoch as the base arm.
 # Both the base federated model (already trained by shortcut_headline_fed.sh) and this one are
 # read on the split's test patients, the held-out NIH validation films and cxr-external.
-# Usage: bench/shortcut_fed_adult.sh OUT [SEED…]   (after shortcut_study.sh and _headline_fed.sh)
+# SETTINGS="paper" runs one setting only. Usage: bench/shortcut_fed_adult.sh OUT [SEED…]
+# (after shortcut_study.sh and shortcut_headline_fed.sh)
 set -euo pipefail
 OUT=${1:?usage: bench/shortcut_fed_adult.sh OUT [SEED…]}; shift
 SEEDS=("${@:-0 1 2}")
@@ -19,7 +20,7 @@ evaluate() {  # bundle folder json [extra…]
   fi
 }
 for s in ${SEEDS[@]}; do
-  for setting in paper mixed; do
+  for setting in ${SETTINGS:-paper mixed}; do
     for sites in iid skew; do
       root="$OUT/s$s/$setting/fed-$sites"; split="$root/split"
       # each site's own films + its third of the NIH adult training patients (files hard-linked,
