@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch is imported only where a task runs in this process (s
     from fedbridge_client.site import Site
 
 log = logging.getLogger("fedbridge.site")
-_sites: dict[tuple[str, str], Site] = {}
+_sites: dict[tuple[str, str, str], Site] = {}
 WORKER_TIMEOUT = 6 * 3600.0  # seconds one task may take in the site's worker
 
 
@@ -62,7 +62,7 @@ def site_for(
             f"this SuperNode has no node-config '{P.NODE_DATA_PATH}'",
             code=P.SiteErrorCode.DATA_FOLDER,
         )
-    key = (data, name)
+    key = (data, name, repr(sorted((k, tuple(v)) for k, v in label_map.items())))
     if key not in _sites:
         from fedbridge_client.site import Site
 
