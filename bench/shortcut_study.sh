@@ -9,7 +9,8 @@
 # BACTERIAL|VIRAL); adultbal = the same with class-balanced sampling (--balanced). The recipe is
 # chosen on *validation* films (held-out NIH adult patients + each stage's own validation
 # patients), then reported on the test patients and cxr-external.
-# OCT=0 skips the OCT arm (e.g. at a model whose OCT result is already known).
+# OCT=0 skips the OCT arm (e.g. at a model whose OCT result is already known); SETTINGS="paper"
+# runs one CXR setting only.
 # Usage: bench/shortcut_study.sh OUT [SEED…]      (default seeds 0 1 2; rerunning skips done work)
 set -euo pipefail
 OUT=${1:?usage: bench/shortcut_study.sh OUT [SEED…]}; shift
@@ -58,7 +59,7 @@ evaluate() {  # bundle folder name json [extra…]
   fi
 }
 for s in ${SEEDS[@]}; do
-  for setting in mixed paper; do
+  for setting in ${SETTINGS:-mixed paper}; do
     data="$D/cxr"; [ $setting = paper ] && data="$OUT/data/paper"
     split="$OUT/s$s/$setting/split"
     [ -d "$split" ] || $FB data split "$data" --out "$split" --sites 1 --test-fraction 0.3 --seed "$s"
