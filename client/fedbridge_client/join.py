@@ -35,6 +35,7 @@ from fedbridge_shared.processes import (
     stop_pids,
     tool_env,
 )
+from fedbridge_shared.shortcut import check_mapped_folders
 from fedbridge_shared.training import usable_index
 
 _NOT_ADMITTED = (
@@ -80,11 +81,7 @@ class SiteNode:
             if not self.key.is_file():
                 raise ConfigError(f"{self.key}: private key not found")
         counts = usable_index(self.data).counts()  # raises DataError naming the folder
-        absent = [k for k in self.label_map if k not in counts]
-        if absent:
-            raise ConfigError(
-                f"--label-map {absent[0]}: no class folder of that name in {self.data}"
-            )
+        check_mapped_folders(self.label_map, counts, where=self.data)
         return counts
 
     def node_config(self) -> str:

@@ -20,7 +20,7 @@ from fedbridge_shared.engine import (
     predict,
     proximal_penalty,
 )
-from fedbridge_shared.errors import DataError, FedbridgeError
+from fedbridge_shared.errors import ConfigError, DataError, FedbridgeError
 from fedbridge_shared.models import build_model
 from fedbridge_shared.protocol import (
     EvalReply,
@@ -30,9 +30,14 @@ from fedbridge_shared.protocol import (
     SiteFailure,
     TrainReply,
 )
-from fedbridge_shared.shortcut import resolve_label_map
+from fedbridge_shared.shortcut import check_mapped_folders, resolve_label_map
 from fedbridge_shared.spec import ModelSpec
-from fedbridge_shared.training import resolve_device, set_targets, usable_index
+from fedbridge_shared.training import (
+    resolve_device,
+    set_targets,
+    sets_never_validate,
+    usable_index,
+)
 from fedbridge_shared.weights import load_shared_state, shared_state
 
 
@@ -56,13 +61,10 @@ class Site:
             empty = "empty class folder" in str(e)
             code = SiteErrorCode.EMPTY_CLASS_FOLDER if empty else SiteErrorCode.DATA_FOLDER
             raise SiteFailure(str(e), code=code) from None
-        absent = [k for k in self.label_map if k not in self.index.labels]
-        if absent:
-            raise SiteFailure(
-                f"site {name}: --label-map {absent[0]}: no class folder of that name in "
-                f"{self.data}",
-                code=SiteErrorCode.LABELS_DIFFER,
-            )
+        try:
+            check_mapped_folders(self.label_map, self.index.labels, where=self.data)
+        except ConfigError as e:
+            raise SiteFailure(f"site {name}: {e}", code=SiteErrorCode.LABELS_DIFFER) from None
         self._cache: dict[tuple, tuple] = {}
         self._patients: dict[tuple, list[str]] = {}
 
@@ -92,12 +94,7 @@ class Site:
             weights = {"train": 1 - settings.val_fraction, "val": settings.val_fraction}
             parts = assign_parts(self.index.samples, weights, settings.seed)
             target, _ = set_targets(spec.labels, self.label_map)
-            if len(target) > len(spec.labels):  # a set-labelled film never validates: its
-                # patient moves to training whole, so no patient is on both sides
-                k = len(spec.labels)
-                moved = {s.patient_id for s in parts["val"] if target[s.label] >= k}
-                parts["train"] += [s for s in parts["val"] if s.patient_id in moved]
-                parts["val"] = [s for s in parts["val"] if s.patient_id not in moved]
+            parts = sets_never_validate(parts, target, len(spec.labels))
             self._cache[key] = tuple(
                 (_decode(parts[p], spec.image_size), [target[s.label] for s in parts[p]])
                 for p in ("train", "val")

@@ -40,7 +40,7 @@ class Cutoff:
         return int(others.argmax())
 
 
-def parse(text: str, labels: list[str] | tuple[str, ...] | None = None) -> tuple[str, float]:
+def parse(text: str) -> tuple[str, float]:
     """``"COVID19=0.10"`` → ``("COVID19", 0.1)``; a one-line EdgeError naming ``--cutoff``."""
     label, sep, rate = text.partition("=")
     try:
@@ -53,11 +53,13 @@ def parse(text: str, labels: list[str] | tuple[str, ...] | None = None) -> tuple
             "the --cutoff-data films that are not LABEL the bedside may call LABEL, e.g. "
             "COVID19=0.10"
         )
-    if labels is not None and label.strip() not in labels:
-        raise EdgeError(
-            f"--cutoff {label.strip()}: not a label of this model ({', '.join(labels)})"
-        )
     return label.strip(), value
+
+
+def check_label(label: str, labels: list[str] | tuple[str, ...]) -> None:
+    """A one-line EdgeError when the model has no label ``label``."""
+    if label not in labels:
+        raise EdgeError(f"--cutoff {label}: not a label of this model ({', '.join(labels)})")
 
 
 def choose(p_negative: np.ndarray, rate: float) -> float:

@@ -276,7 +276,7 @@ def _export(
     step("loading the bundle")
     bundle, model = _torch_model(bundle_path)
     if cutoff is not None:  # a wrong label fails before any image is read
-        decisions.parse(f"{cutoff[0]}={cutoff[1]}", list(bundle.spec.labels))
+        decisions.check_label(cutoff[0], list(bundle.spec.labels))
     spec = InputSpec.from_spec(bundle.spec.to_dict())
     paths, val_root = _val_images(val, bundle, console)
     step(f"reading {len(paths)} validation images")

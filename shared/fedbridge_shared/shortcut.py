@@ -56,6 +56,24 @@ def parse_label_map(items: Sequence[str], *, option: str = "--label-map") -> Lab
     return out
 
 
+def check_mapped_folders(
+    declared: Mapping[str, Sequence[str]], folder_labels: Iterable[str], *, where: object
+) -> None:
+    """One-line ConfigError naming the first mapped name that is no class folder of ``where``."""
+    folders = set(folder_labels)
+    absent = [name for name in declared if name not in folders]
+    if absent:
+        raise ConfigError(f"--label-map {absent[0]}: no class folder of that name in {where}")
+
+
+def mapped_labels(
+    folder_labels: Iterable[str], declared: Mapping[str, Sequence[str]]
+) -> tuple[str, ...]:
+    """The model labels a tree of class folders trains under ``declared``: its unmapped folder
+    labels and every mapped target, sorted."""
+    return tuple(sorted({t for f in folder_labels for t in declared.get(f, (f,))}))
+
+
 def check_targets(
     declared: Mapping[str, Sequence[str]], allowed: Iterable[str], problem: str
 ) -> None:

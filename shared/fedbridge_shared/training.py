@@ -29,7 +29,7 @@ from fedbridge_shared.metrics import compute_metrics
 from fedbridge_shared.modality import augment_for, modality_for_stage
 from fedbridge_shared.models import init_model
 from fedbridge_shared.settings import TrainConfig
-from fedbridge_shared.shortcut import check_targets
+from fedbridge_shared.shortcut import check_mapped_folders, check_targets, mapped_labels
 from fedbridge_shared.spec import is_bundle, read_bundle_record, save_bundle
 
 PAPER_PRESET = {"arch": "inception_v4", "image_size": 299, "augment_per_sample": 10}
@@ -149,15 +149,12 @@ def target_plan(
     of ``known`` (the ``--init`` bundle's labels): a typo never becomes a new class.
     """
     label_map = dict(label_map or {})
-    absent = [name for name in label_map if name not in folder_labels]
-    if absent:
-        raise ConfigError(f"--label-map {absent[0]}: no class folder of that name in {where}")
+    check_mapped_folders(label_map, folder_labels, where=where)
     allowed = {x for x in folder_labels if x not in label_map} | set(known)
     check_targets(
         label_map, allowed, f"is neither a class folder of {where} nor a label of the --init bundle"
     )
-    mapped = {t for targets in label_map.values() for t in targets}
-    labels = tuple(sorted({x for x in folder_labels if x not in label_map} | mapped))
+    labels = mapped_labels(folder_labels, label_map)
     target_of, sets = set_targets(labels, label_map)
     return labels, target_of, sets
 
@@ -177,6 +174,22 @@ def set_targets(
             target_of[name] = len(labels) + len(sets)
             sets.append(idx)
     return target_of, sets
+
+
+def sets_never_validate(
+    parts: dict[str, list[Sample]], target_of: Mapping[str, int], n_labels: int
+) -> dict[str, list[Sample]]:
+    """``parts`` with every patient who has a set-labelled film (target ≥ ``n_labels``) moved
+    whole from validation to training: validation needs one true class, and no patient may
+    be on both sides."""
+    moved = {s.patient_id for s in parts["val"] if target_of[s.label] >= n_labels}
+    if not moved:
+        return parts
+    return {
+        **parts,
+        "train": parts["train"] + [s for s in parts["val"] if s.patient_id in moved],
+        "val": [s for s in parts["val"] if s.patient_id not in moved],
+    }
 
 
 def decode(
@@ -254,12 +267,7 @@ def run_stage(
             config.seed,
             group_of=copy_groups(index.samples)[0],  # a copy never validates its original
         )
-    if label_sets:  # a film known only as "one of these" is trained on, never validated on:
-        # its patient moves to training whole, so no patient is on both sides
-        is_set = {s.label for s in index.samples if target_of[s.label] >= len(spec.labels)}
-        moved = {s.patient_id for s in parts["val"] if s.label in is_set}
-        parts["train"] += [s for s in parts["val"] if s.patient_id in moved]
-        parts["val"] = [s for s in parts["val"] if s.patient_id not in moved]
+    parts = sets_never_validate(parts, target_of, len(spec.labels))
     if len(parts["val"]) < 2:
         parts = {"train": list(index.samples), "val": []}
     train_imgs = decode(

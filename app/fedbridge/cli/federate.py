@@ -103,13 +103,13 @@ def site_labels(
     are among them (a site lacking a class still takes part), else the first site's folders
     (the federation retargets the bridge to them; a site with other classes is refused). A
     folder the ``label_map`` declares counts as the labels it maps to."""
+    from fedbridge_shared.shortcut import mapped_labels
     from fedbridge_shared.spec import read_bundle_record
 
     def mapped(labels: str | None) -> str | None:
         if labels is None or not label_map:
             return labels
-        names = [x for f in labels.split(",") for x in label_map.get(f, (f,))]
-        return ",".join(sorted(set(names)))
+        return ",".join(mapped_labels(labels.split(","), label_map))
 
     found = [mapped(folder_labels(s)) for s in sites]
     if not found or found[0] is None:
